@@ -1,0 +1,295 @@
+"""The packed dataset format (engine v1): ``NAME.bin``, ``NAME.idx.npy``, ``NAME.mask.bin``, ``NAME.meta.json``.
+
+``NAME.bin`` holds flat little-endian token ids (``uint16`` when the vocabulary has at most 65,536
+ids, else ``uint32``), every document ending with the EOS id, so a bare
+``np.memmap(path, dtype=np.uint16)`` reads it like nanoGPT/llama2.c/baby-llama2-chinese do.
+``NAME.idx.npy`` holds ``int64`` document start offsets (``n_docs + 1`` entries, the last is
+``n_tokens``). ``NAME.mask.bin`` (SFT/DPO only) holds one ``uint8`` per token, 1 where the loss
+counts. ``NAME.meta.json`` is written last: its presence means the dataset is complete.
+
+Writers go through :class:`AtomicOutput` (temporary names, renamed at the end, meta last) and
+readers through :func:`open_packed`, which checks every size against the meta and refuses a
+mismatch with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "zhllm-engine-v1"
+KINDS = ("pretrain", "sft", "dpo")
+UINT16_LIMIT = 65536
+
+
+class DatasetError(ValueError):
+    """A packed dataset is missing, torn or does not match what the caller expects (one-line message)."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """``uint16`` when every id fits (vocab ≤ 65,536), else ``uint32``: never a silent overflow."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype("<u2") if vocab_size <= UINT16_LIMIT else np.dtype("<u4")
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """The four file names of packed dataset ``prefix`` (``data/corpus`` → ``data/corpus.bin``, …)."""
+
+    prefix: Path
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> "DatasetPaths":
+        """Accept ``data/corpus``, ``data/corpus.bin`` or ``data/corpus.meta.json`` alike."""
+        text = str(path)
+        for suffix in (".meta.json", ".idx.npy", ".mask.bin", ".bin"):
+            if text.endswith(suffix):
+                text = text[: -len(suffix)]
+                break
+        return cls(Path(text))
+
+    def _with(self, suffix: str) -> Path:
+        return self.prefix.with_name(self.prefix.name + suffix)
+
+    @property
+    def bin(self) -> Path:
+        return self._with(".bin")
+
+    @property
+    def idx(self) -> Path:
+        return self._with(".idx.npy")
+
+    @property
+    def mask(self) -> Path:
+        return self._with(".mask.bin")
+
+    @property
+    def meta(self) -> Path:
+        return self._with(".meta.json")
+
+    def all(self) -> list[Path]:
+        return [self.bin, self.idx, self.mask, self.meta]
+
+    def exists(self) -> bool:
+        return any(p.exists() for p in self.all())
+
+    def val(self) -> "DatasetPaths":
+        """The validation split written beside a training split: ``corpus`` → ``corpus.val``."""
+        return DatasetPaths(self.prefix.with_name(self.prefix.name + ".val"))
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary name a file is written under before its atomic rename."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = tmp_name(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AtomicOutput:
+    """Write a packed dataset under temporary names; publish it whole or not at all.
+
+    ``with AtomicOutput(paths, overwrite=False) as out:`` then write to ``out.tmp(paths.bin)`` etc.
+    and call ``out.commit(meta)`` last. Leaving the block without ``commit`` (an exception, a
+    KeyboardInterrupt) deletes the temporaries, so no dataset appears under the final name.
+    """
+
+    def __init__(self, paths: DatasetPaths, overwrite: bool = False) -> None:
+        self.paths = paths
+        self.overwrite = overwrite
+        self._tmps: dict[Path, Path] = {}
+        self.committed = False
+
+    def __enter__(self) -> "AtomicOutput":
+        existing = [p for p in self.paths.all() if p.exists()]
+        if existing and not self.overwrite:
+            raise DatasetError(
+                f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out"
+            )
+        self.paths.prefix.parent.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def tmp(self, final: Path) -> Path:
+        """Temporary path to write ``final`` to; renamed over ``final`` by :meth:`commit`."""
+        path = tmp_name(final)
+        self._tmps[final] = path
+        return path
+
+    def commit(self, meta: dict[str, Any]) -> None:
+        """Rename every temporary into place, remove stale files of an old dataset, write the meta last."""
+        # Remove the old meta first so a crash between renames never leaves an old meta over new data.
+        if self.paths.meta.exists():
+            self.paths.meta.unlink()
+        for final, tmp in self._tmps.items():
+            os.replace(tmp, final)
+        for stale in (self.paths.bin, self.paths.idx, self.paths.mask):
+            if stale not in self._tmps and stale.exists():
+                stale.unlink()
+        write_json_atomic(self.paths.meta, meta)
+        self.committed = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            for tmp in self._tmps.values():
+                tmp.unlink(missing_ok=True)
+            tmp_name(self.paths.meta).unlink(missing_ok=True)
+
+
+@dataclass
+class PackedFiles:
+    """A packed dataset opened for reading: memory-mapped tokens (and mask), offsets, meta."""
+
+    paths: DatasetPaths
+    meta: dict[str, Any]
+    tokens: np.ndarray
+    offsets: np.ndarray
+    mask: np.ndarray | None
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def kind(self) -> str:
+        return str(self.meta.get("kind", "pretrain"))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def doc_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def read_meta(paths: DatasetPaths) -> dict[str, Any]:
+    try:
+        with open(paths.meta, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{paths.meta} is not valid JSON ({e}): re-run engine.prepare") from None
+    if meta.get("format") != FORMAT:
+        raise DatasetError(f"{paths.meta} has format {meta.get('format')!r}, this engine reads {FORMAT!r}")
+    return meta
+
+
+def _memmap(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def open_packed(
+    path: str | os.PathLike[str],
+    *,
+    tokenizer_sha256: str | None = None,
+    dtype: str | None = None,
+    vocab_size: int | None = None,
+) -> PackedFiles:
+    """Open and check a packed dataset; raise :class:`DatasetError` with a one-line reason if it is torn.
+
+    ``tokenizer_sha256``: refuse a dataset packed with another tokenizer (see
+    ``engine.tokenizer.Tokenizer.sha256``). A bare ``.bin`` with no meta (someone else's) is accepted
+    only with explicit ``dtype`` and ``vocab_size``; it is then one document unless an ``.idx.npy``
+    sits beside it.
+    """
+    paths = DatasetPaths.of(path)
+    if not paths.bin.exists():
+        raise DatasetError(f"{paths.bin} not found: pack a corpus first with `python -m engine.prepare`")
+    if not paths.meta.exists():
+        return _open_bare(paths, dtype, vocab_size)
+
+    meta = read_meta(paths)
+    if dtype is not None and np.dtype(dtype) != np.dtype(meta["dtype"]):
+        raise DatasetError(f"{paths.meta} says dtype {meta['dtype']}, but {dtype} was asked for")
+    if vocab_size is not None and int(vocab_size) != int(meta["vocab_size"]):
+        raise DatasetError(
+            f"{paths.prefix} was packed for a vocabulary of {meta['vocab_size']} ids, not {vocab_size}: "
+            "re-pack it with the model's tokenizer"
+        )
+    if tokenizer_sha256 is not None:
+        packed_with = meta.get("tokenizer", {}).get("sha256")
+        if packed_with != tokenizer_sha256:
+            raise DatasetError(
+                f"{paths.prefix} was packed with tokenizer {meta.get('tokenizer', {}).get('path')} "
+                f"(sha256 {str(packed_with)[:12]}), not the one given (sha256 {tokenizer_sha256[:12]}): "
+                "re-pack with this tokenizer or pass the one it was packed with"
+            )
+
+    token_type = np.dtype(meta["dtype"])
+    n_tokens, n_docs = int(meta["n_tokens"]), int(meta["n_docs"])
+    expected = n_tokens * token_type.itemsize
+    actual = paths.bin.stat().st_size
+    if actual != expected:
+        raise DatasetError(
+            f"{paths.bin} has {actual:,} bytes but its meta says {n_tokens:,} {token_type.name} tokens "
+            f"({expected:,} bytes): the file is truncated or from another run; re-run engine.prepare"
+        )
+    if not paths.idx.exists():
+        raise DatasetError(f"{paths.idx} is missing: re-run engine.prepare")
+    offsets = np.load(paths.idx, mmap_mode=None, allow_pickle=False)
+    if offsets.dtype != np.int64 or offsets.ndim != 1 or offsets.shape[0] != n_docs + 1:
+        raise DatasetError(
+            f"{paths.idx} should hold {n_docs + 1:,} int64 offsets, found {offsets.shape} {offsets.dtype}: "
+            "re-run engine.prepare"
+        )
+    if offsets[0] != 0 or offsets[-1] != n_tokens or (n_docs and np.any(np.diff(offsets) <= 0)):
+        raise DatasetError(f"{paths.idx} offsets are not increasing from 0 to n_tokens: re-run engine.prepare")
+
+    mask = None
+    if meta.get("kind", "pretrain") in ("sft", "dpo"):
+        if not paths.mask.exists():
+            raise DatasetError(f"{paths.mask} is missing for a {meta['kind']} dataset: re-run engine.prepare")
+        if paths.mask.stat().st_size != n_tokens:
+            raise DatasetError(
+                f"{paths.mask} has {paths.mask.stat().st_size:,} bytes, expected {n_tokens:,} (one per token): "
+                "re-run engine.prepare"
+            )
+        mask = _memmap(paths.mask, np.dtype(np.uint8), n_tokens)
+    return PackedFiles(paths, meta, _memmap(paths.bin, token_type, n_tokens), offsets, mask)
+
+
+def _open_bare(paths: DatasetPaths, dtype: str | None, vocab_size: int | None) -> PackedFiles:
+    if dtype is None or vocab_size is None:
+        raise DatasetError(
+            f"{paths.bin} has no {paths.meta.name}: pass --dtype (uint16/uint32) and --vocab-size to read a bare .bin"
+        )
+    token_type = np.dtype(dtype)
+    if token_type not in (np.dtype("<u2"), np.dtype("<u4")):
+        raise DatasetError(f"--dtype must be uint16 or uint32, not {dtype}")
+    size = paths.bin.stat().st_size
+    if size % token_type.itemsize:
+        raise DatasetError(f"{paths.bin} has {size} bytes, not a whole number of {token_type.name} tokens")
+    n_tokens = size // token_type.itemsize
+    if paths.idx.exists():
+        offsets = np.load(paths.idx, allow_pickle=False).astype(np.int64)
+        if offsets[0] != 0 or offsets[-1] != n_tokens:
+            raise DatasetError(f"{paths.idx} does not cover {paths.bin} ({n_tokens:,} tokens)")
+    else:
+        offsets = np.array([0, n_tokens], dtype=np.int64)
+    meta = {
+        "format": None,
+        "kind": "pretrain",
+        "dtype": token_type.name,
+        "n_tokens": n_tokens,
+        "n_docs": int(offsets.shape[0] - 1),
+        "vocab_size": int(vocab_size),
+        "bare": True,
+    }
+    return PackedFiles(paths, meta, _memmap(paths.bin, token_type, n_tokens), offsets, None)

@@ -1,0 +1,1 @@
+"""The compact Llama and its training loops: arrives with issue 4."""
