@@ -46,7 +46,9 @@ class DatasetPaths:
 
     @classmethod
     def of(cls, path: str | os.PathLike[str]) -> "DatasetPaths":
-        """Accept ``data/corpus``, ``data/corpus.bin`` or ``data/corpus.meta.json`` alike."""
+        """Accept ``data/corpus``, ``data/corpus.bin``, ``data/corpus.meta.json`` or a DatasetPaths alike."""
+        if isinstance(path, DatasetPaths):
+            return path
         text = str(path)
         for suffix in (".meta.json", ".idx.npy", ".mask.bin", ".bin"):
             if text.endswith(suffix):
