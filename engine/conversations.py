@@ -1,0 +1,353 @@
+"""Raw SFT and DPO records -> checked ChatML messages -> token ids with an exact loss mask.
+
+Accepted SFT records (the format is recognised from the record's keys):
+
+- MiniMind / OpenAI: ``{"conversations" or "messages": [{"role": "system"|"user"|"assistant", "content": …}]}``
+- ShareGPT (MedicalGPT): ``{"conversations": [{"from": "system"|"human"|"gpt", "value": …}]}``
+  (``from`` may also be ``user``, ``assistant``, ``bot``, ``model``); an optional top-level ``"system"``.
+- alpaca: ``{"instruction", "input" (optional), "output"}`` with optional ``"system"`` and
+  ``"history": [[question, answer], …]`` (earlier turns).
+- seed 000's medical CSV row ``{"department", "title", "ask", "answer"}``: one question and answer
+  (see :func:`_medical_question` for how ``title`` and ``ask`` combine).
+
+Accepted DPO records: MiniMind ``{"chosen": [messages…], "rejected": [messages…]}`` (the shared
+leading turns are the prompt), MedicalGPT ``{"conversations": [prompt turns], "chosen": str,
+"rejected": str}``, and ``{"prompt": str, "chosen": str, "rejected": str}``.
+
+Every conversation is: an optional system turn, then user/assistant turns alternating, ending with an
+assistant turn (a DPO prompt ends with a user turn). Anything else raises
+:class:`~engine.chat_template.ChatFormatError` with a one-line reason, which the packer counts as a
+dropped record. Contents are kept exactly as given (no stripping), except the medical CSV's padded fields.
+An empty system prompt counts as no system prompt; any other empty turn is an error. Turn numbers
+in errors count from 0 over the parsed turns: the record's own list, unless a system prompt was
+added from a top-level ``"system"`` field or an empty system turn dropped.
+
+Encoding renders ChatML segment by segment (:func:`~engine.chat_template.render_segments`), so the
+mask is exact. The ids equal encoding the whole text except where a tokenizer would fuse the
+``"assistant\n"`` header's newline with the reply's first characters; there the reply starts on a
+fresh token, which is also what the model sees at inference after the generation prompt.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from engine.chat_template import IM_END, IM_START, ChatFormatError, render_segments
+
+Message = dict[str, str]
+
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+CHAT_ROLES = ("system", "user", "assistant")
+ACCEPTED_SFT = (
+    "conversations/messages (role/content or ShareGPT from/value), "
+    "alpaca (instruction/input/output), medical CSV (title/ask/answer)"
+)
+ACCEPTED_DPO = (
+    "MiniMind (chosen/rejected message lists), MedicalGPT (conversations + chosen/rejected strings), "
+    "prompt/chosen/rejected strings"
+)
+# Medical CSV fields that stand for "no question body" (seed 000's data has a few rows of ask="无").
+EMPTY_ASK = {"", "无"}
+TRAILING_PUNCTUATION = " \t?？。.!！,，"
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_conversation(fields: Mapping[str, Any], *, system: str | None = None) -> list[Message]:
+    """One SFT record -> checked messages ending with an assistant turn.
+
+    ``system`` is a default system prompt, used only when the record carries none of its own.
+    """
+    if not isinstance(fields, Mapping):
+        raise ChatFormatError(f"record is a {type(fields).__name__}, expected a JSON object; accepted: {ACCEPTED_SFT}")
+    turns = _turn_list(fields)
+    if turns is not None:
+        messages = _parse_turns(turns, _record_system(fields))
+    elif "instruction" in fields and "output" in fields:
+        messages = _parse_alpaca(fields)
+    elif "ask" in fields and "answer" in fields:
+        messages = _parse_medical_row(fields)
+    else:
+        raise ChatFormatError(f"unknown SFT record format with keys {sorted(fields)}; accepted: {ACCEPTED_SFT}")
+    check_conversation(messages, ends_with="assistant")
+    return _with_default_system(messages, system)
+
+
+def parse_preference(
+    fields: Mapping[str, Any], *, system: str | None = None
+) -> tuple[list[Message], str, str]:
+    """One DPO record -> (prompt messages ending with a user turn, chosen reply, rejected reply)."""
+    if not isinstance(fields, Mapping):
+        raise ChatFormatError(f"record is a {type(fields).__name__}, expected a JSON object; accepted: {ACCEPTED_DPO}")
+    chosen, rejected = fields.get("chosen"), fields.get("rejected")
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        prompt, chosen_reply, rejected_reply = _split_minimind_pair(chosen, rejected, _record_system(fields))
+    elif "chosen" in fields and "rejected" in fields:
+        chosen_reply = _text(chosen, "the chosen reply")
+        rejected_reply = _text(rejected, "the rejected reply")
+        turns = _turn_list(fields)
+        if turns is not None:
+            prompt = _parse_turns(turns, _record_system(fields))
+        elif "prompt" in fields:
+            question = {"role": "user", "content": _text(fields["prompt"], "the prompt")}
+            prompt = _with_system([question], _record_system(fields))
+        else:
+            raise ChatFormatError(
+                f"DPO record with keys {sorted(fields)} has chosen/rejected but no prompt "
+                "(conversations, messages or prompt)"
+            )
+    else:
+        raise ChatFormatError(f"unknown DPO record format with keys {sorted(fields)}; accepted: {ACCEPTED_DPO}")
+    check_conversation(prompt, ends_with="user")
+    if chosen_reply == rejected_reply:
+        raise ChatFormatError("chosen and rejected replies are identical: the pair teaches nothing")
+    return _with_default_system(prompt, system), chosen_reply, rejected_reply
+
+
+def check_conversation(messages: Sequence[Mapping[str, str]], *, ends_with: str = "assistant") -> None:
+    """Raise :class:`ChatFormatError` unless ``messages`` is [system], user, assistant, … ending with ``ends_with``."""
+    if not messages:
+        raise ChatFormatError("conversation has no turns")
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise ChatFormatError(f"turn {i} has role {role!r}; expected one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str) or not content.strip():
+            raise ChatFormatError(f"turn {i} ({role}) has no text")
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i in range(start, len(messages)):
+        role = messages[i]["role"]
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if role == "system":
+            raise ChatFormatError(f"turn {i} is a system turn: a system prompt may only be the first turn")
+        if role != expected:
+            raise ChatFormatError(
+                f"turn {i} is {role!r} where {expected!r} was expected: "
+                "turns must alternate user/assistant after an optional system turn"
+            )
+    if len(messages) == start:
+        raise ChatFormatError("conversation has only a system prompt")
+    if messages[-1]["role"] != ends_with:
+        if ends_with == "user":
+            raise ChatFormatError("prompt ends with an assistant turn: a DPO prompt must end with the user's turn")
+        if len(messages) == start + 1:
+            raise ChatFormatError("conversation has no assistant turn")
+        raise ChatFormatError("conversation ends with a user turn (no reply to learn from)")
+
+
+def _turn_list(fields: Mapping[str, Any]) -> list[Any] | None:
+    for key in ("conversations", "messages"):
+        if key in fields:
+            turns = fields[key]
+            if not isinstance(turns, list):
+                raise ChatFormatError(f'"{key}" is a {type(turns).__name__}, expected a list of turns')
+            return turns
+    return None
+
+
+def _parse_turns(turns: Sequence[Any], record_system: str | None) -> list[Message]:
+    """MiniMind/OpenAI (role/content) or ShareGPT (from/value) turns -> messages."""
+    messages: list[Message] = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise ChatFormatError(
+                f"turn {i} is a {type(turn).__name__}, expected an object with role/content or from/value"
+            )
+        if "role" in turn:
+            role, content = turn["role"], turn.get("content")
+            if role not in CHAT_ROLES:
+                raise ChatFormatError(f"turn {i} has role {role!r}; accepted: {', '.join(CHAT_ROLES)}")
+        elif "from" in turn:
+            sender, content = turn["from"], turn.get("value")
+            role = SHAREGPT_ROLES.get(sender) if isinstance(sender, str) else None
+            if role is None:
+                raise ChatFormatError(f"turn {i} is from {sender!r}; accepted: {', '.join(SHAREGPT_ROLES)}")
+        else:
+            raise ChatFormatError(f"turn {i} has keys {sorted(turn)}; expected role/content or from/value")
+        if role == "system" and (content is None or (isinstance(content, str) and not content.strip())):
+            continue  # an empty system prompt is no system prompt
+        messages.append({"role": role, "content": _text(content, f"turn {i} ({role})")})
+    if not any(m["role"] == "system" for m in messages):
+        messages = _with_system(messages, record_system)
+    return messages
+
+
+def _parse_alpaca(fields: Mapping[str, Any]) -> list[Message]:
+    instruction = fields.get("instruction") or ""
+    extra = fields.get("input") or ""
+    if not isinstance(instruction, str) or not isinstance(extra, str):
+        raise ChatFormatError("alpaca instruction/input must be text")
+    question = "\n".join(part for part in (instruction, extra) if part.strip())
+    messages: list[Message] = []
+    history = fields.get("history") or []
+    if not isinstance(history, list):
+        raise ChatFormatError(f'alpaca "history" is a {type(history).__name__}, expected [[question, answer], …]')
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise ChatFormatError(f"alpaca history entry {i} is not a [question, answer] pair")
+        messages.append({"role": "user", "content": _text(pair[0], f"alpaca history {i} question")})
+        messages.append({"role": "assistant", "content": _text(pair[1], f"alpaca history {i} answer")})
+    messages.append({"role": "user", "content": _text(question, "the alpaca instruction/input")})
+    messages.append({"role": "assistant", "content": _text(fields["output"], "the alpaca output")})
+    return _with_system(messages, _record_system(fields))
+
+
+def _parse_medical_row(fields: Mapping[str, Any]) -> list[Message]:
+    title = str(fields.get("title") or "").strip()
+    ask = str(fields.get("ask") or "").strip()
+    answer = _text(str(fields.get("answer") or "").strip(), "the medical answer")
+    return [{"role": "user", "content": _medical_question(title, ask)}, {"role": "assistant", "content": answer}]
+
+
+def _medical_question(title: str, ask: str) -> str:
+    """The user's question from a forum post: its title is usually a summary of its body (``ask``).
+
+    The title is kept only when it adds something: ``ask`` alone when it already contains the title
+    (trailing punctuation ignored), the title alone when ``ask`` is empty or the placeholder "无",
+    else ``title + "\\n" + ask`` (a post's subject line, then its body).
+    """
+    if ask in EMPTY_ASK:
+        return _text(title, "the medical question (title and ask)")
+    core = title.rstrip(TRAILING_PUNCTUATION)
+    if not core or core in ask:
+        return ask
+    return f"{title}\n{ask}"
+
+
+def _split_minimind_pair(
+    chosen: list[Any], rejected: list[Any], record_system: str | None
+) -> tuple[list[Message], str, str]:
+    """MiniMind DPO: both sides repeat the prompt; only their final assistant turns differ."""
+    chosen_messages = _parse_turns(chosen, record_system)
+    rejected_messages = _parse_turns(rejected, record_system)
+    for side, messages in (("chosen", chosen_messages), ("rejected", rejected_messages)):
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ChatFormatError(f"the {side} conversation does not end with an assistant reply")
+    prompt = chosen_messages[:-1]
+    if rejected_messages[:-1] != prompt:
+        turn = next(
+            (i for i, (a, b) in enumerate(zip(prompt, rejected_messages[:-1])) if a != b),
+            min(len(prompt), len(rejected_messages) - 1),
+        )
+        raise ChatFormatError(
+            f"chosen and rejected conversations differ before their last turn (at turn {turn}): "
+            "they must share the same prompt"
+        )
+    return prompt, chosen_messages[-1]["content"], rejected_messages[-1]["content"]
+
+
+def _record_system(fields: Mapping[str, Any]) -> str | None:
+    value = fields.get("system")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _text(value, 'the record\'s "system"')
+
+
+def _with_system(messages: list[Message], system: str | None) -> list[Message]:
+    return [{"role": "system", "content": system}, *messages] if system else messages
+
+
+def _with_default_system(messages: list[Message], system: str | None) -> list[Message]:
+    if messages and messages[0]["role"] == "system":
+        return messages
+    return _with_system(messages, system)
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ChatFormatError(f"{what} is {type(value).__name__}, not text")
+    if not value.strip():
+        raise ChatFormatError(f"{what} has no text")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------
+
+# Tokenizers already checked for single-token ChatML markers (weakly held: no leak across tokenizers).
+_checked_tokenizers: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def check_chat_tokenizer(tokenizer: Any) -> None:
+    """Raise :class:`ChatFormatError` unless ``<|im_start|>``/``<|im_end|>`` each encode to one token.
+
+    Encoding segment by segment equals encoding the whole text only because every segment boundary
+    sits next to one of these markers, which the tokenizer must match inside text as single tokens.
+    """
+    try:
+        if _checked_tokenizers.get(tokenizer):
+            return
+    except TypeError:
+        pass  # not weak-referenceable: check every time
+    for marker in (IM_START, IM_END):
+        marker_id = tokenizer.token_to_id(marker)
+        if marker_id is None or list(tokenizer.encode(marker)) != [marker_id]:
+            raise ChatFormatError(
+                f"tokenizer {getattr(tokenizer, 'path', type(tokenizer).__name__)} has no "
+                f"{IM_START}/{IM_END} tokens: train one with `python -m engine.tokenizer train` "
+                "or trim one (trim adds them)"
+            )
+    try:
+        _checked_tokenizers[tokenizer] = True
+    except TypeError:
+        pass
+
+
+def encode_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> tuple[np.ndarray, np.ndarray]:
+    """ChatML token ids (``int64``) and loss mask (``uint8``) of one conversation, ending with EOS.
+
+    The mask is 1 on each assistant turn's content tokens and its closing ``<|im_end|>``, 0 on the
+    rest (headers, user and system turns, the newline between turns, the final EOS). Each segment of
+    :func:`render_segments` is encoded separately, so a token never straddles counted and uncounted text.
+    """
+    check_chat_tokenizer(tokenizer)
+    check_conversation(messages, ends_with="assistant")
+    return _encode_segments(tokenizer, render_segments(messages))
+
+
+def encode_preference(
+    tokenizer: Any, prompt: Sequence[Mapping[str, str]], chosen: str, rejected: str
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Two documents, prompt + chosen reply and prompt + rejected reply, each ending with EOS.
+
+    Only the final reply and its ``<|im_end|>`` count: assistant turns inside a multi-turn prompt are
+    context, not what the preference is about.
+    """
+    check_chat_tokenizer(tokenizer)
+    check_conversation(prompt, ends_with="user")
+    documents = []
+    for reply in (chosen, rejected):
+        messages = [*prompt, {"role": "assistant", "content": _text(reply, "the reply")}]
+        segments = render_segments(messages)
+        last = max(i for i, (_, counts) in enumerate(segments) if counts)
+        documents.append(_encode_segments(tokenizer, [(text, i == last) for i, (text, _) in enumerate(segments)]))
+    return documents[0], documents[1]
+
+
+def _encode_segments(tokenizer: Any, segments: Sequence[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+    pieces = [tokenizer.encode(text) for text, _ in segments]
+    total = sum(len(ids) for ids in pieces)
+    token_ids = np.empty(total + 1, dtype=np.int64)
+    mask = np.zeros(total + 1, dtype=np.uint8)
+    pos = 0
+    for ids, (_, counts) in zip(pieces, segments):
+        token_ids[pos : pos + len(ids)] = ids
+        mask[pos : pos + len(ids)] = counts
+        pos += len(ids)
+    token_ids[total] = tokenizer.eos_id  # every packed document ends with EOS, never counted
+    return token_ids, mask
