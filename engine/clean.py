@@ -55,6 +55,15 @@ def _invisible_characters() -> re.Pattern[str]:
     return re.compile(f"[{parts}]+")
 
 
+def warm_cleaner() -> None:
+    """Build the per-process tables now (call before forking workers so they inherit them)."""
+    _invisible_characters()
+
+
+# Text without any of these (and with no invisible characters) is already clean: normalize returns it as is.
+NEEDS_WORK = re.compile(r"[^\S \n]|  |^ | $|\n\n\n|\A\n|\n\Z|\ufffd", re.MULTILINE)
+
+
 @dataclass
 class CleanConfig:
     """Which filters run; see the module docstring for what always runs."""
@@ -107,6 +116,8 @@ class Cleaner:
             text = unicodedata.normalize("NFKC", text)
         if config.fullwidth_to_halfwidth:
             text = text.translate(FULLWIDTH_ALNUM)
+        if not NEEDS_WORK.search(text) and (text.isprintable() or text.replace("\n", "").isprintable()):
+            return text if self._t2s is None else self._t2s.convert(text)  # the common case: nothing to change
         if "\r" in text or "\x85" in text or "\u2028" in text or "\u2029" in text:
             text = NEWLINES.sub("\n", text)
         if "\ufffd" in text:

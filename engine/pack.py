@@ -24,13 +24,15 @@ import numpy as np
 from tqdm import tqdm
 
 from engine import __version__
-from engine.clean import CleanConfig, CleanStats
+from engine.clean import CleanConfig, CleanStats, warm_cleaner
 from engine.format import FORMAT, KINDS, AtomicOutput, DatasetError, DatasetPaths, token_dtype
-from engine.pack_workers import EncodedBatch, RawRecord, WorkerConfig, encode_batch, init_worker
+from engine.pack_workers import (EncodedBatch, RawRecord, WorkerConfig, encode_batch, encode_file, init_worker,
+                                 small_files)
 from engine.sources import Corpus
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+SMALL_FILE_BYTES = 16 << 20  # files up to this size are read whole by a worker (folders of many files)
 
 
 @dataclass
@@ -56,28 +58,35 @@ class _SplitWriter:
         self.output = AtomicOutput(paths, overwrite=overwrite).__enter__()
         self.bin: BinaryIO = open(self.output.tmp(paths.bin), "wb")
         self.mask: BinaryIO | None = open(self.output.tmp(paths.mask), "wb") if with_mask else None
-        self.offsets: list[int] = [0]
+        self.lengths: list[np.ndarray] = []  # per-batch document lengths: 8 bytes a document
+        self.n_docs = 0
         self.n_tokens = 0
         self.n_chars = 0
         self.mask_tokens = 0
-        self.max_id = -1
 
-    def append(self, tokens: np.ndarray, mask: np.ndarray | None, chars: int) -> None:
-        self.n_chars += chars
+    def append(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None, chars: int) -> None:
+        """Append whole documents: ``tokens`` is their concatenation, ``lengths`` their sizes."""
+        if not lengths.size:
+            return
         self.bin.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self.n_tokens += int(tokens.shape[0])
-        self.offsets.append(self.n_tokens)
+        self.lengths.append(lengths)
+        self.n_docs += int(lengths.size)
+        self.n_tokens += int(tokens.size)
+        self.n_chars += chars
         if self.mask is not None and mask is not None:
             self.mask.write(mask.tobytes())
-            self.mask_tokens += int(mask.sum())
+            self.mask_tokens += int(np.count_nonzero(mask))
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
         self.bin.close()
         if self.mask is not None:
             self.mask.close()
+        offsets = np.zeros(self.n_docs + 1, dtype=np.int64)
+        if self.lengths:
+            np.cumsum(np.concatenate(self.lengths), out=offsets[1:])
         with open(self.output.tmp(self.paths.idx), "wb") as f:
-            np.save(f, np.asarray(self.offsets, dtype=np.int64), allow_pickle=False)
-        meta = {**meta, "n_tokens": self.n_tokens, "n_docs": len(self.offsets) - 1, "n_chars": self.n_chars}
+            np.save(f, offsets, allow_pickle=False)
+        meta = {**meta, "n_tokens": self.n_tokens, "n_docs": self.n_docs, "n_chars": self.n_chars}
         if self.mask is not None:
             meta["n_loss_tokens"] = self.mask_tokens
         if meta["kind"] == "dpo":
@@ -92,8 +101,17 @@ class _SplitWriter:
         self.output.__exit__(None, None, None)
 
 
-def _batches(corpus: Corpus, kind: str, batch_chars: int) -> Iterator[list[RawRecord]]:
-    """Group records into batches of about ``batch_chars`` characters (pretrain) or records (chat)."""
+Task = tuple[str, Any]  # ("records", [RawRecord, ...]) or ("file", path)
+
+
+def _tasks(corpus: Corpus, kind: str, batch_chars: int, workers: int) -> Iterator[Task]:
+    """Whole small files for the workers to read themselves, or batches of about ``batch_chars``
+    characters (pretrain) / 256 records (chat) read here."""
+    files = small_files(corpus.files, SMALL_FILE_BYTES) if workers > 1 else None
+    if files is not None:
+        for path in files:
+            yield ("file", path)
+        return
     batch: list[RawRecord] = []
     size = 0
     if kind == "pretrain":
@@ -101,32 +119,38 @@ def _batches(corpus: Corpus, kind: str, batch_chars: int) -> Iterator[list[RawRe
             batch.append((doc.text, doc.source, doc.lineno))
             size += len(doc.text)
             if size >= batch_chars:
-                yield batch
+                yield ("records", batch)
                 batch, size = [], 0
     else:
         for record in corpus.records():
             batch.append((record.fields, record.source, record.lineno))
             if len(batch) >= 256:
-                yield batch
+                yield ("records", batch)
                 batch = []
     if batch:
-        yield batch
+        yield ("records", batch)
 
 
-def _ordered_results(config: WorkerConfig, batches: Iterator[list[RawRecord]], workers: int) -> Iterator[EncodedBatch]:
-    """Encode batches on ``workers`` processes, yielding results in input order with bounded memory."""
+def _run_task(task: Task) -> EncodedBatch:
+    what, payload = task
+    return encode_file(payload) if what == "file" else encode_batch(payload)
+
+
+def _ordered_results(config: WorkerConfig, tasks: Iterator[Task], workers: int) -> Iterator[EncodedBatch]:
+    """Run tasks on ``workers`` processes, yielding results in input order with bounded memory."""
     if workers <= 1:
         init_worker(config)
-        for batch in batches:
-            yield encode_batch(batch)
+        for task in tasks:
+            yield _run_task(task)
         return
+    warm_cleaner()  # build the cleaner's tables once, before the fork, not once per worker
     method = "fork" if sys.platform == "linux" else "spawn"
     pool = multiprocessing.get_context(method).Pool(workers, initializer=init_worker, initargs=(config,))
     try:
         pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(encode_batch, (batch,)))
-            # Keep a couple of batches per worker queued: enough to stay busy, never the whole corpus.
+        for task in tasks:
+            pending.append(pool.apply_async(_run_task, (task,)))
+            # Keep a couple of tasks per worker queued: enough to stay busy, never the whole corpus.
             while len(pending) >= 2 * workers:
                 yield pending.popleft().get()
         while pending:
@@ -159,7 +183,11 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
             raise DatasetError(f"{paths.prefix}.* already exists: pass --overwrite to replace it, or choose another --out")
 
     workers = config.workers or os.cpu_count() or 1
-    worker_config = WorkerConfig(str(tokenizer.path), config.kind, config.clean, config.split_seed, config.system_prompt)
+    worker_config = WorkerConfig(
+        str(tokenizer.path), config.kind, config.clean, config.split_seed, dtype.name,
+        need_digests=config.clean.dedup or config.val_fraction > 0, source_options=corpus.options,
+        system_prompt=config.system_prompt,
+    )
     writers: dict[str, _SplitWriter] = {}
     stats = CleanStats()
     seen: set[bytes] | None = set() if config.clean.dedup else None  # 16-byte content digests
@@ -169,13 +197,15 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
         for name, paths in splits.items():
             writers[name] = _SplitWriter(paths, dtype, with_mask, config.overwrite)
         bar = tqdm(desc=f"packing {train_paths.prefix.name}", unit=" docs", disable=not config.progress, mininterval=1.0)
-        for result in _ordered_results(worker_config, _batches(corpus, config.kind, config.batch_chars), workers):
+        for result in _ordered_results(worker_config, _tasks(corpus, config.kind, config.batch_chars, workers), workers):
+            if result.report is not None:
+                corpus.report.merge(result.report)
             chars += result.chars
             for reason, count in result.dropped.items():
                 stats.dropped[reason] += count
             for reason, source, lineno, detail in result.bad:
                 corpus.report.bad(reason, source, lineno, detail)
-            _route(result, writers, seen, stats, config.val_fraction, tokenizer.vocab_size, 2 if config.kind == "dpo" else 1)
+            _route(result, writers, seen, stats, config.val_fraction, 2 if config.kind == "dpo" else 1)
             docs_in += len(result.lengths) + sum(result.dropped.values()) + len(result.bad)
             bar.update(len(result.lengths) + sum(result.dropped.values()) + len(result.bad))
             bar.set_postfix_str(f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s text", refresh=False)
@@ -204,25 +234,33 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
 
 
 def _route(result: EncodedBatch, writers: dict[str, _SplitWriter], seen: set[bytes] | None, stats: CleanStats,
-           val_fraction: float, vocab_size: int, group: int) -> None:
-    """Append each document (``group`` consecutive ones for a DPO pair) to its split; drop exact duplicates."""
-    if result.tokens.size and int(result.tokens.max()) >= vocab_size:
-        raise DatasetError(f"the tokenizer produced id {int(result.tokens.max())} >= its vocab size {vocab_size}: its files disagree")
-    ends = np.cumsum(result.lengths)
-    starts = ends - result.lengths
-    for first in range(0, len(result.digests), group):
+           val_fraction: float, group: int) -> None:
+    """Append the documents of ``result`` (``group`` consecutive ones form a DPO pair) to their splits,
+    dropping exact duplicates; one write per split and batch."""
+    n = int(result.lengths.size)
+    if not result.digests or (seen is None and "val" not in writers):
+        stats.kept += n // group
+        writers["train"].append(result.tokens, result.lengths, result.mask, int(result.doc_chars.sum()))
+        return
+    split = np.zeros(n, dtype=np.int8)  # 0 train, 1 val, -1 dropped
+    for first in range(0, n, group):
         digest = result.digests[first]
         if seen is not None:
             if digest in seen:
                 stats.dropped["duplicate"] += 1
+                split[first : first + group] = -1
                 continue
             seen.add(digest)
-        split = "val" if "val" in writers and is_val(digest, val_fraction) else "train"
-        for i in range(first, first + group):
-            s, e = int(starts[i]), int(ends[i])
-            writers[split].append(result.tokens[s:e], None if result.mask is None else result.mask[s:e],
-                                  int(result.doc_chars[i]))
+        if "val" in writers and is_val(digest, val_fraction):
+            split[first : first + group] = 1
         stats.kept += 1
+    per_token = np.repeat(split, result.lengths)
+    for code, name in ((0, "train"), (1, "val")):
+        docs = split == code
+        if name in writers and docs.any():
+            tokens_in = per_token == code
+            writers[name].append(result.tokens[tokens_in], result.lengths[docs],
+                                 None if result.mask is None else result.mask[tokens_in], int(result.doc_chars[docs].sum()))
 
 
 def _meta(config: PackConfig, tokenizer: Tokenizer, dtype: np.dtype, corpus: Corpus, stats: CleanStats,

@@ -141,3 +141,20 @@ def test_command_line_flags() -> None:
     config = clean_config_from_args(parser.parse_args(["--t2s", "--nfkc", "--min-chars", "5", "--no-dedup"]))
     assert config == CleanConfig(nfkc=True, traditional_to_simplified=True, min_chars=5, dedup=False)
     assert clean_config_from_args(parser.parse_args([])) == CleanConfig()
+
+
+def test_fast_path_gives_what_the_full_cleaning_gives(monkeypatch):
+    """Texts that skip the work (nothing to change) must equal what the full normalisation returns."""
+    import random
+    import re
+
+    import engine.clean as clean_module
+
+    alphabet = ["a", "中", " ", "\n", "\t", "\u3000", "\u200b", "\r", "\x00", "\ufffd", "\u2028", "\x85", "\ue000", "。"]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
+    texts += ["春眠不觉晓\n处处闻啼鸟", "两行\n\n之间", "行尾 \n下一行"]
+    cleaner = clean_module.Cleaner(clean_module.CleanConfig())
+    fast = [cleaner.normalize(t) for t in texts]
+    monkeypatch.setattr(clean_module, "NEEDS_WORK", re.compile(r"[\s\S]|\A"))  # force the full path
+    assert [cleaner.normalize(t) for t in texts] == fast

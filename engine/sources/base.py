@@ -72,10 +72,11 @@ class SourceCounts:
 class SourceReport:
     """Counts per source file and bad records by reason; the first few examples of each reason are logged."""
 
-    def __init__(self) -> None:
+    def __init__(self, quiet: bool = False) -> None:
         self.sources: dict[str, SourceCounts] = {}
         self.bad_reasons: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
+        self.quiet = quiet  # a worker's partial report: the main process logs examples when it merges
 
     def _source(self, source: str) -> SourceCounts:
         counts = self.sources.get(source)
@@ -107,9 +108,28 @@ class SourceReport:
             detail = " ".join(detail.split()) if "\n" in detail else detail  # examples stay one line
             detail = detail if len(detail) <= DETAIL_CHARS else detail[:DETAIL_CHARS] + "…"
             example = f"{source}:{lineno}: {reason}" + (f": {detail}" if detail else "")
-            examples.append(example)
+            self._add_example(reason, example)
+
+    def _add_example(self, reason: str, example: str) -> None:
+        examples = self.examples.setdefault(reason, [])
+        examples.append(example)
+        if not self.quiet:
             more = " (further ones are only counted)" if len(examples) == EXAMPLES_PER_REASON else ""
             logger.warning("bad record %s%s", example, more)
+
+    def merge(self, other: "SourceReport") -> None:
+        """Add a partial report (one file read by a worker process) into this one, in reading order."""
+        for name, counts in other.sources.items():
+            mine = self._source(name)
+            mine.records += counts.records
+            mine.documents += counts.documents
+            mine.bad += counts.bad
+            mine.encoding = counts.encoding or mine.encoding
+        self.bad_reasons.update(other.bad_reasons)
+        for reason, examples in other.examples.items():
+            for example in examples:
+                if len(self.examples.get(reason, ())) < EXAMPLES_PER_REASON:
+                    self._add_example(reason, example)
 
     @property
     def total_records(self) -> int:
