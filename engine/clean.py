@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ class CleanConfigError(ValueError):
 def _invisible_characters() -> re.Pattern[str]:
     """A character class of the Cc, Cf and Cs code points but \\n and \\t, built once per process."""
     ranges: list[list[int]] = []
-    for code in range(sys.maxunicode + 1):
+    # Cc, Cf and Cs only occur in planes 0-1 and the tag block of plane 14: scanning those is 8x faster.
+    for code in (*range(0x20000), *range(0xE0000, 0xE1000)):
         if unicodedata.category(chr(code)) in ("Cc", "Cf", "Cs") and code not in (0x0A, 0x09):
             if ranges and ranges[-1][1] == code - 1:
                 ranges[-1][1] = code
@@ -57,11 +57,22 @@ def _invisible_characters() -> re.Pattern[str]:
 
 def warm_cleaner() -> None:
     """Build the per-process tables now (call before forking workers so they inherit them)."""
-    _invisible_characters()
+    _changed_characters()
 
 
-# Text without any of these (and with no invisible characters) is already clean: normalize returns it as is.
-NEEDS_WORK = re.compile(r"[^\S \n]|  |^ | $|\n\n\n|\A\n|\n\Z|\ufffd", re.MULTILINE)
+@lru_cache(maxsize=1)
+def _changed_characters() -> re.Pattern[str]:
+    """Any character normalize() would remove or rewrite: whitespace but ' ' and '\\n', U+FFFD, invisibles."""
+    return re.compile("[^\\S \\n]|\ufffd|" + _invisible_characters().pattern.rstrip("+"))
+
+
+def is_clean(text: str) -> bool:
+    """True when normalize() would return ``text`` unchanged (before the optional conversions): the common case."""
+    if not text or text[0].isspace() or text[-1].isspace():
+        return False
+    if "  " in text or " \n" in text or "\n " in text or "\n\n\n" in text:
+        return False
+    return _changed_characters().search(text) is None
 
 
 @dataclass
@@ -116,7 +127,7 @@ class Cleaner:
             text = unicodedata.normalize("NFKC", text)
         if config.fullwidth_to_halfwidth:
             text = text.translate(FULLWIDTH_ALNUM)
-        if not NEEDS_WORK.search(text) and (text.isprintable() or text.replace("\n", "").isprintable()):
+        if is_clean(text):
             return text if self._t2s is None else self._t2s.convert(text)  # the common case: nothing to change
         if "\r" in text or "\x85" in text or "\u2028" in text or "\u2029" in text:
             text = NEWLINES.sub("\n", text)

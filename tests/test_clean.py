@@ -156,5 +156,6 @@ def test_fast_path_gives_what_the_full_cleaning_gives(monkeypatch):
     texts += ["春眠不觉晓\n处处闻啼鸟", "两行\n\n之间", "行尾 \n下一行"]
     cleaner = clean_module.Cleaner(clean_module.CleanConfig())
     fast = [cleaner.normalize(t) for t in texts]
-    monkeypatch.setattr(clean_module, "NEEDS_WORK", re.compile(r"[\s\S]|\A"))  # force the full path
+    assert sum(map(clean_module.is_clean, texts)) > 100  # the fast path is taken at all
+    monkeypatch.setattr(clean_module, "is_clean", lambda text: False)  # force the full path
     assert [cleaner.normalize(t) for t in texts] == fast

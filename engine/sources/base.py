@@ -90,6 +90,10 @@ class SourceReport:
         self.bad_reasons.clear()
         self.examples.clear()
 
+    def counts(self, source: str) -> SourceCounts:
+        """The mutable counts of one source (hot loops keep it instead of calling add_* per record)."""
+        return self._source(source)
+
     def add_record(self, source: str) -> None:
         self._source(source).records += 1
 

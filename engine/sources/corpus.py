@@ -111,14 +111,21 @@ class TextExtractor:
     def _as_text(value: Any, numbers: bool) -> str | None:
         if isinstance(value, str):
             return value
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return "\n".join(value)
+        if isinstance(value, list):
+            try:
+                return "\n".join(value)
+            except TypeError:  # an element that is not a string
+                return None
         if numbers and isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         return None
 
     def text(self, fields: dict[str, Any]) -> tuple[str | None, str, str]:
         """``(text, "", "")``, or ``(None, reason, detail)`` with reason "missing_field" or "not_text"."""
+        if self.template is None:  # the hot path of plain jsonl: one string field
+            value = fields.get(self.field)
+            if type(value) is str:
+                return value, "", ""
         values = {}
         for name in self.fields:
             value = fields.get(name)
@@ -204,16 +211,20 @@ class Corpus:
         watch = _MissingFieldWatch(self.extractor)
         records = self.records(columns=self.extractor.fields)
         bar = tqdm(records, unit=" records", desc="reading", disable=not progress)
+        extract, source, counts = self.extractor.text, None, None
         for record in bar:
             if record.is_plain_text:
                 text, reason, detail = record.fields["text"], "", ""
             else:
-                text, reason, detail = self.extractor.text(record.fields)
-            watch.see(record, missing=reason == "missing_field")
+                text, reason, detail = extract(record.fields)
+            if not watch.found or record.source != watch.source:
+                watch.see(record, missing=reason == "missing_field")
             if text is None:
                 self.report.bad(reason, record.source, record.lineno, detail)
                 continue
-            self.report.add_document(record.source)
+            if record.source != source:  # count per file without a dict lookup per record
+                source, counts = record.source, self.report.counts(record.source)
+            counts.documents += 1
             yield Document(text, record.source, record.lineno)
         watch.finish()
 

@@ -82,8 +82,8 @@ def read_json(
         report.bad("bad_json", source, e.lineno, f"{e.msg} at column {e.colno}; the whole JSON array is lost")
         return
     del text
+    report.counts(source).records += len(items)
     for index, item in enumerate(items, start=1):
-        report.add_record(source)
         if not isinstance(item, dict):
             report.bad("not_object", source, index, f"array element {index} is a JSON {_json_type(item)}")
             continue
