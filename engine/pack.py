@@ -208,7 +208,7 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
             _route(result, writers, seen, stats, config.val_fraction, 2 if config.kind == "dpo" else 1)
             docs_in += len(result.lengths) + sum(result.dropped.values()) + len(result.bad)
             bar.update(len(result.lengths) + sum(result.dropped.values()) + len(result.bad))
-            bar.set_postfix_str(f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} MB/s text", refresh=False)
+            bar.set_postfix_str(f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} M chars/s", refresh=False)
         bar.close()
         corpus.check()
         if writers["train"].n_tokens == 0:
@@ -225,7 +225,7 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
         raise
     train_meta = metas["train"]
     logger.info(
-        "packed %s docs, %s tokens into %s (%s) in %.1f s, %.1f MB/s of text%s",
+        "packed %s docs, %s tokens into %s (%s) in %.1f s, %.1f M characters/s%s",
         f"{train_meta['n_docs']:,}", f"{train_meta['n_tokens']:,}", train_paths.bin, dtype.name, seconds,
         chars / 1e6 / max(seconds, 1e-9),
         f"; validation: {metas['val']['n_docs']:,} docs, {metas['val']['n_tokens']:,} tokens" if "val" in metas else "",
