@@ -1,16 +1,18 @@
 """Where does ``engine.prepare`` spend its time? Stage timings, per-process CPU, and cProfile views.
 
-On the Tang corpus with ``--no-dedup``:
+On the Tang corpus with ``--no-dedup`` (a folder of small JSON files: on every core, each worker
+reads whole files itself, then cleans, encodes and casts the tokens; the main process only lists the
+files, merges the workers' reading reports and writes):
 
-- stage timings: each stage of the pipeline run alone over the whole corpus in this process, with no
-  profiler (cProfile inflates pure-Python stages several times over);
+- stage timings: each step of that pipeline run alone over the whole corpus in this process, with
+  no profiler (cProfile inflates pure-Python stages several times over), through the packer's own
+  functions (``engine.pack._tasks``, ``_run_task``, ``_route``, ``_SplitWriter``; ``engine.pack_workers``);
 - CPU per process: ``engine.prepare`` on every core as a subprocess, its main process's and its
   workers' CPU seconds read with psutil (who is the bottleneck on two cores);
-- ``--workers 1``: the whole pipeline in one process, so every stage (reading JSON, building the
-  document, cleaning, encoding, copying tokens, fingerprinting, routing, writing) shows up;
-- ``--workers 0`` (every core): only the main process is profiled; on a 2-core machine whatever it
-  does (reading, pickling batches out and results back, routing, writing) competes with the two
-  encoding workers for the same cores.
+- ``--workers 1``: the whole pipeline in one process (the main process reads, in batches), so every
+  stage (reading JSON, building the document, cleaning, encoding, ids → numpy, routing, writing) shows up;
+- ``--workers 0`` (every core): only the main process is profiled: listing files, merging reports,
+  routing and writing (the pool's result thread, which unpickles, is invisible to cProfile).
 
     python bench/profile_pack.py --tokenizer ../shared/data/tokenizers/chatglm-sp/tokenizer.model [--scale 1]
 
@@ -37,25 +39,27 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
-from benchlib import RESULTS_DIR, TANG, environment  # noqa: E402
+from benchlib import RESULTS_DIR, TANG, environment, read_tang  # noqa: E402
 from report import profile_tables, stage_tables  # noqa: E402
 
 # (stage, needles on "file:function") in priority order; a Python function's own time goes to the first match.
-# Built-ins (file "~") carry no location: their time is split among their callers and follows them.
+# Built-ins (file "~") and numpy's Python wrappers have no stage of their own: their time follows their callers.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("encode (SentencePiece)", ("sentencepiece/__init__.py:Encode", "sentencepiece/__init__.py:_EncodeAsIds",
                                 "sentencepiece/__init__.py:EncodeAsIds", "engine/tokenizer/core.py:encode_batch")),
     ("tokenizer load + sha256", ("engine/tokenizer", "sentencepiece", "google/protobuf")),
     ("read: JSON parsing", ("/json/",)),
-    ("read: engine.sources (files, records, template)", ("engine/sources", "codecs", "gzip", "bz2", "lzma")),
+    ("read: engine.sources (files, records, template, reports)", ("engine/sources", "codecs", "gzip", "bz2", "lzma")),
     ("clean (engine.clean)", ("engine/clean", "/re/", "sre_")),
     ("fingerprint (blake2b)", ("pack_workers.py:fingerprint", "hashlib")),
-    ("ids → numpy arrays (engine.pack_workers)", ("engine/pack_workers",)),
+    ("ids → numpy (pack_workers._to_array)", ("pack_workers.py:_to_array",)),
+    ("worker loop (pack_workers: per-record loop, results)", ("engine/pack_workers",)),
     ("process pool: pickling, queues, threads", ("multiprocessing", "pickle", "threading", "queue", "selectors")),
-    ("route + write (engine.pack, numpy)", ("engine/pack.py", "engine/format", "numpy")),
+    ("route + write (engine.pack, engine.format)", ("engine/pack.py", "engine/format")),
     ("progress bar (tqdm)", ("tqdm",)),
 ]
 OTHER = "other (start-up, imports, argument parsing, logging)"
+IDLE = "idle: waiting on a lock (for the workers' results)"
 
 
 def stage_of(key: tuple[str, int, str]) -> str:
@@ -67,24 +71,29 @@ def stage_of(key: tuple[str, int, str]) -> str:
     return OTHER
 
 
-def stage_seconds(table: dict[Any, Any]) -> dict[str, float]:
-    """Own time per stage; a built-in's own time is shared among its callers by what each call cost."""
-    stages: dict[str, float] = {}
-    for key, (_, _, own, _, callers) in table.items():
-        if key[0] == "~" and callers:
-            spent = sum(c[2] for c in callers.values()) or 1.0
-            for caller, caller_stats in callers.items():
-                stage = stage_of(caller)
-                stages[stage] = stages.get(stage, 0.0) + own * caller_stats[2] / spent
-        else:
-            stage = stage_of(key)
-            stages[stage] = stages.get(stage, 0.0) + own
-    return stages
+def stage_shares(key: tuple[str, int, str], table: dict[Any, Any], path: tuple = ()) -> dict[str, float]:
+    """Which stages a function's own time belongs to: its own stage, or for a built-in or a numpy
+    wrapper its callers' stages, shared by what each caller's calls cost."""
+    if key[0] == "~" and "acquire' of '_thread.lock" in key[2]:
+        return {IDLE: 1.0}
+    callers = table[key][4] if key in table else {}
+    if not (key[0] == "~" or "/numpy/" in key[0]) or not callers or key in path:
+        return {stage_of(key): 1.0}
+    spent = sum(edge[3] for edge in callers.values())
+    shares: dict[str, float] = {}
+    for caller, edge in callers.items():
+        weight = edge[3] / spent if spent else 1 / len(callers)
+        for stage, share in stage_shares(caller, table, (*path, key)).items():
+            shares[stage] = shares.get(stage, 0.0) + share * weight
+    return shares
 
 
 def summarize(stats: pstats.Stats, total: float, what: str, top: int = 15) -> dict[str, Any]:
     table = stats.stats  # type: ignore[attr-defined]  # {(file, line, func): (cc, nc, tt, ct, callers)}
-    stages = stage_seconds(table)
+    stages: dict[str, float] = {}
+    for key, (_, _, own, _, _) in table.items():
+        for stage, share in stage_shares(key, table).items():
+            stages[stage] = stages.get(stage, 0.0) + own * share
     ranked = sorted(table.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
     return {
         "what": what,
@@ -120,6 +129,10 @@ def profile_prepare(argv: list[str], what: str) -> dict[str, Any]:
 REPEAT = 3  # each stage runs this many times; the fastest counts (the machine is shared, noise only adds time)
 
 
+def _add(stages: list[dict[str, Any]], label: str, times: list[float]) -> None:
+    stages.append({"stage": label, "seconds": min(times) if times else 0.0, "all_seconds": times})
+
+
 def _timed(stages: list[dict[str, Any]], label: str, fn: Any, before: Any = None) -> Any:
     times, value = [], None
     for _ in range(REPEAT):
@@ -128,83 +141,103 @@ def _timed(stages: list[dict[str, Any]], label: str, fn: Any, before: Any = None
         started = time.perf_counter()
         value = fn()
         times.append(time.perf_counter() - started)
-    stages.append({"stage": label, "seconds": min(times), "all_seconds": times})
+    _add(stages, label, times)
     return value
 
 
 def stage_timings(folders: list[Path], tokenizer_path: str) -> dict[str, Any]:
-    """Each stage alone over the whole corpus, single process, no profiler (engine internals, read-only use)."""
-    import numpy as np
-
+    """Each step alone over the whole corpus, single process, no profiler (engine internals, read-only use)."""
     from engine import clean as engine_clean
     from engine import pack as engine_pack
     from engine import pack_workers
-    from engine.clean import CleanConfig, CleanStats, Cleaner
+    from engine.clean import CleanConfig, CleanStats, Cleaner, is_clean, warm_cleaner
     from engine.format import DatasetPaths, token_dtype
-    from engine.sources import Corpus, SourceOptions
+    from engine.sources import Corpus, SourceOptions, SourceReport
     from engine.tokenizer import load_tokenizer
 
     stages: list[dict[str, Any]] = []
     corpus = Corpus([str(f) for f in folders], SourceOptions(template="{title}\n{paragraphs}"))
-    records = _timed(stages, "read: engine.sources Corpus.documents() (JSON, template, per-record report)",
-                     lambda: [(d.text, d.source, d.lineno) for d in corpus.documents()])
+    tokenizer = load_tokenizer(tokenizer_path)
+    dtype = token_dtype(tokenizer.vocab_size)
+    clean_config = CleanConfig(dedup=False)
+    config = pack_workers.WorkerConfig(tokenizer_path, "pretrain", clean_config, 0, dtype.name,
+                                       need_digests=clean_config.dedup, source_options=corpus.options)
+    workers = os.cpu_count() or 1
+    tasks = _timed(stages, f"main: pack._tasks for {workers} workers (lists the files, or reads and batches records)",
+                   lambda: list(engine_pack._tasks(corpus, "pretrain", engine_pack.PackConfig.batch_chars, workers)))
 
-    def plain_read() -> list[str]:
-        texts: list[str] = []
-        for folder in folders:
-            for path in sorted(folder.glob("*.json")):
-                with open(path, encoding="utf-8") as f:
-                    texts.extend(p["title"] + "\n" + "\n".join(p["paragraphs"]) for p in json.load(f))
-        return texts
+    def read(task: tuple[str, Any]) -> list[Any]:  # what a worker's encode_file reads; a records task was read above
+        what, payload = task
+        if what == "records":
+            return payload
+        part = Corpus([payload], corpus.options)
+        part.report = SourceReport(quiet=True)
+        return [(d.text, d.source, d.lineno) for d in part.documents()]
 
-    _timed(stages, "  for reference: json.load + join, as the baseline reads", plain_read)
-    config = CleanConfig(dedup=False)
-    build = getattr(engine_clean, "_invisible_characters", None)
-    if build is not None and hasattr(build, "cache_clear"):
-        _timed(stages, "clean: build the invisible-character regex (once per process)", build, before=build.cache_clear)
-    cleaner = Cleaner(config)
-    texts = _timed(stages, "clean: Cleaner.clean", lambda: [t for t, _ in (cleaner.clean(r[0]) for r in records) if t])
-    tokenizer = _timed(stages, "tokenizer: load_tokenizer (once per process)", lambda: load_tokenizer(tokenizer_path))
+    records = _timed(stages, "read: engine.sources Corpus([file]).documents() (JSON, template, per-file report)",
+                     lambda: [read(t) for t in tasks])
+    _timed(stages, "  for reference: json.load + join, as the baseline reads", lambda: [read_tang(f) for f in folders])
+
+    def rebuild_tables() -> None:
+        engine_clean._changed_characters.cache_clear()
+        engine_clean._invisible_characters.cache_clear()
+
+    _timed(stages, "clean: warm_cleaner() tables (once, in the main process before the fork)", warm_cleaner,
+           before=rebuild_tables)
+    cleaner = Cleaner(clean_config)
+    documents = sum(len(batch) for batch in records)
+    fast = sum(is_clean(r[0]) for batch in records for r in batch) / max(documents, 1)
+    texts = _timed(stages, f"clean: Cleaner.clean ({fast:.0%} of documents take the is_clean fast path)",
+                   lambda: [[c for c, _ in (cleaner.clean(r[0]) for r in batch) if c is not None] for batch in records])
+    _timed(stages, "tokenizer: load_tokenizer (once per worker)", lambda: load_tokenizer(tokenizer_path))
     _timed(stages, "tokenizer: sha256 of the vocabulary (main, once)", lambda: load_tokenizer(tokenizer_path).sha256)
     stages[-1]["seconds"] -= stages[-2]["seconds"]  # a fresh tokenizer each run (sha256 is cached): minus its load
-    batches: list[list[Any]] = [[]]
-    size = 0
-    for record in records:  # the packer's batching: ~1 MiB of characters
-        batches[-1].append(record)
-        size += len(record[0])
-        if size >= 1 << 20:
-            batches.append([])
-            size = 0
-    cleaned = [[cleaner.clean(r[0])[0] for r in b] for b in batches]
-    def encode_all() -> None:  # ids dropped per batch, as a worker does: keeping 17M int objects alive costs GC time
-        for batch in cleaned:
-            tokenizer.encode_batch(batch)
 
-    _timed(stages, "encode: Tokenizer.encode_batch, 1 thread", encode_all)
-    _timed(stages, "fingerprint: blake2b per document", lambda: [pack_workers.fingerprint(t, 0) for t in texts])
-    pack_workers.init_worker(pack_workers.WorkerConfig(tokenizer_path, "pretrain", config, 0))
-    results = _timed(stages, "worker total: pack_workers.encode_batch (clean+encode+ids→numpy+fingerprint)",
-                     lambda: [pack_workers.encode_batch(b) for b in batches])
-    _timed(stages, "IPC: pickle + unpickle the text batches (to workers)",
-           lambda: [pickle.loads(pickle.dumps(b, pickle.HIGHEST_PROTOCOL)) for b in batches])
+    pack_workers.init_worker(config)  # _to_array and _run_task use the worker's config and tokenizer
+
+    def encode_then_convert() -> tuple[float, float]:  # per task, as a worker does: ids dropped once converted
+        encode = convert = 0.0
+        for batch in texts:
+            started = time.perf_counter()
+            ids = tokenizer.encode_batch(batch)
+            encoded = time.perf_counter()
+            pack_workers._to_array(ids, tokenizer.eos_id)
+            encode, convert = encode + encoded - started, convert + time.perf_counter() - encoded
+        return encode, convert
+
+    runs = [encode_then_convert() for _ in range(REPEAT)]
+    _add(stages, "encode: Tokenizer.encode_batch per task, 1 thread", [r[0] for r in runs])
+    _add(stages, f"ids → numpy: pack_workers._to_array (list → int64, range check, → {dtype.name})", [r[1] for r in runs])
+    if config.need_digests:
+        _timed(stages, "fingerprint: blake2b per document",
+               lambda: [pack_workers.fingerprint(t, 0) for batch in texts for t in batch])
+    else:
+        _add(stages, "fingerprint: skipped (need_digests is False: no dedup, no validation split)", [])
+    results = _timed(stages, "worker total: pack._run_task per task (encode_file: read+clean+encode+ids→numpy)",
+                     lambda: [engine_pack._run_task(t) for t in tasks])
+    _timed(stages, "IPC: pickle + unpickle the tasks (to workers)",
+           lambda: [pickle.loads(pickle.dumps(t, pickle.HIGHEST_PROTOCOL)) for t in tasks])
     _timed(stages, "IPC: pickle + unpickle the results (from workers)",
            lambda: [pickle.loads(pickle.dumps(r, pickle.HIGHEST_PROTOCOL)) for r in results])
-    writer_cls, route = getattr(engine_pack, "_SplitWriter", None), getattr(engine_pack, "_route", None)
-    if writer_cls is not None and route is not None:
+
+    def route_all() -> None:  # the main loop of pack_corpus, minus the pool and the progress bar
         with tempfile.TemporaryDirectory() as tmp:
-            def route_all() -> None:
-                writer = writer_cls(DatasetPaths.of(f"{tmp}/r"), token_dtype(tokenizer.vocab_size), False, True)
-                for result in results:
-                    route(result, {"train": writer}, None, CleanStats(), 0.0, tokenizer.vocab_size, 1)
-                writer.abort()
-            _timed(stages, "main: route + write each document (pack._route)", route_all)
-    ipc_mb = sum(len(pickle.dumps(b, pickle.HIGHEST_PROTOCOL)) for b in batches) / 1e6
-    back_mb = sum(len(pickle.dumps(r, pickle.HIGHEST_PROTOCOL)) for r in results) / 1e6
-    token_bytes = sum(r.tokens.nbytes for r in results) / 1e6
-    return {"stages": stages, "documents": len(records), "batches": len(batches), "pickled_out_mb": ipc_mb,
-            "pickled_back_mb": back_mb, "result_token_mb": token_bytes,
+            writer = engine_pack._SplitWriter(DatasetPaths.of(f"{tmp}/r"), dtype, False, True)
+            report, stats = SourceReport(), CleanStats()
+            for result in results:
+                if result.report is not None:
+                    report.merge(result.report)
+                engine_pack._route(result, {"train": writer}, None, stats, 0.0, 1)
+            writer.abort()
+
+    _timed(stages, "main: merge reports + pack._route (one _SplitWriter.append per task)", route_all)
+    return {"stages": stages, "documents": documents, "batches": len(tasks),
+            "task_kinds": sorted({what for what, _ in tasks}),
+            "pickled_out_mb": sum(len(pickle.dumps(t, pickle.HIGHEST_PROTOCOL)) for t in tasks) / 1e6,
+            "pickled_back_mb": sum(len(pickle.dumps(r, pickle.HIGHEST_PROTOCOL)) for r in results) / 1e6,
+            "result_token_mb": sum(r.tokens.nbytes for r in results) / 1e6,
             "result_token_dtype": str(results[0].tokens.dtype) if results else None,
-            "final_dtype": str(token_dtype(tokenizer.vocab_size))}
+            "final_dtype": dtype.name}
 
 
 def process_cpu(argv: list[str]) -> dict[str, Any]:
@@ -245,6 +278,7 @@ def main() -> int:
     parser.add_argument("--source", type=Path, default=TANG)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    cores = os.cpu_count()
 
     with tempfile.TemporaryDirectory() as tmp:
         folders = []
@@ -259,13 +293,13 @@ def main() -> int:
                  "--no-dedup", "--no-progress", "--overwrite"]
         stages = stage_timings(folders, args.tokenizer)
         cpu = process_cpu(base + ["--out", f"{tmp}/cpu", "--workers", "0"])
-        cpu["what"] = f"--workers 0 ({os.cpu_count()} workers), ×{args.scale}"
+        cpu["what"] = f"--workers 0 ({cores} workers, each reading whole files), ×{args.scale}"
         profiles = [
             profile_prepare(base + ["--out", f"{tmp}/w1", "--workers", "1"],
-                            f"--workers 1, whole pipeline in one process, ×{args.scale}"),
+                            f"--workers 1, whole pipeline in one process (the main process reads), ×{args.scale}"),
             profile_prepare(base + ["--out", f"{tmp}/w0", "--workers", "0"],
-                            f"--workers 0 ({os.cpu_count()} workers), main thread of the main process only (the pool's "
-                            f"pickling threads are invisible to cProfile: see the IPC stage timings), ×{args.scale}"),
+                            f"--workers 0 ({cores} workers read, clean and encode), main thread of the main process "
+                            f"only (the pool's result thread, which unpickles, is invisible to cProfile), ×{args.scale}"),
         ]
     env = environment()
     result = {"command": "python bench/profile_pack.py " + " ".join(sys.argv[1:]), "date": env["date"],

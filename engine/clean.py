@@ -70,9 +70,12 @@ def is_clean(text: str) -> bool:
     """True when normalize() would return ``text`` unchanged (before the optional conversions): the common case."""
     if not text or text[0].isspace() or text[-1].isspace():
         return False
-    if "  " in text or " \n" in text or "\n " in text or "\n\n\n" in text:
+    if "  " in text or " \n" in text or "\n " in text or "\n\n\n" in text or "\ufffd" in text:
         return False
-    return _changed_characters().search(text) is None
+    # isprintable() is False for every Cc/Cf/Cs character and every whitespace but ' ': a fast C scan.
+    if text.isprintable() or text.replace("\n", "").isprintable():
+        return True
+    return _changed_characters().search(text) is None  # private-use or unassigned characters: look closer
 
 
 @dataclass

@@ -146,7 +146,6 @@ def test_command_line_flags() -> None:
 def test_fast_path_gives_what_the_full_cleaning_gives(monkeypatch):
     """Texts that skip the work (nothing to change) must equal what the full normalisation returns."""
     import random
-    import re
 
     import engine.clean as clean_module
 

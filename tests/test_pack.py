@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -308,3 +307,18 @@ def test_folder_of_files_read_by_workers_gives_the_same_dataset(tmp_path, small_
     assert metas[1]["sources"]["bad"] == metas[2]["sources"]["bad"] == {"bad_json": 1}
     assert metas[1]["sources"]["records"] == metas[2]["sources"]["records"] == 1501
     assert metas[1]["dropped"] == metas[2]["dropped"]
+
+
+def test_sft_pack_of_the_real_gb18030_medical_csv(tmp_path, small_tokenizer, shared_data):
+    """Seed 000's CSV (GB18030, department,title,ask,answer) packs as single-turn Q&A without --encoding."""
+    src = shared_data / "medical-dialogue" / "im_5000-6000.gb18030.csv"
+    meta = pack_corpus(Corpus([str(src)]), small_tokenizer,
+                       PackConfig(out=str(tmp_path / "sft"), kind="sft", workers=2, progress=False))
+    assert meta["sources"]["encodings"] == {"gb18030": 1}
+    assert meta["sources"]["records"] == 7644
+    assert meta["n_docs"] + meta["clean"]["dropped"].get("duplicate", 0) + sum(meta["sources"]["bad"].values()) == 7644
+    files = open_packed(tmp_path / "sft")
+    im_end = small_tokenizer.token_to_id("<|im_end|>")
+    tokens, mask = np.asarray(files.tokens), np.asarray(files.mask)
+    # one assistant turn per conversation: exactly one masked <|im_end|> per document
+    assert int(np.count_nonzero((tokens == im_end) & (mask == 1))) == files.n_docs

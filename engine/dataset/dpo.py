@@ -8,11 +8,11 @@ import os
 import numpy as np
 import torch
 
-from ..format import DatasetError, open_packed
-from .base import ShardedBatches, default_pin_memory, to_tensor
+from ..format import DatasetError
+from .base import ShardedBatches, to_tensor
 from .rows import fill_rows, scan_label_stats
 from .sampling import EpochOrder
-from .sft import resolve_pad_id
+from .sft import open_masked
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,8 @@ class DPODataset(ShardedBatches):
         tokenizer_sha256: str | None = None,
         pin_memory: bool | None = None,
     ) -> None:
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-        self.files = open_packed(path, tokenizer_sha256=tokenizer_sha256)
+        open_masked(self, "dpo", path, seq_len, seed, rank, world_size, pad_id, tokenizer_sha256, pin_memory)
         where = self.files.paths.prefix
-        if self.files.kind != "dpo" or self.files.mask is None:
-            raise DatasetError(f"{where} is a {self.files.kind} dataset, not dpo: pack it with the DPO packer")
         n_docs = self.files.n_docs
         n_pairs = self.files.meta.get("n_pairs", n_docs // 2)
         if n_docs % 2 or n_pairs != n_docs // 2:
@@ -54,10 +50,7 @@ class DPODataset(ShardedBatches):
                 f"{where} has {n_docs} documents and n_pairs={n_pairs}: a DPO dataset holds 2 documents per pair; "
                 "re-run the DPO packer"
             )
-        self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
         self.n_pairs = n_pairs
-        self.pad_id = resolve_pad_id(self.files.meta, pad_id, where)
-        self.pin_memory = default_pin_memory() if pin_memory is None else pin_memory
         self.tokens, self.mask = np.asarray(self.files.tokens), np.asarray(self.files.mask)
 
         lengths = self.files.doc_lengths().reshape(n_pairs, 2)

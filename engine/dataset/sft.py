@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,20 @@ from .rows import fill_rows, scan_label_stats, segment_positions
 from .sampling import EpochOrder
 
 log = logging.getLogger(__name__)
+
+
+def open_masked(dataset: Any, kind: str, path: str | os.PathLike[str], seq_len: int, seed: int, rank: int,
+                world_size: int, pad_id: int | None, tokenizer_sha256: str | None, pin_memory: bool | None) -> None:
+    """What SFT and DPO datasets share at construction: open and check the files, keep the settings."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    dataset.files = open_packed(path, tokenizer_sha256=tokenizer_sha256)
+    where = dataset.files.paths.prefix
+    if dataset.files.kind != kind or dataset.files.mask is None:
+        raise DatasetError(f"{where} is a {dataset.files.kind} dataset, not {kind}: pack it with `--kind {kind}`")
+    dataset.seq_len, dataset.seed, dataset.rank, dataset.world_size = seq_len, seed, rank, world_size
+    dataset.pad_id = resolve_pad_id(dataset.files.meta, pad_id, where)
+    dataset.pin_memory = default_pin_memory() if pin_memory is None else pin_memory
 
 
 def resolve_pad_id(meta: dict, pad_id: int | None, where: object) -> int:
@@ -51,15 +66,8 @@ class SFTDataset(ShardedBatches):
         tokenizer_sha256: str | None = None,
         pin_memory: bool | None = None,
     ) -> None:
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-        self.files = open_packed(path, tokenizer_sha256=tokenizer_sha256)
+        open_masked(self, "sft", path, seq_len, seed, rank, world_size, pad_id, tokenizer_sha256, pin_memory)
         where = self.files.paths.prefix
-        if self.files.kind != "sft" or self.files.mask is None:
-            raise DatasetError(f"{where} is a {self.files.kind} dataset, not sft: pack it with the SFT packer")
-        self.seq_len, self.seed, self.rank, self.world_size = seq_len, seed, rank, world_size
-        self.pad_id = resolve_pad_id(self.files.meta, pad_id, where)
-        self.pin_memory = default_pin_memory() if pin_memory is None else pin_memory
         self.tokens, self.mask = np.asarray(self.files.tokens), np.asarray(self.files.mask)
 
         lengths = self.files.doc_lengths()

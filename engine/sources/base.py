@@ -37,7 +37,7 @@ class SourceOptions:
             raise SourceError("--field is empty: name the record field that holds the text, or pass --template")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses cost ~1 µs more per record
 class Record:
     """One raw record: a JSON object, a CSV row (header keys), a parquet row, or ``{"text": block}``."""
 
@@ -52,7 +52,7 @@ class Record:
         return self.format in ("text", "snownlp")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Document:
     """The text of one record, and where it came from."""
 
