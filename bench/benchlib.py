@@ -74,7 +74,7 @@ def environment() -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "commit": _git("rev-parse", "--short", "HEAD"),
         # files of the measured code that differ from the commit (modified or not yet committed)
-        "uncommitted": [] if changed == "unknown" else [line[3:] for line in changed.splitlines()],
+        "uncommitted": [] if changed == "unknown" else [line.split(maxsplit=1)[-1] for line in changed.splitlines() if line.strip()],
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
