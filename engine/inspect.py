@@ -94,7 +94,7 @@ def _decode_sample(files: PackedFiles, tokenizer_path: str | None, n: int, max_t
     for doc in picks:
         s, e = int(files.offsets[doc]), int(files.offsets[doc + 1])
         ids = np.asarray(files.tokens[s : min(e, s + max_tokens)]).tolist()
-        text = tokenizer.decode(ids)
+        text = tokenizer.decode(ids).rstrip("\ufffd")  # the cut may fall inside a byte-fallback character
         if files.mask is not None:
             mask = np.asarray(files.mask[s : s + len(ids)])
             loss = tokenizer.decode([t for t, m in zip(ids, mask) if m])

@@ -205,6 +205,8 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
                 stats.dropped[reason] += count
             for reason, source, lineno, detail in result.bad:
                 corpus.report.bad(reason, source, lineno, detail)
+            for source, count in result.parsed.items():
+                corpus.report.counts(source).documents += count
             _route(result, writers, seen, stats, config.val_fraction, 2 if config.kind == "dpo" else 1)
             docs_in += len(result.lengths) + sum(result.dropped.values()) + len(result.bad)
             bar.update(len(result.lengths) + sum(result.dropped.values()) + len(result.bad))

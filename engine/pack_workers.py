@@ -58,6 +58,7 @@ class EncodedBatch:
     dropped: dict[str, int] = field(default_factory=dict)
     bad: list[tuple[str, str, int, str]] = field(default_factory=list)
     report: SourceReport | None = None
+    parsed: dict[str, int] = field(default_factory=dict)  # SFT/DPO: records that became documents, per source
 
 
 _config: WorkerConfig | None = None
@@ -141,6 +142,7 @@ def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
     digests: list[bytes] = []
     doc_chars: list[int] = []
     bad: list[tuple[str, str, int, str]] = []
+    parsed: dict[str, int] = {}
     chars = 0
     for fields, source, lineno in records:
         try:
@@ -156,6 +158,7 @@ def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
             bad.append(("bad_conversation", source, lineno, str(e)))
             continue
         chars += len(key)
+        parsed[source] = parsed.get(source, 0) + 1
         digest = fingerprint(key, _config.split_seed)
         for ids, mask in encoded:
             docs.append(np.asarray(ids).tolist())
@@ -164,7 +167,8 @@ def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
             doc_chars.append(len(key) // len(encoded))
     tokens, lengths = _to_array(docs, None)  # encode_conversation already ends each document with EOS
     mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
-    return EncodedBatch(tokens, lengths, digests, mask, chars, np.asarray(doc_chars, dtype=np.int64), {}, bad)
+    return EncodedBatch(tokens, lengths, digests, mask, chars, np.asarray(doc_chars, dtype=np.int64), {}, bad,
+                        parsed=parsed)
 
 
 def small_files(items: list[Path | str], max_bytes: int) -> list[str] | None:
