@@ -191,7 +191,7 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
     writers: dict[str, _SplitWriter] = {}
     stats = CleanStats()
     seen: set[bytes] | None = set() if config.clean.dedup else None  # 16-byte content digests
-    chars = docs_in = 0
+    chars = 0
     started = time.perf_counter()
     try:
         for name, paths in splits.items():
@@ -208,7 +208,6 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
             for source, count in result.parsed.items():
                 corpus.report.counts(source).documents += count
             _route(result, writers, seen, stats, config.val_fraction, 2 if config.kind == "dpo" else 1)
-            docs_in += len(result.lengths) + sum(result.dropped.values()) + len(result.bad)
             bar.update(len(result.lengths) + sum(result.dropped.values()) + len(result.bad))
             bar.set_postfix_str(f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} M chars/s", refresh=False)
         bar.close()
