@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from engine.cli import run_cli, setup_logging
-from engine.clean import CleanConfig, Cleaner
+from engine.clean import CleanConfig, Cleaner, CleanStats, clean_texts
 from engine.inspect import format_summary, summarize
 from engine.format import open_packed
 from engine.pack import PackConfig, pack_corpus
@@ -60,9 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
         logger.info("step 1/3: training a %d-token BPE tokenizer on %s", args.vocab_size, ", ".join(specs))
-        cleaner = Cleaner(CleanConfig())
         corpus = Corpus(specs, options)
-        texts = (text for text, _ in (cleaner.clean(d.text) for d in corpus.documents()) if text is not None)
+        texts = clean_texts((d.text for d in corpus.documents()), Cleaner(CleanConfig(dedup=False)), CleanStats())
         tokenizer = train_tokenizer(texts, tokenizer_dir, vocab_size=args.vocab_size)
         corpus.check()
 
