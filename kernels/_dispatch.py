@@ -1,0 +1,75 @@
+"""Where an op runs: Triton on CUDA tensors (or on CPU tensors under ``TRITON_INTERPRET=1``), else the reference.
+
+Also the small helpers every op file shares: the output allocator that tests can switch to NaN-filled
+buffers (``POISON``), the Triton dtype of a tensor, and the power-of-two block size of a dimension.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is Linux-only in setup.cfg: elsewhere every op falls back to its reference
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    HAS_TRITON = False
+
+#: Custom ops live under this namespace: ``torch.ops.zhllm.<op>``.
+NAMESPACE = "zhllm"
+
+#: When true, every output buffer an op allocates starts NaN-filled (tests set it to prove each element is written).
+POISON = False
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read when triton.jit decorates)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether these tensors go to the Triton kernels: all on CUDA, or all on CPU under the interpreter."""
+    if not HAS_TRITON:
+        return False
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return False
+    if all(t.is_cuda for t in present):
+        return True
+    return interpret_mode() and all(t.device.type == "cpu" for t in present)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty``, or NaN-filled (integer: -1-filled) when ``POISON`` is set."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if POISON:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out
+
+
+def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return empty(t.shape, dtype or t.dtype, t.device)
+
+
+def next_power_of_2(n: int) -> int:
+    """Triton's ``tl.arange`` needs power-of-two extents: the block that covers ``n``."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+SUPPORTED_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """One-line error for dtypes the kernels do not take."""
+    if t.dtype not in SUPPORTED_FLOATS:
+        raise TypeError(f"{name} has dtype {t.dtype}; the kernels take float32, float16 or bfloat16 (cast it first)")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len({str(d) for d in devices.values()}) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"inputs are on different devices ({listing}); move them to one device")

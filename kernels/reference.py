@@ -1,0 +1,150 @@
+"""The plain-PyTorch definition of every op in ``kernels``: the spec the Triton kernels are tested against,
+and what runs on CPU tensors (outside the Triton interpreter).
+
+Each function does its arithmetic in float32 and returns the input dtype, which is what the fused
+kernels do too. Autograd differentiates these directly; the Triton ops' hand-written backward
+passes are tested against those gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``x / sqrt(mean(x**2) + eps) * weight`` over the last dimension, statistics in float32.
+
+    With ``residual``: ``h = x + residual`` (in the input dtype) is normalised and ``(norm(h), h)`` is
+    returned, ``h`` being the new residual stream. (Hugging Face's LlamaRMSNorm rounds to the input
+    dtype before multiplying by the weight; in float32 the two agree exactly.)
+    """
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = (xf * rstd * weight.float()).to(x.dtype)
+    return (out, x) if residual is not None else out
+
+
+def rope_cos_sin(
+    seq_len: int, head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``[seq_len, head_dim]`` cos and sin tables of Llama's RoPE (Hugging Face layout: both halves repeat)."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float64), inv_freq)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def gather_cos_sin(
+    cos: torch.Tensor, sin: torch.Tensor, seq_len: int, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin as ``[B or 1, 1, T, D]`` for broadcasting against ``[B, H, T, D]``.
+
+    ``cos``/``sin`` are either a table ``[max_pos, D]`` (indexed by ``position_ids [B, T]``, or by
+    ``0..T-1`` when it is None) or already per token, ``[B, T, D]`` (as Hugging Face passes them).
+    """
+    if cos.dim() == 3:
+        if position_ids is not None:
+            raise ValueError("cos/sin are already per token ([B, T, D]); pass position_ids only with a [max_pos, D] table")
+        return cos[:, None], sin[:, None]
+    if position_ids is None:
+        return cos[:seq_len][None, None], sin[:seq_len][None, None]
+    return cos[position_ids][:, None], sin[position_ids][:, None]
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate ``q [B, Hq, T, D]`` and ``k [B, Hk, T, D]`` by RoPE, Hugging Face's rotate-half convention.
+
+    ``position_ids [B, T]`` picks each token's row of the table, so packed documents can restart at 0.
+    """
+    c, s = gather_cos_sin(cos, sin, q.shape[-2], position_ids)
+    c, s = c.float(), s.float()
+    qf, kf = q.float(), k.float()
+    q_out = qf * c + rotate_half(qf) * s
+    k_out = kf * c + rotate_half(kf) * s
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, computed in float32."""
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def attention_mask(
+    q_len: int, k_len: int, causal: bool, doc_ids: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean ``[B or 1, 1, Tq, Tk]`` mask (True = attend). Causal is aligned to the end when Tq < Tk (as with a KV cache)."""
+    mask = None
+    if causal:
+        offset = k_len - q_len
+        rows = torch.arange(q_len, device=device)[:, None] + offset
+        mask = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
+    if doc_ids is not None:
+        same_doc = (doc_ids[:, -q_len:, None] == doc_ids[:, None, :])[:, None]
+        mask = same_doc if mask is None else mask & same_doc
+    return mask
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+    doc_ids: torch.Tensor | None = None, scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention: ``q [B, Hq, Tq, D]``, ``k``/``v`` ``[B, Hk, Tk, D]`` with ``Hq % Hk == 0`` (GQA).
+
+    ``doc_ids [B, Tk]`` (integers) restricts each token to keys of its own document in a packed row.
+    ``scale`` defaults to ``D ** -0.5``. Scores and softmax in float32.
+    """
+    rep = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale
+    mask = attention_mask(q.shape[-2], k.shape[-2], causal, doc_ids, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ vf).to(q.dtype)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    reduction: str = "mean", z_loss: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``targets``, logits in float32.
+
+    ``hidden [..., H]``, ``weight [V, H]``, ``targets [...]``. Tokens whose target is ``ignore_index``
+    count for nothing; ``"mean"`` divides by the number of counted tokens (0 when there are none);
+    ``z_loss`` adds ``z_loss * logsumexp**2`` per counted token (PaLM's auxiliary loss).
+    ``reduction="none"`` returns the per-token losses (0 where ignored).
+    """
+    h = hidden.reshape(-1, hidden.shape[-1]).float()
+    t = targets.reshape(-1)
+    logits = h @ weight.float().T
+    lse = torch.logsumexp(logits, dim=-1)
+    counted = t != ignore_index
+    safe_t = torch.where(counted, t, torch.zeros_like(t))
+    loss = lse - logits.gather(1, safe_t[:, None]).squeeze(1)
+    if z_loss:
+        loss = loss + z_loss * lse.pow(2)
+    loss = torch.where(counted, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(targets.shape)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / counted.sum().clamp(min=1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

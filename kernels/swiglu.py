@@ -1,0 +1,140 @@
+"""SwiGLU, ``silu(gate) * up``, fused: one read of each input and one write, forward and backward.
+
+Layering (the same in every op file): Triton kernels → custom ops ``torch.ops.zhllm.*`` (opaque to
+``torch.compile``, with fake implementations) → a ``torch.autograd.Function`` → the functional
+entry point ``swiglu`` (which sends CPU tensors to the reference) → the ``nn.Module``s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _dispatch, reference
+from ._dispatch import HAS_TRITON
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _swiglu_forward_kernel(
+        gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, out_row_stride, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + row * up_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        out = g * tl.sigmoid(g) * u
+        tl.store(out_ptr + row * out_row_stride + cols, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _swiglu_backward_kernel(
+        grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n_cols,
+        grad_out_row_stride, gate_row_stride, up_row_stride, BLOCK: tl.constexpr,
+    ):
+        # silu'(g) = s * (1 + g * (1 - s)) with s = sigmoid(g); the activation is recomputed, not stored.
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < n_cols
+        dout = tl.load(grad_out_ptr + row * grad_out_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + row * up_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        silu = g * s
+        grad_gate = dout * u * s * (1.0 + g * (1.0 - s))
+        grad_up = dout * silu
+        tl.store(grad_gate_ptr + row * n_cols + cols, grad_gate.to(grad_gate_ptr.dtype.element_ty), mask=inside)
+        tl.store(grad_up_ptr + row * n_cols + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=inside)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[rows, cols]`` view with unit column stride (a copy only when the layout cannot be viewed that way)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _grid(rows: int, cols: int) -> tuple[tuple[int, int], int]:
+    block = min(_dispatch.next_power_of_2(cols), 1024)
+    return (rows, triton.cdiv(cols, block)), block
+
+
+@torch.library.custom_op("zhllm::swiglu_forward", mutates_args=())
+def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    g, u = _rows(gate), _rows(up)
+    out = _dispatch.empty(g.shape, gate.dtype, gate.device)
+    if out.numel():
+        grid, block = _grid(*g.shape)
+        _swiglu_forward_kernel[grid](g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0), BLOCK=block)
+    return out.view(gate.shape)
+
+
+@swiglu_forward.register_fake
+def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("zhllm::swiglu_backward", mutates_args=())
+def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    d, g, u = _rows(grad_out), _rows(gate), _rows(up)
+    grad_gate = _dispatch.empty(g.shape, gate.dtype, gate.device)
+    grad_up = _dispatch.empty(u.shape, up.dtype, up.device)
+    if grad_gate.numel():
+        grid, block = _grid(*g.shape)
+        _swiglu_backward_kernel[grid](
+            d, g, u, grad_gate, grad_up, g.shape[1], d.stride(0), g.stride(0), u.stride(0), BLOCK=block
+        )
+    return grad_gate.view(gate.shape), grad_up.view(up.shape)
+
+
+@swiglu_backward.register_fake
+def _(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    """Autograd for the fused op: saves the inputs, recomputes the activation in backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return torch.ops.zhllm.swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        return torch.ops.zhllm.swiglu_backward(grad_out, gate, up)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in float32, returned in the inputs' dtype; any shape, last dimension contiguous or not."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"swiglu: gate is {gate.dtype} but up is {up.dtype}; cast one of them")
+    _dispatch.check_float("gate", gate)
+    _dispatch.check_same_device(gate=gate, up=up)
+    if not _dispatch.use_triton(gate, up):
+        return reference.swiglu(gate, up)
+    return SwiGLUFunction.apply(gate, up)
+
+
+class SwiGLU(nn.Module):
+    """The activation alone: ``SwiGLU()(gate, up)``."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return swiglu(gate, up)
+
+
+class SwiGLUMLP(nn.Module):
+    """Llama's feed-forward block, ``down(silu(gate(x)) * up(x))``, with Hugging Face's parameter names."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
