@@ -2,9 +2,21 @@
 
 Every op has a functional entry point and an ``nn.Module``; CUDA tensors run the Triton kernels, CPU
 tensors run the plain-PyTorch definition in :mod:`kernels.reference` (or the Triton kernels in Triton's
-interpreter when ``TRITON_INTERPRET=1``).
+interpreter when ``TRITON_INTERPRET=1``). ``patch_hf_llama(model)`` swaps them into a ``transformers``
+Llama. The ops are registered as ``torch.ops.zhllm.*`` custom ops, so ``torch.compile(fullgraph=True)``
+traces through them.
 """
 
+from . import reference
+from .cross_entropy import FusedLinearCrossEntropyFunction, FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
+from .flash_attention import FlashAttention, FlashAttentionFunction, flash_attention
+from .hf_llama import patch_hf_llama
+from .rms_norm import RMSNorm, RMSNormFunction, rms_norm
+from .rope import RoPEFunction, RotaryEmbedding, apply_rope
 from .swiglu import SwiGLU, SwiGLUFunction, SwiGLUMLP, swiglu
 
-__all__ = ["SwiGLU", "SwiGLUFunction", "SwiGLUMLP", "swiglu"]
+__all__ = [
+    "FlashAttention", "FlashAttentionFunction", "FusedLinearCrossEntropyFunction", "FusedLinearCrossEntropyLoss",
+    "RMSNorm", "RMSNormFunction", "RoPEFunction", "RotaryEmbedding", "SwiGLU", "SwiGLUFunction", "SwiGLUMLP",
+    "apply_rope", "flash_attention", "fused_linear_cross_entropy", "patch_hf_llama", "reference", "rms_norm", "swiglu",
+]

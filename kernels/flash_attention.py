@@ -1,0 +1,527 @@
+"""Flash attention: tiled online-softmax attention that never stores the ``[Tq, Tk]`` score matrix.
+
+Forward keeps a running max and sum per query row while it walks the key blocks, and stores the
+log-sum-exp so the backward pass can recompute the probabilities block by block (delta = rowsum(dO * O),
+then one kernel for dK/dV looping over query blocks and one for dQ looping over key blocks; no atomics).
+GQA maps query head ``h`` to key/value head ``h // (Hq // Hk)`` inside the kernels (K/V are never
+repeated), and the dK/dV kernel sums over the query heads of a group itself. Inputs are read through
+their strides (``x.view(B, T, H, D).transpose(1, 2)`` is not copied); outputs are allocated in that same
+``[B, T, H, D]`` memory layout so the model's ``out.transpose(1, 2).reshape(B, T, H * D)`` is free.
+
+Document masking (``doc_ids [B, T]``, packed rows): documents are contiguous runs of one id (as the
+packers write them; an id that reappears later in a row starts a new document). The host turns the ids
+into each token's run ``[start, end)`` with torch ops (no sync), so a kernel skips every key block that
+ends before its query block's earliest document start, and masks with two integer compares.
+
+Block sizes (``_blocks``) for float16/bfloat16, by head_dim rounded up to a power of two
+(forward BLOCK_M × BLOCK_N; backward resident × streamed tile; warps, pipeline stages):
+
+- ≤ 64: forward 128 × 64, 8 warps, 3 stages; backward 64 × 32, 4 warps, 2 stages. Tall query tiles
+  halve how often K/V are re-read; 8 warps keep the forward from spilling (4 warps spill); ~25 KB
+  of shared memory.
+- 96, 128: forward 128 × 64, 8 warps, 2 stages; backward 64 × 32, 8 warps, 2 stages. 8 warps hold
+  the 128-wide fp32 accumulator without spilling (4 warps at 64 × 64 spill on sm_86); ~49 KB.
+- ≤ 256: forward 64 × 32, backward 32 × 32, 8 warps: registers, not shared memory, are the limit; ≤ 82 KB.
+
+Each setting stays under the ~99 KB of shared memory a block gets on consumer GPUs (RTX 3060/4090),
+so one table serves them and the H100. Checked by compiling every kernel ahead of time for sm_86 and
+sm_90 with Triton 3.9 (no register spills; Triton 3.2 spills a few dozen bytes at head_dim 128/256, and 3.6
+compiles them too); not yet run or timed on a GPU.
+"Resident" is the tile a backward program owns (K/V for dK/dV, Q for dQ), "streamed" the tile its
+loop walks. float32 (tests only: ``input_precision="ieee"`` means no tensor cores) uses 32 × 32 tiles;
+the interpreter uses small tiles so short test sequences span several blocks. 96 pads its tile to 128
+with masked columns.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import _dispatch, reference
+from ._dispatch import HAS_TRITON
+
+MAX_HEAD_DIM = 256
+
+#: Tile sizes used under the interpreter (forward M, N; backward resident, streamed): small so a 77-token
+#: test spans several blocks and exercises the skipping and the ragged edges. None: use the GPU table.
+INTERPRET_BLOCKS: tuple[int, int, int, int] | None = (32, 16, 32, 16)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """``tl.dot`` accumulating in fp32; UPCAST (interpreter + bfloat16 only) widens the bf16 values first."""
+        if UPCAST:  # the interpreter keeps bf16 as raw uint16 and would multiply the bit patterns (triton#11584)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _flash_forward_kernel(
+        Q, K, V, O, LSE, DOC_START, DOC_END,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, s_doc,
+        n_q_heads, group, q_len, k_len, head_dim, qk_scale,
+        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        # Heads on axis 0 (axis 1 is capped at 65535); the last query blocks, the most work under causal, start first.
+        bh = tl.program_id(0)
+        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        b = (bh // n_q_heads).to(tl.int64)
+        h = (bh % n_q_heads).to(tl.int64)
+        kv_h = h // group
+        rows = start_m + tl.arange(0, BLOCK_M)
+        cols0 = tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < q_len
+        dim_ok = dims < head_dim
+        offset = k_len - q_len  # causal is aligned to the end: query i sees keys j <= i + offset
+
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqt + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        k_base = K + b * skb + kv_h * skh
+        v_base = V + b * svb + kv_h * svh
+
+        lo = 0
+        hi = k_len
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M + offset)
+        if HAS_DOCS:  # q_len == k_len here; starts and ends grow with the token index
+            doc_row = b * s_doc
+            doc_start = tl.load(DOC_START + doc_row + rows, mask=row_ok, other=0)
+            lo = (tl.load(DOC_START + doc_row + start_m) // BLOCK_N) * BLOCK_N
+            if not CAUSAL:
+                doc_end = tl.load(DOC_END + doc_row + rows, mask=row_ok, other=0)
+                hi = tl.minimum(hi, tl.load(DOC_END + doc_row + tl.minimum(start_m + BLOCK_M, q_len) - 1))
+
+        # Invariant: m_i is the running row max of the log2-scaled scores, l_i = sum exp2(s - m_i) and
+        # acc = sum exp2(s - m_i) * v over the key blocks seen so far. m_i starts finite so that a row whose
+        # keys are all masked in a block gives exp2(-inf) = 0, never exp2(-inf + inf) = NaN.
+        m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + cols0
+            col_ok = cols < k_len
+            k_t = tl.load(k_base + cols[None, :].to(tl.int64) * skt + dims[:, None],
+                          mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
+            s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
+            keep = col_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None] + offset)
+            if HAS_DOCS:
+                keep = keep & (cols[None, :] >= doc_start[:, None])
+                if not CAUSAL:
+                    keep = keep & (cols[None, :] < doc_end[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + cols[:, None].to(tl.int64) * svt + dims[None, :],
+                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            m_i = m_new
+
+        has_keys = l_i > 0.0  # false only for a row with no key at all (empty K): output 0, lse +inf
+        l_safe = tl.where(has_keys, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(has_keys, m_i * 0.6931471805599453 + tl.log(l_safe), float("inf"))
+        tl.store(O + b * sob + h * soh + rows[:, None].to(tl.int64) * sot + dims[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _flash_backward_delta_kernel(
+        O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, n_q_heads, q_len, head_dim,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        b = (bh // n_q_heads).to(tl.int64)
+        h = (bh % n_q_heads).to(tl.int64)
+        dims = tl.arange(0, BLOCK_D)
+        mask = (rows < q_len)[:, None] & (dims < head_dim)[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        o = tl.load(O + b * sob + h * soh + r64 * sot + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + b * sdob + h * sdoh + r64 * sdot + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + bh.to(tl.int64) * q_len + rows, tl.sum(o * do, 1), mask=rows < q_len)
+
+    @triton.jit
+    def _flash_backward_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
+        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, s_doc,
+        n_q_heads, n_kv_heads, group, q_len, k_len, head_dim, qk_scale, scale,
+        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        start_n = tl.program_id(1) * BLOCK_N  # the first key blocks, the most work under causal, start first
+        b = (bh // n_kv_heads).to(tl.int64)
+        kv_h = (bh % n_kv_heads).to(tl.int64)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        rows0 = tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        col_ok = cols < k_len
+        dim_ok = dims < head_dim
+        kv_mask = col_ok[:, None] & dim_ok[None, :]
+        c64 = cols[:, None].to(tl.int64)
+        k = tl.load(K + b * skb + kv_h * skh + c64 * skt + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b * svb + kv_h * svh + c64 * svt + dims[None, :], mask=kv_mask, other=0.0)
+        offset = k_len - q_len  # key j is seen by queries i >= j - offset
+
+        lo = 0
+        hi = q_len
+        if CAUSAL:
+            lo = tl.maximum(start_n - offset, 0)
+        if HAS_DOCS:  # key j is seen only by queries of its own run [doc_start_j, doc_end_j)
+            doc_row = b * s_doc
+            doc_start = tl.load(DOC_START + doc_row + cols, mask=col_ok, other=0)
+            doc_end = tl.load(DOC_END + doc_row + cols, mask=col_ok, other=0)
+            lo = tl.maximum(lo, tl.load(DOC_START + doc_row + start_n))
+            hi = tl.minimum(hi, tl.load(DOC_END + doc_row + tl.minimum(start_n + BLOCK_N, k_len) - 1))
+        lo = (lo // BLOCK_M) * BLOCK_M
+
+        # Invariant: dk and dv hold the sums over every query of every head of this KV head's group seen
+        # so far: dv += P^T dO and dk += dS^T Q with dS = P * (dO V^T - delta); dk is scaled once at the end.
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for g in range(0, group):
+            h = kv_h * group + g
+            q_base = Q + b * sqb + h * sqh
+            do_base = DO + b * sdob + h * sdoh
+            stats = (b * n_q_heads + h) * q_len
+            for start_m in range(lo, hi, BLOCK_M):
+                rows = start_m + rows0
+                row_ok = rows < q_len
+                q_mask = row_ok[:, None] & dim_ok[None, :]
+                r64 = rows[:, None].to(tl.int64)
+                q = tl.load(q_base + r64 * sqt + dims[None, :], mask=q_mask, other=0.0)
+                do = tl.load(do_base + r64 * sdot + dims[None, :], mask=q_mask, other=0.0)
+                lse = tl.load(LSE + stats + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + stats + rows, mask=row_ok, other=0.0)
+                s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+                keep = col_ok[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[:, None] <= rows[None, :] + offset)
+                if HAS_DOCS:
+                    keep = keep & (rows[None, :] >= doc_start[:, None]) & (rows[None, :] < doc_end[:, None])
+                p_t = tl.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
+                dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+                dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
+                ds_t = p_t * (dp_t - delta[None, :])
+                dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+
+        tl.store(DK + b * sdkb + kv_h * sdkh + c64 * sdkt + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(DV + b * sdvb + kv_h * sdvh + c64 * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _flash_backward_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
+        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, s_doc,
+        n_q_heads, group, q_len, k_len, head_dim, qk_scale, scale,
+        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+        b = (bh // n_q_heads).to(tl.int64)
+        h = (bh % n_q_heads).to(tl.int64)
+        kv_h = h // group
+        rows = start_m + tl.arange(0, BLOCK_M)
+        cols0 = tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        row_ok = rows < q_len
+        dim_ok = dims < head_dim
+        q_mask = row_ok[:, None] & dim_ok[None, :]
+        r64 = rows[:, None].to(tl.int64)
+        q = tl.load(Q + b * sqb + h * sqh + r64 * sqt + dims[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + b * sdob + h * sdoh + r64 * sdot + dims[None, :], mask=q_mask, other=0.0)
+        stats = bh.to(tl.int64) * q_len
+        lse = tl.load(LSE + stats + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + stats + rows, mask=row_ok, other=0.0)
+        k_base = K + b * skb + kv_h * skh
+        v_base = V + b * svb + kv_h * svh
+        offset = k_len - q_len
+
+        lo = 0
+        hi = k_len
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M + offset)
+        if HAS_DOCS:
+            doc_row = b * s_doc
+            doc_start = tl.load(DOC_START + doc_row + rows, mask=row_ok, other=0)
+            lo = (tl.load(DOC_START + doc_row + start_m) // BLOCK_N) * BLOCK_N
+            if not CAUSAL:
+                doc_end = tl.load(DOC_END + doc_row + rows, mask=row_ok, other=0)
+                hi = tl.minimum(hi, tl.load(DOC_END + doc_row + tl.minimum(start_m + BLOCK_M, q_len) - 1))
+
+        # Invariant: dq = sum over the key blocks seen so far of dS K, dS = P * (dO V^T - delta); scaled at the end.
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + cols0
+            col_ok = cols < k_len
+            kv_mask = col_ok[:, None] & dim_ok[None, :]
+            c64 = cols[:, None].to(tl.int64)
+            k = tl.load(k_base + c64 * skt + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + c64 * svt + dims[None, :], mask=kv_mask, other=0.0)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            keep = col_ok[None, :] & row_ok[:, None]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= rows[:, None] + offset)
+            if HAS_DOCS:
+                keep = keep & (cols[None, :] >= doc_start[:, None])
+                if not CAUSAL:
+                    keep = keep & (cols[None, :] < doc_end[:, None])
+            p = tl.exp2(tl.where(keep, s, float("-inf")) - lse[:, None])
+            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+
+        tl.store(DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+class _Blocks(NamedTuple):
+    fwd_m: int
+    fwd_n: int
+    fwd_warps: int
+    fwd_stages: int
+    bwd_resident: int
+    bwd_streamed: int
+    bwd_warps: int
+    bwd_stages: int
+
+
+#: (forward M, N, warps, stages, backward resident, streamed, warps, stages) by head_dim tile, 16-bit inputs.
+_BLOCKS_16BIT = {
+    64: _Blocks(128, 64, 8, 3, 64, 32, 4, 2),
+    128: _Blocks(128, 64, 8, 2, 64, 32, 8, 2),
+    256: _Blocks(64, 32, 8, 2, 32, 32, 8, 1),
+}
+#: float32 (tests): no tensor cores with input_precision="ieee", so the tiles stay small.
+_BLOCKS_FP32 = {
+    64: _Blocks(32, 32, 4, 2, 32, 16, 4, 2),
+    128: _Blocks(32, 32, 4, 2, 32, 16, 4, 2),
+    256: _Blocks(32, 16, 8, 2, 16, 16, 8, 1),
+}
+
+
+def _blocks(block_d: int, dtype: torch.dtype, device: torch.device) -> _Blocks:
+    """Tile sizes and launch settings for this head_dim tile and dtype (the table in the module docstring)."""
+    if _dispatch.interpret_mode() and device.type == "cpu" and INTERPRET_BLOCKS is not None:
+        fm, fn, br, bs = INTERPRET_BLOCKS
+        return _Blocks(fm, fn, 4, 1, br, bs, 4, 1)
+    table = _BLOCKS_FP32 if dtype == torch.float32 else _BLOCKS_16BIT
+    return table[max(64, block_d)]
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The tensor itself when its last dimension is contiguous (the kernels read the rest through strides)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _bthd(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor, fake: bool = False) -> torch.Tensor:
+    """A ``[B, H, T, D]`` output laid out as ``[B, T, H, D]`` in memory (what the model reshapes to next)."""
+    if fake:
+        return like.new_empty((batch, seq, heads, dim)).transpose(1, 2)
+    return _dispatch.empty((batch, seq, heads, dim), like.dtype, like.device).transpose(1, 2)
+
+
+def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's document as ``[start, end)`` (int32 ``[B, T]``), documents being contiguous runs of one id."""
+    batch, seq = doc_ids.shape
+    idx = torch.arange(seq, device=doc_ids.device).expand(batch, seq)
+    edge = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), edge], dim=1)
+    last = torch.cat([edge, torch.ones_like(doc_ids[:, :1], dtype=torch.bool)], dim=1)
+    start = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    end = torch.where(last, idx + 1, torch.full_like(idx, seq)).flip(1).cummin(dim=1).values.flip(1)
+    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None):
+    """Launch arguments shared by the kernels: doc bounds (or placeholders), dot precision, D tile, block table."""
+    if doc_ids is not None and doc_ids.numel():
+        doc_start, doc_end = _doc_bounds(doc_ids)
+    else:
+        doc_start = doc_end = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+    block_d = max(16, _dispatch.next_power_of_2(q.shape[-1]))
+    flags = dict(
+        PRECISION="ieee",  # float32 stays exact (no TF32); 16-bit inputs ignore it
+        UPCAST=q.dtype == torch.bfloat16 and _dispatch.interpret_mode(),  # the interpreter cannot tl.dot bf16
+    )
+    return doc_start, doc_end, doc_start.stride(0), flags, block_d, _blocks(block_d, q.dtype, q.device)
+
+
+@torch.library.custom_op("zhllm::flash_attention_forward", mutates_args=())
+def flash_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor], causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    batch, n_q_heads, q_len, head_dim = q.shape
+    n_kv_heads, k_len = k.shape[1], k.shape[2]
+    out = _bthd(batch, n_q_heads, q_len, head_dim, q)
+    lse = _dispatch.empty((batch, n_q_heads, q_len), torch.float32, q.device)
+    if lse.numel() == 0:
+        return out, lse
+    doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, k, doc_ids)
+    grid = (batch * n_q_heads, triton.cdiv(q_len, cfg.fwd_m))
+    _flash_forward_kernel[grid](
+        q, k, v, out, lse, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(out), s_doc,
+        n_q_heads, n_q_heads // n_kv_heads, q_len, k_len, head_dim, scale * 1.4426950408889634,
+        CAUSAL=causal, HAS_DOCS=doc_ids is not None, **flags,
+        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=block_d, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return out, lse
+
+
+@flash_attention_forward.register_fake
+def _(q, k, v, doc_ids, causal, scale):
+    batch, n_q_heads, q_len, head_dim = q.shape
+    lse = q.new_empty((batch, n_q_heads, q_len), dtype=torch.float32)
+    return _bthd(batch, n_q_heads, q_len, head_dim, q, fake=True), lse
+
+
+@torch.library.custom_op("zhllm::flash_attention_backward", mutates_args=())
+def flash_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    doc_ids: Optional[torch.Tensor], causal: bool, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out, q, k, v, out = (_unit_last(t) for t in (grad_out, q, k, v, out))
+    lse = lse.contiguous()
+    batch, n_q_heads, q_len, head_dim = q.shape
+    n_kv_heads, k_len = k.shape[1], k.shape[2]
+    dq = _bthd(batch, n_q_heads, q_len, head_dim, q)
+    dk = _bthd(batch, n_kv_heads, k_len, head_dim, k)
+    dv = _bthd(batch, n_kv_heads, k_len, head_dim, v)
+    if q.numel() == 0 or k.numel() == 0:  # nothing attended: every gradient is zero
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, k, doc_ids)
+    group = n_q_heads // n_kv_heads
+    delta = _dispatch.empty((batch, n_q_heads, q_len), torch.float32, q.device)
+    _flash_backward_delta_kernel[(batch * n_q_heads, triton.cdiv(q_len, cfg.bwd_resident))](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), n_q_heads, q_len, head_dim,
+        BLOCK_M=cfg.bwd_resident, BLOCK_D=block_d,
+    )
+    shared = dict(CAUSAL=causal, HAS_DOCS=doc_ids is not None, BLOCK_D=block_d, **flags,
+                  num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
+    _flash_backward_dkdv_kernel[(batch * n_kv_heads, triton.cdiv(k_len, cfg.bwd_resident))](
+        q, k, v, grad_out, lse, delta, dk, dv, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(grad_out), *_strides(dk), *_strides(dv), s_doc,
+        n_q_heads, n_kv_heads, group, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
+        BLOCK_M=cfg.bwd_streamed, BLOCK_N=cfg.bwd_resident, **shared,
+    )
+    _flash_backward_dq_kernel[(batch * n_q_heads, triton.cdiv(q_len, cfg.bwd_resident))](
+        q, k, v, grad_out, lse, delta, dq, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(grad_out), *_strides(dq), s_doc,
+        n_q_heads, group, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
+        BLOCK_M=cfg.bwd_resident, BLOCK_N=cfg.bwd_streamed, **shared,
+    )
+    return dq, dk, dv
+
+
+@flash_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, doc_ids, causal, scale):
+    batch, n_q_heads, q_len, head_dim = q.shape
+    n_kv_heads, k_len = k.shape[1], k.shape[2]
+    return (_bthd(batch, n_q_heads, q_len, head_dim, q, fake=True),
+            _bthd(batch, n_kv_heads, k_len, head_dim, k, fake=True),
+            _bthd(batch, n_kv_heads, k_len, head_dim, v, fake=True))
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Autograd for the fused op: saves the inputs, the output and the log-sum-exp; backward recomputes P."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+                causal: bool, scale: float) -> torch.Tensor:
+        out, lse = torch.ops.zhllm.flash_attention_forward(q, k, v, doc_ids, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        dq, dk, dv = torch.ops.zhllm.flash_attention_backward(
+            grad_out, q, k, v, out, lse, doc_ids, ctx.causal, ctx.scale
+        )
+        return dq, dk, dv, None, None, None
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, doc_ids: torch.Tensor | None
+) -> None:
+    """One-line errors for shapes, dtypes and devices the op does not take."""
+    name = "flash_attention"
+    qs, ks, vs = tuple(q.shape), tuple(k.shape), tuple(v.shape)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{name}: q, k, v must be [B, H, T, D], got {qs}, {ks}, {vs}")
+    if ks != vs:
+        raise ValueError(f"{name}: k {ks} and v {vs} must have the same shape")
+    if qs[0] != ks[0] or qs[-1] != ks[-1]:
+        raise ValueError(f"{name}: q {qs} and k {ks} need the same batch size and head_dim")
+    if ks[1] == 0 or qs[1] % ks[1]:
+        raise ValueError(f"{name}: {qs[1]} query heads must be a multiple of {ks[1]} key/value heads (GQA)")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{name}: q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
+    _dispatch.check_float("q", q)
+    _dispatch.check_same_device(q=q, k=k, v=v, doc_ids=doc_ids)
+    if causal and qs[2] > ks[2]:
+        raise ValueError(f"{name}: causal needs Tq <= Tk (got {qs[2]} > {ks[2]}): early queries would see no key")
+    if doc_ids is not None:
+        if tuple(doc_ids.shape) != (ks[0], ks[2]):
+            raise ValueError(f"{name}: doc_ids must be [B, Tk] = {(ks[0], ks[2])}, got {tuple(doc_ids.shape)}")
+        if doc_ids.is_floating_point() or doc_ids.is_complex() or doc_ids.dtype == torch.bool:
+            raise TypeError(f"{name}: doc_ids must be an integer tensor, got {doc_ids.dtype}")
+        if qs[2] != ks[2]:
+            raise ValueError(f"{name}: doc_ids needs Tq == Tk (got {qs[2]} and {ks[2]}); mask a KV cache another way")
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+    doc_ids: torch.Tensor | None = None, scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention, ``q [B, Hq, Tq, D]`` against ``k``/``v`` ``[B, Hk, Tk, D]`` (GQA), in the inputs' dtype.
+
+    Same contract as :func:`kernels.reference.flash_attention`: causal aligned to the end when Tq < Tk,
+    ``doc_ids [B, T]`` keeps each token inside its document (contiguous runs), ``scale`` defaults to
+    ``D ** -0.5``. The Triton kernels take head_dim up to 256.
+    """
+    _check_inputs(q, k, v, causal, doc_ids)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not _dispatch.use_triton(q, k, v, doc_ids):
+        return reference.flash_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"flash_attention: head_dim {q.shape[-1]} is outside the kernels' 1..{MAX_HEAD_DIM}; "
+                         "call kernels.reference.flash_attention instead")
+    return FlashAttentionFunction.apply(q, k, v, doc_ids, causal, scale)
+
+
+class FlashAttention(nn.Module):
+    """Attention core of a transformer block: ``FlashAttention(causal=True)(q, k, v, doc_ids=None)``."""
+
+    def __init__(self, causal: bool = True, scale: float | None = None) -> None:
+        super().__init__()
+        self.causal = causal
+        self.scale = scale
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return flash_attention(q, k, v, causal=self.causal, doc_ids=doc_ids, scale=self.scale)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, scale={self.scale}"

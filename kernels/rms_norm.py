@@ -1,0 +1,231 @@
+"""RMSNorm, optionally fused with the residual add before it: one read and one write of each row.
+
+``out = x / sqrt(mean(x**2) + eps) * weight`` over the last dimension, statistics in float32. With a
+``residual``, ``h = x + residual`` (rounded to the input dtype, as eager PyTorch does) is written out as
+the new residual stream and normalised, which saves a separate add kernel per sub-layer of a block.
+
+Backward recomputes ``xhat`` from the saved input and per-row ``rstd``. The weight gradient is a sum
+over rows: each program sums a contiguous range of rows into its own float32 row of a
+``[n_programs, H]`` buffer, and torch reduces that buffer, so no atomics and a deterministic result.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import nn
+
+from . import _dispatch, reference
+from ._dispatch import HAS_TRITON
+
+#: A whole row lives in registers: beyond this width the kernel would spill, so wider rows are refused.
+MAX_HIDDEN = 65536
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_norm_forward_kernel(
+        x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rstd_ptr,
+        n_rows, n_cols, x_row_stride, res_row_stride, eps,
+        HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+        cols = tl.arange(0, BLOCK_H)
+        inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        h = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
+        dense = rows[:, None] * n_cols + cols[None, :]  # outputs are contiguous [rows, H]
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + rows[:, None] * res_row_stride + cols[None, :], mask=inside, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(new_res_ptr.dtype.element_ty)
+            tl.store(new_res_ptr + dense, h, mask=inside)
+        hf = h.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=1) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        out = hf * rstd[:, None] * w[None, :]
+        tl.store(out_ptr + dense, out.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+
+    @triton.jit
+    def _rms_norm_backward_kernel(
+        grad_out_ptr, x_ptr, w_ptr, rstd_ptr, grad_res_ptr, grad_x_ptr, grad_w_partial_ptr,
+        n_rows, n_cols, rows_per_program, grad_out_row_stride, x_row_stride, grad_res_row_stride,
+        HAS_GRAD_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        # dx = rstd * (dy*w - xhat * mean(dy*w*xhat)); dw = sum over rows of dy * xhat.
+        program = tl.program_id(0)
+        first_row = program.to(tl.int64) * rows_per_program
+        last_row = tl.minimum(first_row + rows_per_program, n_rows)
+        cols = tl.arange(0, BLOCK_H)
+        col_inside = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
+        grad_w_acc = tl.zeros((BLOCK_ROWS, BLOCK_H), dtype=tl.float32)
+        for start in range(first_row, last_row, BLOCK_ROWS):
+            # invariant: grad_w_acc holds dy * xhat summed over this program's rows before `start`
+            rows = start + tl.arange(0, BLOCK_ROWS)
+            inside = (rows[:, None] < last_row) & col_inside[None, :]
+            dy = tl.load(grad_out_ptr + rows[:, None] * grad_out_row_stride + cols[None, :], mask=inside, other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=inside, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=rows < last_row, other=0.0)
+            dy = dy.to(tl.float32)
+            xhat = x.to(tl.float32) * rstd[:, None]
+            dyw = dy * w[None, :]
+            mean_dyw_xhat = tl.sum(dyw * xhat, axis=1) / n_cols
+            dx = rstd[:, None] * (dyw - xhat * mean_dyw_xhat[:, None])
+            if HAS_GRAD_RESIDUAL:
+                dres_ptrs = grad_res_ptr + rows[:, None] * grad_res_row_stride + cols[None, :]
+                dx += tl.load(dres_ptrs, mask=inside, other=0.0).to(tl.float32)
+            dense = rows[:, None] * n_cols + cols[None, :]
+            tl.store(grad_x_ptr + dense, dx.to(grad_x_ptr.dtype.element_ty), mask=inside)
+            grad_w_acc += dy * xhat
+        tl.store(grad_w_partial_ptr + program * n_cols + cols, tl.sum(grad_w_acc, axis=0), mask=col_inside)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[rows, H]`` view with unit column stride (a copy only when the layout cannot be viewed that way)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch_shape(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_H, num_warps): a tile of about 4K elements, several short rows per program."""
+    block_h = _dispatch.next_power_of_2(n_cols)
+    block_rows = max(1, min(16, 4096 // block_h))
+    num_warps = max(1, min(16, block_rows * block_h // 512))
+    return block_rows, block_h, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _n_workers(device: torch.device) -> int:
+    """How many programs share the backward's rows: one per SM on CUDA (a few under the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+@torch.library.custom_op("zhllm::rms_norm_forward", mutates_args=())
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, new_residual or an empty tensor when ``residual`` is None, rstd [rows] float32)."""
+    x2, weight = _rows(x), weight.contiguous()
+    n_rows, n_cols = x2.shape
+    out = _dispatch.empty(x2.shape, x.dtype, x.device)
+    new_res = _dispatch.empty(x2.shape if residual is not None else (0,), x.dtype, x.device)
+    rstd = _dispatch.empty((n_rows,), torch.float32, x.device)
+    r2 = _rows(residual) if residual is not None else x2
+    if n_rows:
+        block_rows, block_h, num_warps = _launch_shape(n_cols)
+        _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+            x2, r2, weight, out, new_res if residual is not None else out, rstd,
+            n_rows, n_cols, x2.stride(0), r2.stride(0), eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+        )
+    return out.view(x.shape), new_res.view(x.shape) if residual is not None else new_res, rstd
+
+
+@rms_norm_forward.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float):
+    n_rows = math.prod(x.shape[:-1])
+    new_res = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), new_res, x.new_empty((n_rows,), dtype=torch.float32)
+
+
+@torch.library.custom_op("zhllm::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    grad_residual: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight); ``x`` is what was normalised (the new residual when one was added).
+
+    ``grad_residual``, the gradient reaching the new residual output, is added to ``grad_x``.
+    """
+    d2, x2, weight = _rows(grad_out), _rows(x), weight.contiguous()
+    n_rows, n_cols = x2.shape
+    grad_x = _dispatch.empty(x2.shape, x.dtype, x.device)
+    if not n_rows:
+        return grad_x.view(x.shape), torch.zeros_like(weight)
+    dr2 = _rows(grad_residual) if grad_residual is not None else d2
+    block_rows, block_h, num_warps = _launch_shape(n_cols)
+    rows_per_program = triton.cdiv(n_rows, min(_n_workers(x.device), triton.cdiv(n_rows, block_rows)))
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+    partial = _dispatch.empty((n_programs, n_cols), torch.float32, x.device)
+    _rms_norm_backward_kernel[(n_programs,)](
+        d2, x2, weight, rstd, dr2, grad_x, partial,
+        n_rows, n_cols, rows_per_program, d2.stride(0), x2.stride(0), dr2.stride(0),
+        HAS_GRAD_RESIDUAL=grad_residual is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+    )
+    return grad_x.view(x.shape), partial.sum(0).to(weight.dtype)
+
+
+@rms_norm_backward.register_fake
+def _(grad_out, x, weight, rstd, grad_residual):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd for the fused op: saves the normalised input and rstd; x and residual share one gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
+        out, new_res, rstd = torch.ops.zhllm.rms_norm_forward(x, weight, residual, eps)
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(new_res if residual is not None else x, weight, rstd)
+        ctx.set_materialize_grads(False)
+        return (out, new_res) if residual is not None else out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_new_res: torch.Tensor | None = None):
+        normed, weight, rstd = ctx.saved_tensors
+        if grad_out is None:  # only the new residual was used downstream
+            grad_out = torch.zeros_like(normed)
+        grad_x, grad_w = torch.ops.zhllm.rms_norm_backward(grad_out, normed, weight, rstd, grad_new_res)
+        return grad_x, grad_w, None, grad_x if ctx.has_residual else None
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dimension; with ``residual`` returns ``(norm(x + residual), x + residual)``.
+
+    ``weight`` may be in another float dtype than ``x`` (e.g. float32 master weights); the output is in x's dtype.
+    """
+    _dispatch.check_float("x", x)
+    _dispatch.check_float("weight", weight)
+    if x.dim() == 0:
+        raise ValueError("rms_norm: x is a scalar; it needs a last dimension to normalise over")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"rms_norm: weight {tuple(weight.shape)} must be ({x.shape[-1]},), the last dimension of x {tuple(x.shape)}"
+        )
+    if x.shape[-1] > MAX_HIDDEN:
+        raise ValueError(f"rms_norm: last dimension {x.shape[-1]} > {MAX_HIDDEN}; the kernel keeps a row in registers")
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"rms_norm: residual is {residual.dtype} but x is {x.dtype}; cast one of them")
+    _dispatch.check_same_device(x=x, weight=weight, residual=residual)
+    if not _dispatch.use_triton(x, weight, residual):
+        return reference.rms_norm(x, weight, eps, residual)
+    return RMSNormFunction.apply(x, weight, float(eps), residual)
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm with Hugging Face's parameter name (``weight``), so state dicts load into LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return rms_norm(x, self.weight, self.eps, residual)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
