@@ -3,8 +3,8 @@
 Run from the repository root: ``pytest bench/ --benchmark-only``. The benchmarks read
 ``../shared/data`` and skip with a reason when it is absent (a fresh clone has no ``../shared``).
 Every figure the benchmarks measure is collected by :class:`Recorder`; at the end of the session
-it writes ``bench/.results/pack.json`` and ``bench/.results/loader.json`` (only the kinds that ran)
-and prints the ratio tables. ``python bench/report.py`` turns those files into ``RESULTS.md``.
+it writes ``bench/.results/pack.json``, ``bench/.results/loader.json`` and ``bench/.results/kernels.json``
+(only the kinds that ran) and prints the ratio tables. ``python bench/report.py`` turns those files into ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ if str(BENCH) not in sys.path:  # the helper modules beside this file (pytest's 
 
 from benchlib import CHATGLM_MODEL, PYTHON, REPO, RESULTS_DIR, SHARED_DATA, TANG, Recorder, read_tang  # noqa: E402
 from report import loader_tables, pack_tables  # noqa: E402
+from kernel_report import kernel_tables, summarize_kernels  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +39,24 @@ def recorder() -> Recorder:
     global _RECORDER
     if _RECORDER is None:
         _RECORDER = Recorder()
+        _RECORDER.rows.setdefault("kernels", [])  # bench/test_kernels.py records here
     return _RECORDER
+
+
+def _summaries() -> dict[str, dict[str, Any]]:
+    """The recorder's summaries plus the kernel benchmarks' (which the Recorder itself does not summarize)."""
+    summaries = _RECORDER.summaries()
+    kernel_rows = _RECORDER.rows.get("kernels")
+    if kernel_rows:
+        env = {**_RECORDER.started, "load_average_end": list(os.getloadavg())}
+        summaries["kernels"] = {"environment": env, "runs": kernel_rows, **summarize_kernels(kernel_rows)}
+    return summaries
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _RECORDER is None:
         return
-    summaries = _RECORDER.summaries()
+    summaries = _summaries()
     if not summaries:
         return
     RESULTS_DIR.mkdir(exist_ok=True)
@@ -56,7 +68,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _RECORDER is None:
         return
-    summaries = _RECORDER.summaries()
+    summaries = _summaries()
     if not summaries:
         return
     terminalreporter.section("zhllm benchmark ratios")
@@ -64,6 +76,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(pack_tables(summaries["pack"]))
     if "loader" in summaries:
         terminalreporter.write_line(loader_tables(summaries["loader"]))
+    if "kernels" in summaries:
+        terminalreporter.write_line(kernel_tables(summaries["kernels"]))
     terminalreporter.write_line(f"saved to {RESULTS_DIR}/; render with: python bench/report.py > bench/RESULTS.md")
 
 
