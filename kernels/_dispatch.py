@@ -25,9 +25,22 @@ NAMESPACE = "zhllm"
 POISON = False
 
 
-def interpret_mode() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read when triton.jit decorates)."""
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+#: triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when ``kernels`` is imported.
+_INTERPRET_AT_IMPORT = _interpret_env()
+
+
+def interpret_mode_at_import() -> bool:
+    """Whether the kernels were decorated for Triton's interpreter (``TRITON_INTERPRET=1`` before ``import kernels``)."""
+    return _INTERPRET_AT_IMPORT
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET=1`` now and when kernels were imported."""
+    return _INTERPRET_AT_IMPORT and _interpret_env()
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
