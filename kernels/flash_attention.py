@@ -17,18 +17,19 @@ Block sizes (``_blocks``) for float16/bfloat16, by head_dim rounded up to a powe
 (forward BLOCK_M × BLOCK_N; backward resident × streamed tile; warps, pipeline stages):
 
 - ≤ 64: forward 128 × 64, 8 warps, 3 stages; backward 64 × 32, 4 warps, 2 stages. Tall query tiles
-  halve how often K/V are re-read; 8 warps keep the forward from spilling (4 warps spill); ~25 KB
-  of shared memory.
+  halve how often K/V are re-read; 8 warps keep the forward from spilling (4 warps spill); 48 KB
+  of shared memory on sm_80–89, 64 KB on sm_90.
 - 96, 128: forward 128 × 64, 8 warps, 2 stages; backward 64 × 32, 8 warps, 2 stages. 8 warps hold
-  the 128-wide fp32 accumulator without spilling (4 warps at 64 × 64 spill on sm_86); ~49 KB.
-- ≤ 256: forward 64 × 32, backward 32 × 32, 8 warps: registers, not shared memory, are the limit; ≤ 82 KB.
+  the 128-wide fp32 accumulator without spilling (4 warps at 64 × 64 spill on sm_86); 64 KB (96 KB on sm_90).
+- ≤ 256: forward 64 × 32, backward 32 × 32, 8 warps: registers, not shared memory, are the limit; 80 KB.
 
 Each setting stays under the ~99 KB of shared memory a block gets on consumer GPUs (RTX 3060/4090),
-so one table serves them and the H100. Checked by compiling every kernel ahead of time for sm_86 and
-sm_90 with Triton 3.9 (no register spills; Triton 3.2 spills a few dozen bytes at head_dim 128/256, and 3.6
-compiles them too); not yet run or timed on a GPU.
+so one table serves them and the H100. ``python -m kernels.aot_check`` compiles every kernel ahead of
+time for sm_80/86/89/90 and reports registers, spills and shared memory (the figures above are its);
+not yet run or timed on a GPU.
 "Resident" is the tile a backward program owns (K/V for dK/dV, Q for dQ), "streamed" the tile its
-loop walks. float32 (tests only: ``input_precision="ieee"`` means no tensor cores) uses 32 × 32 tiles;
+loop walks. float32 (tests only: ``input_precision="ieee"`` means no tensor cores) uses 32 × 32 tiles
+(32 × 16 forward at head_dim 96/128, which spilled at 32 × 32);
 the interpreter uses small tiles so short test sequences span several blocks. 96 pads its tile to 128
 with masked columns.
 """
@@ -309,9 +310,14 @@ _BLOCKS_16BIT = {
 #: float32 (tests): no tensor cores with input_precision="ieee", so the tiles stay small.
 _BLOCKS_FP32 = {
     64: _Blocks(32, 32, 4, 2, 32, 16, 4, 2),
-    128: _Blocks(32, 32, 4, 2, 32, 16, 4, 2),
+    128: _Blocks(32, 16, 4, 2, 32, 16, 4, 2),  # 32 × 32 spills ~700 B/thread on sm_86–90 (kernels.aot_check)
     256: _Blocks(32, 16, 8, 2, 16, 16, 8, 1),
 }
+
+
+def head_dim_tile(head_dim: int) -> int:
+    """The power-of-two tile covering head_dim (at least 16, tl.dot's minimum); 96 pads to 128."""
+    return max(16, _dispatch.next_power_of_2(head_dim))
 
 
 def _blocks(block_d: int, dtype: torch.dtype, device: torch.device) -> _Blocks:
@@ -357,7 +363,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None):
         doc_start, doc_end = _doc_bounds(doc_ids)
     else:
         doc_start = doc_end = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
-    block_d = max(16, _dispatch.next_power_of_2(q.shape[-1]))
+    block_d = head_dim_tile(q.shape[-1])
     flags = dict(
         PRECISION="ieee",  # float32 stays exact (no TF32); 16-bit inputs ignore it
         UPCAST=q.dtype == torch.bfloat16 and _dispatch.interpret_mode(),  # the interpreter cannot tl.dot bf16

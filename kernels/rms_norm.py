@@ -20,8 +20,9 @@ from torch import nn
 from . import _dispatch, reference
 from ._dispatch import HAS_TRITON
 
-#: A whole row lives in registers: beyond this width the kernel would spill, so wider rows are refused.
-MAX_HIDDEN = 65536
+#: A whole row lives in registers: wider rows spill (backward from 16384 on sm_80–90, per kernels.aot_check),
+#: so they are refused rather than run slowly; kernels.reference.rms_norm serves them.
+MAX_HIDDEN = 8192
 
 if HAS_TRITON:
     import triton
@@ -202,7 +203,10 @@ def rms_norm(
             f"rms_norm: weight {tuple(weight.shape)} must be ({x.shape[-1]},), the last dimension of x {tuple(x.shape)}"
         )
     if x.shape[-1] > MAX_HIDDEN:
-        raise ValueError(f"rms_norm: last dimension {x.shape[-1]} > {MAX_HIDDEN}; the kernel keeps a row in registers")
+        raise ValueError(
+            f"rms_norm: last dimension {x.shape[-1]} > {MAX_HIDDEN}, wider than the fused kernel keeps in registers; "
+            "use kernels.reference.rms_norm for it"
+        )
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")

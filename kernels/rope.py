@@ -82,6 +82,13 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def launch_config(head_dim: int, n_q_heads: int, n_k_heads: int) -> tuple[int, int, int]:
+    """(BLOCK_HEADS, BLOCK_HALF, num_warps): up to 1024 half-dims of several heads per program."""
+    block_half = _dispatch.next_power_of_2(head_dim // 2)
+    block_heads = min(_dispatch.next_power_of_2(max(n_q_heads, n_k_heads)), max(1, 1024 // block_half))
+    return block_heads, block_half, max(1, min(8, block_heads * block_half // 256))
+
+
 def _rotate(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
     backward: bool,
@@ -104,8 +111,7 @@ def _rotate(
     else:
         pos_sb, pos_st = 0, 0
     half = head_dim // 2
-    block_half = _dispatch.next_power_of_2(half)
-    block_heads = min(_dispatch.next_power_of_2(max(n_q_heads, n_k_heads)), max(1, 1024 // block_half))
+    block_heads, block_half, num_warps = launch_config(head_dim, n_q_heads, n_k_heads)
     grid = (batch * seq_len, triton.cdiv(max(n_q_heads, n_k_heads), block_heads))
     _rope_kernel[grid](
         q, k, cos, sin, position_ids if position_ids is not None else cos, q_out, k_out,
@@ -113,7 +119,7 @@ def _rotate(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         cos_sb, cos_st, sin_sb, sin_st, pos_sb, pos_st,
         HAS_POSITIONS=position_ids is not None, BACKWARD=backward, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
-        num_warps=max(1, min(8, block_heads * block_half // 256)),
+        num_warps=num_warps,
     )
     return q_out, k_out
 
