@@ -1,0 +1,288 @@
+"""Training checkpoints: written atomically, the last few kept, read back without running anyone's code.
+
+A checkpoint is a folder ``OUT/step_000100/`` holding
+
+- ``model.safetensors``: the weights (a tied matrix stored once, under its first name, as Hugging Face does);
+- ``trainer.pt``: optimizer, grad scaler, data sampler and RNG states, step and tokens seen, stored as
+  tensors and plain containers only and read with ``torch.load(weights_only=True)``, so a checkpoint
+  from someone else cannot execute code;
+- ``config.json``: the model and training configs, the tokenizer reference, step and tokens (readable).
+
+It is written under a temporary name and renamed into place, then ``OUT/latest`` (a one-line text
+file naming the folder) is replaced, then folders beyond the last ``keep_last`` are deleted. A crash
+at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT = "zhllm-checkpoint-v1"
+LATEST = "latest"
+MODEL_FILE, TRAINER_FILE, CONFIG_FILE = "model.safetensors", "trainer.pt", "config.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TEMP_PREFIXES = (".tmp-", ".old-")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, torn, unsafe or does not fit the model (one-line message)."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete ``step_N`` folders of ``out_dir`` as ``(N, path)``, oldest first."""
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for path in out_dir.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and all((path / name).is_file() for name in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_checkpoint(path: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint ``path`` names: itself if it is one, else the one its ``latest`` file names, else its newest."""
+    path = Path(path)
+    if (path / MODEL_FILE).is_file():
+        return path
+    pointer = path / LATEST
+    if pointer.is_file():
+        target = path / pointer.read_text(encoding="utf-8").strip()
+        if (target / MODEL_FILE).is_file() and (target / TRAINER_FILE).is_file():
+            return target
+        log.warning("%s names %s, which is missing or incomplete; using the newest complete checkpoint", pointer, target)
+    existing = list_checkpoints(path)
+    return existing[-1][1] if existing else None
+
+
+def remove_temporaries(out_dir: Path) -> None:
+    """Delete half-written checkpoint folders a killed run left behind (``.tmp-step_*``, ``.old-step_*``)."""
+    if out_dir.is_dir():
+        for path in out_dir.iterdir():
+            if path.name.startswith(TEMP_PREFIXES) and path.is_dir():
+                log.info("removing %s, left by an interrupted save", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def tied_parameters(model: nn.Module) -> dict[str, str]:
+    """``alias → first name`` for every parameter the model reaches under two names (tied embeddings)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def unique_tensors(state: dict[str, torch.Tensor], tied: dict[str, str] | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop names whose tensor shares storage with an earlier name, or that ``tied`` names as an alias (the
+    gathered copies of FSDP share no storage); return ``(kept, alias → kept name)``."""
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        twin = seen.get(key) if tensor.numel() else None
+        if twin is None and tied and tied.get(name) in kept:
+            twin = tied[name]
+        if twin is not None:
+            aliases[name] = twin
+            continue
+        seen[key] = name
+        kept[name] = tensor.detach().contiguous()
+    return kept, aliases
+
+
+def save_checkpoint(
+    out_dir: Path,
+    name: str,
+    model_state: dict[str, torch.Tensor],
+    trainer_state: dict[str, Any],
+    config: dict[str, Any],
+    *,
+    keep_last: int = 0,
+    update_latest: bool = True,
+    tied: dict[str, str] | None = None,
+) -> Path:
+    """Write checkpoint ``out_dir/name`` atomically; point ``latest`` at it and prune to ``keep_last`` (0 keeps all).
+
+    ``trainer_state`` must hold only tensors, numbers, strings, None, lists, tuples and dicts (what
+    ``weights_only`` loading accepts); ``config`` must be JSON-serialisable; ``tied`` is
+    :func:`tied_parameters` of the model, for states whose tied tensors are separate copies.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final, tmp = out_dir / name, out_dir / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors, aliases = unique_tensors(model_state, tied)
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / MODEL_FILE),
+              metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    torch.save(trainer_state, tmp / TRAINER_FILE)
+    (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **config}, indent=2, ensure_ascii=False) + "\n",
+                                   encoding="utf-8")
+    for file in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE):
+        _fsync(tmp / file)
+    if final.exists():  # re-saving a step (a resumed run passing it again): swap, then drop the old copy
+        old = out_dir / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(out_dir)
+    if update_latest:
+        _write_text_atomic(out_dir / LATEST, name + "\n")
+    if keep_last > 0:
+        prune_checkpoints(out_dir, keep_last)
+    return final
+
+
+def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` ``step_N`` folders, never the one ``latest`` names."""
+    protected = find_checkpoint(out_dir)
+    for _, path in list_checkpoints(out_dir)[:-keep_last]:
+        if path != protected:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """Read ``trainer.pt`` with ``weights_only=True``; a pickled object of any other kind is refused, not run."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        reason = f"it would load the global {culprit.group(1)}" if culprit else str(e).splitlines()[0]
+        raise CheckpointError(
+            f"refusing to load {path}: it holds a pickled object that is not a tensor or plain container "
+            f"({reason}); checkpoints can carry code, so only tensors, numbers, strings, lists and dicts are read"
+        ) from None
+
+
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{checkpoint / CONFIG_FILE} is unreadable ({e}): the checkpoint is torn") from None
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{checkpoint} has format {config.get('format')!r}, this code reads {FORMAT!r}")
+    return config
+
+
+def read_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weights of ``model.safetensors`` on CPU, tied names filled in from the name they were stored under."""
+    path = checkpoint / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        state = load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for torn files
+        raise CheckpointError(f"{path} is unreadable ({e}): the checkpoint is torn") from None
+    for alias, kept in aliases.items():
+        state[alias] = state[kept]
+    return state
+
+
+def load_model_weights(checkpoint: Path, model: nn.Module) -> None:
+    """Load ``model.safetensors`` into ``model``; refuse one saved from a differently shaped model."""
+    state = read_model_state(checkpoint)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{checkpoint / MODEL_FILE} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+            "resume with the model config it was saved with"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
+        raise CheckpointError(
+            f"{checkpoint / MODEL_FILE} does not fit this model ({first}): resume with the model config it was saved with"
+        ) from None
+
+
+def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts; ``sharded`` (FSDP2) gathers them to CPU on rank 0 (every rank must call)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path,
+                           optimizer_state: dict[str, Any], *, sharded: bool) -> None:
+    """Load ``checkpoint``'s weights and ``optimizer_state``; ``sharded`` (FSDP2): each rank keeps its shard."""
+    if not sharded:
+        load_model_weights(checkpoint, model)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, read_model_state(checkpoint), options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and current-CUDA-device RNG states as tensors and plain values."""
+    version, keys, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (the CUDA part only where CUDA is in use)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(k) for k in py["keys"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

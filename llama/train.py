@@ -1,0 +1,616 @@
+"""The one training loop: precision, accumulation, clipping, schedule, validation, checkpoints, resume, DDP/FSDP.
+
+    result = train(LlamaConfig.from_preset("tiny", vocab_size=8000), TrainConfig(steps=200), "out/quickstart/corpus")
+
+Every task (pretrain, SFT, …) hands its model config and data here; nothing else checkpoints or
+logs. The loop reads top to bottom in :func:`train`: build, maybe resume, then per step set the
+learning rate, run ``grad_accum`` micro-batches (DDP syncs gradients on the last only), unscale,
+clip, step (skipped when the gradients are not finite), evaluate, log, save.
+
+Resume is exact: a run killed at any moment and restarted in the same ``out_dir`` (it resumes on its
+own) continues with bit-identical losses on CPU, because the checkpoint holds the model, the
+optimizer, the grad scaler, the data sampler's position and every RNG. SIGINT/SIGTERM save a
+checkpoint after the current step and stop with :class:`TrainingInterrupted` (exit code 130/143).
+
+Under ``torchrun --nproc_per_node=N`` the same call runs data-parallel: each rank reads its own
+shard; rank 0 logs and saves. Also runnable directly for quick runs and tests:
+``python -m llama.train --train out/quickstart/corpus --steps 100 --model kernels=torch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from engine.dataset import PretrainDataset
+from engine.format import DatasetPaths, open_packed
+
+from . import checkpoint as ckpt
+from .hardware import (
+    Runtime, cap_memory, device_peak_tflops, memory_report, mfu, peak_memory_gib, setup_runtime, shard_fsdp, teardown_runtime,
+)
+from .metrics import MetricsLogger, summary_line
+from .model import Llama, LlamaConfig
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SCHEDULES = ("cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "sqrt")
+PARALLEL = ("ddp", "fsdp")
+DATA_MODES = ("random", "epoch")
+RUNTIME_MODEL_FIELDS = ("kernels", "checkpointing", "dropout")  # may change between a save and a resume
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _opt(default: Any, help: str, **metadata: Any) -> Any:
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+@dataclass
+class TrainConfig:
+    """How to train; each field's ``metadata['help']`` is its one-line ``--help``."""
+
+    steps: int | None = _opt(None, "optimizer steps to train (give this or --tokens)")
+    tokens: int | None = _opt(None, "tokens to train on, rounded up to whole steps (instead of --steps)")
+    batch_size: int = _opt(8, "sequences per micro-batch on each device")
+    grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step")
+    seq_len: int | None = _opt(None, "tokens per sequence (default: the model's max_seq_len)")
+    data_mode: str = _opt("random", "'random' windows or 'epoch' (shuffled non-overlapping chunks)", choices=DATA_MODES)
+    doc_masking: bool = _opt(False, "attend only within each packed document (position and document ids)")
+    lr: float = _opt(3e-4, "peak learning rate")
+    min_lr: float = _opt(3e-5, "learning rate at the end of the decay")
+    warmup_steps: int = _opt(100, "steps of linear warmup from ~0 to --lr")
+    schedule: str = _opt("cosine", "'cosine' decay, 'wsd' (warmup-stable-decay) or 'constant'", choices=SCHEDULES)
+    decay_fraction: float = _opt(0.2, "wsd: share of the steps spent decaying at the end")
+    decay_shape: str = _opt("linear", "wsd: decay 'linear' or '1-sqrt' shaped ('sqrt')", choices=DECAY_SHAPES)
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only, never norms)")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    eps: float = _opt(1e-8, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = no clipping; the norm is logged)")
+    precision: str = _opt("auto", "'fp32', 'fp16' (loss scaling), 'bf16', or 'auto' (bf16/fp16 on GPU, fp32 on CPU)",
+                          choices=PRECISIONS)
+    compile: bool = _opt(False, "torch.compile the model")
+    activation_checkpointing: bool | None = _opt(None, "recompute activations in backward to save memory (default: the model config's)")
+    parallel: str = _opt("ddp", "multi-GPU under torchrun: 'ddp' (replicate) or 'fsdp' (shard, FSDP2)", choices=PARALLEL)
+    device: str | None = _opt(None, "'cuda', 'cuda:1' or 'cpu' (default: the GPU when there is one)")
+    max_memory_gb: float | None = _opt(None, "cap GPU memory to this many GiB (rehearse a smaller card)")
+    eval_every: int = _opt(500, "validate every N steps and at the end (0 = never)")
+    eval_batches: int = _opt(20, "fixed validation batches per evaluation")
+    save_every: int = _opt(1000, "checkpoint every N steps (0 = only at the end)")
+    keep_last: int = _opt(3, "checkpoints kept in --out-dir (0 = all)")
+    log_every: int = _opt(10, "log metrics every N steps")
+    seed: int = _opt(1337, "seed of the model init, the data order and every RNG")
+    out_dir: str = _opt("out/train", "where checkpoints, metrics.jsonl and plots go")
+    resume: bool | str | None = _opt(None, "auto (default: resume if --out-dir holds a checkpoint), true, false, or a checkpoint path")
+    peak_tflops: float | None = _opt(None, "the GPU's peak TFLOPS for MFU (default: looked up by name)")
+    nan_patience: int = _opt(5, "stop after this many non-finite losses in a row (0 = never)")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def validate(self) -> None:
+        """Refuse contradictory or out-of-range settings with a one-line reason."""
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of --steps and --tokens")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES),
+                              ("parallel", PARALLEL), ("data_mode", DATA_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        if min(self.warmup_steps, self.eval_every, self.save_every, self.keep_last, self.nan_patience) < 0 or self.log_every < 1:
+            raise ValueError("--warmup-steps, --eval-every, --save-every, --keep-last, --nan-patience must be >= 0, --log-every >= 1")
+
+    def total_steps(self, tokens_per_step: int) -> int:
+        return self.steps if self.steps is not None else max(1, math.ceil(self.tokens / tokens_per_step))
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (one-line message); CLIs print it as ``error: …``."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss was NaN/inf for ``nan_patience`` steps in a row."""
+
+
+class TrainingOOMError(TrainingError):
+    """The GPU ran out of memory; the message says which setting would fit."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``exit_code`` is 128 + the signal (130, 143)."""
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved in {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+        self.exit_code = 128 + signum
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``model`` is the trained (unwrapped) module, sharded under FSDP."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    train_loss: float | None
+    val_loss: float | None
+    mfu: float | None
+    peak_memory_gib: float | None
+    out_dir: Path
+    checkpoint: Path | None
+    resumed_from: Path | None
+    first_batch_sha256: str | None  # this rank's first micro-batch: shows ranks read different shards
+    model: nn.Module | None = field(default=None, repr=False)
+
+    def summary(self) -> str:
+        return summary_line(steps=self.steps, tokens=self.tokens, seconds=self.seconds, tokens_per_s=self.tokens_per_s,
+                            train_loss=self.train_loss, val_loss=self.val_loss, mfu=self.mfu,
+                            peak_memory_gib=self.peak_memory_gib)
+
+
+def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """The learning rate of update number ``step`` (0-based): linear warmup, then the schedule down to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+    decay_start = max(cfg.warmup_steps, total_steps - decay_steps)
+    if step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))  # reaches 1 on the last update
+    remaining = 1.0 - (math.sqrt(progress) if cfg.decay_shape == "sqrt" else progress)
+    return cfg.min_lr + remaining * (cfg.lr - cfg.min_lr)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU; refuse bf16 where it is missing."""
+    if device.type == "cuda":
+        has_bf16 = torch.cuda.is_bf16_supported()
+        if precision == "auto":
+            return "bf16" if has_bf16 else "fp16"
+        if precision == "bf16" and not has_bf16:
+            raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16: use --precision fp16")
+        return precision
+    return "fp32" if precision == "auto" else precision
+
+
+class StopSignals:
+    """SIGINT/SIGTERM become a request that the loop honours after the current step; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_resume(resume: bool | str | None, out_dir: Path) -> Path | None:
+    """The checkpoint to resume from: ``None``/``'auto'`` → ``out_dir``'s if any; True → required; a path → that one;
+    False → none (and ``out_dir`` must hold no checkpoint)."""
+    if resume is False or (isinstance(resume, str) and resume.lower() in ("false", "no", "never")):
+        existing = ckpt.list_checkpoints(out_dir)
+        if existing:
+            raise ckpt.CheckpointError(
+                f"{out_dir} holds checkpoints up to step {existing[-1][0]} and resume is off: choose another "
+                "--out-dir, or delete them to start over (they are never overwritten silently)"
+            )
+        return None
+    if isinstance(resume, str) and resume.lower() not in ("auto", "true", "yes"):
+        found = ckpt.find_checkpoint(resume)
+        if found is None:
+            raise ckpt.CheckpointError(f"no checkpoint in {resume}: give a step_N folder or an --out-dir holding one")
+        return found
+    found = ckpt.find_checkpoint(out_dir)
+    if found is None and (resume is True or (isinstance(resume, str) and resume.lower() in ("true", "yes"))):
+        raise ckpt.CheckpointError(f"resume was asked for, but {out_dir} holds no checkpoint")
+    return found
+
+
+def check_model_config(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume a checkpoint into a differently shaped model, naming the first field that differs."""
+    for key, value in current.items():
+        if key not in RUNTIME_MODEL_FIELDS and key in saved and saved[key] != value:
+            raise ckpt.CheckpointError(
+                f"{checkpoint} was saved for a model with {key}={saved[key]!r}, this run has {key}={value!r}: "
+                "resume with the same model settings, or use another --out-dir"
+            )
+
+
+def oom_advice(cfg: TrainConfig, model_config: LlamaConfig, device: torch.device, step: int, micro: int) -> str:
+    """A one-line account of an out-of-memory error with the change most likely to fit."""
+    where = f"out of GPU memory at step {step + 1}, micro-batch {micro + 1}/{cfg.grad_accum} ({memory_report(device)})"
+    if cfg.batch_size > 1:
+        fix = (f"halve --batch-size to {cfg.batch_size // 2} and double --grad-accum to {cfg.grad_accum * 2} "
+               "(same tokens per step)")
+    elif not model_config.checkpointing:
+        fix = "turn on activation checkpointing (--activation-checkpointing)"
+    else:
+        fix = "use a shorter --seq-len, a smaller model, or a bigger GPU"
+    if not model_config.checkpointing and cfg.batch_size > 1:
+        fix += ", or turn on activation checkpointing"
+    return f"{where}: {fix}"
+
+
+def load_val_batches(path: Path, cfg: TrainConfig, seq_len: int, runtime: Runtime,
+                     tokenizer_sha256: str | None) -> list[dict[str, torch.Tensor]]:
+    """The fixed validation batches of this rank: the first ``eval_batches`` of a seed-0 epoch order."""
+    data = PretrainDataset(path, seq_len, mode="epoch", seed=0, rank=runtime.rank, world_size=runtime.world_size,
+                           return_doc_ids=cfg.doc_masking, tokenizer_sha256=tokenizer_sha256)
+    count = max(1, min(cfg.eval_batches, data.samples_per_epoch // cfg.batch_size))
+    return [data.next_batch(cfg.batch_size) for _ in range(count)]
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's mean loss on one batch (labels are already shifted by the dataset)."""
+    return model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                 doc_ids=batch.get("doc_ids")).loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], autocast: Any, runtime: Runtime) -> float:
+    """Mean validation loss over the fixed batches, averaged over ranks."""
+    model.eval()
+    total = torch.zeros((), device=runtime.device)
+    for batch in batches:
+        with autocast:
+            total += forward_loss(model, to_device(batch, runtime.device)).float()
+    model.train()
+    total /= len(batches)
+    if runtime.distributed:
+        dist.all_reduce(total)
+        total /= runtime.world_size
+    return total.item()
+
+
+def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
+                  grad_clip: float) -> torch.Tensor:
+    """Unscale, clip to ``grad_clip`` (0 = measure only), step unless a gradient is inf/NaN, clear; returns the norm."""
+    scaler.unscale_(optimizer)  # a no-op when the scaler is disabled
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skips the update when the gradients hold inf/NaN, and update() halves the scale
+        scaler.update()
+    elif torch.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def train(model_config: LlamaConfig, cfg: TrainConfig, train_path: str | Path, val_path: str | Path | None = None,
+          tokenizer_sha256: str | None = None) -> TrainResult:
+    """Train a :class:`Llama` built from ``model_config`` on the packed corpus ``train_path``; see the module doc.
+
+    ``val_path=None`` uses ``train_path``'s ``.val`` sibling when it exists. ``tokenizer_sha256``
+    refuses data packed with another tokenizer. Raises :class:`TrainingError` subclasses,
+    :class:`TrainingInterrupted`, and ``ValueError``/``OSError`` for bad input (all one-line).
+    """
+    cfg.validate()
+    runtime = setup_runtime(cfg.device)
+    try:
+        return _train(model_config, cfg, Path(train_path), val_path, tokenizer_sha256, runtime)
+    finally:
+        teardown_runtime(runtime)
+
+
+def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_path: str | Path | None,
+           tokenizer_sha256: str | None, runtime: Runtime) -> TrainResult:
+    device, main = runtime.device, runtime.is_main
+    out_dir = Path(cfg.out_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_temporaries(out_dir)
+    resume_from = resolve_resume(cfg.resume, out_dir)
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "fp16" and cfg.parallel == "fsdp" and runtime.distributed:
+        raise ValueError("--parallel fsdp supports fp32 and bf16, not fp16 (its loss scaler is per rank): use bf16")
+    if cfg.activation_checkpointing is not None:
+        model_config = dataclasses.replace(model_config, checkpointing=cfg.activation_checkpointing)
+    seq_len = cfg.seq_len or model_config.max_seq_len
+    if seq_len > model_config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's max_seq_len {model_config.max_seq_len}")
+    cap_memory(cfg.max_memory_gb, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
+        torch.cuda.reset_peak_memory_stats(device)
+    seed_everything(cfg.seed)
+
+    # ---- data: this rank's shard of the training stream, fixed validation batches
+    train_data = PretrainDataset(train_path, seq_len, mode=cfg.data_mode, seed=cfg.seed, rank=runtime.rank,
+                                 world_size=runtime.world_size, return_doc_ids=cfg.doc_masking,
+                                 tokenizer_sha256=tokenizer_sha256)
+    if train_data.files.vocab_size > model_config.vocab_size:
+        raise ValueError(f"{train_path} holds ids up to {train_data.files.vocab_size - 1}, more than the model's "
+                         f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary")
+    if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
+        val_path = DatasetPaths.of(train_path).val().prefix
+    val_batches = load_val_batches(Path(val_path), cfg, seq_len, runtime, tokenizer_sha256) if val_path and cfg.eval_every else []
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
+    total_steps = cfg.total_steps(tokens_per_step)
+
+    # ---- model, optimizer, loss scaler
+    model = Llama(model_config).to(device)
+    fsdp = cfg.parallel == "fsdp" and runtime.distributed
+    if fsdp:  # before the optimizer is built: sharding replaces the parameters
+        shard_fsdp(model, model.model.layers)
+    optimizer = torch.optim.AdamW(model.configure_optimizer_groups(cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda" or None)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
+
+    # ---- resume: weights, optimizer, scaler, data position, counters; RNG last, right before the loop
+    step, tokens, elapsed, trainer_state = 0, 0, 0.0, None
+    if resume_from is not None:
+        trainer_state = ckpt.load_trainer_state(resume_from / ckpt.TRAINER_FILE)
+        check_model_config(ckpt.read_config(resume_from).get("model", {}), dataclasses.asdict(model_config), resume_from)
+        ckpt.restore_training_state(model, optimizer, resume_from, trainer_state["optimizer"], sharded=fsdp)
+        if trainer_state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(trainer_state["scaler"])
+        train_data.load_state_dict(trainer_state["data"])
+        step, tokens, elapsed = int(trainer_state["step"]), int(trainer_state["tokens"]), float(trainer_state["elapsed_s"])
+        if main:
+            log.warning("RESUMING from %s: step %d, %s tokens seen; continuing to step %d", resume_from, step,
+                        f"{tokens:,}", total_steps)
+
+    compiled = torch.compile(model) if cfg.compile else model
+    train_model = compiled
+    if runtime.distributed and not fsdp:
+        train_model = nn.parallel.DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    flops_per_token = model.flops_per_token(seq_len)
+    peak = device_peak_tflops(device, cfg.peak_tflops)
+    tied = ckpt.tied_parameters(model)
+    tokenizer_ref = {key: train_data.files.meta.get("tokenizer", {}).get(key) for key in ("path", "sha256")}
+    if main:
+        log.info("model: %s parameters, %s FLOPs/token; %d steps of %s tokens (%d x %d x %d x %d ranks), %s, %s",
+                 f"{model.num_params():,}", f"{flops_per_token:,}", total_steps, f"{tokens_per_step:,}",
+                 cfg.batch_size, cfg.grad_accum, seq_len, runtime.world_size, precision, device)
+
+    def save(name: str, update_latest: bool = True) -> Path:
+        """Checkpoint the current state (every rank calls it; rank 0 writes)."""
+        model_state, optimizer_state = ckpt.gather_training_state(model, optimizer, sharded=fsdp)
+        path = out_dir / name
+        if main:
+            state = {"step": step, "tokens": tokens, "elapsed_s": elapsed + time.perf_counter() - started,
+                     "optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                     "data": train_data.state_dict(), "rng": ckpt.rng_state()}
+            config = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(cfg),
+                      "tokenizer": tokenizer_ref, "data": {"train": str(train_path), "val": str(val_path) if val_path else None},
+                      "step": step, "tokens": tokens, "world_size": runtime.world_size}
+            ckpt.save_checkpoint(out_dir, name, model_state, state, config, keep_last=cfg.keep_last,
+                                 update_latest=update_latest, tied=tied)
+            log.info("saved checkpoint %s", path)
+        if runtime.distributed:
+            dist.barrier()
+        return path
+
+    metrics = MetricsLogger(out_dir, enabled=main, start_step=step, total_steps=total_steps, progress=cfg.progress)
+    if trainer_state is not None:
+        ckpt.set_rng_state(trainer_state["rng"])
+    start_step, started = step, time.perf_counter()
+    window_tokens, window_seconds, bad_steps = 0, 0.0, 0
+    loss_value = val_loss = last_mfu = None
+    first_batch_sha256, saved_at = None, resume_from
+    try:
+        with StopSignals() as signals, logging_redirect_tqdm():
+            while step < total_steps:
+                step_started = time.perf_counter()
+                lr = learning_rate(step, cfg, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batches = [train_data.next_batch(cfg.batch_size) for _ in range(cfg.grad_accum)]
+                if first_batch_sha256 is None:
+                    first_batch_sha256 = hashlib.sha256(batches[0]["input_ids"].numpy().tobytes()).hexdigest()
+                loss_sum = torch.zeros((), device=device)
+                try:
+                    for micro, batch in enumerate(batches):
+                        last_micro = micro == cfg.grad_accum - 1
+                        if fsdp:
+                            train_model.set_requires_gradient_sync(last_micro)
+                        # DDP all-reduces gradients in backward: only on the last micro-batch
+                        sync = train_model.no_sync() if runtime.distributed and not fsdp and not last_micro else nullcontext()
+                        with sync:
+                            with autocast:
+                                loss = forward_loss(train_model, to_device(batch, device)) / cfg.grad_accum
+                            scaler.scale(loss).backward()
+                        loss_sum += loss.detach().float()
+                except torch.cuda.OutOfMemoryError:
+                    raise TrainingOOMError(oom_advice(cfg, model_config, device, step, micro)) from None
+                scale = scaler.get_scale() if scaler.is_enabled() else None
+                grad_norm = clip_and_step(optimizer, scaler, params, cfg.grad_clip)
+                step, tokens = step + 1, tokens + tokens_per_step
+
+                # one host sync per step: the loss (averaged over ranks) and whether any rank was signalled
+                reduced = torch.stack([loss_sum, torch.tensor(float(signals.received or 0), device=device)])
+                if runtime.distributed:
+                    dist.all_reduce(reduced)
+                    reduced[0] /= runtime.world_size
+                loss_value = reduced[0].item()
+                stop_signal = signals.received or (signal.SIGTERM if reduced[1].item() > 0 else 0)
+                norm_value = grad_norm.item()
+                if not math.isfinite(norm_value):
+                    log.log(logging.DEBUG if scaler.is_enabled() else logging.WARNING,
+                            "step %d: gradient norm is %s, update skipped", step, norm_value)
+                bad_steps = bad_steps + 1 if not math.isfinite(loss_value) else 0
+                if cfg.nan_patience and bad_steps >= cfg.nan_patience:
+                    path = save(f"{ckpt.checkpoint_name(step)}-nonfinite", update_latest=False)
+                    raise NonFiniteLossError(
+                        f"loss was NaN/inf for {bad_steps} steps in a row, the last at step {step}; state saved in {path} "
+                        f"for inspection (resume continues from {ckpt.find_checkpoint(out_dir)}): lower --lr or use bf16")
+                step_seconds = time.perf_counter() - step_started
+                window_tokens, window_seconds = window_tokens + tokens_per_step, window_seconds + step_seconds
+
+                val_loss_now = None
+                if val_batches and (step % cfg.eval_every == 0 or step == total_steps):
+                    val_loss = val_loss_now = evaluate(compiled, val_batches, autocast, runtime)
+                if step % cfg.log_every == 0 or step == total_steps or val_loss_now is not None or stop_signal:
+                    tokens_per_s = window_tokens / max(window_seconds, 1e-9)
+                    last_mfu = mfu(flops_per_token, tokens_per_s / runtime.world_size, peak)
+                    record = {"step": step, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
+                              "tokens_per_s": tokens_per_s, "mfu": last_mfu, "scale": scale,
+                              "peak_memory_gib": peak_memory_gib(device), "time": elapsed + time.perf_counter() - started}
+                    if val_loss_now is not None:
+                        record.update(val_loss=val_loss_now, val_ppl=math.exp(min(val_loss_now, 50.0)))
+                    metrics.log(record)
+                    window_tokens, window_seconds = 0, 0.0
+                metrics.advance()
+                if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stop_signal:
+                    saved_at = save(ckpt.checkpoint_name(step))
+                if stop_signal:
+                    raise TrainingInterrupted(stop_signal, saved_at)
+    finally:
+        plot = metrics.close()
+        if plot is not None:
+            log.info("loss curve: %s", plot)
+
+    seconds = time.perf_counter() - started
+    result = TrainResult(
+        steps=step, tokens=tokens, seconds=elapsed + seconds,
+        tokens_per_s=(step - start_step) * tokens_per_step / max(seconds, 1e-9), train_loss=loss_value,
+        val_loss=val_loss, mfu=last_mfu, peak_memory_gib=peak_memory_gib(device), out_dir=out_dir,
+        checkpoint=saved_at, resumed_from=resume_from, first_batch_sha256=first_batch_sha256, model=model,
+    )
+    if main:
+        log.info("%s", result.summary())
+    return result
+
+
+# ---------------------------------------------------------------- command line (quick runs, tests, torchrun)
+
+
+def _field_parser(hint: Any) -> tuple[type, bool]:
+    """(element type, is_bool) of a TrainConfig annotation such as ``int | None``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return args[0], bool in args
+
+
+def parse_resume(text: str) -> bool | str | None:
+    lowered = text.lower()
+    return {"auto": None, "true": True, "yes": True, "false": False, "no": False}.get(lowered, text)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """One ``--flag`` per :class:`TrainConfig` field, its help from the field's metadata; ``defaults`` override."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = (defaults or {}).get(f.name, f.default)
+        kind, is_bool = _field_parser(hints[f.name])
+        help_text = f.metadata["help"] + (f" (default: {default})" if default is not None else "")
+        if f.name == "resume":
+            parser.add_argument(flag, type=parse_resume, default=default, help=help_text)
+        elif is_bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"), help=help_text)
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llama.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--train", required=True, help="packed training corpus (data/corpus or data/corpus.bin)")
+    parser.add_argument("--val", help="packed validation corpus (default: the .val beside --train, if any)")
+    parser.add_argument("--preset", default="tiny", help="model preset from llama.model.PRESETS (default: tiny)")
+    parser.add_argument("--vocab-size", type=int, help="model vocabulary (default: the corpus meta's)")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a LlamaConfig field, value as JSON (e.g. dim=64, kernels=\"torch\"); repeatable")
+    parser.add_argument("--tokenizer-sha256", help="refuse data packed with a tokenizer of another sha256")
+    add_train_arguments(parser)
+    return parser
+
+
+def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
+    overrides: dict[str, Any] = {}
+    for item in args.model:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare word such as kernels=torch
+    vocab_size = args.vocab_size or open_packed(args.train).vocab_size
+    return LlamaConfig.from_preset(args.preset, **{"vocab_size": vocab_size, **overrides})
+
+
+def run_from_args(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, train, print the summary; exit code 0, 2 (error), or 128 + signal when stopped by one."""
+    from engine.cli import setup_logging
+
+    setup_logging()
+    try:
+        args = build_parser().parse_args(argv)
+        train(model_config_from_args(args), train_config_from_args(args), args.train, args.val, args.tokenizer_sha256)
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped at once, without a checkpoint of the current step", file=sys.stderr)
+        return 130
+    except (TrainingError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_from_args())
