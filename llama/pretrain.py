@@ -1,0 +1,135 @@
+"""Pretrain a Llama on a packed corpus: ``python -m llama.pretrain --bin data/corpus.bin``.
+
+The corpus comes from ``python -m engine.prepare`` (``corpus.bin`` + ``corpus.idx.npy`` +
+``corpus.meta.json``; ``corpus.val.bin`` beside it is used for validation). A hardware profile picks
+precision, micro-batch, activation checkpointing and accumulation so the run fits the card
+(``--profile auto`` reads this machine); any of them can be set by hand. Output goes to ``--out-dir``:
+checkpoints (safetensors), ``metrics.jsonl``, TensorBoard events and a loss curve when those packages
+are installed. Running the same command again resumes from the last checkpoint.
+
+    python -m llama.pretrain --bin data/corpus.bin                                   # auto profile, default preset
+    python -m llama.pretrain --bin data/corpus.bin --preset seed003-92m --profile 3060-6gb
+    python -m llama.pretrain --bin data/corpus.bin --profile 3060-6gb --max-memory-gb 6   # rehearse a 6 GB card
+    torchrun --nproc_per_node=2 -m llama.pretrain --bin data/corpus.bin               # data-parallel on 2 GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Any, Sequence
+
+from engine.cli import setup_logging
+from engine.format import DatasetError, open_packed
+
+from .model import PRESETS, LlamaConfig
+from .profiles import PROFILES, ProfileError, get_profile, plan
+from .train import TrainConfig, TrainingError, TrainingInterrupted, add_train_arguments, train
+
+logger = logging.getLogger("llama.pretrain")
+
+#: TrainConfig fields the profile decides unless given on the command line.
+PLANNED = ("batch_size", "grad_accum", "precision", "activation_checkpointing", "steps", "seq_len")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.pretrain", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--bin", required=True, help="packed training corpus: data/corpus.bin (or its prefix data/corpus)")
+    parser.add_argument("--val", help="packed validation corpus (default: corpus.val.bin beside --bin, when present)")
+    parser.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default: the profile's)")
+    parser.add_argument("--profile", default="auto", choices=("auto", *PROFILES),
+                        help="hardware profile that sizes the run to fit (default: auto, from this machine)")
+    parser.add_argument("--vocab-size", type=int, help="model vocabulary (default: the preset's, else the corpus's tokenizer)")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a model field, value as JSON (e.g. dim=640, rope_theta=1e6); repeatable")
+    parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                        help="fused Triton kernels, plain PyTorch, or auto (Triton on CUDA) (default: auto)")
+    add_train_arguments(parser, defaults={name: None for name in PLANNED} | {"out_dir": "out/pretrain"})
+    return parser
+
+
+def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> LlamaConfig:
+    """The preset with --model overrides; its vocabulary must cover the corpus's ids (one-line error otherwise)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides: dict[str, Any] = {"kernels": args.kernels}
+    for item in args.model:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    preset_vocab = PRESETS[preset].get("vocab_size")
+    vocab = args.vocab_size or preset_vocab or corpus_vocab
+    if preset_vocab and not args.vocab_size and preset_vocab != corpus_vocab:
+        raise ValueError(
+            f"preset {preset} has a {preset_vocab:,}-id vocabulary but {args.bin} was packed with a {corpus_vocab:,}-id "
+            f"tokenizer: pass --vocab-size {corpus_vocab} (or pack the corpus with the preset's tokenizer)"
+        )
+    if vocab < corpus_vocab:
+        raise ValueError(f"--vocab-size {vocab:,} is smaller than the corpus tokenizer's {corpus_vocab:,} ids; "
+                         f"use --vocab-size {corpus_vocab}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
+    if unknown:
+        raise ValueError(f"--model: unknown field(s) {', '.join(sorted(unknown))}; see llama.model.LlamaConfig")
+    return LlamaConfig.from_preset(preset, **{**overrides, "vocab_size": vocab})
+
+
+def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
+    """Model and training configs from the arguments, the profile filling what was not given."""
+    try:
+        files = open_packed(args.bin)
+    except (DatasetError, OSError) as e:
+        raise ValueError(f"cannot read the corpus {args.bin}: {e}") from None
+    profile = get_profile(args.profile)
+    preset = args.preset or profile.default_preset
+    config = model_config(args, files.vocab_size, preset)
+    seq_len = args.seq_len or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len)
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} is longer than preset {preset}'s context of {config.max_seq_len} tokens; "
+                         f"use --seq-len {config.max_seq_len} or less (or --model max_seq_len={seq_len})")
+    chosen = plan(dataclasses.replace(profile, precision=args.precision or profile.precision), config, seq_len)
+    values = {name: getattr(args, name) for name in (f.name for f in dataclasses.fields(TrainConfig))}
+    values["seq_len"] = seq_len
+    values["precision"] = args.precision or chosen.precision
+    values["batch_size"] = args.batch_size or chosen.micro_batch
+    values["grad_accum"] = args.grad_accum or (chosen.grad_accum if not args.batch_size else 1)
+    if args.activation_checkpointing is None:
+        values["activation_checkpointing"] = chosen.checkpointing
+    if args.steps is None and args.tokens is None:
+        values["steps"] = profile.default_steps
+    cfg = TrainConfig(**values)
+    summary = (f"profile {profile.name}: preset {preset} ({config.dim}d x {config.n_layers} layers, vocab "
+               f"{config.vocab_size:,}); {chosen.describe(seq_len)}")
+    return config, cfg, summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        config, cfg, summary = configure(args)
+        logger.info("%s", summary)
+        train(config, cfg, args.bin, args.val)  # logs its one-line summary at the end
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped at once, without a checkpoint of the current step", file=sys.stderr)
+        return 130
+    except (ProfileError, TrainingError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
