@@ -3,8 +3,9 @@
 Run from the repository root: ``pytest bench/ --benchmark-only``. The benchmarks read
 ``../shared/data`` and skip with a reason when it is absent (a fresh clone has no ``../shared``).
 Every figure the benchmarks measure is collected by :class:`Recorder`; at the end of the session
-it writes ``bench/.results/pack.json``, ``bench/.results/loader.json`` and ``bench/.results/kernels.json``
-(only the kinds that ran) and prints the ratio tables. ``python bench/report.py`` turns those files into ``RESULTS.md``.
+it writes ``bench/.results/pack.json``, ``bench/.results/loader.json``, ``bench/.results/kernels.json`` and
+``bench/.results/train.json`` (only the kinds that ran) and prints the ratio tables. ``python bench/report.py``
+turns those files into ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ if str(BENCH) not in sys.path:  # the helper modules beside this file (pytest's 
 from benchlib import CHATGLM_MODEL, PYTHON, REPO, RESULTS_DIR, SHARED_DATA, TANG, Recorder, read_tang  # noqa: E402
 from report import loader_tables, pack_tables  # noqa: E402
 from kernel_report import kernel_tables, summarize_kernels  # noqa: E402
+from train_report import summarize_train, train_tables  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +42,20 @@ def recorder() -> Recorder:
     if _RECORDER is None:
         _RECORDER = Recorder()
         _RECORDER.rows.setdefault("kernels", [])  # bench/test_kernels.py records here
+        _RECORDER.rows.setdefault("train", [])  # bench/test_train_step.py records here
     return _RECORDER
 
 
 def _summaries() -> dict[str, dict[str, Any]]:
-    """The recorder's summaries plus the kernel benchmarks' (which the Recorder itself does not summarize)."""
+    """The recorder's summaries plus the kernel and training-step benchmarks' (which the Recorder does not summarize)."""
     summaries = _RECORDER.summaries()
+    env = {**_RECORDER.started, "load_average_end": list(os.getloadavg())}
     kernel_rows = _RECORDER.rows.get("kernels")
     if kernel_rows:
-        env = {**_RECORDER.started, "load_average_end": list(os.getloadavg())}
         summaries["kernels"] = {"environment": env, "runs": kernel_rows, **summarize_kernels(kernel_rows)}
+    train_rows = _RECORDER.rows.get("train")
+    if train_rows:
+        summaries["train"] = {"environment": env, "runs": train_rows, **summarize_train(train_rows)}
     return summaries
 
 
@@ -78,6 +84,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(loader_tables(summaries["loader"]))
     if "kernels" in summaries:
         terminalreporter.write_line(kernel_tables(summaries["kernels"]))
+    if "train" in summaries:
+        terminalreporter.write_line(train_tables(summaries["train"]))
     terminalreporter.write_line(f"saved to {RESULTS_DIR}/; render with: python bench/report.py > bench/RESULTS.md")
 
 
