@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.01, help="held-out share (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="packing processes, 0 = all cores")
     parser.add_argument("--fresh", action="store_true", help="delete --out-dir first instead of reusing its tokenizer")
-    parser.add_argument("--steps", type=int, default=200, help="pretraining steps of the tiny model (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=500, help="pretraining steps of the tiny model (default: %(default)s)")
     parser.add_argument("--prompt", action="append", help="prompt to continue after training (repeatable)")
     return parser
 
