@@ -10,6 +10,11 @@ residual add folded in, RoPE, flash attention with GQA and document masking, Swi
 cross-entropy that never builds the ``[B, T, V]`` logits); ``"torch"`` calls :mod:`kernels.reference`,
 PyTorch's ``scaled_dot_product_attention`` and ``F.cross_entropy``; ``"auto"`` picks Triton for CUDA
 inputs when Triton is installed, decided at every forward call from the input's device.
+
+Generation passes a :class:`~llama.kv_cache.KVCache`: each forward appends its tokens' keys and values and
+attends over everything cached (``llama/generate.py`` drives it). Unpadded rows attend through the same op
+as training (flash attention on the Triton path); left-padded batches take PyTorch's attention with an
+explicit mask, since the flash kernel's only mask besides causal is ``doc_ids``, which needs ``Tq == Tk``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 from kernels import reference
 
+from .kv_cache import KVCache
 from .rope_scaling import from_hf_rope_scaling, normalize_rope_scaling, rope_tables, to_hf_rope_scaling
 
 KERNEL_CHOICES = ("triton", "torch", "auto")
@@ -180,16 +186,21 @@ class LlamaOutput:
     logits: torch.Tensor | None = None
 
 
-def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    """PyTorch's attention, causal, with a ``[B, 1, T, T]`` causal-and-same-document mask for packed rows."""
+def _sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """PyTorch's attention, causal (aligned to the end when a cache makes Tq < Tk), or under ``mask [B, 1, Tq, Tk]``
+    (True = attend); packed rows get a causal-and-same-document mask."""
     gqa = q.shape[1] != k.shape[1]
     if gqa and not _SDPA_HAS_GQA:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
-    if doc_ids is None:
+    q_len, k_len = q.shape[2], k.shape[2]
+    if mask is None and doc_ids is None and q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
-    mask = reference.attention_mask(q.shape[2], k.shape[2], True, doc_ids, q.device)
+    if mask is None and q_len > 1:  # SDPA's is_causal aligns to the start, a cache needs the end
+        mask = reference.attention_mask(q_len, k_len, True, doc_ids, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **extra)
 
 
@@ -230,8 +241,9 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with RoPE and grouped-query K/V (``n_kv_heads`` ≤ ``n_heads``), causal."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx  # which slice of a KV cache is this layer's
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -240,14 +252,19 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
-        doc_ids: torch.Tensor | None, ops: Ops,
+        doc_ids: torch.Tensor | None, ops: Ops, cache: KVCache | None = None, cache_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = ops.apply_rope(q, k, cos, sin, position_ids)
-        out = ops.attention(q, k, v, doc_ids)  # [B, H, T, D]
+        if cache is not None:  # attend over the cached tokens and these
+            k, v = cache.update(self.layer_idx, k, v)
+        if cache_mask is not None:
+            out = _sdpa_attention(q, k, v, None, cache_mask)
+        else:
+            out = ops.attention(q, k, v, doc_ids)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
 
 
@@ -269,20 +286,22 @@ class Block(nn.Module):
     """One pre-norm layer. It takes and returns ``(hidden, residual)``: the stream is ``hidden + residual``,
     and the add is left to the next norm, which fuses it (``residual=None`` before the first layer)."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.dropout = config.dropout
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, ops: Ops,
+        position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, ops: Ops, cache: KVCache | None = None,
+        cache_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         normed, residual = self.input_layernorm(hidden, residual, ops)
-        hidden = F.dropout(self.self_attn(normed, cos, sin, position_ids, doc_ids, ops), self.dropout, self.training)
+        attended = self.self_attn(normed, cos, sin, position_ids, doc_ids, ops, cache, cache_mask)
+        hidden = F.dropout(attended, self.dropout, self.training)
         normed, residual = self.post_attention_layernorm(hidden, residual, ops)
         return F.dropout(self.mlp(normed, ops), self.dropout, self.training), residual
 
@@ -326,28 +345,38 @@ class LlamaBackbone(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.rotary = RotaryTables(config)
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, ops: Ops
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, ops: Ops,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        cos, sin = self.rotary(input_ids.shape[1])
+        past = 0 if cache is None else cache.length
+        seq_len = input_ids.shape[1]
+        cos, sin = self.rotary(past + seq_len)
+        cache_mask = None
+        if cache is not None:
+            cache_mask = cache.attention_mask(seq_len)
+            if position_ids is None:  # the new tokens continue the cached ones
+                position_ids = torch.arange(past, past + seq_len, device=input_ids.device)[None]
         hidden = F.dropout(self.embed_tokens(input_ids), self.config.dropout, self.training)
         residual = None
         for layer in self.layers:
-            if self.config.checkpointing and self.training:
+            if self.config.checkpointing and self.training and cache is None:
                 hidden, residual = checkpoint(
                     layer, hidden, residual, cos, sin, position_ids, doc_ids, ops, use_reentrant=False
                 )
             else:
-                hidden, residual = layer(hidden, residual, cos, sin, position_ids, doc_ids, ops)
+                hidden, residual = layer(hidden, residual, cos, sin, position_ids, doc_ids, ops, cache, cache_mask)
+        if cache is not None:
+            cache.advance(seq_len)
         return self.norm(hidden, residual, ops)[0]
 
 
 class Llama(nn.Module):
-    """Llama for causal LM: ``Llama(config)(input_ids, labels=None, position_ids=None, doc_ids=None)``."""
+    """Llama for causal LM: ``Llama(config)(input_ids, labels=None, position_ids=None, doc_ids=None, cache=None)``."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -378,18 +407,24 @@ class Llama(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None, cache: KVCache | None = None, logits_to_keep: int = 0,
     ) -> LlamaOutput:
         """``input_ids [B, T]``; ``labels [B, T]`` already shifted (``labels[t]`` is the target after token t,
         -100 ignored); ``position_ids [B, T]`` (default 0..T-1) and ``doc_ids [B, T]`` for packed rows, where
-        each token attends only inside its document. The loss is the mean over counted tokens (0 if none)."""
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"{input_ids.shape[1]} tokens > max_seq_len {self.config.max_seq_len}; cut the input or "
+        each token attends only inside its document. The loss is the mean over counted tokens (0 if none).
+
+        ``cache``: attend over its tokens too and append these (positions default to continuing them).
+        ``logits_to_keep`` > 0 computes the logits of the last that many tokens only (generation needs one)."""
+        total = input_ids.shape[1] + (0 if cache is None else cache.length)
+        if total > self.config.max_seq_len:
+            raise ValueError(f"{total} tokens > max_seq_len {self.config.max_seq_len}; cut the input or "
                              "raise max_seq_len (with rope_scaling past the trained length)")
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids (packed documents) and a KV cache do not go together; generate one row each")
         ops = TRITON_OPS if self.uses_triton(input_ids) else TORCH_OPS
-        hidden = self.model(input_ids, position_ids, doc_ids, ops)
+        hidden = self.model(input_ids, position_ids, doc_ids, ops, cache)
         if labels is None:
-            return LlamaOutput(logits=self.lm_head(hidden))
+            return LlamaOutput(logits=self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         if ops.fused_loss:  # the [B, T, V] logits are never built
             return LlamaOutput(loss=kernels.fused_linear_cross_entropy(hidden, self.lm_head.weight, labels))
         logits = self.lm_head(hidden)

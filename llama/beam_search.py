@@ -1,0 +1,134 @@
+"""Beam search with a KV cache, the way Hugging Face's ``generate(num_beams=N, early_stopping=True)`` does it.
+
+Each step extends every live beam by every token and keeps, per prompt, the ``max(2, 1 + n_stop) * N`` best
+candidates by summed log-probability. Those among the first N that end on a stop token (or reach
+``max_new_tokens``) become finished hypotheses scored ``sum_logprob / new_tokens ** length_penalty``;
+the N best candidates that did not stop live on. A prompt is done once N hypotheses have finished; the
+best-scored one is returned. Width 1 is greedy decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .decoding import (
+    GenerationResult, Stopwatch, hold_back, left_pad, penalize_repeats, per_second, prompt_positions, tokens_seen,
+)
+from .kv_cache import KVCache
+from .model import Llama
+
+NO_BEAM = -1.0e9  # the score of a beam that must not be extended (HF's value)
+
+
+@dataclass
+class Hypotheses:
+    """One prompt's best finished hypotheses, at most ``num_beams``, best first, as ``(score, tokens)``."""
+
+    num_beams: int
+    best: list[tuple[float, list[int]]] = field(default_factory=list)
+
+    def add(self, score: float, tokens: list[int]) -> None:
+        self.best.append((score, tokens))
+        self.best.sort(key=lambda hyp: hyp[0], reverse=True)
+        del self.best[self.num_beams:]
+
+    @property
+    def full(self) -> bool:
+        return len(self.best) == self.num_beams
+
+
+@torch.no_grad()
+def beam_search(
+    model: Llama, prompts: list[list[int]], max_new_tokens: int, num_beams: int, *, length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (), min_new_tokens: int = 0, pad_id: int = 0,
+    stream: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """Beam search over prompts that already fit the context (see :func:`llama.generate.generate`).
+
+    The prompts are prefilled once and their cache rows repeated for the beams. ``stream`` receives each
+    prompt's chosen tokens at the end (a beam's tokens are not final before then).
+    """
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch, prompt_len = ids.shape
+    cache = KVCache.for_model(model, batch, prompt_len + max_new_tokens)
+    if not all(len(p) == prompt_len for p in prompts):
+        cache.mask_padding(mask)
+    seen = tokens_seen(ids, mask, vocab) if repetition_penalty != 1.0 else None
+    stop = set(eos_ids)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
+    n_candidates = max(2, 1 + len(stop)) * num_beams
+    clock = Stopwatch(device)
+    logits = model(ids, position_ids=prompt_positions(mask), cache=cache, logits_to_keep=1).logits[:, -1]
+
+    rows = torch.arange(batch, device=device).repeat_interleave(num_beams)  # row b * num_beams + k: beam k of b
+    cache.reorder(rows)
+    logits, lengths = logits[rows], mask.sum(dim=1)[rows]
+    seen = None if seen is None else seen[rows]
+    beam_scores = torch.zeros(batch, num_beams, device=device)
+    beam_scores[:, 1:] = NO_BEAM  # the beams start identical: extend only the first
+    beam_tokens: list[list[int]] = [[] for _ in rows]
+    hypotheses = [Hypotheses(num_beams) for _ in range(batch)]
+    prefill_s = decode_s = 0.0
+    decode_steps = 0
+
+    # Invariant: `logits` [batch * num_beams, V] predict the token after `beam_tokens`, whose summed
+    # log-probabilities are `beam_scores`; the cache rows are the beams', in the same order.
+    for step in range(max_new_tokens):
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        if seen is not None:  # on log-probabilities, as Hugging Face's beam search applies its processors
+            log_probs = penalize_repeats(log_probs, seen, repetition_penalty)
+        if step < min_new_tokens:
+            log_probs = hold_back(log_probs, stop_ids)
+        totals = (log_probs.view(batch, num_beams, vocab) + beam_scores[..., None]).view(batch, -1)
+        top_scores, top_index = totals.topk(n_candidates, dim=1)
+        scores, sources, tokens = top_scores.tolist(), (top_index // vocab).tolist(), (top_index % vocab).tolist()
+        last = step + 1 == max_new_tokens
+        keep_rows, keep_tokens, keep_scores = [], [], []
+        for b in range(batch):
+            kept = 0
+            for rank in range(n_candidates):
+                source, token = b * num_beams + sources[b][rank], tokens[b][rank]
+                if token in stop or last:
+                    if rank < num_beams and not hypotheses[b].full:
+                        score = scores[b][rank] / (step + 1) ** length_penalty
+                        hypotheses[b].add(score, beam_tokens[source] + [token])
+                elif kept < num_beams:
+                    keep_rows.append(source)
+                    keep_tokens.append(token)
+                    keep_scores.append(scores[b][rank])
+                    kept += 1
+        if step == 0:
+            prefill_s = clock.lap()
+        if last or all(h.full for h in hypotheses):
+            break
+        beam_tokens = [beam_tokens[source] + [token] for source, token in zip(keep_rows, keep_tokens)]
+        index = torch.tensor(keep_rows, device=device)
+        token_ids = torch.tensor(keep_tokens, device=device)
+        cache.reorder(index)
+        lengths = lengths[index]
+        if seen is not None:
+            seen = seen[index]
+            seen[torch.arange(len(keep_rows), device=device), token_ids] = True
+        beam_scores = torch.tensor(keep_scores, device=device).view(batch, num_beams)
+        logits = model(token_ids[:, None], position_ids=(lengths + step)[:, None], cache=cache,
+                       logits_to_keep=1).logits[:, -1]
+        decode_steps += 1
+    decode_s = clock.lap()
+
+    sequences = [h.best[0][1] for h in hypotheses]
+    if stream is not None:
+        for b, seq in enumerate(sequences):
+            for token in seq:
+                stream(b, token)
+    return GenerationResult(
+        sequences=sequences, finished=[bool(seq) and seq[-1] in stop for seq in sequences],
+        prefill_tokens_per_s=per_second(int(mask.sum()), prefill_s),
+        decode_tokens_per_s=per_second(decode_steps * batch * num_beams, decode_s),
+        scores=[h.best[0][0] for h in hypotheses],
+    )

@@ -1,0 +1,141 @@
+"""Generate with a KV cache: greedy, sampling (temperature, top-k, top-p), repetition penalty, beam search.
+
+``generate(model, prompts, max_new_tokens, ...)`` takes token ids, ``generate_text(model, tokenizer, texts, ...)``
+takes strings and stops at EOS or ``<|im_end|>``. One prefill forward writes every prompt's keys and values
+into a preallocated :class:`~llama.kv_cache.KVCache`; each decode step then feeds one token per row.
+Prompts of different lengths are padded on the left so that they end together; their rows attend through
+PyTorch's attention with a padding mask, while unpadded batches (one prompt, or equal lengths) go through
+the model's own attention op, flash attention on the Triton path (prefill and decode alike).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+
+from .beam_search import beam_search
+from .decoding import (
+    GenerationResult, SamplingOptions, Stopwatch, fit_prompts, hold_back, left_pad, next_tokens, per_second,
+    prompt_positions, tokens_seen,
+)
+from .kv_cache import KVCache
+from .model import Llama
+
+if TYPE_CHECKING:
+    from engine.tokenizer import Tokenizer
+
+IM_END = "<|im_end|>"  # the chat template's end of a turn
+
+#: ``stream(batch_index, token)``: called for every generated token, in order, as it is chosen.
+StreamCallback = Callable[[int, int], None]
+
+
+@torch.no_grad()
+def generate(
+    model: Llama, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+    top_p: float = 1.0, repetition_penalty: float = 1.0, do_sample: bool = False, num_beams: int = 1,
+    length_penalty: float = 1.0, eos_ids: Sequence[int] = (), min_new_tokens: int = 0, pad_id: int = 0,
+    stream: StreamCallback | None = None, seed: int = 0,
+) -> GenerationResult:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; a row stops at any of ``eos_ids``, which cannot
+    be chosen before ``min_new_tokens`` tokens (a barely trained model ends most texts at once).
+
+    ``do_sample=False`` is greedy (``temperature``/``top_k``/``top_p`` then do nothing, as in Hugging Face);
+    ``num_beams`` > 1 is beam search (deterministic, length-normalised by ``length_penalty``, done when
+    ``num_beams`` hypotheses have finished; see :mod:`llama.beam_search`). ``pad_id`` fills the left padding
+    and finished rows; any id works, it is never attended to. A prompt longer than ``max_seq_len -
+    max_new_tokens`` is cut from the left, with one warning. ``seed`` makes sampling reproducible.
+    """
+    options = SamplingOptions(do_sample, temperature, top_k, top_p, repetition_penalty)
+    if num_beams < 1:
+        raise ValueError(f"generate: num_beams must be ≥ 1, got {num_beams}")
+    if num_beams > 1 and do_sample:
+        raise ValueError("generate: beam search here is deterministic; use do_sample=False with num_beams > 1")
+    prompts = fit_prompts(prompts, max_new_tokens, model.config.max_seq_len)
+    was_training = model.training
+    model.eval()
+    try:
+        if num_beams > 1:
+            return beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=length_penalty,
+                               repetition_penalty=repetition_penalty, eos_ids=eos_ids, min_new_tokens=min_new_tokens,
+                               pad_id=pad_id, stream=stream)
+        return _sample(model, prompts, max_new_tokens, options, eos_ids, min_new_tokens, pad_id, stream, seed)
+    finally:
+        model.train(was_training)
+
+
+def _sample(
+    model: Llama, prompts: list[list[int]], max_new_tokens: int, options: SamplingOptions, eos_ids: Sequence[int],
+    min_new_tokens: int, pad_id: int, stream: StreamCallback | None, seed: int,
+) -> GenerationResult:
+    """Greedy or sampled decoding of every row at once; finished rows ride along on ``pad_id`` until all stop."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch, prompt_len = ids.shape
+    lengths = mask.sum(dim=1)
+    cache = KVCache.for_model(model, batch, prompt_len + max_new_tokens)
+    if not all(len(p) == prompt_len for p in prompts):
+        cache.mask_padding(mask)
+    penalize = options.repetition_penalty != 1.0
+    seen = tokens_seen(ids, mask, model.config.vocab_size) if penalize else None
+    generator = torch.Generator(device=device).manual_seed(seed) if options.do_sample else None
+    stop = set(eos_ids)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)
+    finished = [False] * batch
+    finished_mask = torch.zeros(batch, dtype=torch.bool, device=device)
+    sequences: list[list[int]] = [[] for _ in range(batch)]
+    clock = Stopwatch(device)
+    prefill_s, decode_tokens = 0.0, 0
+
+    logits = model(ids, position_ids=prompt_positions(mask), cache=cache, logits_to_keep=1).logits[:, -1]
+    # Invariant: `logits` predict step `step` for every row; finished rows are fed pad_id and their output ignored.
+    for step in range(max_new_tokens):
+        logits = logits.float() if step >= min_new_tokens else hold_back(logits.float(), stop_ids)
+        token = next_tokens(logits, seen, options, generator).masked_fill(finished_mask, pad_id)
+        chosen = token.tolist()
+        if step == 0:
+            prefill_s = clock.lap()
+        for row, tok in enumerate(chosen):
+            if finished[row]:
+                continue
+            sequences[row].append(tok)
+            decode_tokens += 1 if step else 0
+            finished[row] = tok in stop
+            if stream is not None:
+                stream(row, tok)
+        if step + 1 == max_new_tokens or all(finished):
+            break
+        finished_mask |= torch.isin(token, stop_ids)
+        if seen is not None:
+            seen[rows, token] = True
+        positions = (lengths + step)[:, None]
+        logits = model(token[:, None], position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+    decode_s = clock.lap()
+    return GenerationResult(
+        sequences, finished, per_second(int(lengths.sum()), prefill_s), per_second(decode_tokens, decode_s)
+    )
+
+
+def stop_token_ids(tokenizer: "Tokenizer") -> tuple[int, ...]:
+    """The ids that end a reply: the tokenizer's EOS and, when it has one, the chat template's ``<|im_end|>``."""
+    im_end = tokenizer.token_to_id(IM_END)
+    return (tokenizer.eos_id,) if im_end is None or im_end == tokenizer.eos_id else (tokenizer.eos_id, im_end)
+
+
+def generate_text(
+    model: Llama, tokenizer: "Tokenizer", prompts: list[str], max_new_tokens: int = 128, **options: Any
+) -> GenerationResult:
+    """:func:`generate` on texts: encodes them, stops at EOS or ``<|im_end|>``, fills ``texts`` with the replies.
+
+    ``options`` are :func:`generate`'s keywords (``eos_ids`` and ``pad_id`` default to the tokenizer's).
+    """
+    eos_ids = tuple(options.pop("eos_ids", stop_token_ids(tokenizer)))
+    pad_id = options.pop("pad_id", tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id)
+    ids = [tokenizer.encode(text) for text in prompts]
+    result = generate(model, ids, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, **options)
+    result.texts = [
+        tokenizer.decode(seq[:-1] if done else seq) for seq, done in zip(result.sequences, result.finished)
+    ]
+    return result
