@@ -11,6 +11,7 @@ are installed. Running the same command again resumes from the last checkpoint.
     python -m llama.pretrain --bin data/corpus.bin --preset seed003-92m --profile 3060-6gb
     python -m llama.pretrain --bin data/corpus.bin --profile 3060-6gb --max-memory-gb 6   # rehearse a 6 GB card
     torchrun --nproc_per_node=2 -m llama.pretrain --bin data/corpus.bin               # data-parallel on 2 GPUs
+    python -m llama.pretrain --bin data/more.bin --init out/pretrain --out-dir out/more  # continue from its weights
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import dataclasses
 import json
 import logging
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from engine.cli import setup_logging
 from engine.format import DatasetError, open_packed
 
 from .model import PRESETS, LlamaConfig
-from .profiles import PROFILES, ProfileError, get_profile, plan
+from .profiles import PROFILES, Plan, Profile, ProfileError, get_profile, plan
 from .train import TrainConfig, TrainingError, TrainingInterrupted, add_train_arguments, train
 
 logger = logging.getLogger("llama.pretrain")
@@ -58,15 +59,7 @@ def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> Ll
     """The preset with --model overrides; its vocabulary must cover the corpus's ids (one-line error otherwise)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    overrides: dict[str, Any] = {"kernels": args.kernels}
-    for item in args.model:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides: dict[str, Any] = {"kernels": args.kernels, **model_overrides(args.model)}
     preset_vocab = PRESETS[preset].get("vocab_size")
     vocab = args.vocab_size or preset_vocab or corpus_vocab
     if preset_vocab and not args.vocab_size and preset_vocab != corpus_vocab:
@@ -77,10 +70,55 @@ def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> Ll
     if vocab < corpus_vocab:
         raise ValueError(f"--vocab-size {vocab:,} is smaller than the corpus tokenizer's {corpus_vocab:,} ids; "
                          f"use --vocab-size {corpus_vocab}")
+    return LlamaConfig.from_preset(preset, **{**overrides, "vocab_size": vocab})
+
+
+def model_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--model KEY=VALUE`` items as LlamaConfig fields, values read as JSON (a bare word stays a string)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
     unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
     if unknown:
         raise ValueError(f"--model: unknown field(s) {', '.join(sorted(unknown))}; see llama.model.LlamaConfig")
-    return LlamaConfig.from_preset(preset, **{**overrides, "vocab_size": vocab})
+    return overrides
+
+
+def planned_values(args: argparse.Namespace, profile: Profile, config: LlamaConfig, seq_len: int
+                   ) -> tuple[dict[str, Any], Plan]:
+    """TrainConfig values from the arguments, the profile's memory plan filling precision, micro-batch,
+    accumulation and activation checkpointing where they were not given (shared by every task CLI)."""
+    chosen = plan(dataclasses.replace(profile, precision=args.precision or profile.precision), config, seq_len)
+    values = {name: getattr(args, name) for name in (f.name for f in dataclasses.fields(TrainConfig))}
+    values["seq_len"] = seq_len
+    values["precision"] = args.precision or chosen.precision
+    values["batch_size"] = args.batch_size or chosen.micro_batch
+    values["grad_accum"] = args.grad_accum or (chosen.grad_accum if not args.batch_size else 1)
+    if args.activation_checkpointing is None:
+        values["activation_checkpointing"] = chosen.checkpointing
+    return values, chosen
+
+
+def run_training(body: Callable[[], object]) -> int:
+    """Run ``body`` (configure and train) with the task CLIs' exit codes: 0, 2 (one-line ``error:``), 128 + signal."""
+    try:
+        body()
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted twice: stopped at once, without a checkpoint of the current step", file=sys.stderr)
+        return 130
+    except (ProfileError, TrainingError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
@@ -96,14 +134,7 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
     if seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} is longer than preset {preset}'s context of {config.max_seq_len} tokens; "
                          f"use --seq-len {config.max_seq_len} or less (or --model max_seq_len={seq_len})")
-    chosen = plan(dataclasses.replace(profile, precision=args.precision or profile.precision), config, seq_len)
-    values = {name: getattr(args, name) for name in (f.name for f in dataclasses.fields(TrainConfig))}
-    values["seq_len"] = seq_len
-    values["precision"] = args.precision or chosen.precision
-    values["batch_size"] = args.batch_size or chosen.micro_batch
-    values["grad_accum"] = args.grad_accum or (chosen.grad_accum if not args.batch_size else 1)
-    if args.activation_checkpointing is None:
-        values["activation_checkpointing"] = chosen.checkpointing
+    values, chosen = planned_values(args, profile, config, seq_len)
     if args.steps is None and args.tokens is None:
         values["steps"] = profile.default_steps
     cfg = TrainConfig(**values)
@@ -115,20 +146,13 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         config, cfg, summary = configure(args)
         logger.info("%s", summary)
         train(config, cfg, args.bin, args.val)  # logs its one-line summary at the end
-    except TrainingInterrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted twice: stopped at once, without a checkpoint of the current step", file=sys.stderr)
-        return 130
-    except (ProfileError, TrainingError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_training(body)
 
 
 if __name__ == "__main__":

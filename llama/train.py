@@ -2,8 +2,9 @@
 
     result = train(LlamaConfig.from_preset("tiny", vocab_size=8000), TrainConfig(steps=200), "out/quickstart/corpus")
 
-Every task (pretrain, SFT, …) hands its model config and data here; nothing else checkpoints or
-logs. The loop reads top to bottom in :func:`train`: build, maybe resume, then per step set the
+Every task (pretrain, SFT, …) hands its model config and data here (a ``dataset_factory`` builds its
+datasets; ``--init`` starts from another run's weights); nothing else checkpoints or logs. The loop
+reads top to bottom in :func:`train`: build, maybe resume, then per step set the
 learning rate, run ``grad_accum`` micro-batches (DDP syncs gradients on the last only), unscale,
 clip, step (skipped when the gradients are not finite), evaluate, log, save.
 
@@ -35,7 +36,7 @@ import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine.dataset import PretrainDataset
-from engine.format import DatasetPaths, open_packed
+from engine.format import DatasetPaths, PackedFiles, open_packed
 
 from . import checkpoint as ckpt
 from .hardware import (
@@ -61,6 +62,8 @@ DECAY_SHAPES = ("linear", "sqrt")
 PARALLEL = ("ddp", "fsdp")
 DATA_MODES = ("random", "epoch")
 RUNTIME_MODEL_FIELDS = ("kernels", "checkpointing", "dropout")  # may change between a save and a resume
+# May also differ between an --init checkpoint and the new run: they shape no weight (context extension, init).
+INIT_FREE_FIELDS = (*RUNTIME_MODEL_FIELDS, "max_seq_len", "rope_scaling", "init_std")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -105,6 +108,8 @@ class TrainConfig:
     seed: int = _opt(1337, "seed of the model init, the data order and every RNG")
     out_dir: str = _opt("out/train", "where checkpoints, metrics.jsonl and plots go")
     resume: bool | str | None = _opt(None, "auto (default: resume if --out-dir holds a checkpoint), true, false, or a checkpoint path")
+    init: str | None = _opt(None, "start from the weights of this checkpoint (a step_N folder or an --out-dir holding one); "
+                                  "optimizer and schedule start fresh; ignored when resuming")
     peak_tflops: float | None = _opt(None, "the GPU's peak TFLOPS for MFU (default: looked up by name)")
     nan_patience: int = _opt(5, "stop after this many non-finite losses in a row (0 = never)")
     progress: bool = _opt(True, "show a progress bar")
@@ -168,6 +173,7 @@ class TrainResult:
     checkpoint: Path | None
     resumed_from: Path | None
     first_batch_sha256: str | None  # this rank's first micro-batch: shows ranks read different shards
+    initial_val_loss: float | None = None  # before the first step of a run started from --init (the fine-tune's baseline)
     model: nn.Module | None = field(default=None, repr=False)
 
     def summary(self) -> str:
@@ -282,13 +288,83 @@ def oom_advice(cfg: TrainConfig, model_config: LlamaConfig, device: torch.device
     return f"{where}: {fix}"
 
 
-def load_val_batches(path: Path, cfg: TrainConfig, seq_len: int, runtime: Runtime,
-                     tokenizer_sha256: str | None) -> list[dict[str, torch.Tensor]]:
-    """The fixed validation batches of this rank: the first ``eval_batches`` of a seed-0 epoch order."""
-    data = PretrainDataset(path, seq_len, mode="epoch", seed=0, rank=runtime.rank, world_size=runtime.world_size,
-                           return_doc_ids=cfg.doc_masking, tokenizer_sha256=tokenizer_sha256)
+class BatchSource(Protocol):
+    """What the loop needs of a dataset (``engine.dataset``'s all qualify): batches, a resumable position, its files."""
+
+    files: PackedFiles
+    samples_per_epoch: int
+
+    def next_batch(self, batch_size: int) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class DatasetFactory(Protocol):
+    """Builds the training stream (``validation=False``) or the validation set of one rank; each task passes its own."""
+
+    def __call__(self, path: Path, seq_len: int, *, validation: bool, cfg: TrainConfig, rank: int, world_size: int,
+                 tokenizer_sha256: str | None) -> BatchSource: ...
+
+
+def pretrain_dataset(path: Path, seq_len: int, *, validation: bool, cfg: TrainConfig, rank: int, world_size: int,
+                     tokenizer_sha256: str | None) -> PretrainDataset:
+    """The default factory: ``--data-mode`` windows for training, seed-0 epoch chunks for validation."""
+    return PretrainDataset(path, seq_len, mode="epoch" if validation else cfg.data_mode, seed=0 if validation else cfg.seed,
+                           rank=rank, world_size=world_size, return_doc_ids=cfg.doc_masking,
+                           tokenizer_sha256=tokenizer_sha256)
+
+
+def load_val_batches(data: BatchSource, cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
+    """The fixed validation batches of this rank: the first ``eval_batches`` of the validation set's order."""
     count = max(1, min(cfg.eval_batches, data.samples_per_epoch // cfg.batch_size))
     return [data.next_batch(cfg.batch_size) for _ in range(count)]
+
+
+def resolve_init(init: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``--init`` names and its config; a one-line error when there is none."""
+    found = ckpt.find_checkpoint(init)
+    if found is None:
+        raise ckpt.CheckpointError(f"--init {init}: no checkpoint there (give a step_N folder or an --out-dir holding one)")
+    return found, ckpt.read_config(found)
+
+
+def check_init(init: Path, saved: dict[str, Any], model_config: LlamaConfig, data: PackedFiles) -> None:
+    """Refuse an --init checkpoint of another architecture or tokenizer than this run's, naming both sides."""
+    theirs = saved.get("tokenizer") or {}
+    ours = data.meta.get("tokenizer") or {}
+    if theirs.get("sha256") and ours.get("sha256") and theirs["sha256"] != ours["sha256"]:
+        raise ckpt.CheckpointError(
+            f"--init {init} was trained with tokenizer {theirs.get('path')} (sha256 {theirs['sha256'][:12]}), but "
+            f"{data.paths.prefix} was packed with {ours.get('path')} (sha256 {ours['sha256'][:12]}): re-pack the data "
+            "with the checkpoint's tokenizer"
+        )
+    if not (theirs.get("sha256") and ours.get("sha256")):
+        log.warning("cannot check that --init %s and %s share a tokenizer: one of them records none", init,
+                    data.paths.prefix)
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    try:
+        theirs_config = LlamaConfig(**{k: v for k, v in (saved.get("model") or {}).items() if k in known})
+    except (TypeError, ValueError) as e:
+        raise ckpt.CheckpointError(f"--init {init}: its {ckpt.CONFIG_FILE} holds no usable model config ({e})") from None
+    theirs_arch, ours_arch = architecture(theirs_config), architecture(model_config)
+    for key, value in theirs_arch.items():
+        if ours_arch[key] != value:
+            raise ckpt.CheckpointError(
+                f"--init {init} holds a model with {key}={value!r}, this run builds {key}={ours_arch[key]!r}: "
+                "build the same architecture (its config.json lists it), or start from another checkpoint"
+            )
+    changed = {key: getattr(model_config, key) for key in ("max_seq_len", "rope_scaling")
+               if getattr(theirs_config, key) != getattr(model_config, key)}
+    if changed:
+        log.warning("--init %s: this run changes %s from the checkpoint's", init, changed)
+
+
+def architecture(config: LlamaConfig) -> dict[str, Any]:
+    """The fields that shape the weights or the function they compute, derived values resolved (n_kv_heads, ffn_dim)."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in INIT_FREE_FIELDS and k != "multiple_of"}
+    return {**fields, "n_kv_heads": config.kv_heads, "ffn_dim": config.ffn_hidden_dim}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -334,23 +410,29 @@ def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
 
 
 def train(model_config: LlamaConfig, cfg: TrainConfig, train_path: str | Path, val_path: str | Path | None = None,
-          tokenizer_sha256: str | None = None) -> TrainResult:
-    """Train a :class:`Llama` built from ``model_config`` on the packed corpus ``train_path``; see the module doc.
+          tokenizer_sha256: str | None = None, *, dataset_factory: DatasetFactory = pretrain_dataset,
+          task: dict[str, Any] | None = None) -> TrainResult:
+    """Train a :class:`Llama` built from ``model_config`` on the packed data ``train_path``; see the module doc.
 
     ``val_path=None`` uses ``train_path``'s ``.val`` sibling when it exists. ``tokenizer_sha256``
-    refuses data packed with another tokenizer. Raises :class:`TrainingError` subclasses,
-    :class:`TrainingInterrupted`, and ``ValueError``/``OSError`` for bad input (all one-line).
+    refuses data packed with another tokenizer. ``dataset_factory`` builds the datasets (default:
+    pretraining windows; ``llama.sft`` passes conversation rows). ``cfg.init`` starts from a
+    checkpoint's weights, which must fit ``model_config`` and the data's tokenizer. ``task`` is saved
+    in every checkpoint's ``config.json`` (e.g. the chat template an SFT run used). Raises
+    :class:`TrainingError` subclasses, :class:`TrainingInterrupted`, and ``ValueError``/``OSError`` for
+    bad input (all one-line).
     """
     cfg.validate()
     runtime = setup_runtime(cfg.device)
     try:
-        return _train(model_config, cfg, Path(train_path), val_path, tokenizer_sha256, runtime)
+        return _train(model_config, cfg, Path(train_path), val_path, tokenizer_sha256, runtime, dataset_factory, task)
     finally:
         teardown_runtime(runtime)
 
 
 def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_path: str | Path | None,
-           tokenizer_sha256: str | None, runtime: Runtime) -> TrainResult:
+           tokenizer_sha256: str | None, runtime: Runtime, dataset_factory: DatasetFactory,
+           task: dict[str, Any] | None) -> TrainResult:
     device, main = runtime.device, runtime.is_main
     out_dir = Path(cfg.out_dir)
     if main:
@@ -372,20 +454,28 @@ def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pa
     seed_everything(cfg.seed)
 
     # ---- data: this rank's shard of the training stream, fixed validation batches
-    train_data = PretrainDataset(train_path, seq_len, mode=cfg.data_mode, seed=cfg.seed, rank=runtime.rank,
-                                 world_size=runtime.world_size, return_doc_ids=cfg.doc_masking,
-                                 tokenizer_sha256=tokenizer_sha256)
+    shard = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size,
+                 tokenizer_sha256=tokenizer_sha256)
+    train_data = dataset_factory(train_path, validation=False, **shard)
+    init_from, init_config = resolve_init(cfg.init) if cfg.init and resume_from is None else (None, {})
+    if init_from is not None:  # before the vocabulary check: a tokenizer mismatch is the likelier story
+        check_init(init_from, init_config, model_config, train_data.files)
     if train_data.files.vocab_size > model_config.vocab_size:
         raise ValueError(f"{train_path} holds ids up to {train_data.files.vocab_size - 1}, more than the model's "
                          f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary")
     if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
         val_path = DatasetPaths.of(train_path).val().prefix
-    val_batches = load_val_batches(Path(val_path), cfg, seq_len, runtime, tokenizer_sha256) if val_path and cfg.eval_every else []
+    val_batches = (load_val_batches(dataset_factory(Path(val_path), validation=True, **shard), cfg)
+                   if val_path and cfg.eval_every else [])
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
     total_steps = cfg.total_steps(tokens_per_step)
 
     # ---- model, optimizer, loss scaler
     model = Llama(model_config).to(device)
+    if init_from is not None:  # weights only: optimizer, schedule and data start fresh
+        ckpt.load_model_weights(init_from, model)
+        if main:
+            log.info("initialised from %s (step %s)", init_from, init_config.get("step"))
     fsdp = cfg.parallel == "fsdp" and runtime.distributed
     if fsdp:  # before the optimizer is built: sharding replaces the parameters
         shard_fsdp(model, model.model.layers)
@@ -432,6 +522,7 @@ def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pa
                      "data": train_data.state_dict(), "rng": ckpt.rng_state()}
             config = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(cfg),
                       "tokenizer": tokenizer_ref, "data": {"train": str(train_path), "val": str(val_path) if val_path else None},
+                      "init": str(init_from) if init_from else None, "task": task,
                       "step": step, "tokens": tokens, "world_size": runtime.world_size}
             ckpt.save_checkpoint(out_dir, name, model_state, state, config, keep_last=cfg.keep_last,
                                  update_latest=update_latest, tied=tied)
@@ -445,8 +536,12 @@ def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pa
         ckpt.set_rng_state(trainer_state["rng"])
     start_step, started = step, time.perf_counter()
     window_tokens, window_seconds, bad_steps = 0, 0.0, 0
-    loss_value = val_loss = last_mfu = None
+    loss_value = val_loss = last_mfu = initial_val_loss = None
     first_batch_sha256, saved_at = None, resume_from
+    if init_from is not None and val_batches:
+        initial_val_loss = evaluate(compiled, val_batches, autocast, runtime)
+        if main:
+            log.info("validation loss before training: %.4f", initial_val_loss)
     try:
         with StopSignals() as signals, logging_redirect_tqdm():
             while step < total_steps:
@@ -524,7 +619,8 @@ def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pa
         steps=step, tokens=tokens, seconds=elapsed + seconds,
         tokens_per_s=(step - start_step) * tokens_per_step / max(seconds, 1e-9), train_loss=loss_value,
         val_loss=val_loss, mfu=last_mfu, peak_memory_gib=peak_memory_gib(device), out_dir=out_dir,
-        checkpoint=saved_at, resumed_from=resume_from, first_batch_sha256=first_batch_sha256, model=model,
+        checkpoint=saved_at, resumed_from=resume_from, first_batch_sha256=first_batch_sha256,
+        initial_val_loss=initial_val_loss, model=model,
     )
     if main:
         log.info("%s", result.summary())
@@ -545,10 +641,15 @@ def parse_resume(text: str) -> bool | str | None:
     return {"auto": None, "true": True, "yes": True, "false": False, "no": False}.get(lowered, text)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
-    """One ``--flag`` per :class:`TrainConfig` field, its help from the field's metadata; ``defaults`` override."""
+def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
+                        exclude: Sequence[str] = ()) -> None:
+    """One ``--flag`` per :class:`TrainConfig` field, its help from the field's metadata; ``defaults`` override;
+    ``exclude`` names fields a task fixes itself (they keep their default, or ``defaults``'s value)."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if f.name in exclude:
+            parser.set_defaults(**{f.name: (defaults or {}).get(f.name, f.default)})
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = (defaults or {}).get(f.name, f.default)
         kind, is_bool = _field_parser(hints[f.name])

@@ -1,0 +1,373 @@
+"""Supervised fine-tuning on conversations: ``python -m llama.sft --data data/sft --init out/pretrain``.
+
+``--data`` is an SFT dataset packed by ``python -m engine.prepare --kind sft`` (its ``.val`` sibling is
+used for validation), or raw conversations (a .jsonl/.json/.csv file or a folder of them: MiniMind,
+ShareGPT, alpaca or medical CSV records), which are packed once with the checkpoint's tokenizer into a
+hidden cache beside them (``data/x.jsonl`` → ``data/.x.jsonl.zhllm-cache/<tokenizer sha256[:12]>/sft.*``;
+hidden, so a later scan of ``data/`` never reads it as raw data) and reused while the files, the
+tokenizer and the packing options stay the same. Delete the folder to drop the cache.
+
+Whole conversations are packed into rows with document masking (no conversation attends to another;
+positions restart per conversation) and the loss counts only assistant replies and their
+``<|im_end|>``. The model, its tokenizer and its architecture come from the ``--init`` checkpoint; a
+checkpoint of another tokenizer than the data's is refused. Precision, micro-batch, accumulation and
+activation checkpointing come from the hardware profile, as in pretraining; the same command again
+resumes from ``--out-dir``.
+
+Reasoning SFT (seed 001's format): ``--template think`` renders every assistant turn as
+``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``, taking the reasoning from a leading ``<think>…</think>``
+in the data, and giving replies without one an empty block. A model trained so answers directly when
+the generation prompt is followed by the empty block (:func:`assistant_prefix` with ``thinking=False``):
+thinking is switched off at inference. ``--drop-think`` deletes the data's reasoning instead (a
+direct-answer model from reasoning data). The default ``chatml`` keeps replies exactly as given.
+
+    python -m llama.sft --data data/sft --init out/pretrain
+    python -m llama.sft --data ../shared/data/medicalgpt/medical_sft_1K_format.jsonl --init out/pretrain --epochs 3
+    python -m llama.sft --data data/r1_mix.jsonl --init out/pretrain --template think --profile 3060-6gb
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from engine import __version__ as engine_version
+from engine.chat_template import ChatFormatError
+from engine.cli import setup_logging
+from engine.conversations import parse_conversation
+from engine.dataset import SFTDataset
+from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed, write_json_atomic
+from engine.pack import PackConfig, pack_corpus
+from engine.sources import Corpus, Record, SourceReport
+from engine.tokenizer import Tokenizer, load_tokenizer
+
+from . import checkpoint as ckpt
+from .model import LlamaConfig
+from .pretrain import model_overrides, planned_values, run_training
+from .profiles import PROFILES, get_profile
+from .train import TrainConfig, add_train_arguments, resolve_init, resolve_resume, train
+
+logger = logging.getLogger("llama.sft")
+
+TEMPLATES = ("chatml", "think")
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # the reply prefix that switches a `think`-trained model's reasoning off
+LEADING_THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)
+CACHE_SUFFIX = ".zhllm-cache"
+#: TrainConfig fields the profile decides unless given on the command line (steps: from --epochs).
+PLANNED = ("batch_size", "grad_accum", "precision", "activation_checkpointing", "steps", "seq_len", "warmup_steps")
+SFT_DEFAULTS: dict[str, Any] = {"out_dir": "out/sft", "lr": 5e-5, "min_lr": 5e-6, "eval_every": 100, "save_every": 500,
+                                "doc_masking": True}
+
+
+# ---------------------------------------------------------------- the chat template option
+
+
+def format_reply(content: str, template: str, drop_think: bool = False) -> str:
+    """An assistant turn's text under ``template``: as given (``chatml``) or ``<think>…</think>`` + answer (``think``).
+
+    Only a ``<think>…</think>`` block at the start of the reply counts as reasoning; ``drop_think``
+    removes it (``think`` then keeps the empty block).
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    match = LEADING_THINK.match(content)
+    reasoning, answer = (match.group(1).strip(), content[match.end():]) if match else ("", content)
+    if drop_think:
+        reasoning = ""
+    if template == "chatml":
+        return answer if drop_think else content
+    return f"<think>\n{reasoning}\n</think>\n\n{answer}" if reasoning else EMPTY_THINK + answer
+
+
+def assistant_prefix(template: str | None, thinking: bool = True) -> str:
+    """What follows ``<|im_start|>assistant\\n`` in a generation prompt: the empty think block turns reasoning off."""
+    return EMPTY_THINK if template == "think" and not thinking else ""
+
+
+class TemplatedCorpus:
+    """A :class:`~engine.sources.Corpus` whose conversations are rewritten by :func:`format_reply` before packing.
+
+    It stands in for the Corpus in ``engine.pack.pack_corpus``. Its ``files`` are given as strings
+    so the packer never lets workers read the files themselves, around the rewrite.
+    """
+
+    def __init__(self, corpus: Corpus, template: str, drop_think: bool) -> None:
+        self._corpus, self.template, self.drop_think = corpus, template, drop_think
+        self.specs, self.options = corpus.specs, corpus.options
+        self.files = [str(item) for item in corpus.files]
+
+    @property
+    def report(self) -> SourceReport:
+        return self._corpus.report
+
+    def records(self, columns: Sequence[str] | None = None) -> Iterator[Record]:
+        for record in self._corpus.records(columns):
+            try:
+                messages = parse_conversation(record.fields)
+            except ChatFormatError:
+                yield record  # unchanged: the packer counts it as bad, with its file and line
+                continue
+            for message in messages:
+                if message["role"] == "assistant":
+                    message["content"] = format_reply(message["content"], self.template, self.drop_think)
+            record.fields = {"messages": messages}
+            yield record
+
+    def check(self) -> None:
+        self._corpus.check()
+
+
+# ---------------------------------------------------------------- data
+
+
+def sft_dataset(path: Path, seq_len: int, *, validation: bool, cfg: TrainConfig, rank: int, world_size: int,
+                tokenizer_sha256: str | None) -> SFTDataset:
+    """The loop's dataset factory for SFT: conversation rows, shuffled per epoch (validation: seed 0)."""
+    return SFTDataset(path, seq_len, seed=0 if validation else cfg.seed, rank=rank, world_size=world_size,
+                      tokenizer_sha256=tokenizer_sha256)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (torchrun ranks wait while the first one packs); none where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: a single process is the usual case there
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pack_cached(source: str | os.PathLike[str], tokenizer: Tokenizer, *, template: str = "chatml",
+                drop_think: bool = False, system: str | None = None, val_fraction: float = 0.02,
+                cache_dir: str | os.PathLike[str] | None = None, workers: int = 0, progress: bool = True) -> Path:
+    """Pack raw conversations into ``cache_dir`` (default: ``.SOURCE.zhllm-cache`` beside it) once; return the prefix.
+
+    The cache is reused while every source file keeps its size and modification time, and the
+    tokenizer and the options are the same; otherwise it is packed again, logging why.
+    """
+    source = Path(source)
+    corpus = Corpus([str(source)])
+    fingerprint = {
+        "sources": [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in corpus.files],
+        "tokenizer_sha256": tokenizer.sha256, "template": template, "drop_think": drop_think, "system": system,
+        "val_fraction": val_fraction, "engine_version": engine_version,
+    }
+    folder = Path(cache_dir) if cache_dir else cache_folder(source)
+    folder = folder / tokenizer.sha256[:12]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot write the packing cache {folder} ({e.strerror}): pass --cache-dir") from None
+    prefix, stamp = folder / "sft", folder / "sft.source.json"
+    with _locked(folder / ".lock"):
+        try:
+            previous = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            previous = {}  # unreadable: pack again
+        if previous == fingerprint and DatasetPaths.of(prefix).meta.is_file():
+            logger.info("using %s, packed before from %s (unchanged)", prefix, source)
+            return prefix
+        changed = "no cache yet" if previous is None else "changed: " + ", ".join(
+            key for key in fingerprint if previous.get(key) != fingerprint[key])
+        logger.info("packing %s into %s (%s)", source, prefix, changed)
+        for path in (stamp, *DatasetPaths.of(prefix).all(), *DatasetPaths.of(prefix).val().all()):
+            path.unlink(missing_ok=True)  # a stale .val must never outlive its training split
+        reader = corpus if template == "chatml" and not drop_think else TemplatedCorpus(corpus, template, drop_think)
+        config = PackConfig(out=str(prefix), kind="sft", val_fraction=val_fraction, workers=workers,
+                            system_prompt=system, progress=progress)
+        pack_corpus(reader, tokenizer, config)  # type: ignore[arg-type]  # TemplatedCorpus duck-types Corpus
+        corpus.report.log_summary()
+        val = DatasetPaths.of(prefix).val()
+        if val.meta.is_file() and json.loads(val.meta.read_text(encoding="utf-8")).get("n_docs") == 0:
+            logger.warning("no conversation fell into the validation split (--val-fraction %s): training without one",
+                           val_fraction)
+            for path in val.all():
+                path.unlink(missing_ok=True)
+        write_json_atomic(stamp, fingerprint)
+    return prefix
+
+
+def cache_folder(source: str | os.PathLike[str]) -> Path:
+    """The default cache of raw data ``source``: hidden, beside it (``data/x.jsonl`` → ``data/.x.jsonl.zhllm-cache``)."""
+    source = Path(source).resolve()
+    return source.with_name(f".{source.name}{CACHE_SUFFIX}")
+
+
+def open_sft(prefix: str | os.PathLike[str]) -> PackedFiles:
+    """Open a packed dataset and insist it is SFT (one-line error for a pretrain corpus or a bare .bin)."""
+    paths = DatasetPaths.of(prefix)
+    if not paths.meta.is_file():
+        raise ValueError(f"{paths.bin} has no {paths.meta.name}: SFT needs conversations packed by "
+                         "`python -m engine.prepare --kind sft` (or give the raw .jsonl)")
+    files = open_packed(paths.prefix)
+    if files.kind != "sft":
+        raise ValueError(f"{paths.prefix} is a {files.kind} dataset, not SFT conversations: pretrain on it with "
+                         "`python -m llama.pretrain`, or pack conversations with `python -m engine.prepare --kind sft`")
+    return files
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.sft", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--data", required=True,
+                        help="packed SFT dataset (data/sft or data/sft.bin), or raw conversations: a .jsonl/.json/.csv "
+                        "file or a folder of them, packed into a cache beside them")
+    parser.add_argument("--val", help="packed validation set (default: the .val beside the data, when present)")
+    parser.add_argument("--init", default=None,
+                        help="the checkpoint to fine-tune: a pretraining --out-dir or a step_N folder (required unless "
+                        "--out-dir already holds this run's checkpoints, which are resumed)")
+    parser.add_argument("--tokenizer", help="the tokenizer to pack raw data with (default: the one the checkpoint "
+                        "names; must be the same vocabulary)")
+    parser.add_argument("--template", choices=TEMPLATES, default="chatml",
+                        help="raw data: 'chatml' keeps replies as given; 'think' writes each reply as "
+                        "<think>reasoning</think> + answer, empty when the data has none (default: chatml)")
+    parser.add_argument("--drop-think", action="store_true",
+                        help="raw data: delete the reasoning (<think>…</think>) that opens a reply before training")
+    parser.add_argument("--system", help="raw data: system prompt for conversations that have none")
+    parser.add_argument("--val-fraction", type=float, default=0.02,
+                        help="raw data: share of conversations held out for validation (default: 0.02)")
+    parser.add_argument("--cache-dir", help="raw data: where to keep the packed cache (default: .DATA.zhllm-cache beside it)")
+    parser.add_argument("--pack-workers", type=int, default=0,
+                        help="raw data: tokenizing processes, 0 = one per core, 1 = none (default: 0)")
+    parser.add_argument("--epochs", type=float, default=2.0,
+                        help="passes over the training rows, when neither --steps nor --tokens is given (default: 2)")
+    parser.add_argument("--profile", default="auto", choices=("auto", *PROFILES),
+                        help="hardware profile that sizes the run to fit (default: auto, from this machine)")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a runtime model field, value as JSON (e.g. dropout=0.1); the architecture "
+                        "must stay the checkpoint's")
+    parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
+                        help="fused Triton kernels, plain PyTorch, or auto (Triton on CUDA) (default: auto)")
+    defaults = {**SFT_DEFAULTS, **{name: None for name in PLANNED}}
+    add_train_arguments(parser, defaults=defaults, exclude=("data_mode", "doc_masking", "init"))
+    return parser
+
+
+def base_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any], bool]:
+    """(checkpoint, its config, resuming?): this run's own latest when resuming, else ``--init``'s."""
+    resume_from = resolve_resume(args.resume, Path(args.out_dir))
+    if resume_from is not None:
+        return resume_from, ckpt.read_config(resume_from), True
+    if not args.init:
+        raise ValueError(f"--init is required: name the checkpoint to fine-tune (e.g. --init out/pretrain); "
+                         f"{args.out_dir} holds no run to resume")
+    found, config = resolve_init(args.init)
+    return found, config, False
+
+
+def data_tokenizer(args: argparse.Namespace, checkpoint: Path, saved: dict[str, Any]) -> Tokenizer:
+    """The tokenizer to pack raw data with: ``--tokenizer`` or the checkpoint's, and always the checkpoint's vocabulary."""
+    reference = saved.get("tokenizer") or {}
+    path = args.tokenizer or reference.get("path")
+    if not path:
+        raise ValueError(f"{checkpoint} names no tokenizer: pass --tokenizer (the one its pretraining data was packed with)")
+    if not Path(path).exists():
+        raise ValueError(f"{checkpoint} was trained with tokenizer {path}, which is not here: pass --tokenizer")
+    tokenizer = load_tokenizer(path)
+    expected = reference.get("sha256")
+    if expected and tokenizer.sha256 != expected:
+        raise ValueError(
+            f"{checkpoint} was trained with tokenizer {reference.get('path')} (sha256 {expected[:12]}), but {path} "
+            f"is another vocabulary (sha256 {tokenizer.sha256[:12]}): pass the checkpoint's tokenizer"
+        )
+    return tokenizer
+
+
+def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, dict[str, Any], str]:
+    """Model and training configs, the packed training prefix, the task record and a summary line."""
+    checkpoint, saved, resuming = base_checkpoint(args)
+    raw = not (DatasetPaths.of(args.data).meta.exists() or DatasetPaths.of(args.data).bin.exists())
+    if raw and not Path(args.data).exists():
+        raise ValueError(f"--data {args.data}: no packed dataset ({DatasetPaths.of(args.data).bin.name}) and no file "
+                         "or folder of that name")
+    if not raw and (args.template != "chatml" or args.drop_think or args.system):
+        raise ValueError(f"--template/--drop-think/--system shape the packing, but {args.data} is already packed: "
+                         "give the raw conversations instead")
+    if raw:
+        tokenizer = data_tokenizer(args, checkpoint, saved)
+        prefix = pack_cached(args.data, tokenizer, template=args.template, drop_think=args.drop_think,
+                             system=args.system, val_fraction=args.val_fraction, cache_dir=args.cache_dir,
+                             workers=args.pack_workers, progress=args.progress)
+    else:
+        prefix = DatasetPaths.of(args.data).prefix
+    files = open_sft(prefix)
+
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    fields = {k: v for k, v in (saved.get("model") or {}).items() if k in known}
+    if "vocab_size" not in fields:
+        raise ValueError(f"{checkpoint / ckpt.CONFIG_FILE} holds no model config: is it a zhllm checkpoint?")
+    config = LlamaConfig(**{**fields, "kernels": args.kernels, **model_overrides(args.model)})
+    profile = get_profile(args.profile)
+    seq_len = args.seq_len or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len)
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {config.max_seq_len} tokens; "
+                         f"use --seq-len {config.max_seq_len} or less")
+    values, chosen = planned_values(args, profile, config, seq_len)
+    values["doc_masking"], values["init"] = True, None if resuming else str(checkpoint)
+    rows = count_rows(prefix, seq_len)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rows_per_step = values["batch_size"] * values["grad_accum"] * world_size
+    if args.steps is None and args.tokens is None:
+        values["steps"] = max(1, math.ceil(args.epochs * rows / rows_per_step))
+    steps = values["steps"] or math.ceil((args.tokens or 0) / (rows_per_step * seq_len))
+    if args.warmup_steps is None:  # 3% of the run, as fine-tunes usually do, at most 100 steps
+        values["warmup_steps"] = min(100, max(1, round(0.03 * steps)))
+    cfg = TrainConfig(**values)
+    task = {"name": "sft", "template": args.template if raw else None, "drop_think": args.drop_think if raw else None,
+            "think_off_prefix": assistant_prefix(args.template, thinking=False) if raw else None,
+            "system": args.system, "source": str(args.data)}
+    summary = (f"profile {profile.name}: {'resuming' if resuming else 'fine-tuning'} {checkpoint} "
+               f"({config.dim}d x {config.n_layers} layers, vocab {config.vocab_size:,}) on {prefix} "
+               f"({files.n_docs:,} conversations in {rows:,} rows of {seq_len}); {steps} steps "
+               f"({steps * rows_per_step / rows:.1f} epochs) of micro-batch {cfg.batch_size} x accumulation "
+               f"{cfg.grad_accum}, {cfg.precision}, activation checkpointing "
+               f"{'on' if cfg.activation_checkpointing else 'off'} (profile plan: {chosen.describe(seq_len)})")
+    return config, cfg, prefix, task, summary
+
+
+def count_rows(prefix: Path, seq_len: int) -> int:
+    """Rows of ``seq_len`` the conversations pack into (its warnings show once, when the loop builds the dataset)."""
+    quiet = logging.getLogger(SFTDataset.__module__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return SFTDataset(prefix, seq_len, pin_memory=False).n_rows
+    except DatasetError as e:
+        raise ValueError(str(e)) from None
+    finally:
+        quiet.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+
+    def body() -> None:
+        config, cfg, prefix, task, summary = configure(args)
+        logger.info("%s", summary)
+        train(config, cfg, prefix, args.val, dataset_factory=sft_dataset, task=task)
+
+    return run_training(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
