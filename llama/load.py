@@ -1,0 +1,186 @@
+"""Load a model to run it: a training checkpoint (a step folder or a run's ``--out-dir``) or a Hugging Face Llama.
+
+    model, tokenizer, info = load_for_inference("out/sft")                      # the run's newest checkpoint
+    model, tokenizer, info = load_for_inference("hf/zh-llama", dtype="bf16")    # a folder llama.export wrote
+
+Shared by ``llama.chat`` and ``llama.evaluate``. The tokenizer is the one the checkpoint names (an exported
+folder carries its own); ``tokenizer=`` replaces it and must have the same sha256. Refused with a one-line
+error naming both sides: a folder whose ``config.json`` describes another architecture than Llama, and a
+tokenizer whose vocabulary (sha256) is not the one the checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.tokenizer import Tokenizer, load_tokenizer
+
+from . import checkpoint as ckpt
+from .export import import_hf, resolve_tokenizer
+from .hf_io import HF_CONFIG, LLAMA_ARCHITECTURE, read_json
+from .model import KERNEL_CHOICES, Llama, LlamaConfig
+
+log = logging.getLogger("llama.load")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+class LoadError(ValueError):
+    """A model cannot be loaded for inference (one-line message saying what to do)."""
+
+
+@dataclass
+class InferenceInfo:
+    """What was loaded: the folder, its kind (``"checkpoint"`` or ``"hf"``), the model config and the raw
+    ``config.json`` (for a checkpoint: step, tokenizer reference, and the training task, e.g. SFT's template)."""
+
+    path: Path
+    kind: str
+    model: LlamaConfig
+    saved: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> dict[str, Any]:
+        """The task a checkpoint was trained for (``{"name": "sft", "template": …}``), empty when unrecorded."""
+        task = self.saved.get("task") if self.kind == "checkpoint" else None
+        return task if isinstance(task, dict) else {}
+
+    @property
+    def think_off_prefix(self) -> str:
+        """The reply prefix that switches a reasoning (``--template think``) model's thinking off, else ``""``."""
+        return str(self.task.get("think_off_prefix") or "")
+
+    def describe(self) -> str:
+        step = self.saved.get("step") if self.kind == "checkpoint" else None
+        where = f"{self.path} (step {step})" if step is not None else str(self.path)
+        c = self.model
+        return f"{where}: {c.dim}d x {c.n_layers} layers, vocab {c.vocab_size:,}, context {c.max_seq_len}"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when there is one, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise LoadError(f"--device {device!r} is not a device ({e}): use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise LoadError(f"--device {device} asked for CUDA, but this machine has none (or torch was built without it): "
+                        "use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``dtype`` (a name of :data:`DTYPES` or a torch dtype); by default bf16 on a GPU that has it, fp16 on an older
+    GPU, fp32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in DTYPES:
+        raise LoadError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _model_config(saved: Any, where: Path, kernels: str) -> LlamaConfig:
+    """The checkpoint's :class:`LlamaConfig` for inference (fields this code does not know dropped, with a warning)."""
+    if not isinstance(saved, dict) or not saved:
+        raise LoadError(f"{where / ckpt.CONFIG_FILE} holds no model config: it was not written by llama.train")
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        log.warning("%s: ignoring model fields this code does not know: %s", where, ", ".join(unknown))
+    fields = {k: v for k, v in saved.items() if k in known}
+    try:
+        return LlamaConfig(**{**fields, "kernels": kernels, "checkpointing": False, "dropout": 0.0})
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{where / ckpt.CONFIG_FILE} describes a model this code cannot build: {e}") from None
+
+
+def _check_architecture(config: dict[str, Any], config_path: Path) -> None:
+    """Refuse a ``config.json`` of another model family, naming what it is and what is loaded here."""
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    if architectures and LLAMA_ARCHITECTURE not in architectures:
+        raise LoadError(f"{config_path} describes a {', '.join(map(str, architectures))} (model_type {model_type!r}), "
+                        f"not a {LLAMA_ARCHITECTURE}: only Llama models (zhllm checkpoints or Hugging Face "
+                        f"{LLAMA_ARCHITECTURE} folders) load here")
+    if not architectures and model_type != "llama":
+        raise LoadError(f"{config_path} describes model_type {model_type!r}, not 'llama' ({LLAMA_ARCHITECTURE}): "
+                        "only Llama models (zhllm checkpoints or Hugging Face Llama folders) load here")
+
+
+def _tokenizer(reference: dict[str, Any], tokenizer: str | os.PathLike[str] | Tokenizer | None,
+               where: Path) -> Tokenizer:
+    """The checkpoint's tokenizer or ``tokenizer``, refused when its sha256 is not ``reference``'s."""
+    if not isinstance(tokenizer, Tokenizer):
+        return resolve_tokenizer(reference, tokenizer, where)  # names both sha256s when they differ
+    expected = reference.get("sha256")
+    if expected and tokenizer.sha256 != expected:
+        raise LoadError(f"tokenizer {tokenizer.path} has sha256 {tokenizer.sha256}, but {where} was trained with "
+                        f"sha256 {expected} ({reference.get('path')}): pass the tokenizer it was trained with")
+    return tokenizer
+
+
+def _hf_tokenizer_reference(hf_dir: Path) -> dict[str, Any]:
+    """``{"path", "sha256"}`` of the tokenizer saved beside an exported model, empty when there is none."""
+    if not any((hf_dir / name).is_file() for name in HF_TOKENIZER_FILES):
+        return {}
+    return {"path": str(hf_dir), "sha256": load_tokenizer(hf_dir).sha256}
+
+
+def load_for_inference(
+    ckpt_or_hf_dir: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, kernels: str = "auto",
+) -> tuple[Llama, Tokenizer, InferenceInfo]:
+    """``(model in eval mode on device/dtype, its tokenizer, what was loaded)`` from a checkpoint or an HF folder.
+
+    ``ckpt_or_hf_dir``: a ``step_N`` folder, a training ``--out-dir`` (its ``latest``/newest checkpoint), a folder
+    written by ``llama.export --from-hf``, or a Hugging Face ``LlamaForCausalLM`` folder. ``tokenizer``: a folder,
+    file or :class:`Tokenizer` replacing the checkpoint's own (same sha256 required).
+    """
+    if kernels not in KERNEL_CHOICES:
+        raise LoadError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    path = Path(ckpt_or_hf_dir)
+    if not path.exists():
+        raise LoadError(f"{path} does not exist: give a checkpoint (step_N folder or a training --out-dir) "
+                        "or a Hugging Face Llama folder")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    found = ckpt.find_checkpoint(path)
+    saved = read_json(found / ckpt.CONFIG_FILE) if found is not None and (found / ckpt.CONFIG_FILE).is_file() else {}
+    if found is not None and ("format" in saved or "model" in saved):  # ours; an HF folder has the same file names
+        saved = ckpt.read_config(found)  # refuses another format version
+        config = _model_config(saved.get("model"), found, kernels)
+        tok = _tokenizer(saved.get("tokenizer") or {}, tokenizer, found)
+        model = Llama(config)
+        ckpt.load_model_weights(found, model)
+        info = InferenceInfo(found, "checkpoint", config, saved)
+    elif ((hf_dir := found or path) / HF_CONFIG).is_file():  # sharded HF folders have no model.safetensors
+        hf = read_json(hf_dir / HF_CONFIG)
+        _check_architecture(hf, hf_dir / HF_CONFIG)
+        tok = _tokenizer(_hf_tokenizer_reference(hf_dir), tokenizer, hf_dir)
+        model, config = import_hf(hf_dir, kernels=kernels)
+        info = InferenceInfo(hf_dir, "hf", config, hf)
+    else:
+        raise LoadError(f"no checkpoint in {path}: give a step_N folder, a training --out-dir, or a Hugging Face "
+                        "Llama folder (config.json + model.safetensors)")
+    if tok.vocab_size > config.vocab_size:
+        raise LoadError(f"tokenizer {tok.path} has {tok.vocab_size:,} ids, more than the model's vocab_size "
+                        f"{config.vocab_size:,}: it is not the tokenizer {info.path} was trained with")
+    model = model.to(device=torch_device, dtype=torch_dtype).eval()
+    log.info("loaded %s on %s (%s)", info.describe(), torch_device, str(torch_dtype).removeprefix("torch."))
+    return model, tok, info
