@@ -3,9 +3,9 @@
 Run from the repository root: ``pytest bench/ --benchmark-only``. The benchmarks read
 ``../shared/data`` and skip with a reason when it is absent (a fresh clone has no ``../shared``).
 Every figure the benchmarks measure is collected by :class:`Recorder`; at the end of the session
-it writes ``bench/.results/pack.json``, ``bench/.results/loader.json``, ``bench/.results/kernels.json`` and
-``bench/.results/train.json`` (only the kinds that ran) and prints the ratio tables. ``python bench/report.py``
-turns those files into ``RESULTS.md``.
+it writes ``bench/.results/pack.json``, ``bench/.results/loader.json``, ``bench/.results/kernels.json``,
+``bench/.results/train.json`` and ``bench/.results/generate.json`` (only the kinds that ran) and prints the
+ratio tables. ``python bench/report.py`` turns those files into ``RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from benchlib import CHATGLM_MODEL, PYTHON, REPO, RESULTS_DIR, SHARED_DATA, TANG
 from report import loader_tables, pack_tables  # noqa: E402
 from kernel_report import kernel_tables, summarize_kernels  # noqa: E402
 from train_report import summarize_train, train_tables  # noqa: E402
+from generate_report import generate_tables, summarize_generate  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,12 @@ def recorder() -> Recorder:
         _RECORDER = Recorder()
         _RECORDER.rows.setdefault("kernels", [])  # bench/test_kernels.py records here
         _RECORDER.rows.setdefault("train", [])  # bench/test_train_step.py records here
+        _RECORDER.rows.setdefault("generate", [])  # bench/test_generate_speed.py records here
     return _RECORDER
 
 
 def _summaries() -> dict[str, dict[str, Any]]:
-    """The recorder's summaries plus the kernel and training-step benchmarks' (which the Recorder does not summarize)."""
+    """The recorder's summaries plus the kernel, training-step and generation benchmarks' (which the Recorder does not summarize)."""
     summaries = _RECORDER.summaries()
     env = {**_RECORDER.started, "load_average_end": list(os.getloadavg())}
     kernel_rows = _RECORDER.rows.get("kernels")
@@ -56,6 +58,9 @@ def _summaries() -> dict[str, dict[str, Any]]:
     train_rows = _RECORDER.rows.get("train")
     if train_rows:
         summaries["train"] = {"environment": env, "runs": train_rows, **summarize_train(train_rows)}
+    generate_rows = _RECORDER.rows.get("generate")
+    if generate_rows:
+        summaries["generate"] = {"environment": env, "runs": generate_rows, **summarize_generate(generate_rows)}
     return summaries
 
 
@@ -86,6 +91,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(kernel_tables(summaries["kernels"]))
     if "train" in summaries:
         terminalreporter.write_line(train_tables(summaries["train"]))
+    if "generate" in summaries:
+        terminalreporter.write_line(generate_tables(summaries["generate"]))
     terminalreporter.write_line(f"saved to {RESULTS_DIR}/; render with: python bench/report.py > bench/RESULTS.md")
 
 
