@@ -28,7 +28,7 @@ from engine.format import DatasetError, open_packed
 
 from .model import PRESETS, LlamaConfig
 from .profiles import PROFILES, Plan, Profile, ProfileError, get_profile, plan
-from .train import TrainConfig, TrainingError, TrainingInterrupted, add_train_arguments, train
+from .train import TrainConfig, TrainingError, TrainingInterrupted, add_train_arguments, resolve_init, train
 
 logger = logging.getLogger("llama.pretrain")
 
@@ -121,6 +121,16 @@ def run_training(body: Callable[[], object]) -> int:
     return 0
 
 
+def init_model_config(args: argparse.Namespace) -> LlamaConfig:
+    """The --init checkpoint's model config, with --kernels and runtime --model overrides (the loop checks the rest)."""
+    _, saved = resolve_init(args.init)
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    fields = {k: v for k, v in (saved.get("model") or {}).items() if k in known}
+    if not fields:
+        raise ValueError(f"--init {args.init}: its checkpoint config holds no model config")
+    return LlamaConfig(**{**fields, **model_overrides(args.model), "kernels": args.kernels})
+
+
 def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
     """Model and training configs from the arguments, the profile filling what was not given."""
     try:
@@ -128,11 +138,14 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
     except (DatasetError, OSError) as e:
         raise ValueError(f"cannot read the corpus {args.bin}: {e}") from None
     profile = get_profile(args.profile)
-    preset = args.preset or profile.default_preset
-    config = model_config(args, files.vocab_size, preset)
+    if args.init and not args.preset:  # continue the --init checkpoint's architecture (e.g. a model from --from-hf)
+        config, preset = init_model_config(args), f"from {args.init}"
+    else:
+        preset = args.preset or profile.default_preset
+        config = model_config(args, files.vocab_size, preset)
     seq_len = args.seq_len or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len)
     if seq_len > config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} is longer than preset {preset}'s context of {config.max_seq_len} tokens; "
+        raise ValueError(f"--seq-len {seq_len} is longer than {preset}'s context of {config.max_seq_len} tokens; "
                          f"use --seq-len {config.max_seq_len} or less (or --model max_seq_len={seq_len})")
     values, chosen = planned_values(args, profile, config, seq_len)
     if args.steps is None and args.tokens is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,23 @@ def test_sample_continues_and_respects_eos():
     assert len(held) >= 3 and greedy_first not in held[:3], "EOS is held back for min_new_tokens"
     with pytest.raises(ValueError, match="empty"):
         sample(model, [])
+
+
+def test_init_from_an_imported_hugging_face_llama_needs_no_preset(corpus, tmp_path, capsys, caplog):
+    """--from-hf output as --init: the architecture comes from the checkpoint, training continues from its weights."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a dev extra")
+    from llama.export import import_to_checkpoint
+
+    caplog.set_level(logging.INFO)
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
+    init = import_to_checkpoint(tmp_path / "hf", tmp_path / "imported")
+    args = ["--bin", str(corpus), "--init", str(init), "--profile", "cpu", "--kernels", "torch", "--batch-size", "2",
+            "--seq-len", "32", "--steps", "2", "--eval-batches", "2", "--no-progress", "--out-dir", str(tmp_path / "run")]
+    code, err = run(args, capsys)
+    assert code == 0, err
+    assert "initialised from" in caplog.text
+    code, err = run([*args[:-1], str(tmp_path / "run2"), "--seq-len", "128"], capsys)
+    assert code == 2 and "context of 64 tokens" in err
