@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from typing import Any, Callable, Sequence
@@ -28,7 +27,9 @@ from engine.format import DatasetError, open_packed
 
 from .model import PRESETS, LlamaConfig
 from .profiles import PROFILES, Plan, Profile, ProfileError, get_profile, plan
-from .train import TrainConfig, TrainingError, TrainingInterrupted, add_train_arguments, resolve_init, train
+from .train import (
+    TrainConfig, TrainingError, TrainingInterrupted, add_train_arguments, model_overrides, resolve_init, train,
+)
 
 logger = logging.getLogger("llama.pretrain")
 
@@ -71,23 +72,6 @@ def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> Ll
         raise ValueError(f"--vocab-size {vocab:,} is smaller than the corpus tokenizer's {corpus_vocab:,} ids; "
                          f"use --vocab-size {corpus_vocab}")
     return LlamaConfig.from_preset(preset, **{**overrides, "vocab_size": vocab})
-
-
-def model_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``--model KEY=VALUE`` items as LlamaConfig fields, values read as JSON (a bare word stays a string)."""
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
-    if unknown:
-        raise ValueError(f"--model: unknown field(s) {', '.join(sorted(unknown))}; see llama.model.LlamaConfig")
-    return overrides
 
 
 def planned_values(args: argparse.Namespace, profile: Profile, config: LlamaConfig, seq_len: int

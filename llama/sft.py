@@ -51,9 +51,9 @@ from engine.tokenizer import Tokenizer, load_tokenizer
 
 from . import checkpoint as ckpt
 from .model import LlamaConfig
-from .pretrain import model_overrides, planned_values, run_training
+from .pretrain import planned_values, run_training
 from .profiles import PROFILES, get_profile
-from .train import TrainConfig, add_train_arguments, resolve_init, resolve_resume, train
+from .train import TrainConfig, add_train_arguments, model_overrides, resolve_init, resolve_resume, train
 
 logger = logging.getLogger("llama.sft")
 

@@ -679,18 +679,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
+def model_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--model KEY=VALUE`` items as LlamaConfig fields, values read as JSON (a bare word stays a string)."""
     overrides: dict[str, Any] = {}
-    for item in args.model:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--model expects KEY=VALUE, got {item!r}")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value  # a bare word such as kernels=torch
+            overrides[key] = value
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
+    if unknown:
+        raise ValueError(f"--model: unknown field(s) {', '.join(sorted(unknown))}; see llama.model.LlamaConfig")
+    return overrides
+
+
+def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
     vocab_size = args.vocab_size or open_packed(args.train).vocab_size
-    return LlamaConfig.from_preset(args.preset, **{"vocab_size": vocab_size, **overrides})
+    return LlamaConfig.from_preset(args.preset, **{"vocab_size": vocab_size, **model_overrides(args.model)})
 
 
 def run_from_args(argv: Sequence[str] | None = None) -> int:

@@ -56,3 +56,13 @@ def poisoned_outputs():
     _dispatch.POISON = True
     yield
     _dispatch.POISON = False
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One CPU thread while the test runs: tiny models train fastest so on a shared 2-core machine, and the
+    same math runs in every process (the resume and DDP tests compare losses bit for bit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,13 +34,7 @@ THINK_REPLY = "<think>\n推理过程\n</think>\n\n答案是好"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: quick on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and deterministic on CPU
 
 
 def tiny_config(vocab_size: int, max_seq_len: int = 128) -> LlamaConfig:

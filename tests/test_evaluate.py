@@ -26,13 +26,7 @@ from llama.load import load_for_inference
 from llama.model import Llama, LlamaConfig, LlamaOutput
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: quick on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and deterministic on CPU
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:

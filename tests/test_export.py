@@ -24,13 +24,7 @@ SENTENCE = "今天天气很好，我们去公园散步吧。"
 MESSAGES = [{"role": "system", "content": "你是助手。"}, {"role": "user", "content": "你好"}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: quick on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and deterministic on CPU
 
 
 def tiny_config(vocab_size: int, tie: bool, **overrides) -> LlamaConfig:

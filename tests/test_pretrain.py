@@ -26,12 +26,7 @@ def corpus(tmp_path_factory) -> Path:
     return folder / "corpus.bin"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and deterministic on CPU
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:

@@ -33,12 +33,7 @@ MEDICAL = "medicalgpt/medical_sft_1K_format.jsonl"
 TINY = ["--profile", "cpu", "--kernels", "torch", "--no-progress", "--log-every", "5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and deterministic on CPU
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:

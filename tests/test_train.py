@@ -64,13 +64,7 @@ def corpus(tmp_path_factory) -> Path:
     return write_corpus(folder / "corpus", 300, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One CPU thread: fast on a shared 2-core machine, and the same math in every process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and deterministic on CPU
 
 
 def tiny_model() -> LlamaConfig:
