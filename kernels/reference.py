@@ -94,7 +94,9 @@ def attention_mask(
         rows = torch.arange(q_len, device=device)[:, None] + offset
         mask = (torch.arange(k_len, device=device)[None, :] <= rows)[None, None]
     if doc_ids is not None:
-        same_doc = (doc_ids[:, -q_len:, None] == doc_ids[:, None, :])[:, None]
+        # A document is a contiguous run of one id (as packed rows are): an id met again later starts a new one.
+        runs = torch.cumsum(torch.cat([torch.zeros_like(doc_ids[:, :1]), doc_ids[:, 1:] != doc_ids[:, :-1]], 1), 1)
+        same_doc = (runs[:, -q_len:, None] == runs[:, None, :])[:, None]
         mask = same_doc if mask is None else mask & same_doc
     return mask
 
@@ -105,7 +107,8 @@ def flash_attention(
 ) -> torch.Tensor:
     """Softmax attention: ``q [B, Hq, Tq, D]``, ``k``/``v`` ``[B, Hk, Tk, D]`` with ``Hq % Hk == 0`` (GQA).
 
-    ``doc_ids [B, Tk]`` (integers) restricts each token to keys of its own document in a packed row.
+    ``doc_ids [B, Tk]`` (integers) restricts each token to keys of its own document in a packed row; a
+    document is a contiguous run of one id, so an id that comes back later in the row is a new document.
     ``scale`` defaults to ``D ** -0.5``. Scores and softmax in float32.
     """
     rep = q.shape[1] // k.shape[1]

@@ -236,7 +236,7 @@ class ChatSession:
         result = generate(self.model, [prompt], o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
                           top_p=o.top_p, repetition_penalty=o.repetition_penalty, do_sample=sample,
                           num_beams=o.num_beams, eos_ids=self.stop_ids, pad_id=self.pad_id, stream=on_token,
-                          seed=o.seed + self.turns)
+                          seed=o.seed + self.turns, vocab_limit=getattr(self.tokenizer, "vocab_size", None))
         show(decoder.flush())
         if hide is not None:
             emit(hide.finish())

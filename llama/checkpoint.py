@@ -76,12 +76,20 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path | None:
 
 
 def remove_temporaries(out_dir: Path) -> None:
-    """Delete half-written checkpoint folders a killed run left behind (``.tmp-step_*``, ``.old-step_*``)."""
-    if out_dir.is_dir():
-        for path in out_dir.iterdir():
-            if path.name.startswith(TEMP_PREFIXES) and path.is_dir():
-                log.info("removing %s, left by an interrupted save", path)
-                shutil.rmtree(path, ignore_errors=True)
+    """Clean up after a killed save: delete half-written ``.tmp-step_*`` folders, and put back an
+    ``.old-step_*`` whose step folder is missing (killed between the two renames of a re-save)."""
+    if not out_dir.is_dir():
+        return
+    for path in sorted(out_dir.iterdir(), key=lambda p: not p.name.startswith(".old-")):  # restore before deleting
+        if not (path.name.startswith(TEMP_PREFIXES) and path.is_dir()):
+            continue
+        final = out_dir / path.name.split("-", 1)[1].rsplit("-", 1)[0]  # .old-step_000010-1234 → step_000010
+        if path.name.startswith(".old-") and not final.exists():
+            log.warning("restoring %s from %s, left by a save killed mid-swap", final, path)
+            os.replace(path, final)
+        else:
+            log.info("removing %s, left by an interrupted save", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

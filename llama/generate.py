@@ -36,7 +36,7 @@ def generate(
     model: Llama, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
     top_p: float = 1.0, repetition_penalty: float = 1.0, do_sample: bool = False, num_beams: int = 1,
     length_penalty: float = 1.0, eos_ids: Sequence[int] = (), min_new_tokens: int = 0, pad_id: int = 0,
-    stream: StreamCallback | None = None, seed: int = 0,
+    stream: StreamCallback | None = None, seed: int = 0, vocab_limit: int | None = None,
 ) -> GenerationResult:
     """Continue each prompt by up to ``max_new_tokens`` tokens; a row stops at any of ``eos_ids``, which cannot
     be chosen before ``min_new_tokens`` tokens (a barely trained model ends most texts at once).
@@ -46,6 +46,7 @@ def generate(
     ``num_beams`` hypotheses have finished; see :mod:`llama.beam_search`). ``pad_id`` fills the left padding
     and finished rows; any id works, it is never attended to. A prompt longer than ``max_seq_len -
     max_new_tokens`` is cut from the left, with one warning. ``seed`` makes sampling reproducible.
+    ``vocab_limit`` forbids ids at or above it (a model whose vocabulary is padded past its tokenizer's).
     """
     options = SamplingOptions(do_sample, temperature, top_k, top_p, repetition_penalty)
     if num_beams < 1:
@@ -53,8 +54,10 @@ def generate(
     if num_beams > 1 and do_sample:
         raise ValueError("generate: beam search here is deterministic; use do_sample=False with num_beams > 1")
     prompts = fit_prompts(prompts, max_new_tokens, model.config.max_seq_len)
-    was_training = model.training
+    was_training, base = model.training, model
     model.eval()
+    if vocab_limit and vocab_limit < model.config.vocab_size:
+        model = _VocabLimited(model, vocab_limit)
     try:
         if num_beams > 1:
             return beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=length_penalty,
@@ -62,7 +65,22 @@ def generate(
                                pad_id=pad_id, stream=stream)
         return _sample(model, prompts, max_new_tokens, options, eos_ids, min_new_tokens, pad_id, stream, seed)
     finally:
-        model.train(was_training)
+        base.train(was_training)
+
+
+class _VocabLimited:
+    """The model seen through a vocabulary cap: logits of ids ≥ ``limit`` are -inf, so they are never chosen."""
+
+    def __init__(self, model: Llama, limit: int) -> None:
+        self.model, self.limit, self.config = model, limit, model.config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.model(*args, **kwargs)
+        out.logits[..., self.limit:] = float("-inf")
+        return out
+
+    def parameters(self) -> Any:
+        return self.model.parameters()
 
 
 def _sample(
@@ -133,6 +151,7 @@ def generate_text(
     """
     eos_ids = tuple(options.pop("eos_ids", stop_token_ids(tokenizer)))
     pad_id = options.pop("pad_id", tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id)
+    options.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))  # ids past it could not be decoded
     ids = [tokenizer.encode(text) for text in prompts]
     result = generate(model, ids, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, **options)
     result.texts = [

@@ -32,14 +32,17 @@ class KVCache:
     @classmethod
     def for_model(cls, model: "Llama", batch_size: int, max_len: int | None = None,
                   dtype: torch.dtype | None = None) -> "KVCache":
-        """An empty cache shaped for ``model``, in its parameters' dtype and device; ``max_len`` ≤ max_seq_len."""
+        """An empty cache shaped for ``model`` on its device, in the dtype its keys will have; ``max_len`` ≤ max_seq_len."""
         config = model.config
         max_len = config.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= config.max_seq_len:
             raise ValueError(f"KVCache: max_len {max_len} must be in 1..max_seq_len {config.max_seq_len}")
         weight = next(model.parameters())
+        if dtype is None:  # the dtype the keys will have: autocast's when it is on, else the weights'
+            on = torch.is_autocast_enabled(weight.device.type)
+            dtype = torch.get_autocast_dtype(weight.device.type) if on else weight.dtype
         return cls(config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim,
-                   dtype=dtype or weight.dtype, device=weight.device)
+                   dtype=dtype, device=weight.device)
 
     @property
     def batch_size(self) -> int:

@@ -20,7 +20,6 @@ explicit mask, since the flash kernel's only mask besides causal is ``doc_ids``,
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,14 +30,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import kernels
-from kernels import reference
+from kernels import _dispatch, reference
 
 from .kv_cache import KVCache
 from .rope_scaling import from_hf_rope_scaling, normalize_rope_scaling, rope_tables, to_hf_rope_scaling
 
 KERNEL_CHOICES = ("triton", "torch", "auto")
 IGNORE_INDEX = -100
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_HAS_TRITON = _dispatch.HAS_TRITON  # triton imported, not merely installed
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 

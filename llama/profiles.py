@@ -19,9 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.cross_entropy import default_chunk_size
+
+from .hardware import GIB
 from .model import LlamaConfig
 
-GIB = 2**30
 #: Below this many tokens per micro-batch, activation checkpointing (bigger micro-batches) wins.
 MIN_TOKENS_PER_MICRO_BATCH = 8192
 MICRO_BATCHES = (128, 96, 64, 48, 32, 24, 16, 12, 8, 6, 4, 3, 2, 1)
@@ -88,7 +90,7 @@ def estimate_memory_gib(config: LlamaConfig, micro_batch: int, seq_len: int, pre
     else:
         activations = tokens * config.n_layers * per_layer
     vocab = config.vocab_size
-    chunk = min(tokens, 8192)
+    chunk = min(tokens, default_chunk_size(tokens, vocab, dim))  # the fused cross-entropy's token chunk
     loss = tokens * (4 * dim + 2 * act * dim) + chunk * vocab * act + vocab * dim * (4 + act)
     return (static + activations + loss) * FRAGMENTATION / GIB
 

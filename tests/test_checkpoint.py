@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -83,6 +84,17 @@ def test_a_killed_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
     remove_temporaries(tmp_path)
     assert not torn.exists()
     assert find_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_a_resave_killed_between_its_renames_is_put_back(tmp_path):
+    """Re-saving step 2 moves it to .old- before renaming the new copy in; killed in between, the next start restores it."""
+    model = tiny()
+    save(tmp_path, 2, model)
+    os.replace(tmp_path / "step_000002", tmp_path / ".old-step_000002-999")
+    (tmp_path / ".tmp-step_000002-999").mkdir()  # the complete new copy that was about to be renamed in
+    remove_temporaries(tmp_path)
+    assert find_checkpoint(tmp_path) == tmp_path / "step_000002"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
 class RunsCode:

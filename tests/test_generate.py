@@ -316,3 +316,25 @@ def test_greedy_and_beam_search_tokens_equal_transformers() -> None:
     ours = generate(model, prompts, 12, num_beams=3, length_penalty=0.5, eos_ids=(stop,))
     assert ours.finished == [False, True]
     assert ours.sequences == hf_generate(model, prompts, 12, length_penalty=0.5, eos_token_id=stop, **beam)
+
+
+def test_vocab_limit_keeps_ids_a_smaller_tokenizer_can_decode():
+    """A model padded past its tokenizer's vocabulary never emits the padded ids when told the limit."""
+    model = build(seed=7)
+    with torch.no_grad():  # make the padded ids the most likely ones
+        model.lm_head.weight[VOCAB - 8:] *= 50
+    free = generate(model, [[3, 4, 5]], 6).sequences[0]
+    assert max(free) >= VOCAB - 8, "the test needs a model that prefers the padded ids"
+    for options in ({}, {"num_beams": 2}, {"do_sample": True, "top_k": 5}):
+        limited = generate(model, [[3, 4, 5]], 6, vocab_limit=VOCAB - 8, **options).sequences[0]
+        assert limited and max(limited) < VOCAB - 8, options
+
+
+def test_cache_follows_autocast_dtype():
+    """Under autocast the keys are bf16 while the weights are fp32: the cache must hold what the keys are."""
+    model = build()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        assert KVCache.for_model(model, 1, 16).k.dtype == torch.bfloat16
+        out = generate(model, [[3, 4, 5]], 4).sequences[0]
+    assert len(out) == 4
+    assert KVCache.for_model(model, 1, 16).k.dtype == torch.float32

@@ -230,3 +230,14 @@ def test_forward_op_returns_the_log_sum_exp():
     scores = scores.masked_fill(~reference.attention_mask(37, 50, True, None, q.device), float("-inf"))
     assert_fp32_close(lse, torch.logsumexp(scores, dim=-1), what="lse")
     assert_fp32_close(out, reference.flash_attention(q, k, v, scale=0.125))
+
+
+def test_an_id_met_again_later_is_a_new_document_in_kernel_and_reference():
+    """Documents are contiguous runs of one id (as packed rows are); both the kernel and the reference say so."""
+    torch.manual_seed(11)
+    q, k, v = randn(1, 2, 20, 64), randn(1, 2, 20, 64), randn(1, 2, 20, 64)
+    doc_ids = torch.tensor([[0] * 6 + [1] * 7 + [0] * 7], device=q.device, dtype=torch.int32)
+    relabelled = torch.tensor([[0] * 6 + [1] * 7 + [2] * 7], device=q.device, dtype=torch.int32)
+    expected = reference.flash_attention(q, k, v, doc_ids=relabelled)
+    assert_fp32_close(reference.flash_attention(q, k, v, doc_ids=doc_ids), expected, what="reference")
+    assert_fp32_close(fa.flash_attention(q, k, v, doc_ids=doc_ids), expected, what="kernel")
