@@ -571,14 +571,14 @@ def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pa
                 grad_norm = clip_and_step(optimizer, scaler, params, cfg.grad_clip)
                 step, tokens = step + 1, tokens + tokens_per_step
 
-                # one host sync per step: the loss (averaged over ranks) and whether any rank was signalled
+                # one read-back per step: the loss (averaged over ranks), whether any rank was signalled, the norm
+                # (the other syncs: the finite-gradient check before an unscaled update, and fp16's scale above)
                 reduced = torch.stack([loss_sum, torch.tensor(float(signals.received or 0), device=device)])
                 if runtime.distributed:
                     dist.all_reduce(reduced)
                     reduced[0] /= runtime.world_size
-                loss_value = reduced[0].item()
-                stop_signal = signals.received or (signal.SIGTERM if reduced[1].item() > 0 else 0)
-                norm_value = grad_norm.item()
+                loss_value, signalled, norm_value = torch.cat([reduced, grad_norm.detach().float().reshape(1)]).tolist()
+                stop_signal = signals.received or (signal.SIGTERM if signalled > 0 else 0)
                 if not math.isfinite(norm_value):
                     log.log(logging.DEBUG if scaler.is_enabled() else logging.WARNING,
                             "step %d: gradient norm is %s, update skipped", step, norm_value)
