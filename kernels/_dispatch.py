@@ -67,6 +67,12 @@ def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return empty(t.shape, dtype or t.dtype, t.device)
 
 
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[rows, last dim]`` view with unit column stride (a copy only when the layout cannot be viewed that way)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 def next_power_of_2(n: int) -> int:
     """Triton's ``tl.arange`` needs power-of-two extents: the block that covers ``n``."""
     return 1 << max(0, (int(n) - 1).bit_length())

@@ -85,12 +85,6 @@ if HAS_TRITON:
         tl.store(grad_w_partial_ptr + program * n_cols + cols, tl.sum(grad_w_acc, axis=0), mask=col_inside)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``[rows, H]`` view with unit column stride (a copy only when the layout cannot be viewed that way)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _launch_shape(n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_H, num_warps): a tile of about 4K elements, several short rows per program."""
     block_h = _dispatch.next_power_of_2(n_cols)
@@ -112,12 +106,12 @@ def rms_norm_forward(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, new_residual or an empty tensor when ``residual`` is None, rstd [rows] float32)."""
-    x2, weight = _rows(x), weight.contiguous()
+    x2, weight = _dispatch.as_rows(x), weight.contiguous()
     n_rows, n_cols = x2.shape
     out = _dispatch.empty(x2.shape, x.dtype, x.device)
     new_res = _dispatch.empty(x2.shape if residual is not None else (0,), x.dtype, x.device)
     rstd = _dispatch.empty((n_rows,), torch.float32, x.device)
-    r2 = _rows(residual) if residual is not None else x2
+    r2 = _dispatch.as_rows(residual) if residual is not None else x2
     if n_rows:
         block_rows, block_h, num_warps = _launch_shape(n_cols)
         _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
@@ -144,12 +138,12 @@ def rms_norm_backward(
 
     ``grad_residual``, the gradient reaching the new residual output, is added to ``grad_x``.
     """
-    d2, x2, weight = _rows(grad_out), _rows(x), weight.contiguous()
+    d2, x2, weight = _dispatch.as_rows(grad_out), _dispatch.as_rows(x), weight.contiguous()
     n_rows, n_cols = x2.shape
     grad_x = _dispatch.empty(x2.shape, x.dtype, x.device)
     if not n_rows:
         return grad_x.view(x.shape), torch.zeros_like(weight)
-    dr2 = _rows(grad_residual) if grad_residual is not None else d2
+    dr2 = _dispatch.as_rows(grad_residual) if grad_residual is not None else d2
     block_rows, block_h, num_warps = _launch_shape(n_cols)
     rows_per_program = triton.cdiv(n_rows, min(_n_workers(x.device), triton.cdiv(n_rows, block_rows)))
     n_programs = triton.cdiv(n_rows, rows_per_program)

@@ -49,12 +49,6 @@ if HAS_TRITON:
         tl.store(grad_up_ptr + row * n_cols + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=inside)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``[rows, cols]`` view with unit column stride (a copy only when the layout cannot be viewed that way)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
-
-
 def _grid(rows: int, cols: int) -> tuple[tuple[int, int], int]:
     block = min(_dispatch.next_power_of_2(cols), 1024)
     return (rows, triton.cdiv(cols, block)), block
@@ -62,7 +56,7 @@ def _grid(rows: int, cols: int) -> tuple[tuple[int, int], int]:
 
 @torch.library.custom_op("zhllm::swiglu_forward", mutates_args=())
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g, u = _rows(gate), _rows(up)
+    g, u = _dispatch.as_rows(gate), _dispatch.as_rows(up)
     out = _dispatch.empty(g.shape, gate.dtype, gate.device)
     if out.numel():
         grid, block = _grid(*g.shape)
@@ -77,7 +71,7 @@ def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("zhllm::swiglu_backward", mutates_args=())
 def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    d, g, u = _rows(grad_out), _rows(gate), _rows(up)
+    d, g, u = _dispatch.as_rows(grad_out), _dispatch.as_rows(gate), _dispatch.as_rows(up)
     grad_gate = _dispatch.empty(g.shape, gate.dtype, gate.device)
     grad_up = _dispatch.empty(u.shape, up.dtype, up.device)
     if grad_gate.numel():
