@@ -54,14 +54,11 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def _model_config(saved: dict[str, Any] | None, checkpoint: Path) -> LlamaConfig:
-    """The :class:`LlamaConfig` a checkpoint's ``config.json`` describes (fields this code does not know dropped)."""
-    if not isinstance(saved, dict) or not saved:
-        raise ExportError(f"{checkpoint / ckpt.CONFIG_FILE} holds no model config: it was not written by llama.train")
-    known = {f.name for f in dataclasses.fields(LlamaConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        log.warning("%s: ignoring model fields this code does not know: %s", checkpoint, ", ".join(unknown))
-    return LlamaConfig(**{k: v for k, v in saved.items() if k in known})
+    """The :class:`LlamaConfig` a checkpoint's ``config.json`` describes."""
+    try:
+        return LlamaConfig.from_saved(saved, str(checkpoint / ckpt.CONFIG_FILE))
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def resolve_tokenizer(reference: dict[str, Any] | None, tokenizer_dir: str | os.PathLike[str] | None,

@@ -11,7 +11,6 @@ tokenizer whose vocabulary (sha256) is not the one the checkpoint was trained wi
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -94,18 +93,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def _model_config(saved: Any, where: Path, kernels: str) -> LlamaConfig:
-    """The checkpoint's :class:`LlamaConfig` for inference (fields this code does not know dropped, with a warning)."""
-    if not isinstance(saved, dict) or not saved:
-        raise LoadError(f"{where / ckpt.CONFIG_FILE} holds no model config: it was not written by llama.train")
-    known = {f.name for f in dataclasses.fields(LlamaConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        log.warning("%s: ignoring model fields this code does not know: %s", where, ", ".join(unknown))
-    fields = {k: v for k, v in saved.items() if k in known}
+    """The checkpoint's :class:`LlamaConfig` for inference (no checkpointing, no dropout)."""
     try:
-        return LlamaConfig(**{**fields, "kernels": kernels, "checkpointing": False, "dropout": 0.0})
-    except (TypeError, ValueError) as e:
-        raise LoadError(f"{where / ckpt.CONFIG_FILE} describes a model this code cannot build: {e}") from None
+        return LlamaConfig.from_saved(saved, str(where / ckpt.CONFIG_FILE), kernels=kernels, checkpointing=False,
+                                      dropout=0.0)
+    except ValueError as e:
+        raise LoadError(str(e)) from None
 
 
 def _check_architecture(config: dict[str, Any], config_path: Path) -> None:

@@ -20,6 +20,7 @@ explicit mask, since the flash kernel's only mask besides causal is ``doc_ids``,
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -130,6 +131,22 @@ class LlamaConfig:
             "rope_scaling": to_hf_rope_scaling(scaling), "tie_word_embeddings": self.tie_embeddings,
             "initializer_range": self.init_std, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
         }
+
+    @classmethod
+    def from_saved(cls, saved: Any, where: str, **overrides: Any) -> "LlamaConfig":
+        """From the ``model`` dict a checkpoint's config.json holds; fields this code does not know are dropped
+        with a warning, ``overrides`` replace fields; a one-line ``ValueError`` naming ``where`` otherwise."""
+        if not isinstance(saved, dict) or not saved.get("vocab_size"):
+            raise ValueError(f"{where} holds no model config: it was not written by llama.train")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            logging.getLogger(__name__).warning("%s: ignoring model fields this code does not know: %s", where,
+                                                ", ".join(unknown))
+        try:
+            return cls(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where} describes a model this code cannot build: {e}") from None
 
     @classmethod
     def from_hf(cls, hf_config: Any, **overrides: Any) -> "LlamaConfig":

@@ -107,12 +107,9 @@ def run_training(body: Callable[[], object]) -> int:
 
 def init_model_config(args: argparse.Namespace) -> LlamaConfig:
     """The --init checkpoint's model config, with --kernels and runtime --model overrides (the loop checks the rest)."""
-    _, saved = resolve_init(args.init)
-    known = {f.name for f in dataclasses.fields(LlamaConfig)}
-    fields = {k: v for k, v in (saved.get("model") or {}).items() if k in known}
-    if not fields:
-        raise ValueError(f"--init {args.init}: its checkpoint config holds no model config")
-    return LlamaConfig(**{**fields, **model_overrides(args.model), "kernels": args.kernels})
+    found, saved = resolve_init(args.init)
+    overrides = {**model_overrides(args.model), "kernels": args.kernels}
+    return LlamaConfig.from_saved(saved.get("model"), f"--init {found}", **overrides)
 
 
 def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:

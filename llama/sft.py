@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -311,11 +310,8 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
         prefix = DatasetPaths.of(args.data).prefix
     files = open_sft(prefix)
 
-    known = {f.name for f in dataclasses.fields(LlamaConfig)}
-    fields = {k: v for k, v in (saved.get("model") or {}).items() if k in known}
-    if "vocab_size" not in fields:
-        raise ValueError(f"{checkpoint / ckpt.CONFIG_FILE} holds no model config: is it a zhllm checkpoint?")
-    config = LlamaConfig(**{**fields, "kernels": args.kernels, **model_overrides(args.model)})
+    overrides = {"kernels": args.kernels, **model_overrides(args.model)}
+    config = LlamaConfig.from_saved(saved.get("model"), str(checkpoint / ckpt.CONFIG_FILE), **overrides)
     profile = get_profile(args.profile)
     seq_len = args.seq_len or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len)
     if seq_len > config.max_seq_len:

@@ -343,11 +343,10 @@ def check_init(init: Path, saved: dict[str, Any], model_config: LlamaConfig, dat
     if not (theirs.get("sha256") and ours.get("sha256")):
         log.warning("cannot check that --init %s and %s share a tokenizer: one of them records none", init,
                     data.paths.prefix)
-    known = {f.name for f in dataclasses.fields(LlamaConfig)}
     try:
-        theirs_config = LlamaConfig(**{k: v for k, v in (saved.get("model") or {}).items() if k in known})
-    except (TypeError, ValueError) as e:
-        raise ckpt.CheckpointError(f"--init {init}: its {ckpt.CONFIG_FILE} holds no usable model config ({e})") from None
+        theirs_config = LlamaConfig.from_saved(saved.get("model"), f"--init {init}")
+    except ValueError as e:
+        raise ckpt.CheckpointError(str(e)) from None
     theirs_arch, ours_arch = architecture(theirs_config), architecture(model_config)
     for key, value in theirs_arch.items():
         if ours_arch[key] != value:

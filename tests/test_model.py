@@ -377,3 +377,14 @@ def test_bf16_autocast_on_gpu_triton_close_to_torch() -> None:
         assert model.uses_triton(batch["input_ids"]) == (kernels == "auto")
     assert math.isfinite(losses["auto"].item())
     assert abs(losses["auto"].item() - losses["torch"].item()) < 2e-2 * abs(losses["torch"].item())
+
+
+def test_from_saved_drops_unknown_fields_and_names_bad_configs(caplog):
+    saved = dict(LlamaConfig.from_preset("tiny", vocab_size=300).__dict__, future_field=1)
+    config = LlamaConfig.from_saved(saved, "ckpt/config.json", kernels="torch")
+    assert config.vocab_size == 300 and config.kernels == "torch"
+    assert "future_field" in caplog.text
+    with pytest.raises(ValueError, match="ckpt/config.json holds no model config"):
+        LlamaConfig.from_saved({}, "ckpt/config.json")
+    with pytest.raises(ValueError, match="cannot build"):
+        LlamaConfig.from_saved({**saved, "dim": 130}, "ckpt/config.json")
