@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -108,3 +109,30 @@ class Recorder:
         if self.rows["loader"]:
             out["loader"] = {"environment": env, "runs": self.rows["loader"], **summarize_loader(self.rows["loader"])}
         return out
+
+
+@functools.lru_cache(maxsize=2)
+def versions(on_gpu: bool) -> dict[str, Any]:
+    """The device and the library versions, stamped on every GPU benchmark row."""
+    import torch
+    from importlib.metadata import PackageNotFoundError, version
+
+    def get(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    device = torch.cuda.get_device_name() if on_gpu else "cpu"
+    return {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": get("triton"),
+            "transformers": get("transformers")}
+
+
+def require_transformers() -> None:
+    """Skip the Hugging Face rows of a benchmark when transformers is not installed."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed: the HF rows are left out (pip install transformers)")

@@ -54,7 +54,6 @@ path through the interpreter), plus an fp32 group whose tokens must equal HF's, 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 import logging
@@ -76,7 +75,7 @@ NO_GPU = ("needs a CUDA GPU: generation tokens/s are GPU figures (the small CPU 
           "ZHLLM_BENCH_CPU_SMOKE=1 runs each GPU body once on tiny CPU shapes)")
 HAS_GPU_REASON = "a GPU is present: the GPU cases are the measurement (this CPU case is for machines without one)"
 
-from benchlib import Recorder, rounds  # noqa: E402
+from benchlib import Recorder, require_transformers, rounds, versions  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -133,27 +132,6 @@ class GenSpec:
 
 
 # ---------------------------------------------------------------- environment
-
-
-@functools.lru_cache(maxsize=1)
-def versions() -> dict[str, Any]:
-    """The device and the library versions, stamped on every row."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def get(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    device = torch.cuda.get_device_name() if ON_GPU else "cpu"
-    return {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": get("triton"),
-            "transformers": get("transformers")}
-
-
-def require_transformers() -> None:
-    if importlib.util.find_spec("transformers") is None:
-        pytest.skip("transformers is not installed: the HF rows are left out (pip install transformers)")
 
 
 # ---------------------------------------------------------------- the models
@@ -372,7 +350,7 @@ def generation_row(runner: Runner, times: dict[str, list], tokens: list[list[int
         "own_prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in results) if results else None,
         "own_decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in results) if results else None,
         "distinct_tokens": min(len(set(row)) for row in tokens), "prefill_calls": len(times["prefill"]),
-        "full_calls": len(times["full"]), **versions(),
+        "full_calls": len(times["full"]), **versions(ON_GPU),
     }
 
 

@@ -23,8 +23,6 @@ the interpreter) and records nothing: it proves the code paths, not any speed.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 import math
 import os
@@ -44,7 +42,7 @@ NO_GPU = ("needs a CUDA GPU: training-step speed and memory are GPU figures (the
           "ZHLLM_BENCH_CPU_SMOKE=1 runs each GPU body once on tiny CPU shapes)")
 HAS_GPU_REASON = "a GPU is present: the GPU cases are the measurement (this CPU case is for machines without one)"
 
-from benchlib import Recorder, rounds  # noqa: E402
+from benchlib import Recorder, require_transformers, rounds, versions  # noqa: E402
 from rehearse_6gb import (CAP_GIB, IMPLS, SEARCH_BATCHES, SMOKE_BATCH, SMOKE_SEQ, StepSpec, Trainer, model_numbers,  # noqa: E402
                           search, subprocess_attempt, vocab_assumed)
 
@@ -75,27 +73,6 @@ def case_id(case: tuple) -> str:
 
 
 # ---------------------------------------------------------------- environment and peaks
-
-
-@functools.lru_cache(maxsize=1)
-def versions() -> dict[str, Any]:
-    """The device and the library versions, stamped on every row."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def get(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    device = torch.cuda.get_device_name() if ON_GPU else "cpu"
-    return {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": get("triton"),
-            "transformers": get("transformers")}
-
-
-def require_transformers() -> None:
-    if importlib.util.find_spec("transformers") is None:
-        pytest.skip("transformers is not installed: the HF rows are left out (pip install transformers)")
 
 
 def _events(fn: Any, repeats: int) -> list[float]:
@@ -142,7 +119,7 @@ def train_peaks(recorder: Recorder) -> dict[str, Any]:
         ms = matmul_ms(dtype)
         out["matmul_tflops"][name] = 2 * MATMUL_N**3 / (ms / 1e3) / 1e12
         recorder.add("train", {"case": "peak", "dtype": name, "n": MATMUL_N, "ms": ms, "tflops": out["matmul_tflops"][name],
-                               "table_tflops": table, **versions()})
+                               "table_tflops": table, **versions(ON_GPU)})
     torch.cuda.empty_cache()
     logger.info("matmul peaks %s TFLOP/s, datasheet %s", out["matmul_tflops"], table)
     return out
@@ -191,7 +168,7 @@ def step_row(trainer: Trainer, times: list[float], first_loss: float) -> dict[st
             "dim": config.dim, "n_layers": config.n_layers, **numbers, "tokens_per_step": trainer.tokens_per_step,
             "ms": ms, "ms_min": min(times), "ms_max": max(times), "steps": len(times), "tokens_per_s": tokens_per_s,
             "tflops": numbers["flops_per_token"] * tokens_per_s / 1e12, "first_loss": first_loss,
-            "skipped_steps": trainer.skipped_steps(), **versions()}
+            "skipped_steps": trainer.skipped_steps(), **versions(ON_GPU)}
 
 
 # ---------------------------------------------------------------- the GPU speed table
@@ -267,7 +244,7 @@ def test_rehearse_6gb(benchmark: Any, recorder: Recorder, impl: str, checkpointi
     if benchmark.disabled:
         return
     recorder.add("train", {"case": "rehearsal", "preset": preset, "seq": seq, "impl": impl, "precision": precision,
-                           "checkpointing": checkpointing, "cap_gib": CAP_GIB, **found, **versions()})
+                           "checkpointing": checkpointing, "cap_gib": CAP_GIB, **found, **versions(ON_GPU)})
     best = found["largest"] or {}
     benchmark.extra_info.update({"largest_batch": found["largest_batch"],
                                  **({"peak_gib": round(best["peak_mb"] / 1024, 2)} if best.get("peak_mb") else {})})
