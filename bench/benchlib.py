@@ -70,7 +70,7 @@ def environment() -> dict[str, Any]:
     import numpy
     import sentencepiece
 
-    changed = _git("status", "--porcelain", "--", "engine", "llama", "kernels", "bench")
+    changed = _git("status", "--porcelain", "--", "engine", "llama", "zhkernels", "bench")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "commit": _git("rev-parse", "--short", "HEAD"),

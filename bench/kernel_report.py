@@ -12,11 +12,11 @@ from typing import Any
 from kernel_shapes import FORMULAS, IMPLS, MEMORY_BOUND, PASSES
 
 OP_TITLES = {
-    "rms_norm": "RMSNorm (`kernels.rms_norm`)",
-    "apply_rope": "RoPE (`kernels.apply_rope`, q and k)",
-    "swiglu": "SwiGLU (`kernels.swiglu`)",
-    "flash_attention": "Flash attention (`kernels.flash_attention`, causal)",
-    "fused_linear_cross_entropy": "Fused linear + cross-entropy (`kernels.fused_linear_cross_entropy`)",
+    "rms_norm": "RMSNorm (`zhkernels.rms_norm`)",
+    "apply_rope": "RoPE (`zhkernels.apply_rope`, q and k)",
+    "swiglu": "SwiGLU (`zhkernels.swiglu`)",
+    "flash_attention": "Flash attention (`zhkernels.flash_attention`, causal)",
+    "fused_linear_cross_entropy": "Fused linear + cross-entropy (`zhkernels.fused_linear_cross_entropy`)",
 }
 OP_ORDER = list(IMPLS)
 IMPL_ORDER = ["ours", "eager", "compile", "liger", "sdpa-flash", "sdpa"]
@@ -37,8 +37,8 @@ METHOD = (
     "measured in the same run (memory-bound ops: GB/s from the compulsory bytes below ÷ the device-to-device "
     "copy bandwidth; attention and cross-entropy: TFLOP/s ÷ the dense matmul peak of that dtype). "
     "*fwd* runs on inputs that need no gradient; *fwd+bwd* is forward plus backward with a fixed output "
-    "gradient, input gradients reset to None before each call. *ours* = the `kernels` Triton op; *eager* = "
-    "`kernels.reference` (cross-entropy: `F.cross_entropy((h @ W.T).float(), t)`); *compile* = "
+    "gradient, input gradients reset to None before each call. *ours* = the `zhkernels` Triton op; *eager* = "
+    "`zhkernels.reference` (cross-entropy: `F.cross_entropy((h @ W.T).float(), t)`); *compile* = "
     "`torch.compile(eager, fullgraph=True, dynamic=False)`; *liger* = Liger-Kernel's op; *sdpa-flash* = "
     "`F.scaled_dot_product_attention` under `sdpa_kernel(SDPBackend.FLASH_ATTENTION)`; *sdpa* = its default "
     "backend choice (GQA through `enable_gqa=True`). *ours ÷ best other* = the fastest other implementation's "

@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:  # run as a script: bench/ is on sys.path, the rep
 
 logger = logging.getLogger(__name__)
 
-IMPLS = ("triton", "torch", "hf")  # ours on kernels/, ours on kernels.reference + SDPA, transformers + SDPA
+IMPLS = ("triton", "torch", "hf")  # ours on zhkernels/, ours on zhkernels.reference + SDPA, transformers + SDPA
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 ASSUMED_VOCAB = 16_000  # presets whose vocabulary is the tokenizer's (seed002-120m, seed004-baby)
 SEARCH_BATCHES = (4, 8, 16, 32, 48, 64)
@@ -163,10 +163,10 @@ class Trainer:
         return self.spec.batch * self.spec.seq
 
     def uses_triton(self) -> bool:
-        """Whether the forward really goes through :mod:`kernels` (CUDA, or CPU under Triton's interpreter)."""
+        """Whether the forward really goes through :mod:`zhkernels` (CUDA, or CPU under Triton's interpreter)."""
         if self.spec.impl != "triton":
             return False
-        from kernels._dispatch import use_triton
+        from zhkernels._dispatch import use_triton
 
         return use_triton(self.inputs.float())
 
@@ -308,7 +308,7 @@ def search(candidates: Sequence[int], try_batch: Callable[[int], dict[str, Any]]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a few steps under a GPU memory cap; print one JSON line.")
     p.add_argument("--preset", default="seed003-92m", help="llama.model.PRESETS name (default: seed003-92m)")
-    p.add_argument("--impl", default="triton", choices=IMPLS, help="ours on kernels/ (triton), ours on torch ops, or hf")
+    p.add_argument("--impl", default="triton", choices=IMPLS, help="ours on zhkernels/ (triton), ours on torch ops, or hf")
     p.add_argument("--batch", type=int, default=32, help="micro-batch (sequences)")
     p.add_argument("--search", default=None,
                    help="comma-separated micro-batches: try each in a subprocess, stop at the first failure")
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"batch": args.batch, "ok": False, "oom": False, "error": "CUDA is not available (use --device cpu)"}))
         return 1
-    if device.type == "cpu" and args.impl == "triton":  # before kernels is imported: triton.jit reads it then
+    if device.type == "cpu" and args.impl == "triton":  # before zhkernels is imported: triton.jit reads it then
         os.environ.setdefault("TRITON_INTERPRET", "1")
     result = attempt(spec, device, cap, args.warmup, args.steps)
     print(json.dumps(result))

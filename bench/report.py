@@ -228,7 +228,7 @@ def stage_tables(stages: dict[str, Any], cpu: dict[str, Any]) -> str:
 
 def environment_lines(env: dict[str, Any]) -> str:
     uncommitted = [f for f in env.get("uncommitted", []) if not f.startswith("bench/")]
-    dirty = f" plus uncommitted engine/llama/kernels files: {', '.join(uncommitted)}" if uncommitted else ""
+    dirty = f" plus uncommitted engine/llama/zhkernels files: {', '.join(uncommitted)}" if uncommitted else ""
     if env.get("tracked_changes") and not uncommitted:
         dirty = " (with uncommitted changes)"
     return "\n".join([

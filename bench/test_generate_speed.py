@@ -81,7 +81,7 @@ logger = logging.getLogger(__name__)
 
 gpu_only = pytest.mark.skipif(not ON_GPU and not SMOKE, reason=NO_GPU)
 
-IMPLS = ("triton", "torch", "hf", "hf-static")  # ours on kernels/, ours on torch ops, transformers (dynamic / static cache)
+IMPLS = ("triton", "torch", "hf", "hf-static")  # ours on zhkernels/, ours on torch ops, transformers (dynamic / static cache)
 OURS = ("triton", "torch")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROMPT_LEN, NEW_TOKENS, BATCHES = 256, 128, (1, 8)

@@ -1,4 +1,4 @@
-"""Kernel benchmarks: each fused op in ``kernels`` against eager PyTorch, ``torch.compile``, Liger-Kernel and SDPA.
+"""Kernel benchmarks: each fused op in ``zhkernels`` against eager PyTorch, ``torch.compile``, Liger-Kernel and SDPA.
 
     pytest bench/test_kernels.py --benchmark-only                       # GPU: every op × shape × dtype × impl × pass
     pytest bench/test_kernels.py --benchmark-only -k "bf16 and not compile"   # a quicker look
@@ -13,7 +13,7 @@ go to ``bench/.results/kernels.json`` (``conftest.py``) and ``python bench/repor
 
 Without CUDA every case skips. ``ZHLLM_BENCH_CPU_SMOKE=1`` instead runs each case once on CPU at a
 tiny shape (our ops through the Triton interpreter, ``torch.compile`` with the ``aot_eager``
-backend), checks the forward against ``kernels.reference``, and records nothing: it proves the
+backend), checks the forward against ``zhkernels.reference``, and records nothing: it proves the
 benchmark code paths, not any speed.
 """
 
@@ -54,7 +54,7 @@ BATCH_MS = 10.0  # each timed batch holds enough calls to last about this long
 WARMUP_BATCHES = 2
 SANITY_TOL = 3e-2  # forward vs the float32 reference: max |diff| / max |ref| (bf16/fp16 rounding is ~4e-3)
 
-# kernels.<name> → the module that defines it, for ops written but not yet exported from kernels/__init__.py
+# zhkernels.<name> → the module that defines it, for ops written but not yet exported from zhkernels/__init__.py
 OP_MODULES = {"rms_norm": "rms_norm", "apply_rope": "rope", "swiglu": "swiglu", "flash_attention": "flash_attention",
               "fused_linear_cross_entropy": "cross_entropy"}
 
@@ -73,22 +73,22 @@ def case_id(case: tuple[KernelShape, str, str, str]) -> str:
 
 def _kernels() -> Any:
     try:
-        import kernels
+        import zhkernels
     except Exception as e:  # a half-written op module breaks the package import: skip, do not error every case
-        pytest.skip(f"kernels is not importable ({type(e).__name__}: {e})")
-    return kernels
+        pytest.skip(f"zhkernels is not importable ({type(e).__name__}: {e})")
+    return zhkernels
 
 
 def ours(name: str) -> Callable[..., Any]:
-    """``kernels.<name>``, or a skip that says the op is not there yet."""
+    """``zhkernels.<name>``, or a skip that says the op is not there yet."""
     fn = getattr(_kernels(), name, None)
     if not callable(fn):  # written but not exported yet: take it from its module
         try:
-            fn = getattr(importlib.import_module(f"kernels.{OP_MODULES[name]}"), name, None)
+            fn = getattr(importlib.import_module(f"zhkernels.{OP_MODULES[name]}"), name, None)
         except Exception:
             fn = None
     if not callable(fn):
-        pytest.skip(f"kernels.{name} not available yet")
+        pytest.skip(f"zhkernels.{name} not available yet")
     return fn
 
 
@@ -267,7 +267,7 @@ def sanity_check(case: Case, step: Callable[[], Any], pass_: str, impl: str) -> 
         for g, r in zip(got, expected):
             assert g.shape == r.shape, f"{impl}: output shape {tuple(g.shape)} != reference {tuple(r.shape)}"
             err = (g.detach().float() - r.float()).abs().max().item() / max(r.float().abs().max().item(), 1e-6)
-            assert err <= SANITY_TOL, f"{impl}: forward differs from kernels.reference by {err:.2e} (relative to its max)"
+            assert err <= SANITY_TOL, f"{impl}: forward differs from zhkernels.reference by {err:.2e} (relative to its max)"
     else:
         for t in case.leaves:
             assert t.grad is not None and torch.isfinite(t.grad).all(), f"{impl}: a gradient is missing or not finite"

@@ -31,7 +31,7 @@ METHOD = (
     "update; no gradient clipping, no data loading (one fixed batch of random token ids), float32 weights. "
     "*ours (Triton)* = `llama.model.Llama` with `kernels=\"triton\"` (fused RMSNorm+residual, RoPE, flash attention, "
     "SwiGLU, and a linear cross-entropy that never builds the `[B, T, V]` logits); *ours (torch)* = the same model with "
-    "`kernels=\"torch\"` (`kernels.reference` ops, `F.scaled_dot_product_attention`, logits then `F.cross_entropy` in "
+    "`kernels=\"torch\"` (`zhkernels.reference` ops, `F.scaled_dot_product_attention`, logits then `F.cross_entropy` in "
     "float32); *HF* = `transformers.LlamaForCausalLM(LlamaConfig(**config.to_hf_config()), attn_implementation=\"sdpa\")` "
     "called with `labels=input_ids` (it shifts internally and materialises the logits), checkpointing through its own "
     "`activation_checkpointing_enable` (`gradient_checkpointing_enable` before transformers 5.2x), non-reentrant like "

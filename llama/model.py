@@ -7,7 +7,7 @@ Read top to bottom: ``LlamaConfig`` and its presets, then ``RMSNorm`` → ``Atte
 
 Where each op runs is ``config.kernels``: ``"triton"`` calls our fused :mod:`kernels` (RMSNorm with the
 residual add folded in, RoPE, flash attention with GQA and document masking, SwiGLU, and a linear
-cross-entropy that never builds the ``[B, T, V]`` logits); ``"torch"`` calls :mod:`kernels.reference`,
+cross-entropy that never builds the ``[B, T, V]`` logits); ``"torch"`` calls :mod:`zhkernels.reference`,
 PyTorch's ``scaled_dot_product_attention`` and ``F.cross_entropy``; ``"auto"`` picks Triton for CUDA
 inputs when Triton is installed, decided at every forward call from the input's device.
 
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
-from kernels import _dispatch, reference
+import zhkernels
+from zhkernels import _dispatch, reference
 
 from .kv_cache import KVCache
 from .rope_scaling import from_hf_rope_scaling, normalize_rope_scaling, rope_tables, to_hf_rope_scaling
@@ -221,7 +221,7 @@ def _sdpa_attention(
 
 
 def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    return kernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+    return zhkernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class Ops:
     fused_loss: bool
 
 
-TRITON_OPS = Ops(kernels.rms_norm, kernels.apply_rope, _flash_attention, kernels.swiglu, fused_loss=True)
+TRITON_OPS = Ops(zhkernels.rms_norm, zhkernels.apply_rope, _flash_attention, zhkernels.swiglu, fused_loss=True)
 TORCH_OPS = Ops(reference.rms_norm, reference.apply_rope, _sdpa_attention, reference.swiglu, fused_loss=False)
 
 
@@ -442,7 +442,7 @@ class Llama(nn.Module):
         if labels is None:
             return LlamaOutput(logits=self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         if ops.fused_loss:  # the [B, T, V] logits are never built
-            return LlamaOutput(loss=kernels.fused_linear_cross_entropy(hidden, self.lm_head.weight, labels))
+            return LlamaOutput(loss=zhkernels.fused_linear_cross_entropy(hidden, self.lm_head.weight, labels))
         logits = self.lm_head(hidden)
         flat = labels.reshape(-1)
         # summed, then divided by the counted tokens: a batch with none gives 0 (as the fused op does), not NaN

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cross_entropy import default_chunk_size
+from zhkernels.cross_entropy import default_chunk_size
 
 from .hardware import GIB
 from .model import LlamaConfig

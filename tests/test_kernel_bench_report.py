@@ -114,7 +114,7 @@ def test_a_missing_implementation_leaves_the_target_unchecked() -> None:
 def test_markdown_tables(summary: dict) -> None:
     text = kernel_report.kernel_tables({"runs": ROWS})
     assert text == kernel_report.kernel_tables(summary)  # from the raw runs or from a summary: the same tables
-    assert "#### RMSNorm (`kernels.rms_norm`)" in text and "#### Kernel targets" in text
+    assert "#### RMSNorm (`zhkernels.rms_norm`)" in text and "#### Kernel targets" in text
     assert "| shape | dtype | pass | ours | eager | compile | ours ÷ best other (speed) | target |" in text
     assert "liger |" not in text.split("#### Flash")[0]  # no liger rows: no liger column
     assert "| model | bf16 | fwd | 0.100 ms · 1,000 GB/s · 33% | 0.300 ms · 333 GB/s · 11% |" in text

@@ -1,8 +1,8 @@
-"""Every Triton kernel in kernels/ compiles for real GPUs (sm_86, sm_90) at the ops' launch configurations.
+"""Every Triton kernel in zhkernels/ compiles for real GPUs (sm_86, sm_90) at the ops' launch configurations.
 
 The interpreter tests cannot see non-power-of-two blocks, shared-memory overflow or unsupported ops; this
-runs ``python -m kernels.aot_check --quick`` in a subprocess without ``TRITON_INTERPRET`` (Triton's bundled
-ptxas, no GPU needed) and checks that its report names every ``@triton.jit`` function found in ``kernels/``.
+runs ``python -m zhkernels.aot_check --quick`` in a subprocess without ``TRITON_INTERPRET`` (Triton's bundled
+ptxas, no GPU needed) and checks that its report names every ``@triton.jit`` function found in ``zhkernels/``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-import kernels
-from kernels import _dispatch
+import zhkernels
+from zhkernels import _dispatch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _toolchain_problem() -> str | None:
     if not _dispatch.HAS_TRITON:
         return "triton is not installed"
-    from kernels.aot_check import toolchain_problem
+    from zhkernels.aot_check import toolchain_problem
 
     return toolchain_problem()
 
@@ -36,12 +36,12 @@ pytestmark = pytest.mark.skipif(_toolchain_problem() is not None,
 
 
 def _jit_functions() -> set[str]:
-    """``kernels.<module>.<name>`` of every @triton.jit object in kernels/ (interpreter functions here)."""
+    """``zhkernels.<module>.<name>`` of every @triton.jit object in zhkernels/ (interpreter functions here)."""
     from triton.runtime.jit import KernelInterface
 
     found = set()
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"kernels.{info.name}")
+    for info in pkgutil.iter_modules(zhkernels.__path__):
+        module = importlib.import_module(f"zhkernels.{info.name}")
         for name, obj in vars(module).items():
             fn = obj
             while hasattr(fn, "fn"):
@@ -54,7 +54,7 @@ def _jit_functions() -> set[str]:
 def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot_check", *args, "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "zhkernels.aot_check", *args, "--json", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return proc, out
 
@@ -90,7 +90,7 @@ def test_report_lists_every_jit_function_in_kernels(quick_report):
 
 def test_refuses_to_run_under_the_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--quick"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "zhkernels.aot_check", "--quick"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -99,7 +99,7 @@ def test_refuses_to_run_under_the_interpreter(tmp_path):
 
 _BROKEN_CHECK = """
 import json
-from kernels import aot_check
+from zhkernels import aot_check
 
 def broken_swiglu(arch, quick):  # a block that is not a power of two: the interpreter runs it, a GPU compile must not
     cases = aot_check._swiglu_cases(arch, quick)
@@ -131,7 +131,7 @@ def test_int_specialization_fallback_matches_triton():
         pytest.skip("this Triton has no native_specialize_impl to compare with")
     from triton.backends.compiler import BaseBackend
 
-    from kernels.aot_check import _int_specialization
+    from zhkernels.aot_check import _int_specialization
 
     for value in (0, 1, 2, 16, 17, -16, -100, 2**31 - 1, 2**31, 2**31 + 16, 2**63, True, False):
         for specialize in (True, False):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-import kernels
-from kernels import reference
+import zhkernels
+from zhkernels import reference
 from kernel_checks import DEVICE, assert_fp32_close, randn, requires_triton
 
 pytestmark = requires_triton
@@ -19,11 +19,11 @@ class TinyBlock(nn.Module):
     def __init__(self, dim: int = 64, heads: int = 4, kv_heads: int = 2, ffn: int = 96, vocab: int = 97) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.norm1, self.norm2 = kernels.RMSNorm(dim), kernels.RMSNorm(dim)
+        self.norm1, self.norm2 = zhkernels.RMSNorm(dim), zhkernels.RMSNorm(dim)
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wkv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
-        self.mlp = kernels.SwiGLUMLP(dim, ffn)
+        self.mlp = zhkernels.SwiGLUMLP(dim, ffn)
         self.head = nn.Linear(dim, vocab, bias=False)
         cos, sin = reference.rope_cos_sin(64, self.head_dim)
         self.register_buffer("cos", cos, persistent=False)
@@ -34,11 +34,11 @@ class TinyBlock(nn.Module):
         h = self.norm1(x)
         q = self.wq(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.wkv(h).view(b, t, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
-        q, k = kernels.apply_rope(q, k, self.cos, self.sin, position_ids)
-        a = kernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+        q, k = zhkernels.apply_rope(q, k, self.cos, self.sin, position_ids)
+        a = zhkernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
         h, residual = self.norm2(self.wo(a.transpose(1, 2).reshape(b, t, -1)), residual=x)
         h = residual + self.mlp(h)
-        return kernels.fused_linear_cross_entropy(h, self.head.weight, targets)
+        return zhkernels.fused_linear_cross_entropy(h, self.head.weight, targets)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager"])
@@ -65,7 +65,7 @@ def test_inductor_compiles_a_fused_op():
     """The default backend (Inductor) around one custom op: compiles and gives the eager result."""
     torch._dynamo.reset()
     gate, up = randn(3, 40, requires_grad=True), randn(3, 40)
-    fn = torch.compile(lambda g, u: kernels.swiglu(g, u) * 2.0 + 1.0, fullgraph=True)
+    fn = torch.compile(lambda g, u: zhkernels.swiglu(g, u) * 2.0 + 1.0, fullgraph=True)
     out = fn(gate, up)
     assert_fp32_close(out, reference.swiglu(gate, up) * 2.0 + 1.0)
     (g,) = torch.autograd.grad(out.sum(), [gate])

@@ -1,4 +1,4 @@
-"""Fused linear cross-entropy: the chunked Triton op against kernels.reference, loss and both gradients,
+"""Fused linear cross-entropy: the chunked Triton op against zhkernels.reference, loss and both gradients,
 reductions, z-loss, ignored tokens (some, a whole chunk, all), fp16/bf16 with huge logits, strided inputs."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels.cross_entropy as ce
-from kernels import reference
+import zhkernels.cross_entropy as ce
+from zhkernels import reference
 from kernel_checks import (
     DEVICE, LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, grads, poisoned, randn,
     requires_triton,

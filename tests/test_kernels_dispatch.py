@@ -1,4 +1,4 @@
-"""Dispatch: CPU tensors outside the interpreter run kernels.reference (no custom op is called); CUDA or the
+"""Dispatch: CPU tensors outside the interpreter run zhkernels.reference (no custom op is called); CUDA or the
 interpreter run the Triton ops; mixed devices are refused."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import _dispatch, reference
+import zhkernels
+from zhkernels import _dispatch, reference
 
 OPS = [
     ("rms_norm", lambda: (torch.randn(3, 8), torch.ones(8))),
@@ -22,8 +22,8 @@ OPS = [
 def custom_op_calls(monkeypatch):
     """Counts calls into torch.ops.zhllm.* (the Triton path) by wrapping each autograd Function's apply."""
     calls = []
-    for cls in (kernels.RMSNormFunction, kernels.SwiGLUFunction, kernels.RoPEFunction, kernels.FlashAttentionFunction,
-                kernels.FusedLinearCrossEntropyFunction):
+    for cls in (zhkernels.RMSNormFunction, zhkernels.SwiGLUFunction, zhkernels.RoPEFunction, zhkernels.FlashAttentionFunction,
+                zhkernels.FusedLinearCrossEntropyFunction):
         original = cls.apply
         monkeypatch.setattr(cls, "apply", lambda *a, _o=original, _n=cls.__name__: calls.append(_n) or _o(*a))
     return calls
@@ -34,7 +34,7 @@ def test_cpu_without_interpreter_runs_the_reference(name, make, monkeypatch, cus
     monkeypatch.setattr(_dispatch, "interpret_mode", lambda: False)
     torch.manual_seed(0)
     args = make()
-    ours, ref = getattr(kernels, name)(*args), getattr(reference, name)(*args)
+    ours, ref = getattr(zhkernels, name)(*args), getattr(reference, name)(*args)
     for a, b in zip(ours if isinstance(ours, tuple) else (ours,), ref if isinstance(ref, tuple) else (ref,)):
         assert torch.equal(a, b)
     assert custom_op_calls == []
@@ -46,18 +46,18 @@ def test_interpreter_runs_the_triton_op(name, make, monkeypatch, custom_op_calls
     monkeypatch.setattr(_dispatch, "interpret_mode", lambda: True)
     if not _dispatch.interpret_mode_at_import():
         pytest.skip("the kernels were decorated without TRITON_INTERPRET=1 (a CUDA machine): nothing to interpret")
-    getattr(kernels, name)(*make())
+    getattr(zhkernels, name)(*make())
     assert len(custom_op_calls) == 1
 
 
 def test_without_triton_everything_falls_back(monkeypatch, custom_op_calls):
     monkeypatch.setattr(_dispatch, "HAS_TRITON", False)
     assert not _dispatch.use_triton(torch.randn(2))
-    kernels.swiglu(torch.randn(2, 3), torch.randn(2, 3))
+    zhkernels.swiglu(torch.randn(2, 3), torch.randn(2, 3))
     assert custom_op_calls == []
 
 
 def test_mixed_devices_are_refused():
     meta = torch.empty(3, 8, device="meta")
     with pytest.raises(ValueError, match="different devices"):
-        kernels.swiglu(torch.randn(3, 8), meta)
+        zhkernels.swiglu(torch.randn(3, 8), meta)

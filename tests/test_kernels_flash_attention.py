@@ -1,4 +1,4 @@
-"""Flash attention: the Triton op against kernels.reference, forward and dq/dk/dv, GQA, documents, strides, errors."""
+"""Flash attention: the Triton op against zhkernels.reference, forward and dq/dk/dv, GQA, documents, strides, errors."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import importlib
 import pytest
 import torch
 
-from kernels import reference
+from zhkernels import reference
 from kernel_checks import (
     LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, grads, poisoned, randn, requires_triton,
 )
 
-fa = importlib.import_module("kernels.flash_attention")  # the module (kernels.flash_attention is the function)
+fa = importlib.import_module("zhkernels.flash_attention")  # the module (zhkernels.flash_attention is the function)
 pytestmark = [requires_triton, poisoned]
 
 # (B, Hq, Hk, Tq, Tk, D, causal)

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-import kernels
+import zhkernels
 from kernel_checks import DEVICE, assert_fp32_close, poisoned, requires_triton
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev extra: pip install -e '.[dev]'")
@@ -31,7 +31,7 @@ def hf_pair():
         for m in plain.modules():
             if type(m).__name__ == "LlamaRMSNorm":
                 m.weight.uniform_(0.5, 1.5)
-    patched = kernels.patch_hf_llama(copy.deepcopy(plain))
+    patched = zhkernels.patch_hf_llama(copy.deepcopy(plain))
     return plain, patched
 
 
@@ -102,7 +102,7 @@ def test_greedy_generation_with_kv_cache_matches(hf_pair):
 def test_packed_rows_with_document_masking(hf_pair):
     """With doc_mask_from_position_ids, a packed row equals its documents run one by one."""
     plain, _ = hf_pair
-    packed_model = kernels.patch_hf_llama(copy.deepcopy(plain), doc_mask_from_position_ids=True)
+    packed_model = zhkernels.patch_hf_llama(copy.deepcopy(plain), doc_mask_from_position_ids=True)
     ids, _ = batch(6, b=1, t=30)
     lengths = (13, 1, 16)
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(DEVICE)
@@ -114,11 +114,11 @@ def test_packed_rows_with_document_masking(hf_pair):
 
 def test_not_a_llama_is_refused():
     with pytest.raises(ValueError, match="no Llama modules"):
-        kernels.patch_hf_llama(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+        zhkernels.patch_hf_llama(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
 def test_patching_logs_what_it_swapped(hf_pair, caplog):
     plain, _ = hf_pair
-    with caplog.at_level(logging.INFO, logger="kernels.hf_llama"):
-        kernels.patch_hf_llama(copy.deepcopy(plain))
+    with caplog.at_level(logging.INFO, logger="zhkernels.hf_llama"):
+        zhkernels.patch_hf_llama(copy.deepcopy(plain))
     assert "attention ×2" in caplog.text

@@ -1,4 +1,4 @@
-"""RMSNorm: the Triton op against kernels.reference, forward and every gradient, with and without the fused residual."""
+"""RMSNorm: the Triton op against zhkernels.reference, forward and every gradient, with and without the fused residual."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import importlib
 import pytest
 import torch
 
-from kernels import reference
+from zhkernels import reference
 from kernel_checks import (
     LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, grads, poisoned, randn, requires_triton,
 )
 
-rn = importlib.import_module("kernels.rms_norm")  # the module (kernels.rms_norm is the function)
+rn = importlib.import_module("zhkernels.rms_norm")  # the module (zhkernels.rms_norm is the function)
 pytestmark = [requires_triton, poisoned]
 
 SHAPES = [(3, 77, 1), (3, 77, 896), (3, 77, 1668), (5, 512)] + ([(4, 2048, 4096), (8192, 5120)] if ON_GPU else [])

@@ -1,4 +1,4 @@
-"""RoPE against kernels.reference and transformers: GQA, strided views, packed positions, both cos/sin forms."""
+"""RoPE against zhkernels.reference and transformers: GQA, strided views, packed positions, both cos/sin forms."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import importlib
 import pytest
 import torch
 
-from kernels import reference
+from zhkernels import reference
 from kernel_checks import (
     DEVICE, LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, poisoned, randn,
     requires_triton,
 )
 
-rp = importlib.import_module("kernels.rope")  # the module (kernels.rope is the function)
+rp = importlib.import_module("zhkernels.rope")  # the module (zhkernels.rope is the function)
 pytestmark = [requires_triton, poisoned]
 
 

@@ -1,4 +1,4 @@
-"""SwiGLU: the Triton op against kernels.reference, forward and both gradients, odd sizes, strided inputs."""
+"""SwiGLU: the Triton op against zhkernels.reference, forward and both gradients, odd sizes, strided inputs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
+import zhkernels
+from zhkernels import reference
 from kernel_checks import (
     LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, grads, poisoned, randn, requires_triton,
 )
@@ -21,7 +21,7 @@ SHAPES = [(1, 1), (3, 77, 1668), (2, 5, 896)] + ([(8, 2048, 5632)] if ON_GPU els
 def test_fp32_matches_reference(shape):
     torch.manual_seed(0)
     gate, up = randn(*shape, requires_grad=True), randn(*shape, requires_grad=True)
-    out = kernels.swiglu(gate, up)
+    out = zhkernels.swiglu(gate, up)
     ref = reference.swiglu(gate, up)
     assert_fp32_close(out, ref)
     d = randn(*shape)
@@ -35,7 +35,7 @@ def test_low_precision_against_fp32(dtype):
     g32, u32 = randn(4, 77, 1668, requires_grad=True), randn(4, 77, 1668, requires_grad=True)
     g, u = (t.detach().to(dtype).requires_grad_() for t in (g32, u32))
     d32 = randn(4, 77, 1668)
-    out = kernels.swiglu(g, u)
+    out = zhkernels.swiglu(g, u)
     plain = F.silu(g) * u  # what eager PyTorch does in this precision
     assert out.dtype == dtype
     assert_low_precision_close(out, plain, reference.swiglu(g.float(), u.float()))
@@ -53,7 +53,7 @@ def test_strided_halves_of_a_fused_projection():
     gate_up = randn(2, 9, 2 * 96, requires_grad=True)
     gate, up = gate_up.chunk(2, dim=-1)
     assert not gate.is_contiguous()
-    out = kernels.swiglu(gate, up)
+    out = zhkernels.swiglu(gate, up)
     ref = reference.swiglu(gate, up)
     assert_fp32_close(out, ref)
     d = randn(2, 9, 96)
@@ -63,25 +63,25 @@ def test_strided_halves_of_a_fused_projection():
 def test_transposed_input_is_copied_not_misread():
     torch.manual_seed(3)
     gate, up = randn(33, 17).t(), randn(33, 17).t()
-    assert_fp32_close(kernels.swiglu(gate, up), reference.swiglu(gate, up))
+    assert_fp32_close(zhkernels.swiglu(gate, up), reference.swiglu(gate, up))
 
 
 def test_module_and_mlp():
     torch.manual_seed(4)
-    mlp = kernels.SwiGLUMLP(64, 96).to(randn(1).device)
+    mlp = zhkernels.SwiGLUMLP(64, 96).to(randn(1).device)
     x = randn(2, 7, 64)
     expected = mlp.down_proj(reference.swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
     assert_fp32_close(mlp(x), expected)
-    assert_fp32_close(kernels.SwiGLU()(x, x), reference.swiglu(x, x))
+    assert_fp32_close(zhkernels.SwiGLU()(x, x), reference.swiglu(x, x))
 
 
 def test_bad_input_errors():
     with pytest.raises(ValueError, match="same shape"):
-        kernels.swiglu(randn(2, 3), randn(2, 4))
+        zhkernels.swiglu(randn(2, 3), randn(2, 4))
     with pytest.raises(TypeError, match="cast"):
-        kernels.swiglu(randn(2, 3), randn(2, 3, dtype=torch.float16))
+        zhkernels.swiglu(randn(2, 3), randn(2, 3, dtype=torch.float16))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        kernels.swiglu(torch.ones(2, 3, dtype=torch.int64, device=randn(1).device), torch.ones(2, 3, dtype=torch.int64, device=randn(1).device))
+        zhkernels.swiglu(torch.ones(2, 3, dtype=torch.int64, device=randn(1).device), torch.ones(2, 3, dtype=torch.int64, device=randn(1).device))
 
 
 def test_custom_ops_pass_opcheck():

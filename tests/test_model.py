@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference
+from zhkernels import reference
 from kernel_checks import DEVICE, ON_GPU, assert_fp32_close, requires_triton
 from llama import model as model_module
 from llama.model import PRESETS, Llama, LlamaConfig
@@ -44,9 +44,9 @@ def shifted(ids: torch.Tensor) -> torch.Tensor:
 
 
 def forbid_reference_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make kernels' fallback to kernels.reference raise, so a kernels="triton" test proves the Triton kernels ran."""
+    """Make kernels' fallback to zhkernels.reference raise, so a kernels="triton" test proves the Triton kernels ran."""
     def refuse(*args, **kwargs):
-        raise AssertionError("kernels fell back to kernels.reference on the Triton path")
+        raise AssertionError("kernels fell back to zhkernels.reference on the Triton path")
 
     for name in ("rms_norm", "apply_rope", "swiglu", "flash_attention", "fused_linear_cross_entropy"):
         monkeypatch.setattr(reference, name, refuse)  # TORCH_OPS keeps the originals it captured at import

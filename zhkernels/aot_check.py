@@ -1,4 +1,4 @@
-"""Compile every Triton kernel in ``kernels/`` ahead of time for real GPUs, with no GPU: what the interpreter misses.
+"""Compile every Triton kernel in ``zhkernels/`` ahead of time for real GPUs, with no GPU: what the interpreter misses.
 
 Triton's CPU interpreter runs any block size, any amount of shared memory and any register count; a real
 compile rejects or spills them. This CLI compiles each kernel for the chosen CUDA architectures (Triton's
@@ -6,11 +6,11 @@ bundled ``ptxas``) at the launch configurations the ops themselves pick (their b
 ``num_warps``, ``num_stages``, constexpr flags, dtypes) for our presets' shapes, and reports registers,
 spills and shared memory per kernel × configuration::
 
-    python -m kernels.aot_check                          # sm_80, 86, 89, 90; every configuration
-    python -m kernels.aot_check --arch 86 90 --quick --json aot.json
+    python -m zhkernels.aot_check                          # sm_80, 86, 89, 90; every configuration
+    python -m zhkernels.aot_check --arch 86 90 --quick --json aot.json
 
 Exit status 1 when a compile fails, shared memory exceeds the architecture's per-block limit, or a
-``@triton.jit`` function in ``kernels/`` has no launch configuration here (and with ``--fail-on-spills``,
+``@triton.jit`` function in ``zhkernels/`` has no launch configuration here (and with ``--fail-on-spills``,
 when ptxas spills); 2 when the check cannot run (no Triton, no ptxas, or ``TRITON_INTERPRET=1``, under
 which the kernels are interpreter functions that cannot be compiled). Pointers are taken as 16-byte
 aligned, as PyTorch allocates them; integer arguments are specialised as Triton's launcher does (1 becomes
@@ -41,7 +41,7 @@ from typing import Any
 
 from . import _dispatch
 
-log = logging.getLogger("kernels.aot_check")
+log = logging.getLogger("zhkernels.aot_check")
 
 #: Largest dynamic shared memory one block may use (opt-in), bytes: A100, RTX 30xx/40xx, H100.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -83,7 +83,7 @@ class Case:
 class Result:
     """One compile (one kernel, architecture and specialisation) and the cases (labels) that launch it."""
 
-    kernel: str  # "kernels.<module>.<function>"
+    kernel: str  # "zhkernels.<module>.<function>"
     arch: int
     labels: list[str]
     constexprs: dict[str, Any]
@@ -103,8 +103,8 @@ class Result:
 
 
 def _op(name: str) -> Any:
-    """The op module ``kernels.<name>`` (by import: the package attribute ``kernels.swiglu`` is the function)."""
-    return importlib.import_module(f"kernels.{name}")
+    """The op module ``zhkernels.<name>`` (by import: the package attribute ``zhkernels.swiglu`` is the function)."""
+    return importlib.import_module(f"zhkernels.{name}")
 
 
 # ---- launch configurations, derived through the ops' own helpers ------------------------------------------
@@ -284,13 +284,13 @@ def _python_function(obj: Any) -> Any:
 
 
 def discover_jit_functions() -> dict[str, Any]:
-    """Every ``@triton.jit`` object defined in a ``kernels.*`` module, keyed ``kernels.<module>.<name>``."""
-    import kernels
+    """Every ``@triton.jit`` object defined in a ``zhkernels.*`` module, keyed ``zhkernels.<module>.<name>``."""
+    import zhkernels
     from triton.runtime.jit import KernelInterface
 
     found = {}
-    for info in pkgutil.iter_modules(kernels.__path__):
-        module = importlib.import_module(f"kernels.{info.name}")
+    for info in pkgutil.iter_modules(zhkernels.__path__):
+        module = importlib.import_module(f"zhkernels.{info.name}")
         for name, obj in vars(module).items():
             if isinstance(obj, KernelInterface) and getattr(_python_function(obj), "__module__", "") == module.__name__:
                 found[f"{module.__name__}.{name}"] = obj
@@ -346,7 +346,7 @@ def _job(case: Case, arch: int) -> tuple[tuple, dict]:
     names = list(kernel.arg_names)
     missing = [n for n in names if n not in case.args]
     if missing:
-        raise KeyError(f"kernels.aot_check has no value for {case.kernel}({', '.join(missing)}): "
+        raise KeyError(f"zhkernels.aot_check has no value for {case.kernel}({', '.join(missing)}): "
                        "the kernel's signature changed; update its case builder")
     signature, constexprs, attrs = {}, {}, {}
     for param, name in zip(kernel.params, names):
@@ -423,7 +423,7 @@ def _plan(archs: list[int], quick: bool, only: str | None) -> tuple[dict, dict, 
     for arch in archs:
         for builder in CASE_BUILDERS:
             for case in builder(arch, quick):
-                name = f"kernels.{case.module}.{case.kernel}"
+                name = f"zhkernels.{case.module}.{case.kernel}"
                 covered.add(name)
                 if only and only not in name:
                     continue
@@ -451,7 +451,7 @@ def run_check(archs: list[int], quick: bool, jobs: int, only: str | None = None,
              ", sm_".join(map(str, archs)), jobs)
     keys = list(specs)
     if jobs > 1 and len(keys) > 1:
-        worker = importlib.import_module("kernels.aot_check").compile_one  # picklable even when run as __main__
+        worker = importlib.import_module("zhkernels.aot_check").compile_one  # picklable even when run as __main__
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             outcomes = list(pool.map(worker, [specs[k] for k in keys], chunksize=2))
     else:
@@ -481,7 +481,7 @@ def run_check(archs: list[int], quick: bool, jobs: int, only: str | None = None,
         elif callers := _callers(name, functions):
             helpers[name] = dict(called_from=callers)
         else:
-            problems.append(f"{name}: a @triton.jit function with no launch configuration in kernels/aot_check.py")
+            problems.append(f"{name}: a @triton.jit function with no launch configuration in zhkernels/aot_check.py")
     return dict(ok=not problems, problems=problems, triton=triton.__version__, archs=archs, quick=quick,
                 kernels=kernels, helpers=helpers, results=[asdict(r) for r in results.values()])
 
@@ -508,8 +508,8 @@ def _log_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kernels.aot_check",
-        description="Compile every Triton kernel in kernels/ for real CUDA GPUs (no GPU needed) at the launch "
+        prog="python -m zhkernels.aot_check",
+        description="Compile every Triton kernel in zhkernels/ for real CUDA GPUs (no GPU needed) at the launch "
                     "configurations the ops use; report registers, spills and shared memory. Exit 1 on a failed "
                     "compile, shared memory over the limit or an unchecked kernel; 2 when the check cannot run.")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90], choices=sorted(SHARED_LIMIT),
@@ -524,11 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if _dispatch.interpret_mode_at_import():  # triton.jit built interpreter functions when kernels was imported
-        print("kernels.aot_check: TRITON_INTERPRET is set, so the kernels are interpreter functions that cannot be "
-              "compiled; run it without: env -u TRITON_INTERPRET python -m kernels.aot_check", file=sys.stderr)
+        print("zhkernels.aot_check: TRITON_INTERPRET is set, so the kernels are interpreter functions that cannot be "
+              "compiled; run it without: env -u TRITON_INTERPRET python -m zhkernels.aot_check", file=sys.stderr)
         return 2
     if problem := toolchain_problem(tuple(args.arch)):
-        print(f"kernels.aot_check: cannot compile ahead of time: {problem}", file=sys.stderr)
+        print(f"zhkernels.aot_check: cannot compile ahead of time: {problem}", file=sys.stderr)
         return 2
     report = run_check(sorted(set(args.arch)), args.quick, max(1, args.jobs), args.only, args.fail_on_spills)
     _log_table(report)

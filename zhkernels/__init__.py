@@ -1,7 +1,7 @@
-"""Fused Triton kernels for Llama training, importable into any model: ``import kernels``.
+"""Fused Triton kernels for Llama training, importable into any model: ``import zhkernels``.
 
 Every op has a functional entry point and an ``nn.Module``; CUDA tensors run the Triton kernels, CPU
-tensors run the plain-PyTorch definition in :mod:`kernels.reference` (or the Triton kernels in Triton's
+tensors run the plain-PyTorch definition in :mod:`zhkernels.reference` (or the Triton kernels in Triton's
 interpreter when ``TRITON_INTERPRET=1``). ``patch_hf_llama(model)`` swaps them into a ``transformers``
 Llama. The ops are registered as ``torch.ops.zhllm.*`` custom ops, so ``torch.compile(fullgraph=True)``
 traces through them.

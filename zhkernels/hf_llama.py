@@ -4,12 +4,12 @@ Like Liger-Kernel's ``apply_liger_kernel_to_llama``, but per instance: only the 
 changed (its modules' ``forward`` methods are replaced), never the ``transformers`` classes or module
 globals, so an unpatched model in the same process keeps its behaviour. What gets swapped:
 
-- every ``LlamaRMSNorm`` → :func:`kernels.rms_norm`
-- every ``LlamaMLP`` with a SiLU activation → :func:`kernels.swiglu` between its projections
-- every ``LlamaAttention`` → :func:`kernels.apply_rope` + :func:`kernels.flash_attention` (GQA without
+- every ``LlamaRMSNorm`` → :func:`zhkernels.rms_norm`
+- every ``LlamaMLP`` with a SiLU activation → :func:`zhkernels.swiglu` between its projections
+- every ``LlamaAttention`` → :func:`zhkernels.apply_rope` + :func:`zhkernels.flash_attention` (GQA without
   repeating K/V). Calls that carry an explicit mask (padding, a static cache) or need dropout or
   attention weights go to the model's own attention, which handles any mask.
-- ``LlamaForCausalLM.forward`` with ``labels`` → :func:`kernels.fused_linear_cross_entropy` on the
+- ``LlamaForCausalLM.forward`` with ``labels`` → :func:`zhkernels.fused_linear_cross_entropy` on the
   final hidden states, so the ``[tokens, vocab]`` logits are never built (``logits`` is then None);
   without labels the original forward runs and returns logits.
 

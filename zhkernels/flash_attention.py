@@ -24,7 +24,7 @@ Block sizes (``_blocks``) for float16/bfloat16, by head_dim rounded up to a powe
 - ≤ 256: forward 64 × 32, backward 32 × 32, 8 warps: registers, not shared memory, are the limit; 80 KB.
 
 Each setting stays under the ~99 KB of shared memory a block gets on consumer GPUs (RTX 3060/4090),
-so one table serves them and the H100. ``python -m kernels.aot_check`` compiles every kernel ahead of
+so one table serves them and the H100. ``python -m zhkernels.aot_check`` compiles every kernel ahead of
 time for sm_80/86/89/90 and reports registers, spills and shared memory (the figures above are its);
 not yet run or timed on a GPU.
 "Resident" is the tile a backward program owns (K/V for dK/dV, Q for dQ), "streamed" the tile its
@@ -310,7 +310,7 @@ _BLOCKS_16BIT = {
 #: float32 (tests): no tensor cores with input_precision="ieee", so the tiles stay small.
 _BLOCKS_FP32 = {
     64: _Blocks(32, 32, 4, 2, 32, 16, 4, 2),
-    128: _Blocks(32, 16, 4, 2, 32, 16, 4, 2),  # 32 × 32 spills ~700 B/thread on sm_86–90 (kernels.aot_check)
+    128: _Blocks(32, 16, 4, 2, 32, 16, 4, 2),  # 32 × 32 spills ~700 B/thread on sm_86–90 (zhkernels.aot_check)
     256: _Blocks(32, 16, 8, 2, 16, 16, 8, 1),
 }
 
@@ -502,7 +502,7 @@ def flash_attention(
 ) -> torch.Tensor:
     """Softmax attention, ``q [B, Hq, Tq, D]`` against ``k``/``v`` ``[B, Hk, Tk, D]`` (GQA), in the inputs' dtype.
 
-    Same contract as :func:`kernels.reference.flash_attention`: causal aligned to the end when Tq < Tk,
+    Same contract as :func:`zhkernels.reference.flash_attention`: causal aligned to the end when Tq < Tk,
     ``doc_ids [B, T]`` keeps each token inside its document (contiguous runs), ``scale`` defaults to
     ``D ** -0.5``. The Triton kernels take head_dim up to 256.
     """
@@ -512,7 +512,7 @@ def flash_attention(
         return reference.flash_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"flash_attention: head_dim {q.shape[-1]} is outside the kernels' 1..{MAX_HEAD_DIM}; "
-                         "call kernels.reference.flash_attention instead")
+                         "call zhkernels.reference.flash_attention instead")
     return FlashAttentionFunction.apply(q, k, v, doc_ids, causal, scale)
 
 

@@ -20,8 +20,8 @@ from torch import nn
 from . import _dispatch, reference
 from ._dispatch import HAS_TRITON
 
-#: A whole row lives in registers: wider rows spill (backward from 16384 on sm_80–90, per kernels.aot_check),
-#: so they are refused rather than run slowly; kernels.reference.rms_norm serves them.
+#: A whole row lives in registers: wider rows spill (backward from 16384 on sm_80–90, per zhkernels.aot_check),
+#: so they are refused rather than run slowly; zhkernels.reference.rms_norm serves them.
 MAX_HIDDEN = 8192
 
 if HAS_TRITON:
@@ -199,7 +199,7 @@ def rms_norm(
     if x.shape[-1] > MAX_HIDDEN:
         raise ValueError(
             f"rms_norm: last dimension {x.shape[-1]} > {MAX_HIDDEN}, wider than the fused kernel keeps in registers; "
-            "use kernels.reference.rms_norm for it"
+            "use zhkernels.reference.rms_norm for it"
         )
     if residual is not None:
         if residual.shape != x.shape:

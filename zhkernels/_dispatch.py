@@ -34,7 +34,7 @@ _INTERPRET_AT_IMPORT = _interpret_env()
 
 
 def interpret_mode_at_import() -> bool:
-    """Whether the kernels were decorated for Triton's interpreter (``TRITON_INTERPRET=1`` before ``import kernels``)."""
+    """Whether the kernels were decorated for Triton's interpreter (``TRITON_INTERPRET=1`` before ``import zhkernels``)."""
     return _INTERPRET_AT_IMPORT
 
 
