@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from pathlib import Path
 
@@ -66,3 +67,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _mentions_transformers(item: pytest.Item) -> bool:
+    module, function = getattr(item, "module", None), getattr(item, "function", None)
+    if module is not None and "transformers" in vars(module):
+        return True
+    try:
+        return function is not None and "transformers" in inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``transformers`` every test whose module or body uses transformers: ``pytest -m transformers`` runs the
+    Hugging Face interop tests alone (CI runs them once more against the oldest supported release)."""
+    for item in items:
+        if _mentions_transformers(item):
+            item.add_marker(pytest.mark.transformers)
