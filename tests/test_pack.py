@@ -132,22 +132,28 @@ def test_interrupt_during_packing_leaves_no_dataset(tmp_path, small_tokenizer):
 
 
 SLOW_PACK = """
-import sys, time
+import signal, sys, time
+from pathlib import Path
 from engine.cli import run_cli
 from engine.pack import PackConfig, pack_corpus
 from engine.sources import Corpus
 from engine.tokenizer import load_tokenizer
 
-class SlowCorpus(Corpus):  # stalls mid-corpus, so the signal lands while packing is in progress
+# Ctrl-C in a terminal raises KeyboardInterrupt; a child of a background job inherits SIGINT *ignored*,
+# so restore what a terminal user gets, or the signal would be dropped and the pack would finish.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+class StalledCorpus(Corpus):  # stops mid-corpus until signalled, so the signal lands while packing is in progress
     def documents(self, progress=False):
         for i, doc in enumerate(super().documents()):
             if i == 3000:
-                time.sleep(60)
+                Path(sys.argv[4]).write_text("stalled")  # the marker the test waits for
+                time.sleep(600)
             yield doc
 
 def main(argv):
-    src, tok, out = argv
-    pack_corpus(SlowCorpus([src]), load_tokenizer(tok), PackConfig(out=out, workers=2, val_fraction=0.1,
+    src, tok, out, _ = argv
+    pack_corpus(StalledCorpus([src]), load_tokenizer(tok), PackConfig(out=out, workers=2, val_fraction=0.1,
                 batch_chars=2000, progress=False))
     return 0
 
@@ -155,18 +161,26 @@ raise SystemExit(run_cli(main, sys.argv[1:]))
 """
 
 
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    """Until the child writes ``path`` (a marker, not a guess at timing); fails at once if the child exits."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the child exited ({proc.returncode}) before writing {path.name}: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"no {path.name} within {timeout:.0f} s"
+        time.sleep(0.01)
+
+
 def test_sigint_during_packing_publishes_nothing(tmp_path, small_tokenizer):
     src = write_jsonl(tmp_path / "in.jsonl", [f"第{i}篇：春眠不觉晓，处处闻啼鸟。" for i in range(5000)])
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PACK, str(src), str(small_tokenizer.path), str(tmp_path / "corpus")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "stalled"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PACK, str(src), str(small_tokenizer.path), str(tmp_path / "corpus"),
+                             str(marker)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not list(tmp_path.glob(".corpus.bin.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.5)  # let a few batches reach the temporary files
-        assert proc.poll() is None, proc.communicate()
+        wait_for_file(marker, proc)
+        marker.unlink()
+        assert list(tmp_path.glob(".corpus.bin.tmp-*")), "packing had not started writing when it stalled"
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err

@@ -258,35 +258,44 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the loop, in subprocesses
 
-SLOW_RUN = """
+STALLING_RUN = """
 import sys, time
-from engine.dataset import PretrainDataset
-delay = float(sys.argv[1])
-if delay:  # slow the data down so the test can signal a run mid-way
-    real = PretrainDataset.next_batch
-    PretrainDataset.next_batch = lambda self, n: (time.sleep(delay), real(self, n))[1]
-from llama.train import run_from_args
-raise SystemExit(run_from_args(sys.argv[2:]))
+from pathlib import Path
+import llama.train as train
+stall_at, marker, go = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+real = train.learning_rate
+
+def learning_rate(step, cfg, total_steps):  # called once at the start of every step
+    if step == stall_at:  # hold the run here, say so, and go on only when the test says so
+        marker.write_text(str(step))
+        while not go.exists():
+            time.sleep(0.01)
+    return real(step, cfg, total_steps)
+
+train.learning_rate = learning_rate
+raise SystemExit(train.run_from_args(sys.argv[4:]))
 """
 
 
-def start_run(args: list[str], log_path: Path, delay: float = 0.0) -> subprocess.Popen:
+def start_run(args: list[str], log_path: Path, stall_at: int = -1) -> subprocess.Popen:
+    """A training subprocess; with ``stall_at`` it writes ``log_path.stalled`` after that many steps and waits for
+    ``log_path.go`` (markers, so no test depends on how fast the machine is)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    marker, go = log_path.with_suffix(".stalled"), log_path.with_suffix(".go")
     with open(log_path, "w") as log_file:
-        return subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(delay), *args], cwd=REPO, env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-c", STALLING_RUN, str(stall_at), str(marker), str(go), *args],
+                                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
-def wait_for_step(metrics_path: Path, step: int, proc: subprocess.Popen, timeout: float = 120.0) -> int:
-    """Poll ``metrics.jsonl`` until it shows ``step`` (returns the newest step logged)."""
+def wait_until_stalled(log_path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> int:
+    """Until the run started by ``start_run(..., stall_at=N)`` holds before step N + 1; returns N."""
+    marker = log_path.with_suffix(".stalled")
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        records = read_metrics(metrics_path)
-        if records and records[-1]["step"] >= step:
-            return records[-1]["step"]
-        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before step {step}"
-        time.sleep(0.02)
-    raise AssertionError(f"no step {step} within {timeout} s")
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before stalling: {log_path.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"the run did not stall within {timeout:.0f} s"
+        time.sleep(0.01)
+    return int(marker.read_text())
 
 
 def run_args(corpus: Path, out_dir: Path, steps: int, *extra: str) -> list[str]:
@@ -296,17 +305,18 @@ def run_args(corpus: Path, out_dir: Path, steps: int, *extra: str) -> list[str]:
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_bitwise_identical_losses(corpus, tmp_path):
-    steps, kill_after = 16, random.Random(20240).randint(3, 9)  # at least 7 slow steps left when the kill comes
+    steps, kill_after = 16, random.Random(20240).randint(3, 9)  # the run stalls after that step and is killed there
     extra = ("--save-every", "2", "--keep-last", "2", "--model", "dropout=0.1")  # dropout: the torch RNG matters too
     reference = start_run(run_args(corpus, tmp_path / "reference", steps, *extra), tmp_path / "reference.log")
-    victim = start_run(run_args(corpus, tmp_path / "victim", steps, *extra), tmp_path / "victim.log", delay=0.2)
-    wait_for_step(tmp_path / "victim" / "metrics.jsonl", kill_after, victim)
+    victim = start_run(run_args(corpus, tmp_path / "victim", steps, *extra), tmp_path / "victim.log", stall_at=kill_after)
+    assert wait_until_stalled(tmp_path / "victim.log", victim) == kill_after
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL
     before_kill = read_metrics(tmp_path / "victim" / "metrics.jsonl")
     resumed_from = find_checkpoint(tmp_path / "victim")  # what `latest` names (a newer folder may exist unnamed)
     resumed_at = int(resumed_from.name.split("_")[1])
-    assert 2 <= resumed_at < steps
+    assert resumed_at == kill_after // 2 * 2, "the newest of the every-2-steps checkpoints before the kill"
+    assert [r["step"] for r in before_kill] == list(range(1, kill_after + 1))
 
     resumed = start_run(run_args(corpus, tmp_path / "victim", steps, *extra), tmp_path / "resumed.log")  # no --resume
     assert resumed.wait(timeout=180) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
@@ -324,13 +334,14 @@ def test_sigkill_at_a_random_step_then_resume_gives_bitwise_identical_losses(cor
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_143(corpus, tmp_path):
-    run = start_run(run_args(corpus, tmp_path, 200, "--save-every", "0"), tmp_path / "run.log", delay=0.1)
-    wait_for_step(tmp_path / "metrics.jsonl", 3, run)
-    run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=60) == 143
-    last_step = read_metrics(tmp_path / "metrics.jsonl")[-1]["step"]
-    assert 3 <= last_step < 200
-    assert (tmp_path / LATEST).read_text().strip() == f"step_{last_step:06d}"
+    log = tmp_path / "run.log"
+    run = start_run(run_args(corpus, tmp_path, 200, "--save-every", "0"), log, stall_at=3)
+    wait_until_stalled(log, run)
+    run.send_signal(signal.SIGTERM)  # arrives before step 4 runs; the run finishes step 4, saves and stops
+    log.with_suffix(".go").touch()
+    assert run.wait(timeout=120) == 143, log.read_text()[-2000:]
+    assert read_metrics(tmp_path / "metrics.jsonl")[-1]["step"] == 4
+    assert (tmp_path / LATEST).read_text().strip() == "step_000004"
     assert "interrupted: stopped by SIGTERM" in (tmp_path / "run.log").read_text()
 
 
