@@ -15,7 +15,8 @@ softmax and gradient, is fp32 inside the kernel, so nothing overflows whatever t
 Memory, N tokens, H hidden, V vocab, chunk c, input dtype of b bytes (default c ≈ N / ceil(V / H), so the
 chunk's logits are about the size of the hidden states):
   held at peak in forward: c*V*b (chunk logits, reused as their gradient) + N*H*b (grad_hidden)
-  + V*H*4 (fp32 grad_weight accumulator) + V*H*b (one chunk's grad_weight product);
+  + V*H*4 (fp32 grad_weight accumulator) + V*H*b (one chunk's bf16 grad_weight product, only where
+  PyTorch has no fp32-output GEMM: before 2.8, or not CUDA);
   held from forward to backward: N*H*b + V*H*b (the gradients, in the inputs' dtypes).
   Eager ``F.cross_entropy(hidden @ W.T, t)`` holds N*V*b logits plus N*V*b log-softmax, and backward adds an
   N*V*b gradient (each doubled when the logits are upcast to fp32). Example, N=16,384, H=4,096, V=151,936,
@@ -24,8 +25,14 @@ chunk's logits are about the size of the hidden states):
 
 Caveats. On CUDA, targets outside ``[0, V)`` (other than ignore_index) are not checked (that would need a
 host sync): their loss and gradient rows are NaN, so the mean is NaN and the mistake shows. CPU tensors are
-checked and raise. In fp16 the stored gradients are those of the mean loss, rounded to fp16 before a loss
-scaler multiplies them, so the smallest ones flush to zero: prefer bf16 (the same holds for Liger-Kernel).
+checked and raise.
+
+fp16 (the 6 GB card's recipe, with a GradScaler): d(mean loss)/d(logits) ≈ softmax / n lies below fp16's
+range at thousands of tokens and a real vocabulary (Liger-Kernel stores it so and loses it). Here the
+kernel stores it without the 1/n and times ``FP16_GRAD_LIFT``, the two gradient matmuls write fp32
+(cuBLAS's fp32-output GEMM where PyTorch has it, else upcast inputs), and grad_hidden and grad_weight stay
+fp32 until backward multiplies them by grad_output (the scaler's scale) and casts them to fp16: as good
+as eager fp16 with a GradScaler (tested). That costs N*H*2 + V*H*2 more bytes held to backward than bf16.
 
 Layering as in every op file: Triton kernel → custom op ``torch.ops.zhllm.fused_linear_cross_entropy_forward``
 (with a fake implementation) → ``FusedLinearCrossEntropyFunction`` → ``fused_linear_cross_entropy`` (CPU
@@ -94,6 +101,59 @@ if HAS_TRITON:
                 tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=inside)
 
 
+#: fp16 only: the kernel stores d(loss)/d(logits) times this (a power of two, so exact) and without the 1/n
+#: of the mean, which keeps its entries ≥ 2**-14 (fp16's normal range) down to softmax ≈ 1/16000 and never
+#: above 2**10 in magnitude (|gradient| ≤ 1); the gradient matmuls then output fp32, where 1/n and 1/lift apply.
+FP16_GRAD_LIFT = 1024.0
+
+
+def stored_grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward keeps grad_hidden and grad_weight in until backward: fp32 for fp16 inputs (whose
+    mean-loss gradients lie below fp16's range until a loss scaler multiplies them), else the input dtype."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+_FP32_GEMM: dict[torch.device, bool] = {}
+
+
+def fp32_output_gemm(device: torch.device) -> bool:
+    """Whether cuBLAS writes fp32 from fp16/bf16 inputs here (``aten::mm.dtype``/``addmm.dtype``, PyTorch ≥ 2.8,
+    CUDA), checked once per device on a small product; elsewhere the inputs are upcast first."""
+    if device.type != "cuda" or not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return False
+    if device not in _FP32_GEMM:
+        try:
+            a = torch.randn(64, 32, device=device, dtype=torch.float16)
+            b = torch.randn(32, 16, device=device, dtype=torch.float16)
+            acc = torch.ones(64, 16, device=device)
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            out = torch.empty(64, 16, device=device)
+            torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+            want = a.float() @ b.float()
+            _FP32_GEMM[device] = bool(torch.allclose(acc, want + 1, atol=1e-2) and torch.allclose(out, want, atol=1e-2))
+        except (RuntimeError, TypeError):
+            _FP32_GEMM[device] = False
+    return _FP32_GEMM[device]
+
+
+def mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = a @ b`` into an fp32 ``out`` from low-precision ``a``, ``b``, never rounding the product to their dtype."""
+    if fp32_output_gemm(out.device):
+        torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+    else:
+        torch.mm(a.float(), b.float(), out=out)
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into fp32 ``acc``, from inputs of any float dtype, never rounding the product to theirs."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif fp32_output_gemm(acc.device):
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     """Tokens per chunk for chunk logits about the size of the hidden states (a power of two, 256 to 8192)."""
     ratio = max(1, math.ceil(vocab / max(hidden, 1)))
@@ -123,18 +183,23 @@ def fused_linear_cross_entropy_forward(
         grad_scale = 1.0 / (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
     else:
         grad_scale = torch.ones((), dtype=torch.float32, device=hidden.device)
+    lifted = hidden.dtype == torch.float16
+    if lifted:  # fp16: the kernel writes the gradient × FP16_GRAD_LIFT; 1/n and 1/lift are applied in fp32 below
+        kernel_scale = torch.full((), FP16_GRAD_LIFT, dtype=torch.float32, device=hidden.device)
+    else:
+        kernel_scale = grad_scale
     write_grad = need_grad_hidden or need_grad_weight
     grad_hidden = hidden.new_empty(0)
     if need_grad_hidden:
-        grad_hidden = _dispatch.empty(hidden.shape, hidden.dtype, hidden.device)
+        grad_hidden = _dispatch.empty(hidden.shape, stored_grad_dtype(hidden.dtype), hidden.device)
     starts = range(0, n_tokens, chunk_size)
-    # Several chunks sum into an fp32 buffer (through a product in the input dtype: cuBLAS takes no mixed
-    # dtypes); a single chunk needs none, its one matmul already accumulates in fp32 before rounding.
-    accumulate = need_grad_weight and len(starts) > 1
+    # Several chunks (or any fp16 chunk) sum into an fp32 buffer; one bf16/fp32 chunk needs none, its one
+    # matmul already accumulates in fp32 before rounding.
+    accumulate = need_grad_weight and (len(starts) > 1 or lifted)
     grad_weight, grad_weight_acc, product = weight.new_empty(0), None, None
     if accumulate:
         grad_weight_acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        if weight.dtype != torch.float32:
+        if weight.dtype == torch.bfloat16 and not fp32_output_gemm(weight.device):
             product = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     elif need_grad_weight:  # zeros: with no tokens at all no chunk writes it
         grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
@@ -147,21 +212,28 @@ def fused_linear_cross_entropy_forward(
         logits = logits_buffer[: end - start]
         torch.mm(h_chunk, weight.t(), out=logits)
         _cross_entropy_rows_kernel[(end - start,)](
-            logits, targets[start:end], losses[start:end], grad_scale, logits.stride(0), vocab, ignore_index,
+            logits, targets[start:end], losses[start:end], kernel_scale, logits.stride(0), vocab, ignore_index,
             float(z_loss), WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps,
         )
-        # logits now holds d(loss)/d(logits) of this chunk.
+        # logits now holds d(loss)/d(logits) of this chunk (× FP16_GRAD_LIFT in fp16).
         if need_grad_hidden:
-            torch.mm(logits, weight, out=grad_hidden[start:end])
+            mm_fp32_out(logits, weight, grad_hidden[start:end]) if lifted else torch.mm(
+                logits, weight, out=grad_hidden[start:end])
         if not need_grad_weight:
             continue
         if not accumulate:
             torch.mm(logits.t(), h_chunk, out=grad_weight)
         elif product is None:
-            grad_weight_acc.addmm_(logits.t(), h_chunk)
+            addmm_fp32_(grad_weight_acc, logits.t(), h_chunk)
         else:
             grad_weight_acc.add_(torch.mm(logits.t(), h_chunk, out=product))
-    if grad_weight_acc is not None:
+    if lifted:
+        unlift = grad_scale / FP16_GRAD_LIFT
+        if need_grad_hidden:
+            grad_hidden.mul_(unlift)
+        if grad_weight_acc is not None:
+            grad_weight = grad_weight_acc.mul_(unlift)  # kept in fp32 until backward has applied grad_output
+    elif grad_weight_acc is not None:
         grad_weight = grad_weight_acc.to(weight.dtype)
 
     if reduction == "none":
@@ -177,19 +249,20 @@ def _(
     z_loss: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     loss_shape = (hidden.shape[0],) if reduction == "none" else ()
+    grad_dtype = stored_grad_dtype(hidden.dtype)
     return (
         hidden.new_empty(loss_shape, dtype=torch.float32),
-        hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0),
-        weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0),
+        hidden.new_empty(hidden.shape, dtype=grad_dtype) if need_grad_hidden else hidden.new_empty(0),
+        weight.new_empty(weight.shape, dtype=grad_dtype) if need_grad_weight else weight.new_empty(0),
     )
 
 
-def _times(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
-    """``grad * grad_output`` computed in fp32 (grad_output is not rounded to bf16 first); always multiplied,
-    since testing ``grad_output == 1`` would sync with the host."""
-    if grad.dtype == torch.float32:
+def _times(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * grad_output`` computed in fp32 (grad_output is not rounded to bf16 first), returned in the input's
+    ``dtype``; always multiplied, since testing ``grad_output == 1`` would sync with the host."""
+    if grad.dtype == torch.float32 and dtype == torch.float32:
         return grad * grad_output
-    return (grad.float() * grad_output).to(grad.dtype)
+    return (grad.float() * grad_output).to(dtype)
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -207,6 +280,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_shape, ctx.computed = hidden.shape, (need_grad_hidden, need_grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss.reshape(targets.shape) if reduction == "none" else loss
 
     @staticmethod
@@ -214,8 +288,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         with_hidden, with_weight = ctx.computed
-        grad_hidden = _times(grad_hidden, grad_output).reshape(ctx.hidden_shape) if with_hidden else None
-        grad_weight = _times(grad_weight, grad_output) if with_weight else None
+        hidden_dtype, weight_dtype = ctx.dtypes
+        grad_hidden = _times(grad_hidden, grad_output, hidden_dtype).reshape(ctx.hidden_shape) if with_hidden else None
+        grad_weight = _times(grad_weight, grad_output, weight_dtype) if with_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
