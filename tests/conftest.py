@@ -80,8 +80,10 @@ def _mentions_transformers(item: pytest.Item) -> bool:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark ``transformers`` every test whose module or body uses transformers: ``pytest -m transformers`` runs the
-    Hugging Face interop tests alone (CI runs them once more against the oldest supported release)."""
+    """Mark ``transformers`` every test whose module or body uses transformers, and ``triton`` the kernel tests:
+    ``pytest -m "transformers or triton"`` runs what depends on those releases (CI runs it again on the oldest)."""
     for item in items:
         if _mentions_transformers(item):
             item.add_marker(pytest.mark.transformers)
+        if item.path.name.startswith("test_kernels_"):
+            item.add_marker(pytest.mark.triton)

@@ -37,6 +37,7 @@ pytestmark = pytest.mark.skipif(_toolchain_problem() is not None,
 
 def _jit_functions() -> set[str]:
     """``zhkernels.<module>.<name>`` of every @triton.jit object in zhkernels/ (interpreter functions here)."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import KernelInterface
 
     found = set()
@@ -46,7 +47,7 @@ def _jit_functions() -> set[str]:
             fn = obj
             while hasattr(fn, "fn"):
                 fn = fn.fn
-            if isinstance(obj, KernelInterface) and getattr(fn, "__module__", "") == module.__name__:
+            if isinstance(obj, (KernelInterface, InterpretedFunction)) and getattr(fn, "__module__", "") == module.__name__:
                 found.add(f"{module.__name__}.{name}")
     return found
 

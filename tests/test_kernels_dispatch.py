@@ -61,3 +61,12 @@ def test_mixed_devices_are_refused():
     meta = torch.empty(3, 8, device="meta")
     with pytest.raises(ValueError, match="different devices"):
         zhkernels.swiglu(torch.randn(3, 8), meta)
+
+
+def test_interpreter_index_fix_applies_exactly_where_triton_needs_it():
+    """Triton 3.3–3.6's interpreter int()s shape-(1,) arrays, which numpy ≥ 2.4 refuses; 3.7 fixed it."""
+    from zhkernels._interpreter_compat import needs_index_fix
+
+    assert needs_index_fix("3.6.0", "2.4.6") and needs_index_fix("3.3.1", "2.5.0")
+    assert not needs_index_fix("3.7.0", "2.4.6") and not needs_index_fix("3.9.0", "2.5.1")
+    assert not needs_index_fix("3.6.0", "2.3.5") and not needs_index_fix("3.6.0rc1", "2.2.0")

@@ -29,8 +29,13 @@ def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-#: triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when ``kernels`` is imported.
+#: triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when ``zhkernels`` is imported.
 _INTERPRET_AT_IMPORT = _interpret_env()
+
+if HAS_TRITON and _INTERPRET_AT_IMPORT:
+    from . import _interpreter_compat
+
+    _interpreter_compat.apply()
 
 
 def interpret_mode_at_import() -> bool:

@@ -286,13 +286,15 @@ def _python_function(obj: Any) -> Any:
 def discover_jit_functions() -> dict[str, Any]:
     """Every ``@triton.jit`` object defined in a ``zhkernels.*`` module, keyed ``zhkernels.<module>.<name>``."""
     import zhkernels
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import KernelInterface
 
+    kinds = (KernelInterface, InterpretedFunction)  # Triton 3.3's InterpretedFunction is no KernelInterface
     found = {}
     for info in pkgutil.iter_modules(zhkernels.__path__):
         module = importlib.import_module(f"zhkernels.{info.name}")
         for name, obj in vars(module).items():
-            if isinstance(obj, KernelInterface) and getattr(_python_function(obj), "__module__", "") == module.__name__:
+            if isinstance(obj, kinds) and getattr(_python_function(obj), "__module__", "") == module.__name__:
                 found[f"{module.__name__}.{name}"] = obj
     return found
 
@@ -397,7 +399,11 @@ def compile_one(spec: dict) -> dict:
             out["stack_bytes"], out["spill_stores"], out["spill_loads"] = map(int, spill.groups())
         out["ok"] = True
     except Exception as exc:  # the finding itself: keep the message
-        out["ok"], out["error"] = False, f"{type(exc).__name__}: {exc}"[:4000]
+        message = f"{type(exc).__name__}: {exc}"
+        cause = exc.__cause__
+        if cause is not None and str(cause) not in message:  # Triton 3.3 keeps the reason in the cause
+            message = f"{message.rstrip()}\n{cause}"
+        out["ok"], out["error"] = False, message[:4000]
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 

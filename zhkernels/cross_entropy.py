@@ -66,6 +66,7 @@ if HAS_TRITON:
         row_ptr = logits_ptr + row * row_stride
         target = tl.load(targets_ptr + row).to(tl.int64)
         counted = target != ignore_index
+        ignored = target == ignore_index  # not ~counted: Triton < 3.4's interpreter cannot invert an int1
         in_range = (target >= 0) & (target < n_vocab)
         # Ignored rows read nothing: their pass-1 loop is empty and their gradient is written as zeros.
         n_read = tl.where(counted, n_vocab, 0)
@@ -84,7 +85,7 @@ if HAS_TRITON:
         target_logit = tl.load(row_ptr + target, mask=counted & in_range, other=0.0).to(tl.float32)
         loss = lse - target_logit + z_loss * lse * lse
         loss = tl.where(counted, loss, 0.0)
-        loss = tl.where(in_range | ~counted, loss, float("nan"))  # a bad target on CUDA shows as NaN
+        loss = tl.where(in_range | ignored, loss, float("nan"))  # a bad target on CUDA shows as NaN
         tl.store(losses_ptr + row, loss)
 
         if WRITE_GRAD:
@@ -97,7 +98,7 @@ if HAS_TRITON:
                 x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
                 grad = tl.exp(x - lse) * softmax_coef - tl.where(cols == target, grad_scale, 0.0)
                 grad = tl.where(counted, grad, 0.0)
-                grad = tl.where(in_range | ~counted, grad, float("nan"))
+                grad = tl.where(in_range | ignored, grad, float("nan"))
                 tl.store(row_ptr + cols, grad.to(logits_ptr.dtype.element_ty), mask=inside)
 
 
