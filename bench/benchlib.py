@@ -73,7 +73,8 @@ def environment() -> dict[str, Any]:
     changed = _git("status", "--porcelain", "--", "engine", "llama", "zhkernels", "bench")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "commit": _git("rev-parse", "--short", "HEAD"),
+        # no .git travels to a lent GPU machine: bench/gpu_check.sh is given the commit in ZHLLM_COMMIT
+        "commit": _git("rev-parse", "--short", "HEAD") if (REPO / ".git").exists() else os.environ.get("ZHLLM_COMMIT", "unknown"),
         # files of the measured code that differ from the commit (modified or not yet committed)
         "uncommitted": [] if changed == "unknown" else [line.split(maxsplit=1)[-1] for line in changed.splitlines() if line.strip()],
         "cpu": _cpu_model(),
