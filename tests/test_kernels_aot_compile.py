@@ -139,3 +139,27 @@ def test_int_specialization_fallback_matches_triton():
             for align in (True, False):
                 expected = tuple(native(BaseBackend, value, False, specialize, align))
                 assert _int_specialization(value, specialize, align) == expected, (value, specialize, align)
+
+
+_VECTOR_WIDTHS = """
+import json, re
+from zhkernels import aot_check
+widths = {}
+for case in aot_check._swiglu_cases(86, quick=False):
+    if case.label.startswith("bf16 ffn=1668"):
+        widths[case.kernel + " " + case.label] = sorted(set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*", aot_check.ptx(case, 86))))
+print(json.dumps(widths))
+"""
+
+
+def test_swiglu_at_an_odd_width_gets_16_byte_accesses():
+    """ffn 1668 is not a multiple of 16: by rows every access is a scalar 2-byte one; the flat path (what the
+    model's contiguous inputs take) gets 16-byte vector loads and stores. Read from the PTX, no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _VECTOR_WIDTHS], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    widths = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kernel in ("_swiglu_forward_kernel", "_swiglu_backward_kernel"):
+        assert widths[f"{kernel} bf16 ffn=1668 flat"] == ["ld.global.v4.b32", "st.global.v4.b32"], widths
+        assert widths[f"{kernel} bf16 ffn=1668 rows"] == ["ld.global.b16", "st.global.b16"], widths

@@ -172,14 +172,18 @@ def _swiglu_cases(arch: int, quick: bool) -> list[Case]:
     cases = []
     for f in (1668,) if quick else FFN:
         _, block = sw._grid(TOKENS, f)
+        # the model's contiguous inputs run flat; strided views (e.g. a fused gate/up projection) by rows
+        layouts = ((True, TOKENS * f, sw.FLAT_BLOCK),) if quick else ((True, TOKENS * f, sw.FLAT_BLOCK), (False, f, block))
         for dt in ("bf16",) if quick else DTYPES:
             p = Ptr(dt)
-            cases.append(Case("swiglu", "_swiglu_forward_kernel", f"{dt} ffn={f}", dict(
-                gate_ptr=p, up_ptr=p, out_ptr=p, n_cols=f, gate_row_stride=f, up_row_stride=f, out_row_stride=f,
-                BLOCK=block)))
-            cases.append(Case("swiglu", "_swiglu_backward_kernel", f"{dt} ffn={f}", dict(
-                grad_out_ptr=p, gate_ptr=p, up_ptr=p, grad_gate_ptr=p, grad_up_ptr=p, n_cols=f,
-                grad_out_row_stride=f, gate_row_stride=f, up_row_stride=f, BLOCK=block)))
+            for flat, n, b in layouts:
+                what = f"{dt} ffn={f}{' flat' if flat else ' rows'}"
+                cases.append(Case("swiglu", "_swiglu_forward_kernel", what, dict(
+                    gate_ptr=p, up_ptr=p, out_ptr=p, n_cols=n, gate_row_stride=n, up_row_stride=n, out_row_stride=n,
+                    BLOCK=b, FLAT=flat)))
+                cases.append(Case("swiglu", "_swiglu_backward_kernel", what, dict(
+                    grad_out_ptr=p, gate_ptr=p, up_ptr=p, grad_gate_ptr=p, grad_up_ptr=p, n_cols=n,
+                    grad_out_row_stride=n, gate_row_stride=n, up_row_stride=n, BLOCK=b, FLAT=flat)))
     return cases
 
 
@@ -367,8 +371,8 @@ def _job(case: Case, arch: int) -> tuple[tuple, dict]:
     return (case.module, case.kernel, arch, json.dumps(spec, sort_keys=True, default=str)), spec
 
 
-def compile_one(spec: dict) -> dict:
-    """Compile one kernel for one architecture; registers and spills come from re-running ptxas -v on its PTX."""
+def _compile(spec: dict) -> Any:
+    """``triton.compile`` of one request from :func:`_job` for its architecture (no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -378,12 +382,22 @@ def compile_one(spec: dict) -> dict:
     index = {name: i for i, name in enumerate(kernel.arg_names)}
     constexprs = {(index[n],): v for n, v in spec["constexprs"].items()}
     attrs = {(index[n],): [["tt.divisibility", 16]] for n in spec["divisible"]}
+    with contextlib.redirect_stdout(io.StringIO()):  # a failing ptxas prints the whole PTX to stdout
+        return triton.compile(ASTSource(kernel, spec["signature"], constexprs, attrs),
+                              target=GPUTarget("cuda", spec["arch"], 32), options=spec["options"])
+
+
+def ptx(case: Case, arch: int) -> str:
+    """The PTX of one case for one architecture: what the GPU would run, readable without one."""
+    return _compile(_job(case, arch)[1]).asm["ptx"]
+
+
+def compile_one(spec: dict) -> dict:
+    """Compile one kernel for one architecture; registers and spills come from re-running ptxas -v on its PTX."""
     arch, out = spec["arch"], {}
     start = time.perf_counter()
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # a failing ptxas prints the whole PTX to stdout
-            compiled = triton.compile(ASTSource(kernel, spec["signature"], constexprs, attrs),
-                                      target=GPUTarget("cuda", arch, 32), options=spec["options"])
+        compiled = _compile(spec)
         out["shared_bytes"] = int(compiled.metadata.shared)
         out["num_warps"], out["num_stages"] = compiled.metadata.num_warps, compiled.metadata.num_stages
         arch_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"

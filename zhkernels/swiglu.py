@@ -19,10 +19,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _swiglu_forward_kernel(
-        gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, out_row_stride, BLOCK: tl.constexpr
+        gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, out_row_stride,
+        BLOCK: tl.constexpr, FLAT: tl.constexpr,
     ):
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        # FLAT: contiguous inputs are one array of n_cols = numel elements, so every block starts aligned
+        # whatever the width (an ffn of 1668 would otherwise give scalar 2-byte accesses); else one row per program.
+        if FLAT:
+            row = 0
+            cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            row = tl.program_id(0).to(tl.int64)
+            cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < n_cols
         g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
         u = tl.load(up_ptr + row * up_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
@@ -32,11 +39,15 @@ if HAS_TRITON:
     @triton.jit
     def _swiglu_backward_kernel(
         grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n_cols,
-        grad_out_row_stride, gate_row_stride, up_row_stride, BLOCK: tl.constexpr,
+        grad_out_row_stride, gate_row_stride, up_row_stride, BLOCK: tl.constexpr, FLAT: tl.constexpr,
     ):
         # silu'(g) = s * (1 + g * (1 - s)) with s = sigmoid(g); the activation is recomputed, not stored.
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        if FLAT:  # as in the forward
+            row = 0
+            cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            row = tl.program_id(0).to(tl.int64)
+            cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < n_cols
         dout = tl.load(grad_out_ptr + row * grad_out_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
         g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
@@ -49,18 +60,31 @@ if HAS_TRITON:
         tl.store(grad_up_ptr + row * n_cols + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=inside)
 
 
+FLAT_BLOCK = 1024  # elements per program on the flat path: 8 per thread at 4 warps, 16-byte accesses in bf16
+
+
 def _grid(rows: int, cols: int) -> tuple[tuple[int, int], int]:
     block = min(_dispatch.next_power_of_2(cols), 1024)
     return (rows, triton.cdiv(cols, block)), block
 
 
+def _layout(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], tuple, int, bool]:
+    """The tensors as launched, the grid, the block, and whether they go as one flat array (all contiguous)."""
+    if all(t.is_contiguous() for t in tensors):
+        n = tensors[0].numel()
+        return [t.view(1, n) for t in tensors], (triton.cdiv(n, FLAT_BLOCK),), FLAT_BLOCK, True
+    rows = [_dispatch.as_rows(t) for t in tensors]
+    grid, block = _grid(*rows[0].shape)
+    return rows, grid, block, False
+
+
 @torch.library.custom_op("zhllm::swiglu_forward", mutates_args=())
 def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    g, u = _dispatch.as_rows(gate), _dispatch.as_rows(up)
+    (g, u), grid, block, flat = _layout(gate, up)
     out = _dispatch.empty(g.shape, gate.dtype, gate.device)
     if out.numel():
-        grid, block = _grid(*g.shape)
-        _swiglu_forward_kernel[grid](g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0), BLOCK=block)
+        _swiglu_forward_kernel[grid](g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0),
+                                     BLOCK=block, FLAT=flat)
     return out.view(gate.shape)
 
 
@@ -71,13 +95,12 @@ def _(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("zhllm::swiglu_backward", mutates_args=())
 def swiglu_backward(grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    d, g, u = _dispatch.as_rows(grad_out), _dispatch.as_rows(gate), _dispatch.as_rows(up)
+    (d, g, u), grid, block, flat = _layout(grad_out, gate, up)
     grad_gate = _dispatch.empty(g.shape, gate.dtype, gate.device)
     grad_up = _dispatch.empty(u.shape, up.dtype, up.device)
     if grad_gate.numel():
-        grid, block = _grid(*g.shape)
         _swiglu_backward_kernel[grid](
-            d, g, u, grad_gate, grad_up, g.shape[1], d.stride(0), g.stride(0), u.stride(0), BLOCK=block
+            d, g, u, grad_gate, grad_up, g.shape[1], d.stride(0), g.stride(0), u.stride(0), BLOCK=block, FLAT=flat
         )
     return grad_gate.view(gate.shape), grad_up.view(up.shape)
 
