@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zhkernels.cross_entropy import default_chunk_size
+from zhkernels.cross_entropy import default_chunk_size, padded_vocab, stored_grad_dtype
 
 from .hardware import GIB
 from .model import LlamaConfig
@@ -91,7 +91,9 @@ def estimate_memory_gib(config: LlamaConfig, micro_batch: int, seq_len: int, pre
         activations = tokens * config.n_layers * per_layer
     vocab = config.vocab_size
     chunk = min(tokens, default_chunk_size(tokens, vocab, dim))  # the fused cross-entropy's token chunk
-    loss = tokens * (4 * dim + 2 * act * dim) + chunk * vocab * act + vocab * dim * (4 + act)
+    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    grad = stored_grad_dtype(low).itemsize  # fp16: the fused CE keeps its gradients in fp32 until backward
+    loss = tokens * (4 * dim + act * dim + grad * dim) + chunk * padded_vocab(vocab) * act + vocab * dim * (4 + act)
     return (static + activations + loss) * FRAGMENTATION / GIB
 
 

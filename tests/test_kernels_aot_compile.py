@@ -163,3 +163,21 @@ def test_swiglu_at_an_odd_width_gets_16_byte_accesses():
     for kernel in ("_swiglu_forward_kernel", "_swiglu_backward_kernel"):
         assert widths[f"{kernel} bf16 ffn=1668 flat"] == ["ld.global.v4.b32", "st.global.v4.b32"], widths
         assert widths[f"{kernel} bf16 ffn=1668 rows"] == ["ld.global.b16", "st.global.b16"], widths
+
+
+_CE_WIDTHS = """
+import json, re
+from zhkernels import aot_check
+(case,) = [c for c in aot_check._cross_entropy_cases(86, quick=True)]
+print(json.dumps(sorted(set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*", aot_check.ptx(case, 86))))))
+"""
+
+
+def test_cross_entropy_rows_at_an_odd_vocabulary_get_16_byte_accesses():
+    """V = 35,023: the logits buffer's padded row stride lets the kernel read and write rows in 16-byte vectors."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _CE_WIDTHS], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    accesses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "ld.global.v4.b32" in accesses and "st.global.v4.b32" in accesses, accesses

@@ -242,7 +242,7 @@ def _cross_entropy_cases(arch: int, quick: bool) -> list[Case]:
                     label = f"{dt} V={vocab} targets {targets}" + (" +grad" if write_grad else "")
                     cases.append(Case("cross_entropy", "_cross_entropy_rows_kernel", label, dict(
                         logits_ptr=Ptr(dt), targets_ptr=Ptr(targets), losses_ptr=Ptr("fp32"),
-                        grad_scale_ptr=Ptr("fp32"), row_stride=vocab, n_vocab=vocab, ignore_index=-100, z_loss=1e-4,
+                        grad_scale_ptr=Ptr("fp32"), row_stride=ce.padded_vocab(vocab), n_vocab=vocab, ignore_index=-100, z_loss=1e-4,
                         WRITE_GRAD=write_grad, BLOCK=block), num_warps))
     return cases
 

@@ -61,7 +61,12 @@ if HAS_TRITON:
         logits_ptr, targets_ptr, losses_ptr, grad_scale_ptr, row_stride, n_vocab, ignore_index, z_loss,
         WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """One row (token) per program: its fp32 loss and (WRITE_GRAD) its logits overwritten by d(loss)/d(logits)."""
+        """One row (token) per program: its fp32 loss and (WRITE_GRAD) its logits overwritten by d(loss)/d(logits).
+
+        Rows are ``row_stride`` elements apart, a multiple of 64 ≥ n_vocab (``padded_vocab``), and the padding
+        columns are scratch: reads and writes are masked at row_stride, not n_vocab, so they stay 16-byte
+        vector accesses whatever the vocabulary, and columns from n_vocab on count as -inf logits.
+        """
         row = tl.program_id(0).to(tl.int64)
         row_ptr = logits_ptr + row * row_stride
         target = tl.load(targets_ptr + row).to(tl.int64)
@@ -69,7 +74,7 @@ if HAS_TRITON:
         ignored = target == ignore_index  # not ~counted: Triton < 3.4's interpreter cannot invert an int1
         in_range = (target >= 0) & (target < n_vocab)
         # Ignored rows read nothing: their pass-1 loop is empty and their gradient is written as zeros.
-        n_read = tl.where(counted, n_vocab, 0)
+        n_read = tl.where(counted, row_stride, 0)
 
         # Pass 1, online log-sum-exp: after each block, m is the max of the logits read so far and
         # s the sum of exp(logit - m) over them, so m + log(s) is their log-sum-exp with nothing overflowing.
@@ -77,7 +82,8 @@ if HAS_TRITON:
         s = 0.0
         for start in range(0, n_read, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
+            x = tl.load(row_ptr + cols, mask=cols < row_stride, other=float("-inf")).to(tl.float32)
+            x = tl.where(cols < n_vocab, x, float("-inf"))
             m_new = tl.maximum(m, tl.max(x, axis=0))
             s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
             m = m_new
@@ -94,8 +100,9 @@ if HAS_TRITON:
             softmax_coef = (1.0 + 2.0 * z_loss * lse) * grad_scale
             for start in range(0, n_vocab, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                inside = cols < n_vocab
+                inside = cols < row_stride
                 x = tl.load(row_ptr + cols, mask=cols < n_read, other=float("-inf")).to(tl.float32)
+                x = tl.where(cols < n_vocab, x, float("-inf"))  # padding: a zero gradient
                 grad = tl.exp(x - lse) * softmax_coef - tl.where(cols == target, grad_scale, 0.0)
                 grad = tl.where(counted, grad, 0.0)
                 grad = tl.where(in_range | ignored, grad, float("nan"))
@@ -161,6 +168,11 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     return min(max(_dispatch.next_power_of_2(math.ceil(max(n_tokens, 1) / ratio)), 256), 8192)
 
 
+def padded_vocab(vocab: int) -> int:
+    """The row stride of the chunk logits buffer: the vocabulary rounded up to a multiple of 64 elements."""
+    return -(-vocab // 64) * 64
+
+
 def _kernel_config(vocab: int) -> tuple[int, int]:
     """Vocab block (32 KB of fp32 at most, looped over) and warps: 16 warps keep 16 values per thread at 8192."""
     block = min(_dispatch.next_power_of_2(vocab), 8192)
@@ -206,7 +218,10 @@ def fused_linear_cross_entropy_forward(
         grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
 
     block, num_warps = _kernel_config(vocab)
-    logits_buffer = torch.empty((min(chunk_size, n_tokens), vocab), dtype=hidden.dtype, device=hidden.device)
+    # Rows padded to padded_vocab(V) elements: every row starts 128-byte aligned, for the kernel's vector
+    # accesses and cuBLAS's aligned kernels (an odd vocabulary such as 35,023 would leave every row unaligned).
+    logits_buffer = torch.empty((min(chunk_size, n_tokens), padded_vocab(vocab)), dtype=hidden.dtype,
+                                device=hidden.device)[:, :vocab]
     for start in starts:
         end = min(start + chunk_size, n_tokens)
         h_chunk = hidden[start:end]
