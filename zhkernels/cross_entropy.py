@@ -232,9 +232,10 @@ def fused_linear_cross_entropy_forward(
             float(z_loss), WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps,
         )
         # logits now holds d(loss)/d(logits) of this chunk (× FP16_GRAD_LIFT in fp16).
-        if need_grad_hidden:
-            mm_fp32_out(logits, weight, grad_hidden[start:end]) if lifted else torch.mm(
-                logits, weight, out=grad_hidden[start:end])
+        if need_grad_hidden and lifted:
+            mm_fp32_out(logits, weight, grad_hidden[start:end])
+        elif need_grad_hidden:
+            torch.mm(logits, weight, out=grad_hidden[start:end])
         if not need_grad_weight:
             continue
         if not accumulate:
