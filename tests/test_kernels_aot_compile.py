@@ -14,6 +14,7 @@ import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,12 +115,16 @@ print(json.dumps(report["problems"]))
 """
 
 
-def test_a_compile_error_and_an_unchecked_kernel_fail_the_check():
+def _json_from_compiling(code: str) -> Any:
+    """Run ``code`` in a subprocess without TRITON_INTERPRET (so kernels compile for GPUs); its last line, as JSON."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _BROKEN_CHECK], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    problems = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_a_compile_error_and_an_unchecked_kernel_fail_the_check():
+    problems = _json_from_compiling(_BROKEN_CHECK)
     failed = [p for p in problems if "compile failed" in p]
     assert len(failed) == 1 and "_swiglu_forward_kernel sm_86" in failed[0] and "power of 2" in failed[0], problems
     assert any("_flash_forward_kernel: a @triton.jit function with no launch configuration" in p for p in problems)
@@ -155,11 +160,7 @@ print(json.dumps(widths))
 def test_swiglu_at_an_odd_width_gets_16_byte_accesses():
     """ffn 1668 is not a multiple of 16: by rows every access is a scalar 2-byte one; the flat path (what the
     model's contiguous inputs take) gets 16-byte vector loads and stores. Read from the PTX, no GPU needed."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _VECTOR_WIDTHS], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    widths = json.loads(proc.stdout.strip().splitlines()[-1])
+    widths = _json_from_compiling(_VECTOR_WIDTHS)
     for kernel in ("_swiglu_forward_kernel", "_swiglu_backward_kernel"):
         assert widths[f"{kernel} bf16 ffn=1668 flat"] == ["ld.global.v4.b32", "st.global.v4.b32"], widths
         assert widths[f"{kernel} bf16 ffn=1668 rows"] == ["ld.global.b16", "st.global.b16"], widths
@@ -175,9 +176,5 @@ print(json.dumps(sorted(set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*", aot_chec
 
 def test_cross_entropy_rows_at_an_odd_vocabulary_get_16_byte_accesses():
     """V = 35,023: the logits buffer's padded row stride lets the kernel read and write rows in 16-byte vectors."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _CE_WIDTHS], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    accesses = json.loads(proc.stdout.strip().splitlines()[-1])
+    accesses = _json_from_compiling(_CE_WIDTHS)
     assert "ld.global.v4.b32" in accesses and "st.global.v4.b32" in accesses, accesses

@@ -415,8 +415,10 @@ def compile_one(spec: dict) -> dict:
     except Exception as exc:  # the finding itself: keep the message
         message = f"{type(exc).__name__}: {exc}"
         cause = exc.__cause__
-        if cause is not None and str(cause) not in message:  # Triton 3.3 keeps the reason in the cause
-            message = f"{message.rstrip()}\n{cause}"
+        while cause is not None:  # Triton 3.3 keeps the reason in the cause (one per nested @triton.jit call)
+            if str(cause) not in message:
+                message = f"{message.rstrip()}\n{cause}"
+            cause = cause.__cause__
         out["ok"], out["error"] = False, message[:4000]
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
@@ -427,9 +429,11 @@ def _summary(error: str) -> str:
     lines = [line.strip() for line in error.splitlines() if line.strip()]
     if not lines:
         return "unknown error"
-    caret = next((i for i, line in enumerate(lines) if i and line == "^"), None)
-    if caret is not None:  # CompilationError: "at L:C:", the source, a caret under the culprit, then the cause
-        return f"{lines[0].rstrip(':')} `{lines[caret - 1]}`: {' '.join(lines[caret + 1:])}"[:300]
+    carets = [i for i, line in enumerate(lines) if i and line == "^"]
+    if carets:  # CompilationError: "at L:C:", the source, a caret under the culprit, then the cause; an error
+        # inside a @triton.jit helper nests another such block, so the cause follows the last caret
+        first, last = carets[0], carets[-1]
+        return f"{lines[0].rstrip(':')} `{lines[first - 1]}`: {' '.join(lines[last + 1:])}"[:300]
     errors = [line for line in lines[1:] if "error" in line.lower() and not line.startswith("Repro")]
     return "; ".join(lines[:1] + errors[:2])[:300]
 

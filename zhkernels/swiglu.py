@@ -18,18 +18,24 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _swiglu_forward_kernel(
-        gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, out_row_stride,
-        BLOCK: tl.constexpr, FLAT: tl.constexpr,
-    ):
-        # FLAT: contiguous inputs are one array of n_cols = numel elements, so every block starts aligned
-        # whatever the width (an ffn of 1668 would otherwise give scalar 2-byte accesses); else one row per program.
-        if FLAT:
+    def _block(BLOCK: tl.constexpr, FLAT: tl.constexpr):
+        """This program's row and column offsets. FLAT: contiguous inputs are one array of numel elements, so
+        every block starts aligned whatever the width (an ffn of 1668 would otherwise give scalar 2-byte
+        accesses); else one row per program along axis 0 and column blocks along axis 1."""
+        if FLAT:  # one return statement: Triton checks every return's types, even in a branch never compiled
             row = 0
             cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         else:
             row = tl.program_id(0).to(tl.int64)
             cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        return row, cols
+
+    @triton.jit
+    def _swiglu_forward_kernel(
+        gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, out_row_stride,
+        BLOCK: tl.constexpr, FLAT: tl.constexpr,
+    ):
+        row, cols = _block(BLOCK, FLAT)
         inside = cols < n_cols
         g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
         u = tl.load(up_ptr + row * up_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
@@ -42,12 +48,7 @@ if HAS_TRITON:
         grad_out_row_stride, gate_row_stride, up_row_stride, BLOCK: tl.constexpr, FLAT: tl.constexpr,
     ):
         # silu'(g) = s * (1 + g * (1 - s)) with s = sigmoid(g); the activation is recomputed, not stored.
-        if FLAT:  # as in the forward
-            row = 0
-            cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        else:
-            row = tl.program_id(0).to(tl.int64)
-            cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        row, cols = _block(BLOCK, FLAT)
         inside = cols < n_cols
         dout = tl.load(grad_out_ptr + row * grad_out_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
         g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
