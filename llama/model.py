@@ -248,10 +248,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, ops: Ops) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under autocast a sub-layer returns bf16 while the stream stays float32 (as HF's `residual + out`); the
+        # norm adds them in float32 and writes its output in the autocast dtype, the one the next matmuls read.
+        out_dtype = _dispatch.autocast_dtype(x.device.type)
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps), x
-        # under autocast a sub-layer returns bf16 while the stream stays float32, as in HF's `residual + out`
-        return ops.rms_norm(x.to(residual.dtype), self.weight, self.eps, residual)
+            return ops.rms_norm(x, self.weight, self.eps, out_dtype=out_dtype), x
+        return ops.rms_norm(x, self.weight, self.eps, residual, out_dtype=out_dtype)
 
 
 class Attention(nn.Module):

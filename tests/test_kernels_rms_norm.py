@@ -43,6 +43,38 @@ def test_fp32_matches_reference(shape, with_residual):
         assert_fp32_close(a, b, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("low", LOW_PRECISION)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_low_precision_input_on_a_float32_stream_writes_the_output_in_out_dtype(low, with_residual):
+    """The model's autocast form: a 16-bit sub-layer output plus a float32 residual, the sum kept in float32 and
+    the output written in the 16-bit dtype; values and gradients equal the reference's (which upcasts first)."""
+    torch.manual_seed(2)
+    x = randn(3, 77, 96).to(low).requires_grad_()
+    r = randn(3, 77, 96, requires_grad=True) if with_residual else None
+    w = (1.0 + 0.5 * randn(96)).requires_grad_()
+    ours = rn.rms_norm(x, w, residual=r, out_dtype=low)
+    ref = reference.rms_norm(x.float() if r is None else x, w, residual=r, out_dtype=low)
+    out, ref_out = (ours[0], ref[0]) if with_residual else (ours, ref)
+    assert out.dtype == low
+    if with_residual:
+        assert ours[1].dtype == torch.float32 and ref[1].dtype == torch.float32
+        torch.testing.assert_close(ours[1], (x.float() + r).detach(), rtol=0, atol=0)
+    tol = dict(rtol=1e-2, atol=1e-2) if low == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.float(), ref_out.float(), **tol)
+    inputs = [x, w] + ([r] if with_residual else [])
+    d = randn(3, 77, 96).to(low)
+    got = grads(out, inputs, d)
+    assert got[0].dtype == low and (not with_residual or got[2].dtype == torch.float32)
+    for a, b, name in zip(got, grads(ref_out, inputs, d), ("x", "weight", "residual")):
+        torch.testing.assert_close(a.float(), b.float(), **tol, msg=lambda m: f"grad {name}: {m}")
+
+
+def test_a_residual_narrower_than_x_is_refused_in_one_line():
+    x, r, w = randn(2, 8), randn(2, 8).to(torch.bfloat16), randn(8)
+    with pytest.raises(TypeError, match="residual stream must be x's dtype or float32"):
+        rn.rms_norm(x, w, residual=r)
+
+
 @pytest.mark.parametrize("used", ["both", "out", "new_residual"])
 def test_residual_gradients_when_caller_uses_either_output(used):
     """The gradient reaching the new residual is added to dx; x and residual both get the sum."""
@@ -177,9 +209,11 @@ def test_bad_input_errors():
 def test_custom_ops_pass_opcheck():
     x, r, d, d_res = (randn(5, 33) for _ in range(4))
     w = randn(33)
-    torch.library.opcheck(torch.ops.zhllm.rms_norm_forward.default, (x, w, None, 1e-6))
-    torch.library.opcheck(torch.ops.zhllm.rms_norm_forward.default, (x, w, r, 1e-6))
-    _, h, rstd = torch.ops.zhllm.rms_norm_forward(x, w, r, 1e-6)
+    f32, bf16 = torch.float32, torch.bfloat16
+    torch.library.opcheck(torch.ops.zhllm.rms_norm_forward.default, (x, w, None, 1e-6, f32))
+    torch.library.opcheck(torch.ops.zhllm.rms_norm_forward.default, (x, w, r, 1e-6, f32))
+    torch.library.opcheck(torch.ops.zhllm.rms_norm_forward.default, (x.to(bf16), w, r, 1e-6, bf16))
+    _, h, rstd = torch.ops.zhllm.rms_norm_forward(x, w, r, 1e-6, f32)
     torch.library.opcheck(torch.ops.zhllm.rms_norm_backward.default, (d, h, w, rstd, None))
     torch.library.opcheck(torch.ops.zhllm.rms_norm_backward.default, (d, h, w, rstd, d_res))
 

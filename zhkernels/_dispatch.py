@@ -6,7 +6,9 @@ buffers (``POISON``), the Triton dtype of a tensor, and the power-of-two block s
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import torch
 
@@ -48,14 +50,42 @@ def interpret_mode() -> bool:
     return _INTERPRET_AT_IMPORT and _interpret_env()
 
 
+#: Set by :func:`meta_as_gpu`: meta tensors take the Triton path, and this is the emulated autocast dtype.
+_META_AS_GPU: list[torch.dtype | None] = []
+
+
+@contextlib.contextmanager
+def meta_as_gpu(autocast_dtype: torch.dtype | None) -> Iterator[None]:
+    """Treat ``meta`` tensors as CUDA ones: they take the Triton path, and :func:`autocast_dtype` reports
+    ``autocast_dtype`` for them. For counting a training step's GPU memory on a machine without one
+    (``bench/count_memory.py``); nothing else should need it."""
+    _META_AS_GPU.append(autocast_dtype)
+    try:
+        yield
+    finally:
+        _META_AS_GPU.pop()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts matmul inputs to on this device type now, or None when it is off."""
+    if device_type == "meta" and _META_AS_GPU:
+        return _META_AS_GPU[-1]
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def use_triton(*tensors: torch.Tensor | None) -> bool:
-    """Whether these tensors go to the Triton kernels: all on CUDA, or all on CPU under the interpreter."""
+    """Whether these tensors go to the Triton kernels: all on CUDA, or all on CPU under the interpreter
+    (or all on ``meta`` inside :func:`meta_as_gpu`)."""
     if not HAS_TRITON:
         return False
     present = [t for t in tensors if t is not None]
     if not present:
         return False
     if all(t.is_cuda for t in present):
+        return True
+    if _META_AS_GPU and all(t.device.type == "meta" for t in present):
         return True
     return interpret_mode() and all(t.device.type == "cpu" for t in present)
 

@@ -127,7 +127,11 @@ _FP32_GEMM: dict[torch.device, bool] = {}
 def fp32_output_gemm(device: torch.device) -> bool:
     """Whether cuBLAS writes fp32 from fp16/bf16 inputs here (``aten::mm.dtype``/``addmm.dtype``, PyTorch ≥ 2.8,
     CUDA), checked once per device on a small product; elsewhere the inputs are upcast first."""
-    if device.type != "cuda" or not hasattr(torch.ops.aten.addmm, "dtype_out"):
+    if not hasattr(torch.ops.aten.addmm, "dtype_out"):
+        return False
+    if device.type == "meta":  # counting GPU memory (bench/count_memory.py): as on a CUDA build that has them
+        return True
+    if device.type != "cuda":
         return False
     if device not in _FP32_GEMM:
         try:
@@ -357,10 +361,9 @@ def fused_linear_cross_entropy(
     "none" gives per-token losses, forward only. ``chunk_size`` tokens per matmul (default: logits ≈ hidden size).
     Under ``torch.autocast`` both inputs are cast to the autocast dtype first.
     """
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type) and hidden.is_floating_point() and weight.is_floating_point():
+    dtype = _dispatch.autocast_dtype(hidden.device.type)
+    if dtype is not None and hidden.is_floating_point() and weight.is_floating_point():
         # the lm_head matmul in the autocast dtype, as F.linear would run it
-        dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     _check_inputs(hidden, weight, targets, ignore_index, reduction, chunk_size)
     need_grad_hidden = torch.is_grad_enabled() and hidden.requires_grad

@@ -13,19 +13,21 @@ import torch.nn.functional as F
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x / sqrt(mean(x**2) + eps) * weight`` over the last dimension, statistics in float32.
 
-    With ``residual``: ``h = x + residual`` (in the input dtype) is normalised and ``(norm(h), h)`` is
-    returned, ``h`` being the new residual stream. (Hugging Face's LlamaRMSNorm rounds to the input
-    dtype before multiplying by the weight; in float32 the two agree exactly.)
+    With ``residual``: ``h = x + residual`` (in the residual's dtype, which may be wider than x's) is
+    normalised and ``(norm(h), h)`` is returned, ``h`` being the new residual stream. The output is in
+    ``out_dtype``, by default h's dtype. (Hugging Face's LlamaRMSNorm rounds to the input dtype before
+    multiplying by the weight; in float32 the two agree exactly.)
     """
     if residual is not None:
-        x = x + residual
+        x = (x.float() + residual.float()).to(residual.dtype)
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    out = (xf * rstd * weight.float()).to(x.dtype)
+    out = (xf * rstd * weight.float()).to(out_dtype or x.dtype)
     return (out, x) if residual is not None else out
 
 

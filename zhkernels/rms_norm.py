@@ -3,6 +3,11 @@
 ``out = x / sqrt(mean(x**2) + eps) * weight`` over the last dimension, statistics in float32. With a
 ``residual``, ``h = x + residual`` (rounded to the input dtype, as eager PyTorch does) is written out as
 the new residual stream and normalised, which saves a separate add kernel per sub-layer of a block.
+``x`` may be in a lower precision than ``residual`` (a bf16 sub-layer output added to a float32
+stream): the sum is kept in the residual's dtype, and ``out_dtype`` writes the normalised output
+straight in the dtype the next matmul runs in (under autocast, its 16-bit dtype). That spares the
+model a float32 copy of each sub-layer output before the norm and one 16-bit copy of the norm's
+output per projection that reads it (autocast casts q, k and v's shared input three times).
 
 Backward recomputes ``xhat`` from the saved input and per-row ``rstd``. The weight gradient is a sum
 over rows: each program sums a contiguous range of rows into its own float32 row of a
@@ -41,7 +46,7 @@ if HAS_TRITON:
         dense = rows[:, None] * n_cols + cols[None, :]  # outputs are contiguous [rows, H]
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + rows[:, None] * res_row_stride + cols[None, :], mask=inside, other=0.0)
-            h = (h.to(tl.float32) + r.to(tl.float32)).to(new_res_ptr.dtype.element_ty)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(new_res_ptr.dtype.element_ty)  # the residual's dtype
             tl.store(new_res_ptr + dense, h, mask=inside)
         hf = h.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=1) / n_cols + eps)
@@ -103,13 +108,15 @@ def _n_workers(device: torch.device) -> int:
 
 @torch.library.custom_op("zhllm::rms_norm_forward", mutates_args=())
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, new_residual or an empty tensor when ``residual`` is None, rstd [rows] float32)."""
+    """(out in ``out_dtype``, new_residual in the residual's dtype or an empty tensor when ``residual`` is None,
+    rstd [rows] float32)."""
     x2, weight = _dispatch.as_rows(x), weight.contiguous()
     n_rows, n_cols = x2.shape
-    out = _dispatch.empty(x2.shape, x.dtype, x.device)
-    new_res = _dispatch.empty(x2.shape if residual is not None else (0,), x.dtype, x.device)
+    out = _dispatch.empty(x2.shape, out_dtype, x.device)
+    res_dtype = residual.dtype if residual is not None else x.dtype
+    new_res = _dispatch.empty(x2.shape if residual is not None else (0,), res_dtype, x.device)
     rstd = _dispatch.empty((n_rows,), torch.float32, x.device)
     r2 = _dispatch.as_rows(residual) if residual is not None else x2
     if n_rows:
@@ -123,10 +130,10 @@ def rms_norm_forward(
 
 
 @rms_norm_forward.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float):
+def _(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float, out_dtype: torch.dtype):
     n_rows = math.prod(x.shape[:-1])
-    new_res = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
-    return x.new_empty(x.shape), new_res, x.new_empty((n_rows,), dtype=torch.float32)
+    new_res = residual.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape, dtype=out_dtype), new_res, x.new_empty((n_rows,), dtype=torch.float32)
 
 
 @torch.library.custom_op("zhllm::rms_norm_backward", mutates_args=())
@@ -165,8 +172,9 @@ class RMSNormFunction(torch.autograd.Function):
     """Autograd for the fused op: saves the normalised input and rstd; x and residual share one gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None):
-        out, new_res, rstd = torch.ops.zhllm.rms_norm_forward(x, weight, residual, eps)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                out_dtype: torch.dtype):
+        out, new_res, rstd = torch.ops.zhllm.rms_norm_forward(x, weight, residual, eps, out_dtype)
         ctx.has_residual = residual is not None
         ctx.save_for_backward(new_res if residual is not None else x, weight, rstd)
         ctx.set_materialize_grads(False)
@@ -178,15 +186,19 @@ class RMSNormFunction(torch.autograd.Function):
         if grad_out is None:  # only the new residual was used downstream
             grad_out = torch.zeros_like(normed)
         grad_x, grad_w = torch.ops.zhllm.rms_norm_backward(grad_out, normed, weight, rstd, grad_new_res)
-        return grad_x, grad_w, None, grad_x if ctx.has_residual else None
+        # grad_x is in the normalised input's dtype (the residual's); autograd casts x's share to x's dtype
+        return grad_x, grad_w, None, grad_x if ctx.has_residual else None, None
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dimension; with ``residual`` returns ``(norm(x + residual), x + residual)``.
 
-    ``weight`` may be in another float dtype than ``x`` (e.g. float32 master weights); the output is in x's dtype.
+    ``weight`` may be in another float dtype than ``x`` (e.g. float32 master weights). ``residual`` may be in a
+    higher precision than ``x``; the sum is in the residual's dtype. The output is in ``out_dtype`` (default:
+    the dtype of what is normalised: x's, or the residual's with one).
     """
     _dispatch.check_float("x", x)
     _dispatch.check_float("weight", weight)
@@ -204,12 +216,17 @@ def rms_norm(
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
-        if residual.dtype != x.dtype:
-            raise TypeError(f"rms_norm: residual is {residual.dtype} but x is {x.dtype}; cast one of them")
+        _dispatch.check_float("residual", residual)
+        if residual.dtype.itemsize < x.dtype.itemsize or {residual.dtype, x.dtype} == {torch.float16, torch.bfloat16}:
+            raise TypeError(f"rms_norm: residual is {residual.dtype} but x is {x.dtype}; the residual stream must be "
+                            "x's dtype or float32 (cast one of them)")
+    if out_dtype is not None and out_dtype not in _dispatch.SUPPORTED_FLOATS:
+        raise TypeError(f"rms_norm: out_dtype {out_dtype} is not float32, float16 or bfloat16")
     _dispatch.check_same_device(x=x, weight=weight, residual=residual)
     if not _dispatch.use_triton(x, weight, residual):
-        return reference.rms_norm(x, weight, eps, residual)
-    return RMSNormFunction.apply(x, weight, float(eps), residual)
+        return reference.rms_norm(x, weight, eps, residual, out_dtype)
+    normed_dtype = residual.dtype if residual is not None else x.dtype
+    return RMSNormFunction.apply(x, weight, float(eps), residual, out_dtype or normed_dtype)
 
 
 class RMSNorm(nn.Module):
