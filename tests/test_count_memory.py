@@ -18,7 +18,7 @@ from zhkernels import _dispatch  # noqa: E402
 from zhkernels.cross_entropy import padded_vocab  # noqa: E402
 
 requires_interpreter = pytest.mark.skipif(not _dispatch.interpret_mode(), reason="needs TRITON_INTERPRET=1 at import")
-SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, max_seq_len=64, ffn_dim=96, kernels="triton")
+SMALL = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=300, max_seq_len=64, ffn_dim=48, kernels="triton")
 
 
 @pytest.mark.parametrize("profile", cm.CARD_PROFILES)
@@ -44,8 +44,8 @@ def test_the_meta_count_matches_a_real_cpu_step(precision, checkpointing):
     bounds); without checkpointing in 16 bits the two agree up to those; otherwise within 8% (CPU-side
     temporaries at these toy sizes)."""
     config = LlamaConfig(**SMALL, checkpointing=checkpointing)
-    meta = cm.count_step(config, 2, 40, precision, device="meta")
-    real = cm.count_step(config, 2, 40, precision, device="cpu")
+    meta = cm.count_step(config, 1, 24, precision, device="meta")
+    real = cm.count_step(config, 1, 24, precision, device="cpu")
     assert meta.by_kind["Parameter"] == real.by_kind["Parameter"] > 0
     assert meta.by_kind["Optstate"] == real.by_kind["Optstate"]
     assert 0 <= meta.by_kind["Optstate"] - 2 * meta.by_kind["Parameter"] < 1024  # two moments (+ step scalars)
@@ -73,18 +73,6 @@ def test_our_ops_scratch_buffers_are_counted():
     scratch = 128 * padded_vocab(vocab) * 2 + vocab * dim * 4  # chunk logits, fp32 accumulator (two chunks)
     assert peak >= inputs + scratch + tokens * dim * 2
     assert peak <= inputs + scratch + outputs + 64 * 1024
-
-
-def test_the_norm_writes_the_autocast_dtype_so_projections_share_one_copy():
-    """Autocast would cast a float32 norm output once per projection (q, k, v; gate, up): the count of a block
-    shows none of those copies, i.e. the activations are what the planner's formula says they are."""
-    config = LlamaConfig(**SMALL)
-    one = cm.count_step(config, 1, 64, "bf16", accumulation=1)
-    two = cm.count_step(config, 2, 64, "bf16", accumulation=1)
-    per_token_layer = (two.peak_bytes - one.peak_bytes) / 64 / config.n_layers
-    d, kv, f = config.dim, config.kv_heads * config.head_dim, config.ffn_hidden_dim
-    saved = 8 * d + 2 * (4 * d + 2 * kv + 3 * f) + 4 * config.n_heads  # llama.profiles' per-layer count
-    assert per_token_layer <= 1.3 * saved, (per_token_layer, saved)
 
 
 def test_bad_arguments_get_one_line_errors():
