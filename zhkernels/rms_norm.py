@@ -1,7 +1,7 @@
 """RMSNorm, optionally fused with the residual add before it: one read and one write of each row.
 
 ``out = x / sqrt(mean(x**2) + eps) * weight`` over the last dimension, statistics in float32. With a
-``residual``, ``h = x + residual`` (rounded to the input dtype, as eager PyTorch does) is written out as
+``residual``, ``h = x + residual`` (summed in float32, rounded to the residual's dtype) is written out as
 the new residual stream and normalised, which saves a separate add kernel per sub-layer of a block.
 ``x`` may be in a lower precision than ``residual`` (a bf16 sub-layer output added to a float32
 stream): the sum is kept in the residual's dtype, and ``out_dtype`` writes the normalised output
