@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,20 +48,21 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script: bench/ is on sys.path, the repository root is not
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "bench"):  # as a script bench/ is on sys.path, the root is not; imported, the reverse
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 from llama.model import PRESETS, Llama, LlamaConfig  # noqa: E402
 from llama.profiles import CUDA_CONTEXT_GIB as PLANNER_CONTEXT_GIB  # noqa: E402
+from llama.hardware import GIB  # noqa: E402
 from llama.profiles import PROFILES, estimate_memory_gib, plan  # noqa: E402
+from rehearse_6gb import ASSUMED_VOCAB  # noqa: E402  (presets whose vocabulary is the tokenizer's)
 from zhkernels import _dispatch  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-GIB = 2**30
 #: A consumer card's CUDA context plus cuBLAS workspaces, outside PyTorch's allocator (0.3-0.5 GiB; the high end).
 CUDA_CONTEXT_GIB = 0.5
-ASSUMED_VOCAB = 16_000  # presets whose vocabulary is the tokenizer's (seed002-120m, seed004-baby, tiny)
 LOW_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
 LOSS_SCALE = 65536.0  # GradScaler's initial scale: a multiply, as scaler.scale(loss) does
 CARD_PROFILES = ("3060-6gb", "4090-24gb")
