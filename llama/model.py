@@ -203,40 +203,52 @@ class LlamaOutput:
 
 
 def _sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor | None, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """PyTorch's attention, causal (aligned to the end when a cache makes Tq < Tk), or under ``mask [B, 1, Tq, Tk]``
-    (True = attend); packed rows get a causal-and-same-document mask."""
+    (True = attend): packed rows come with ``docs``, the causal-and-same-document mask of :func:`_sdpa_docs`."""
     gqa = q.shape[1] != k.shape[1]
     if gqa and not _SDPA_HAS_GQA:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     extra = {"enable_gqa": True} if gqa and _SDPA_HAS_GQA else {}
     q_len, k_len = q.shape[2], k.shape[2]
-    if mask is None and doc_ids is None and q_len == k_len:
+    mask = docs if mask is None else mask
+    if mask is None and q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
     if mask is None and q_len > 1:  # SDPA's is_causal aligns to the start, a cache needs the end
-        mask = reference.attention_mask(q_len, k_len, True, doc_ids, q.device)
+        mask = reference.attention_mask(q_len, k_len, True, None, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **extra)
 
 
-def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None) -> torch.Tensor:
-    return zhkernels.flash_attention(q, k, v, causal=True, doc_ids=doc_ids)
+def _sdpa_docs(doc_ids: torch.Tensor) -> torch.Tensor:
+    """The causal-and-same-document mask ``[B, 1, T, T]``, built once per forward for every layer."""
+    return reference.attention_mask(doc_ids.shape[1], doc_ids.shape[1], True, doc_ids, doc_ids.device)
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
+    return zhkernels.flash_attention(q, k, v, causal=True, doc_bounds=docs)
 
 
 @dataclass(frozen=True)
 class Ops:
-    """The four ops a block needs, from one implementation; ``fused_loss`` says how the loss is computed."""
+    """The four ops a block needs, from one implementation; ``fused_loss`` says how the loss is computed.
+
+    ``prepare_docs(doc_ids)`` turns a packed batch's document ids, once per forward, into what every layer's
+    ``attention(q, k, v, docs)`` reads: the flash kernels' ``[start, end)`` bounds, or SDPA's mask."""
 
     rms_norm: Callable[..., Any]
     apply_rope: Callable[..., Any]
     attention: Callable[..., torch.Tensor]
     swiglu: Callable[..., torch.Tensor]
     fused_loss: bool
+    prepare_docs: Callable[[torch.Tensor], torch.Tensor]
 
 
-TRITON_OPS = Ops(zhkernels.rms_norm, zhkernels.apply_rope, _flash_attention, zhkernels.swiglu, fused_loss=True)
-TORCH_OPS = Ops(reference.rms_norm, reference.apply_rope, _sdpa_attention, reference.swiglu, fused_loss=False)
+TRITON_OPS = Ops(zhkernels.rms_norm, zhkernels.apply_rope, _flash_attention, zhkernels.swiglu, fused_loss=True,
+                 prepare_docs=reference.doc_bounds)
+TORCH_OPS = Ops(reference.rms_norm, reference.apply_rope, _sdpa_attention, reference.swiglu, fused_loss=False,
+                prepare_docs=_sdpa_docs)
 
 
 class RMSNorm(nn.Module):
@@ -270,7 +282,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
-        doc_ids: torch.Tensor | None, ops: Ops, cache: KVCache | None = None, cache_mask: torch.Tensor | None = None,
+        docs: torch.Tensor | None, ops: Ops, cache: KVCache | None = None, cache_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
@@ -282,7 +294,7 @@ class Attention(nn.Module):
         if cache_mask is not None:
             out = _sdpa_attention(q, k, v, None, cache_mask)
         else:
-            out = ops.attention(q, k, v, doc_ids)  # [B, H, T, D]
+            out = ops.attention(q, k, v, docs)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
 
 
@@ -314,11 +326,12 @@ class Block(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, ops: Ops, cache: KVCache | None = None,
+        position_ids: torch.Tensor | None, docs: torch.Tensor | None, ops: Ops, cache: KVCache | None = None,
         cache_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``docs``: ``ops.prepare_docs(doc_ids)`` for packed rows, computed once for all layers."""
         normed, residual = self.input_layernorm(hidden, residual, ops)
-        attended = self.self_attn(normed, cos, sin, position_ids, doc_ids, ops, cache, cache_mask)
+        attended = self.self_attn(normed, cos, sin, position_ids, docs, ops, cache, cache_mask)
         hidden = F.dropout(attended, self.dropout, self.training)
         normed, residual = self.post_attention_layernorm(hidden, residual, ops)
         return F.dropout(self.mlp(normed, ops), self.dropout, self.training), residual
@@ -381,13 +394,14 @@ class LlamaBackbone(nn.Module):
                 position_ids = torch.arange(past, past + seq_len, device=input_ids.device)[None]
         hidden = F.dropout(self.embed_tokens(input_ids), self.config.dropout, self.training)
         residual = None
+        docs = ops.prepare_docs(doc_ids) if doc_ids is not None else None
         for layer in self.layers:
             if self.config.checkpointing and self.training and cache is None:
                 hidden, residual = checkpoint(
-                    layer, hidden, residual, cos, sin, position_ids, doc_ids, ops, use_reentrant=False
+                    layer, hidden, residual, cos, sin, position_ids, docs, ops, use_reentrant=False
                 )
             else:
-                hidden, residual = layer(hidden, residual, cos, sin, position_ids, doc_ids, ops, cache, cache_mask)
+                hidden, residual = layer(hidden, residual, cos, sin, position_ids, docs, ops, cache, cache_mask)
         if cache is not None:
             cache.advance(seq_len)
         return self.norm(hidden, residual, ops)[0]

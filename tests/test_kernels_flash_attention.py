@@ -213,11 +213,11 @@ def test_custom_ops_pass_opcheck():
     torch.manual_seed(8)
     q, k, v = randn(1, 2, 20, 32), randn(1, 1, 20, 32), randn(1, 1, 20, 32)
     doc_ids = doc_ids_for([[7, 13]])
-    for docs, causal in ((None, True), (doc_ids, False)):
-        torch.library.opcheck(torch.ops.zhllm.flash_attention_forward.default, (q, k, v, docs, causal, 0.2))
-        out, lse = torch.ops.zhllm.flash_attention_forward(q, k, v, docs, causal, 0.2)
+    for bounds, causal in ((None, True), (reference.doc_bounds(doc_ids), False)):
+        torch.library.opcheck(torch.ops.zhllm.flash_attention_forward.default, (q, k, v, bounds, causal, 0.2))
+        out, lse = torch.ops.zhllm.flash_attention_forward(q, k, v, bounds, causal, 0.2)
         grad_out = randn(1, 2, 20, 32)
-        args = (grad_out, q, k, v, out, lse, docs, causal, 0.2)
+        args = (grad_out, q, k, v, out, lse, bounds, causal, 0.2)
         torch.library.opcheck(torch.ops.zhllm.flash_attention_backward.default, args)
 
 
@@ -241,3 +241,64 @@ def test_an_id_met_again_later_is_a_new_document_in_kernel_and_reference():
     expected = reference.flash_attention(q, k, v, doc_ids=relabelled)
     assert_fp32_close(reference.flash_attention(q, k, v, doc_ids=doc_ids), expected, what="reference")
     assert_fp32_close(fa.flash_attention(q, k, v, doc_ids=doc_ids), expected, what="kernel")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_documents_at_and_off_block_edges(causal):
+    """Only blocks at a document edge, the diagonal or the ragged end are masked: documents that start on,
+    just before and just after the interpreter's 16/32 block edges, single tokens, and one row-long document."""
+    torch.manual_seed(12)
+    rows = [[16, 16, 1, 31, 31, 1], [15, 2, 32, 47], [96], [1] * 6 + [33, 57]]
+    doc_ids = doc_ids_for(rows)
+    q, k, v = qkv(len(rows), 4, 2, 96, 96, 64)
+    check_fp32(q, k, v, causal=causal, doc_ids=doc_ids, what="block edges")
+
+
+def test_doc_bounds_once_equal_doc_ids_and_are_checked():
+    torch.manual_seed(13)
+    doc_ids = doc_ids_for([DOC_LENGTHS[0], DOC_LENGTHS[2]])
+    bounds = reference.doc_bounds(doc_ids)
+    assert bounds.dtype == torch.int32 and bounds.shape == (2, 2, 77)
+    assert bounds[:, 0, 30].tolist() == [30, 31] and bounds[:, 1, 70].tolist() == [65, 77]
+    q, k, v = qkv(2, 4, 2, 77, 77, 64)
+    d = randn(2, 4, 77, 64)
+    with_ids = fa.flash_attention(q, k, v, doc_ids=doc_ids)
+    with_bounds = fa.flash_attention(q, k, v, doc_bounds=bounds)
+    assert torch.equal(with_ids, with_bounds)
+    for a, b in zip(grads(with_ids, [q, k, v], d), grads(with_bounds, [q, k, v], d)):
+        assert torch.equal(a, b)
+    assert_fp32_close(reference.flash_attention(q, k, v, doc_bounds=bounds),
+                      reference.flash_attention(q, k, v, doc_ids=doc_ids), what="reference with bounds")
+    with pytest.raises(ValueError, match="not both"):
+        fa.flash_attention(q, k, v, doc_ids=doc_ids, doc_bounds=bounds)
+    with pytest.raises(ValueError, match=r"int32 \[2, B, Tk\]"):
+        fa.flash_attention(q, k, v, doc_bounds=bounds.long())
+
+
+def test_kv_split_fills_the_gpu_with_a_divisor_of_the_group():
+    assert fa.kv_split(programs=256, group=4, n_sms=132) == 2  # minimind-26m-like grid on an H100
+    assert fa.kv_split(programs=16, group=7, n_sms=132) == 7  # not enough even split 7 ways: the whole group
+    assert fa.kv_split(programs=16, group=6, n_sms=4) == 1
+    assert fa.kv_split(programs=3, group=6, n_sms=4) == 3  # 3 × 3 ≥ 8
+    assert fa.kv_split(programs=1, group=1, n_sms=132) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_split_dkdv_sums_to_the_unsplit_gradients(monkeypatch, dtype):
+    """A GQA group's query heads summed by several programs into fp32 slices = one program summing all."""
+    torch.manual_seed(14)
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in qkv(2, 8, 2, 50, 50, 64))
+    doc_ids = doc_ids_for([[20, 30], [50]])
+    d = randn(2, 8, 50, 64).to(dtype)
+
+    def run(programs_per_sm: int, expected_split: int):
+        monkeypatch.setattr(fa, "DKDV_PROGRAMS_PER_SM", programs_per_sm)
+        assert fa.kv_split(2 * 2 * 2, 4, 4) == expected_split  # B × Hk × key blocks of 32 programs, group 4
+        return grads(fa.flash_attention(q, k, v, doc_ids=doc_ids), [q, k, v], d)
+
+    whole, split = run(0, 1), run(1000, 4)
+    assert torch.equal(whole[0], split[0]), "dq does not depend on the split"
+    for a, b, name in zip(whole[1:], split[1:], "kv"):
+        assert b.dtype == dtype and b.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(b, a, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if
+                                   dtype == torch.float32 else 1e-2, msg=f"grad {name}")

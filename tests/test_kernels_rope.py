@@ -219,3 +219,25 @@ def test_compiles_fullgraph_with_positions():
         assert_fp32_close(a, b, what=name)
     for a, b, name in zip(torch.autograd.grad(ours, leaves, d), torch.autograd.grad(ref, leaves, d), ("q", "k")):
         assert_fp32_close(a, b, what=f"grad {name}")
+
+
+def test_gradients_flow_back_into_the_projection_without_a_copy():
+    """Outputs and input gradients are laid out [B, T, H, D]: autograd's view/transpose of the projection then
+    passes dq/dk through as views (a contiguous [B, H, T, D] gradient is copied back in every layer)."""
+    torch.manual_seed(21)
+    b, t, hq, hk, d = 2, 9, 4, 2, 16
+    x = randn(b, t, (hq + hk) * d, requires_grad=True)
+    q_flat, k_flat = x.split([hq * d, hk * d], dim=-1)
+    q, k = q_flat.view(b, t, hq, d).transpose(1, 2), k_flat.view(b, t, hk, d).transpose(1, 2)
+    cos, sin = reference.rope_cos_sin(t, d, device=DEVICE)
+    q_out, k_out = rp.apply_rope(q, k, cos, sin)
+    assert q_out.transpose(1, 2).is_contiguous() and k_out.transpose(1, 2).is_contiguous()
+    grad_q, grad_k = torch.ops.zhllm.rope_backward(q_out.detach(), k_out.detach(), cos, sin, None)
+    assert grad_q.transpose(1, 2).is_contiguous() and grad_k.transpose(1, 2).is_contiguous()
+    ref_q, ref_k = reference.apply_rope(q, k, cos, sin)
+    torch.testing.assert_close(q_out, ref_q)
+    torch.testing.assert_close(k_out, ref_k)
+    g = randn(b, hq, t, d)
+    ours = torch.autograd.grad(q_out, x, g)[0]
+    theirs = torch.autograd.grad(ref_q, x, g)[0]
+    torch.testing.assert_close(ours, theirs)

@@ -7,6 +7,7 @@ buffers (``POISON``), the Triton dtype of a tensor, and the power-of-two block s
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator
 
@@ -111,6 +112,32 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 def next_power_of_2(n: int) -> int:
     """Triton's ``tl.arange`` needs power-of-two extents: the block that covers ``n``."""
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+#: Stand-ins where no CUDA device answers: meta tensors count memory for a consumer card (an RTX 3060: sm_86,
+#: 28 SMs); the interpreter pretends to a few SMs so the work-splitting paths run in tests.
+META_GPU = (86, 28)
+INTERPRET_SMS = 4
+
+
+def gpu_arch(device: torch.device) -> int:
+    """Compute capability ×10 of a CUDA device (86 for an RTX 3060); ``META_GPU``'s elsewhere."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return META_GPU[0]
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; ``META_GPU``'s on meta, ``INTERPRET_SMS`` under the interpreter."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return META_GPU[1] if device.type == "meta" else INTERPRET_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 SUPPORTED_FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -63,6 +63,99 @@ if HAS_TRITON:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
+    def _query_block_ranges(
+        start_m, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
+        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Key blocks a query block needs, ``[lo, hi)``, and the part ``[full_lo, full_hi)`` that every one of its
+        rows sees whole (no mask to evaluate there). Doc starts and ends grow with the token index."""
+        lo = 0
+        hi = k_len
+        full_lo = 0
+        full_hi = (k_len // BLOCK_N) * BLOCK_N  # a ragged last key block needs its column mask
+        if CAUSAL:
+            hi = tl.minimum(hi, start_m + BLOCK_M + offset)
+            full_hi = tl.minimum(full_hi, ((start_m + offset + 1) // BLOCK_N) * BLOCK_N)
+        if HAS_DOCS:  # q_len == k_len here
+            last = tl.minimum(start_m + BLOCK_M, q_len) - 1
+            lo = (tl.load(DOC_START + doc_row + start_m) // BLOCK_N) * BLOCK_N
+            full_lo = tl.cdiv(tl.load(DOC_START + doc_row + last), BLOCK_N) * BLOCK_N
+            if not CAUSAL:
+                hi = tl.minimum(hi, tl.load(DOC_END + doc_row + last))
+                full_hi = tl.minimum(full_hi, (tl.load(DOC_END + doc_row + start_m) // BLOCK_N) * BLOCK_N)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+        return lo, full_lo, full_hi, hi
+
+    @triton.jit
+    def _key_block_ranges(
+        start_n, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
+        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Query blocks that see a key block, ``[lo, hi)``, and the part ``[full_lo, full_hi)`` seeing all its keys."""
+        lo = 0
+        hi = q_len
+        full_lo = 0
+        full_hi = (q_len // BLOCK_M) * BLOCK_M
+        if CAUSAL:  # key j is seen by queries i >= j - offset
+            lo = tl.maximum(start_n - offset, 0)
+            full_lo = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
+        if HAS_DOCS:  # key j is seen only by queries of its own run [doc_start_j, doc_end_j)
+            last = tl.minimum(start_n + BLOCK_N, k_len) - 1
+            lo = tl.maximum(lo, tl.load(DOC_START + doc_row + start_n))
+            hi = tl.minimum(hi, tl.load(DOC_END + doc_row + last))
+            full_lo = tl.maximum(full_lo, tl.load(DOC_START + doc_row + last))
+            full_hi = tl.minimum(full_hi, (tl.load(DOC_END + doc_row + start_n) // BLOCK_M) * BLOCK_M)
+        lo = (lo // BLOCK_M) * BLOCK_M
+        full_lo = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_M) * BLOCK_M, lo), hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+        return lo, full_lo, full_hi, hi
+
+    @triton.jit
+    def _row_keep(rows, cols, row_ok, col_ok, doc_start, doc_end, offset, CAUSAL: tl.constexpr,
+                  HAS_DOCS: tl.constexpr):
+        """Which (query row, key column) pairs attend, ``[rows, cols]``; doc bounds are per query row (under
+        causal the start alone decides)."""
+        keep = col_ok[None, :] & row_ok[:, None]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= rows[:, None] + offset)
+        if HAS_DOCS:
+            keep = keep & (cols[None, :] >= doc_start[:, None])
+            if not CAUSAL:
+                keep = keep & (cols[None, :] < doc_end[:, None])
+        return keep
+
+    @triton.jit
+    def _forward_keys(
+        acc, l_i, m_i, q, k_base, v_base, lo, hi, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
+        skt, svt, k_len, offset, qk_scale,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """The online softmax over key blocks ``[lo, hi)``; MASKED=False where every row sees every key."""
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + cols0
+            col_ok = cols < k_len
+            k_ok = dim_ok[:, None]
+            v_ok = dim_ok[None, :]
+            if MASKED:
+                k_ok = k_ok & col_ok[None, :]
+                v_ok = v_ok & col_ok[:, None]
+            k_t = tl.load(k_base + cols[None, :].to(tl.int64) * skt + dims[:, None], mask=k_ok, other=0.0)
+            s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
+            if MASKED:
+                keep = _row_keep(rows, cols, row_ok, col_ok, doc_start, doc_end, offset, CAUSAL, HAS_DOCS)
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + cols[:, None].to(tl.int64) * svt + dims[None, :], mask=v_ok, other=0.0)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
     def _flash_forward_kernel(
         Q, K, V, O, LSE, DOC_START, DOC_END,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, s_doc,
@@ -87,47 +180,32 @@ if HAS_TRITON:
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         k_base = K + b * skb + kv_h * skh
         v_base = V + b * svb + kv_h * svh
-
-        lo = 0
-        hi = k_len
-        if CAUSAL:
-            hi = tl.minimum(hi, start_m + BLOCK_M + offset)
-        if HAS_DOCS:  # q_len == k_len here; starts and ends grow with the token index
-            doc_row = b * s_doc
+        doc_row = b * s_doc
+        doc_start = rows  # placeholders unless HAS_DOCS
+        doc_end = rows
+        if HAS_DOCS:
             doc_start = tl.load(DOC_START + doc_row + rows, mask=row_ok, other=0)
-            lo = (tl.load(DOC_START + doc_row + start_m) // BLOCK_N) * BLOCK_N
             if not CAUSAL:
                 doc_end = tl.load(DOC_END + doc_row + rows, mask=row_ok, other=0)
-                hi = tl.minimum(hi, tl.load(DOC_END + doc_row + tl.minimum(start_m + BLOCK_M, q_len) - 1))
+        lo, full_lo, full_hi, hi = _query_block_ranges(start_m, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
+                                                       CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N)
 
         # Invariant: m_i is the running row max of the log2-scaled scores, l_i = sum exp2(s - m_i) and
         # acc = sum exp2(s - m_i) * v over the key blocks seen so far. m_i starts finite so that a row whose
-        # keys are all masked in a block gives exp2(-inf) = 0, never exp2(-inf + inf) = NaN.
+        # keys are all masked in a block gives exp2(-inf) = 0, never exp2(-inf + inf) = NaN. Only the blocks
+        # at a document start, the diagonal and the ragged end evaluate the mask.
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
-            cols = start_n + cols0
-            col_ok = cols < k_len
-            k_t = tl.load(k_base + cols[None, :].to(tl.int64) * skt + dims[:, None],
-                          mask=col_ok[None, :] & dim_ok[:, None], other=0.0)
-            s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
-            keep = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + offset)
-            if HAS_DOCS:
-                keep = keep & (cols[None, :] >= doc_start[:, None])
-                if not CAUSAL:
-                    keep = keep & (cols[None, :] < doc_end[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + cols[:, None].to(tl.int64) * svt + dims[None, :],
-                        mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-            m_i = m_new
+        acc, l_i, m_i = _forward_keys(acc, l_i, m_i, q, k_base, v_base, lo, full_lo, rows, cols0, dims, row_ok, dim_ok,
+                                      doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
+                                      True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
+        acc, l_i, m_i = _forward_keys(acc, l_i, m_i, q, k_base, v_base, full_lo, full_hi, rows, cols0, dims, row_ok, dim_ok,
+                                      doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
+                                      False, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
+        acc, l_i, m_i = _forward_keys(acc, l_i, m_i, q, k_base, v_base, full_hi, hi, rows, cols0, dims, row_ok, dim_ok,
+                                      doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
+                                      True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
 
         has_keys = l_i > 0.0  # false only for a row with no key at all (empty K): output 0, lse +inf
         l_safe = tl.where(has_keys, l_i, 1.0)
@@ -154,15 +232,57 @@ if HAS_TRITON:
         tl.store(DELTA + bh.to(tl.int64) * q_len + rows, tl.sum(o * do, 1), mask=rows < q_len)
 
     @triton.jit
+    def _dkdv_queries(
+        dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, lo, hi, rows0, cols, dims, col_ok, dim_ok,
+        doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    ):
+        """dv += P^T dO and dk += dS^T Q over query blocks ``[lo, hi)``, dS = P * (dO V^T - delta) (unscaled)."""
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + rows0
+            row_ok = rows < q_len
+            q_ok = dim_ok[None, :]
+            if MASKED:
+                q_ok = q_ok & row_ok[:, None]
+            r64 = rows[:, None].to(tl.int64)
+            q = tl.load(q_base + r64 * sqt + dims[None, :], mask=q_ok, other=0.0)
+            do = tl.load(do_base + r64 * sdot + dims[None, :], mask=q_ok, other=0.0)
+            if MASKED:
+                lse = tl.load(LSE + stats + rows, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + stats + rows, mask=row_ok, other=0.0)
+            else:
+                lse = tl.load(LSE + stats + rows)
+                delta = tl.load(DELTA + stats + rows)
+            s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+            if MASKED:  # transposed: [keys, queries]; a key's doc run bounds the queries that see it
+                keep = col_ok[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[:, None] <= rows[None, :] + offset)
+                if HAS_DOCS:
+                    keep = keep & (rows[None, :] >= doc_start[:, None]) & (rows[None, :] < doc_end[:, None])
+                s_t = tl.where(keep, s_t, float("-inf"))
+            p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+            dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+            dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+        return dk, dv
+
+    @triton.jit
     def _flash_backward_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
-        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, s_doc,
-        n_q_heads, n_kv_heads, group, q_len, k_len, head_dim, qk_scale, scale,
+        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, s_doc, s_split,
+        n_q_heads, n_kv_heads, group, n_split, q_len, k_len, head_dim, qk_scale, scale,
         CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        bh = tl.program_id(0)
+        # Axis 0: (batch, KV head, split); a split sums group // n_split of the group's query heads into its own
+        # slice of DK/DV (s_split apart; 0 when n_split == 1), so small grids still fill the GPU (no atomics).
+        pid = tl.program_id(0)
+        split = pid % n_split
+        bh = pid // n_split
         start_n = tl.program_id(1) * BLOCK_N  # the first key blocks, the most work under causal, start first
         b = (bh // n_kv_heads).to(tl.int64)
         kv_h = (bh % n_kv_heads).to(tl.int64)
@@ -175,53 +295,68 @@ if HAS_TRITON:
         c64 = cols[:, None].to(tl.int64)
         k = tl.load(K + b * skb + kv_h * skh + c64 * skt + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + b * svb + kv_h * svh + c64 * svt + dims[None, :], mask=kv_mask, other=0.0)
-        offset = k_len - q_len  # key j is seen by queries i >= j - offset
-
-        lo = 0
-        hi = q_len
-        if CAUSAL:
-            lo = tl.maximum(start_n - offset, 0)
-        if HAS_DOCS:  # key j is seen only by queries of its own run [doc_start_j, doc_end_j)
-            doc_row = b * s_doc
+        offset = k_len - q_len
+        doc_row = b * s_doc
+        doc_start = cols  # placeholders unless HAS_DOCS
+        doc_end = cols
+        if HAS_DOCS:
             doc_start = tl.load(DOC_START + doc_row + cols, mask=col_ok, other=0)
             doc_end = tl.load(DOC_END + doc_row + cols, mask=col_ok, other=0)
-            lo = tl.maximum(lo, tl.load(DOC_START + doc_row + start_n))
-            hi = tl.minimum(hi, tl.load(DOC_END + doc_row + tl.minimum(start_n + BLOCK_N, k_len) - 1))
-        lo = (lo // BLOCK_M) * BLOCK_M
+        lo, full_lo, full_hi, hi = _key_block_ranges(start_n, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
+                                                     CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N)
 
-        # Invariant: dk and dv hold the sums over every query of every head of this KV head's group seen
-        # so far: dv += P^T dO and dk += dS^T Q with dS = P * (dO V^T - delta); dk is scaled once at the end.
+        # Invariant: dk and dv hold the sums over every query of this split's heads seen so far; dk is scaled
+        # once at the end. Only query blocks at the diagonal, a document edge or the ragged end are masked.
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        for g in range(0, group):
+        per_split = group // n_split
+        for g in range(split * per_split, (split + 1) * per_split):
             h = kv_h * group + g
             q_base = Q + b * sqb + h * sqh
             do_base = DO + b * sdob + h * sdoh
             stats = (b * n_q_heads + h) * q_len
-            for start_m in range(lo, hi, BLOCK_M):
-                rows = start_m + rows0
-                row_ok = rows < q_len
-                q_mask = row_ok[:, None] & dim_ok[None, :]
-                r64 = rows[:, None].to(tl.int64)
-                q = tl.load(q_base + r64 * sqt + dims[None, :], mask=q_mask, other=0.0)
-                do = tl.load(do_base + r64 * sdot + dims[None, :], mask=q_mask, other=0.0)
-                lse = tl.load(LSE + stats + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-                delta = tl.load(DELTA + stats + rows, mask=row_ok, other=0.0)
-                s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
-                keep = col_ok[:, None] & row_ok[None, :]
-                if CAUSAL:
-                    keep = keep & (cols[:, None] <= rows[None, :] + offset)
-                if HAS_DOCS:
-                    keep = keep & (rows[None, :] >= doc_start[:, None]) & (rows[None, :] < doc_end[:, None])
-                p_t = tl.exp2(tl.where(keep, s_t, float("-inf")) - lse[None, :])
-                dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
-                dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += _dot(ds_t.to(q.dtype), q, PRECISION, UPCAST)
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, lo, full_lo, rows0, cols, dims,
+                                   col_ok, dim_ok, doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
+                                   True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_M)
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, full_lo, full_hi, rows0, cols,
+                                   dims, col_ok, dim_ok, doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
+                                   False, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_M)
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, full_hi, hi, rows0, cols, dims,
+                                   col_ok, dim_ok, doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
+                                   True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_M)
 
-        tl.store(DK + b * sdkb + kv_h * sdkh + c64 * sdkt + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
+        part = split.to(tl.int64) * s_split
+        tl.store(DK + part + b * sdkb + kv_h * sdkh + c64 * sdkt + dims[None, :],
+                 (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + part + b * sdvb + kv_h * sdvh + c64 * sdvt + dims[None, :], dv.to(DV.dtype.element_ty),
                  mask=kv_mask)
-        tl.store(DV + b * sdvb + kv_h * sdvh + c64 * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _dq_keys(
+        dq, q, do, lse, delta, k_base, v_base, lo, hi, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
+        skt, svt, k_len, offset, qk_scale,
+        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """dq += dS K over key blocks ``[lo, hi)``, dS = P * (dO V^T - delta) (unscaled)."""
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + cols0
+            col_ok = cols < k_len
+            kv_ok = dim_ok[None, :]
+            if MASKED:
+                kv_ok = kv_ok & col_ok[:, None]
+            c64 = cols[:, None].to(tl.int64)
+            k = tl.load(k_base + c64 * skt + dims[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + c64 * svt + dims[None, :], mask=kv_ok, other=0.0)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+            if MASKED:
+                keep = _row_keep(rows, cols, row_ok, col_ok, doc_start, doc_end, offset, CAUSAL, HAS_DOCS)
+                s = tl.where(keep, s, float("-inf"))
+            p = tl.exp2(s - lse[:, None])
+            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+        return dq
 
     @triton.jit
     def _flash_backward_dq_kernel(
@@ -251,40 +386,24 @@ if HAS_TRITON:
         k_base = K + b * skb + kv_h * skh
         v_base = V + b * svb + kv_h * svh
         offset = k_len - q_len
-
-        lo = 0
-        hi = k_len
-        if CAUSAL:
-            hi = tl.minimum(hi, start_m + BLOCK_M + offset)
+        doc_row = b * s_doc
+        doc_start = rows  # placeholders unless HAS_DOCS
+        doc_end = rows
         if HAS_DOCS:
-            doc_row = b * s_doc
             doc_start = tl.load(DOC_START + doc_row + rows, mask=row_ok, other=0)
-            lo = (tl.load(DOC_START + doc_row + start_m) // BLOCK_N) * BLOCK_N
             if not CAUSAL:
                 doc_end = tl.load(DOC_END + doc_row + rows, mask=row_ok, other=0)
-                hi = tl.minimum(hi, tl.load(DOC_END + doc_row + tl.minimum(start_m + BLOCK_M, q_len) - 1))
+        lo, full_lo, full_hi, hi = _query_block_ranges(start_m, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
+                                                       CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N)
 
-        # Invariant: dq = sum over the key blocks seen so far of dS K, dS = P * (dO V^T - delta); scaled at the end.
+        # Invariant: dq = sum over the key blocks seen so far of dS K; scaled at the end.
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(lo, hi, BLOCK_N):
-            cols = start_n + cols0
-            col_ok = cols < k_len
-            kv_mask = col_ok[:, None] & dim_ok[None, :]
-            c64 = cols[:, None].to(tl.int64)
-            k = tl.load(k_base + c64 * skt + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_base + c64 * svt + dims[None, :], mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-            keep = col_ok[None, :] & row_ok[:, None]
-            if CAUSAL:
-                keep = keep & (cols[None, :] <= rows[:, None] + offset)
-            if HAS_DOCS:
-                keep = keep & (cols[None, :] >= doc_start[:, None])
-                if not CAUSAL:
-                    keep = keep & (cols[None, :] < doc_end[:, None])
-            p = tl.exp2(tl.where(keep, s, float("-inf")) - lse[:, None])
-            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)
+        dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, lo, full_lo, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
+                      skt, svt, k_len, offset, qk_scale, True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
+        dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, full_lo, full_hi, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
+                      skt, svt, k_len, offset, qk_scale, False, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
+        dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, full_hi, hi, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
+                      skt, svt, k_len, offset, qk_scale, True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
 
         tl.store(DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -301,12 +420,15 @@ class _Blocks(NamedTuple):
     bwd_stages: int
 
 
-#: (forward M, N, warps, stages, backward resident, streamed, warps, stages) by head_dim tile, 16-bit inputs.
+#: (forward M, N, warps, stages, backward resident, streamed, warps, stages) by head_dim tile, 16-bit inputs,
+#: on cards with ~99 KB of shared memory per block (sm_80–89: A100 has more, RTX 30xx/40xx do not).
 _BLOCKS_16BIT = {
     64: _Blocks(128, 64, 8, 3, 64, 32, 4, 2),
     128: _Blocks(128, 64, 8, 2, 64, 32, 8, 2),
     256: _Blocks(64, 32, 8, 2, 32, 32, 8, 1),
 }
+#: The same on sm_90 (H100/H200: 227 KB of shared memory, warpgroup MMA wants 64-row tiles per 4 warps).
+_BLOCKS_16BIT_SM90 = dict(_BLOCKS_16BIT)
 #: float32 (tests): no tensor cores with input_precision="ieee", so the tiles stay small.
 _BLOCKS_FP32 = {
     64: _Blocks(32, 32, 4, 2, 32, 16, 4, 2),
@@ -314,19 +436,41 @@ _BLOCKS_FP32 = {
     256: _Blocks(32, 16, 8, 2, 16, 16, 8, 1),
 }
 
+#: Split the dK/dV grid over a GQA group's query heads until it has this many programs per SM (when it can).
+DKDV_PROGRAMS_PER_SM = 2
+
 
 def head_dim_tile(head_dim: int) -> int:
     """The power-of-two tile covering head_dim (at least 16, tl.dot's minimum); 96 pads to 128."""
     return max(16, _dispatch.next_power_of_2(head_dim))
 
 
-def _blocks(block_d: int, dtype: torch.dtype, device: torch.device) -> _Blocks:
-    """Tile sizes and launch settings for this head_dim tile and dtype (the table in the module docstring)."""
+def block_table(dtype: torch.dtype, arch: int) -> dict[int, _Blocks]:
+    """The tile table for inputs of ``dtype`` on compute capability ``arch`` (×10, e.g. 86 for an RTX 3060)."""
+    if dtype == torch.float32:
+        return _BLOCKS_FP32
+    return _BLOCKS_16BIT_SM90 if arch >= 90 else _BLOCKS_16BIT
+
+
+def _blocks(block_d: int, dtype: torch.dtype, device: torch.device, arch: int | None = None) -> _Blocks:
+    """Tile sizes and launch settings for this head_dim tile, dtype and GPU (the tables above)."""
     if _dispatch.interpret_mode() and device.type == "cpu" and INTERPRET_BLOCKS is not None:
         fm, fn, br, bs = INTERPRET_BLOCKS
         return _Blocks(fm, fn, 4, 1, br, bs, 4, 1)
-    table = _BLOCKS_FP32 if dtype == torch.float32 else _BLOCKS_16BIT
-    return table[max(64, block_d)]
+    return block_table(dtype, _dispatch.gpu_arch(device) if arch is None else arch)[max(64, block_d)]
+
+
+def kv_split(programs: int, group: int, n_sms: int) -> int:
+    """How many programs share one KV head's key block in the dK/dV kernel: a divisor of the GQA ``group``,
+    the smallest that gives ``DKDV_PROGRAMS_PER_SM`` programs per SM (each split sums its share of the
+    group's query heads into an fp32 slice; the slices are added after)."""
+    split = 1
+    for candidate in range(1, group + 1):
+        if group % candidate == 0:
+            split = candidate
+            if programs * candidate >= DKDV_PROGRAMS_PER_SM * n_sms:
+                break
+    return split
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -341,26 +485,14 @@ def _bthd(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor, fake: 
     return _dispatch.empty((batch, seq, heads, dim), like.dtype, like.device).transpose(1, 2)
 
 
-def _doc_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each token's document as ``[start, end)`` (int32 ``[B, T]``), documents being contiguous runs of one id."""
-    batch, seq = doc_ids.shape
-    idx = torch.arange(seq, device=doc_ids.device).expand(batch, seq)
-    edge = doc_ids[:, 1:] != doc_ids[:, :-1]
-    first = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), edge], dim=1)
-    last = torch.cat([edge, torch.ones_like(doc_ids[:, :1], dtype=torch.bool)], dim=1)
-    start = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    end = torch.where(last, idx + 1, torch.full_like(idx, seq)).flip(1).cummin(dim=1).values.flip(1)
-    return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
-
-
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None):
+def _common(q: torch.Tensor, doc_bounds: torch.Tensor | None):
     """Launch arguments shared by the kernels: doc bounds (or placeholders), dot precision, D tile, block table."""
-    if doc_ids is not None and doc_ids.numel():
-        doc_start, doc_end = _doc_bounds(doc_ids)
+    if doc_bounds is not None and doc_bounds.numel():
+        doc_start, doc_end = doc_bounds[0], doc_bounds[1]
     else:
         doc_start = doc_end = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
     block_d = head_dim_tile(q.shape[-1])
@@ -373,8 +505,9 @@ def _common(q: torch.Tensor, k: torch.Tensor, doc_ids: torch.Tensor | None):
 
 @torch.library.custom_op("zhllm::flash_attention_forward", mutates_args=())
 def flash_attention_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: Optional[torch.Tensor], causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_bounds: Optional[torch.Tensor], causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): ``doc_bounds`` is :func:`zhkernels.reference.doc_bounds` of the doc ids, or None."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     batch, n_q_heads, q_len, head_dim = q.shape
     n_kv_heads, k_len = k.shape[1], k.shape[2]
@@ -382,53 +515,76 @@ def flash_attention_forward(
     lse = _dispatch.empty((batch, n_q_heads, q_len), torch.float32, q.device)
     if lse.numel() == 0:
         return out, lse
-    doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, k, doc_ids)
+    doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, doc_bounds)
     grid = (batch * n_q_heads, triton.cdiv(q_len, cfg.fwd_m))
     _flash_forward_kernel[grid](
         q, k, v, out, lse, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(out), s_doc,
         n_q_heads, n_q_heads // n_kv_heads, q_len, k_len, head_dim, scale * 1.4426950408889634,
-        CAUSAL=causal, HAS_DOCS=doc_ids is not None, **flags,
+        CAUSAL=causal, HAS_DOCS=doc_bounds is not None, **flags,
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=block_d, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return out, lse
 
 
 @flash_attention_forward.register_fake
-def _(q, k, v, doc_ids, causal, scale):
+def _(q, k, v, doc_bounds, causal, scale):
     batch, n_q_heads, q_len, head_dim = q.shape
     lse = q.new_empty((batch, n_q_heads, q_len), dtype=torch.float32)
     return _bthd(batch, n_q_heads, q_len, head_dim, q, fake=True), lse
 
 
+def _dkdv_outputs(k: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """dK, dV for the kernel to write: the outputs themselves (split 1), else the first ``[B, Hk, T, D]`` slice
+    of fp32 ``[split, B, T, Hk, D]`` buffers, the slices ``s_split`` elements apart."""
+    batch, n_kv_heads, k_len, head_dim = k.shape
+    if split == 1:
+        return _bthd(batch, n_kv_heads, k_len, head_dim, k), _bthd(batch, n_kv_heads, k_len, head_dim, k), 0
+    shape = (split, batch, k_len, n_kv_heads, head_dim)
+    dk, dv = (_dispatch.empty(shape, torch.float32, k.device) for _ in range(2))
+    return dk[0].transpose(1, 2), dv[0].transpose(1, 2), dk[0].numel()
+
+
+def _sum_slices(first: torch.Tensor, split: int, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of the ``split`` fp32 slices that start at ``first`` (from :func:`_dkdv_outputs`), in ``dtype``."""
+    batch, heads, seq, dim = first.shape
+    slices = first.transpose(1, 2).as_strided((split, batch, seq, heads, dim), (first.numel(), seq * heads * dim,
+                                                                                heads * dim, dim, 1))
+    return slices.sum(0).to(dtype).transpose(1, 2)
+
+
 @torch.library.custom_op("zhllm::flash_attention_backward", mutates_args=())
 def flash_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    doc_ids: Optional[torch.Tensor], causal: bool, scale: float,
+    doc_bounds: Optional[torch.Tensor], causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, q, k, v, out = (_unit_last(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
     batch, n_q_heads, q_len, head_dim = q.shape
     n_kv_heads, k_len = k.shape[1], k.shape[2]
     dq = _bthd(batch, n_q_heads, q_len, head_dim, q)
-    dk = _bthd(batch, n_kv_heads, k_len, head_dim, k)
-    dv = _bthd(batch, n_kv_heads, k_len, head_dim, v)
     if q.numel() == 0 or k.numel() == 0:  # nothing attended: every gradient is zero
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, k, doc_ids)
+        return dq.zero_(), _bthd(batch, n_kv_heads, k_len, head_dim, k).zero_(), \
+            _bthd(batch, n_kv_heads, k_len, head_dim, v).zero_()
+    doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, doc_bounds)
     group = n_q_heads // n_kv_heads
     delta = _dispatch.empty((batch, n_q_heads, q_len), torch.float32, q.device)
     _flash_backward_delta_kernel[(batch * n_q_heads, triton.cdiv(q_len, cfg.bwd_resident))](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), n_q_heads, q_len, head_dim,
         BLOCK_M=cfg.bwd_resident, BLOCK_D=block_d,
     )
-    shared = dict(CAUSAL=causal, HAS_DOCS=doc_ids is not None, BLOCK_D=block_d, **flags,
+    shared = dict(CAUSAL=causal, HAS_DOCS=doc_bounds is not None, BLOCK_D=block_d, **flags,
                   num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
-    _flash_backward_dkdv_kernel[(batch * n_kv_heads, triton.cdiv(k_len, cfg.bwd_resident))](
+    key_blocks = triton.cdiv(k_len, cfg.bwd_resident)
+    split = kv_split(batch * n_kv_heads * key_blocks, group, _dispatch.sm_count(q.device))
+    dk, dv, s_split = _dkdv_outputs(k, split)
+    _flash_backward_dkdv_kernel[(batch * n_kv_heads * split, key_blocks)](
         q, k, v, grad_out, lse, delta, dk, dv, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
-        *_strides(grad_out), *_strides(dk), *_strides(dv), s_doc,
-        n_q_heads, n_kv_heads, group, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
+        *_strides(grad_out), *_strides(dk), *_strides(dv), s_doc, s_split,
+        n_q_heads, n_kv_heads, group, split, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
         BLOCK_M=cfg.bwd_streamed, BLOCK_N=cfg.bwd_resident, **shared,
     )
+    if split > 1:
+        dk, dv = _sum_slices(dk, split, k.dtype), _sum_slices(dv, split, v.dtype)
     _flash_backward_dq_kernel[(batch * n_q_heads, triton.cdiv(q_len, cfg.bwd_resident))](
         q, k, v, grad_out, lse, delta, dq, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
         *_strides(grad_out), *_strides(dq), s_doc,
@@ -439,7 +595,7 @@ def flash_attention_backward(
 
 
 @flash_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, doc_ids, causal, scale):
+def _(grad_out, q, k, v, out, lse, doc_bounds, causal, scale):
     batch, n_q_heads, q_len, head_dim = q.shape
     n_kv_heads, k_len = k.shape[1], k.shape[2]
     return (_bthd(batch, n_q_heads, q_len, head_dim, q, fake=True),
@@ -451,24 +607,25 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd for the fused op: saves the inputs, the output and the log-sum-exp; backward recomputes P."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_bounds: torch.Tensor | None,
                 causal: bool, scale: float) -> torch.Tensor:
-        out, lse = torch.ops.zhllm.flash_attention_forward(q, k, v, doc_ids, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, doc_ids)
+        out, lse = torch.ops.zhllm.flash_attention_forward(q, k, v, doc_bounds, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, doc_bounds)
         ctx.causal, ctx.scale = causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        q, k, v, out, lse, doc_ids = ctx.saved_tensors
+        q, k, v, out, lse, doc_bounds = ctx.saved_tensors
         dq, dk, dv = torch.ops.zhllm.flash_attention_backward(
-            grad_out, q, k, v, out, lse, doc_ids, ctx.causal, ctx.scale
+            grad_out, q, k, v, out, lse, doc_bounds, ctx.causal, ctx.scale
         )
         return dq, dk, dv, None, None, None
 
 
 def _check_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, doc_ids: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, doc_ids: torch.Tensor | None,
+    doc_bounds: torch.Tensor | None = None,
 ) -> None:
     """One-line errors for shapes, dtypes and devices the op does not take."""
     name = "flash_attention"
@@ -484,7 +641,7 @@ def _check_inputs(
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"{name}: q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype")
     _dispatch.check_float("q", q)
-    _dispatch.check_same_device(q=q, k=k, v=v, doc_ids=doc_ids)
+    _dispatch.check_same_device(q=q, k=k, v=v, doc_ids=doc_ids, doc_bounds=doc_bounds)
     if causal and qs[2] > ks[2]:
         raise ValueError(f"{name}: causal needs Tq <= Tk (got {qs[2]} > {ks[2]}): early queries would see no key")
     if doc_ids is not None:
@@ -494,26 +651,38 @@ def _check_inputs(
             raise TypeError(f"{name}: doc_ids must be an integer tensor, got {doc_ids.dtype}")
         if qs[2] != ks[2]:
             raise ValueError(f"{name}: doc_ids needs Tq == Tk (got {qs[2]} and {ks[2]}); mask a KV cache another way")
+    if doc_bounds is not None:
+        if doc_ids is not None:
+            raise ValueError(f"{name}: pass doc_ids or doc_bounds (reference.doc_bounds of them), not both")
+        if tuple(doc_bounds.shape) != (2, ks[0], ks[2]) or doc_bounds.dtype != torch.int32:
+            raise ValueError(f"{name}: doc_bounds must be int32 [2, B, Tk] = {(2, ks[0], ks[2])} from "
+                             f"zhkernels.reference.doc_bounds, got {doc_bounds.dtype} {tuple(doc_bounds.shape)}")
+        if qs[2] != ks[2]:
+            raise ValueError(f"{name}: doc_bounds needs Tq == Tk (got {qs[2]} and {ks[2]})")
 
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-    doc_ids: torch.Tensor | None = None, scale: float | None = None,
+    doc_ids: torch.Tensor | None = None, scale: float | None = None, doc_bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention, ``q [B, Hq, Tq, D]`` against ``k``/``v`` ``[B, Hk, Tk, D]`` (GQA), in the inputs' dtype.
 
     Same contract as :func:`zhkernels.reference.flash_attention`: causal aligned to the end when Tq < Tk,
     ``doc_ids [B, T]`` keeps each token inside its document (contiguous runs), ``scale`` defaults to
-    ``D ** -0.5``. The Triton kernels take head_dim up to 256.
+    ``D ** -0.5``. A model with many layers passes ``doc_bounds = zhkernels.reference.doc_bounds(doc_ids)``
+    instead, computed once per step rather than in every layer's forward and backward. The Triton kernels
+    take head_dim up to 256.
     """
-    _check_inputs(q, k, v, causal, doc_ids)
+    _check_inputs(q, k, v, causal, doc_ids, doc_bounds)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not _dispatch.use_triton(q, k, v, doc_ids):
-        return reference.flash_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale)
+    if not _dispatch.use_triton(q, k, v, doc_ids, doc_bounds):
+        return reference.flash_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale, doc_bounds=doc_bounds)
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         raise ValueError(f"flash_attention: head_dim {q.shape[-1]} is outside the kernels' 1..{MAX_HEAD_DIM}; "
                          "call zhkernels.reference.flash_attention instead")
-    return FlashAttentionFunction.apply(q, k, v, doc_ids, causal, scale)
+    if doc_ids is not None:
+        doc_bounds = reference.doc_bounds(doc_ids)
+    return FlashAttentionFunction.apply(q, k, v, doc_bounds, causal, scale)
 
 
 class FlashAttention(nn.Module):
@@ -525,9 +694,10 @@ class FlashAttention(nn.Module):
         self.scale = scale
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
+        doc_bounds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return flash_attention(q, k, v, causal=self.causal, doc_ids=doc_ids, scale=self.scale)
+        return flash_attention(q, k, v, causal=self.causal, doc_ids=doc_ids, scale=self.scale, doc_bounds=doc_bounds)
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, scale={self.scale}"

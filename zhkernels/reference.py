@@ -86,10 +86,25 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
+def doc_bounds(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's document as ``[start, end)``: int32 ``[2, B, T]`` (starts, then ends), documents being
+    contiguous runs of one id (an id met again later starts a new one)."""
+    batch, seq = doc_ids.shape
+    idx = torch.arange(seq, device=doc_ids.device).expand(batch, seq)
+    edge = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), edge], dim=1)
+    last = torch.cat([edge, torch.ones_like(doc_ids[:, :1], dtype=torch.bool)], dim=1)
+    start = torch.where(first, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    end = torch.where(last, idx + 1, torch.full_like(idx, seq)).flip(1).cummin(dim=1).values.flip(1)
+    return torch.stack([start, end]).to(torch.int32)
+
+
 def attention_mask(
-    q_len: int, k_len: int, causal: bool, doc_ids: torch.Tensor | None, device: torch.device
+    q_len: int, k_len: int, causal: bool, doc_ids: torch.Tensor | None, device: torch.device,
+    doc_bounds: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean ``[B or 1, 1, Tq, Tk]`` mask (True = attend). Causal is aligned to the end when Tq < Tk (as with a KV cache)."""
+    """Boolean ``[B or 1, 1, Tq, Tk]`` mask (True = attend). Causal is aligned to the end when Tq < Tk (as with a KV cache).
+    Documents come as ``doc_ids [B, Tk]`` or as their :func:`doc_bounds` (then Tq == Tk)."""
     mask = None
     if causal:
         offset = k_len - q_len
@@ -100,25 +115,30 @@ def attention_mask(
         runs = torch.cumsum(torch.cat([torch.zeros_like(doc_ids[:, :1]), doc_ids[:, 1:] != doc_ids[:, :-1]], 1), 1)
         same_doc = (runs[:, -q_len:, None] == runs[:, None, :])[:, None]
         mask = same_doc if mask is None else mask & same_doc
+    if doc_bounds is not None:
+        keys = torch.arange(k_len, device=device)[None, None, :]
+        same_doc = ((keys >= doc_bounds[0][:, :, None]) & (keys < doc_bounds[1][:, :, None]))[:, None]
+        mask = same_doc if mask is None else mask & same_doc
     return mask
 
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-    doc_ids: torch.Tensor | None = None, scale: float | None = None,
+    doc_ids: torch.Tensor | None = None, scale: float | None = None, doc_bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention: ``q [B, Hq, Tq, D]``, ``k``/``v`` ``[B, Hk, Tk, D]`` with ``Hq % Hk == 0`` (GQA).
 
     ``doc_ids [B, Tk]`` (integers) restricts each token to keys of its own document in a packed row; a
     document is a contiguous run of one id, so an id that comes back later in the row is a new document.
-    ``scale`` defaults to ``D ** -0.5``. Scores and softmax in float32.
+    ``doc_bounds`` (:func:`doc_bounds` of the ids) says the same. ``scale`` defaults to ``D ** -0.5``.
+    Scores and softmax in float32.
     """
     rep = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(rep, dim=1)
     vf = v.float().repeat_interleave(rep, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.float() @ kf.transpose(-1, -2)) * scale
-    mask = attention_mask(q.shape[-2], k.shape[-2], causal, doc_ids, q.device)
+    mask = attention_mask(q.shape[-2], k.shape[-2], causal, doc_ids, q.device, doc_bounds)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

@@ -10,7 +10,10 @@ cos/sin come either as a table ``[max_pos, D]`` indexed by ``position_ids [B, T]
 restart at 0; default ``0..T-1``) or per token ``[B, T, D]`` as Hugging Face's LlamaRotaryEmbedding
 returns them. q ``[B, Hq, T, D]`` and k ``[B, Hk, T, D]`` may have different head counts (GQA) and any
 strides with a unit last stride, such as ``x.view(B, T, H, D).transpose(1, 2)``; outputs are
-contiguous ``[B, H, T, D]`` in the input dtype, computed in float32.
+``[B, H, T, D]`` in the input dtype, computed in float32, laid out in memory as ``[B, T, H, D]`` like
+such a view. So the backward's gradients, in that layout too, flow back through the model's
+``view``/``transpose`` of the projection for free (a contiguous ``[B, H, T, D]`` gradient would make
+autograd copy dq and dk back into the projection's layout in every layer).
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ if HAS_TRITON:
         x2 = tl.load(src + half, mask=inside, other=0.0).to(tl.float32)
         out1 = x1 * c1[None, :] + x2 * m1[None, :]
         out2 = x2 * c2[None, :] + x1 * m2[None, :]
-        # outputs are contiguous [B, H, T, D]
-        dst = out_ptr + ((b * n_heads + heads[:, None].to(tl.int64)) * seq_len + t) * (2 * half) + d[None, :]
+        # outputs are [B, H, T, D] laid out as [B, T, H, D] in memory (the projections' layout)
+        dst = out_ptr + ((b * seq_len + t) * n_heads + heads[:, None].to(tl.int64)) * (2 * half) + d[None, :]
         tl.store(dst, out1.to(out_ptr.dtype.element_ty), mask=inside)
         tl.store(dst + half, out2.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -82,6 +85,14 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _bthd_like(t: torch.Tensor, fake: bool = False) -> torch.Tensor:
+    """An uninitialised ``[B, H, T, D]`` tensor like ``t``, laid out as ``[B, T, H, D]`` in memory."""
+    b, h, seq, d = t.shape
+    if fake:
+        return t.new_empty((b, seq, h, d)).transpose(1, 2)
+    return _dispatch.empty((b, seq, h, d), t.dtype, t.device).transpose(1, 2)
+
+
 def launch_config(head_dim: int, n_q_heads: int, n_k_heads: int) -> tuple[int, int, int]:
     """(BLOCK_HEADS, BLOCK_HALF, num_warps): up to 1024 half-dims of several heads per program."""
     block_half = _dispatch.next_power_of_2(head_dim // 2)
@@ -93,12 +104,11 @@ def _rotate(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
     backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the kernel: rotate (or, for ``backward``, rotate back) q and k into new contiguous tensors."""
+    """Launch the kernel: rotate (or, for ``backward``, rotate back) q and k into new ``[B, T, H, D]``-laid tensors."""
     q, k, cos, sin = (_unit_last_stride(t) for t in (q, k, cos, sin))
     batch, n_q_heads, seq_len, head_dim = q.shape
     n_k_heads = k.shape[1]
-    q_out = _dispatch.empty(q.shape, q.dtype, q.device)
-    k_out = _dispatch.empty(k.shape, k.dtype, k.device)
+    q_out, k_out = _bthd_like(q), _bthd_like(k)
     if batch * seq_len == 0 or max(n_q_heads, n_k_heads) == 0:
         return q_out, k_out
     if cos.dim() == 3:  # per token [B or 1, T, D]: a batch of one broadcasts through a zero stride
@@ -128,13 +138,13 @@ def _rotate(
 def rope_forward(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_out, k_out): q and k rotated by their tokens' angles, new contiguous tensors."""
+    """(q_out, k_out): q and k rotated by their tokens' angles, new tensors laid out ``[B, T, H, D]``."""
     return _rotate(q, k, cos, sin, position_ids, backward=False)
 
 
 @rope_forward.register_fake
 def _(q, k, cos, sin, position_ids):
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+    return _bthd_like(q, fake=True), _bthd_like(k, fake=True)
 
 
 @torch.library.custom_op("zhllm::rope_backward", mutates_args=())
@@ -148,7 +158,7 @@ def rope_backward(
 
 @rope_backward.register_fake
 def _(grad_q_out, grad_k_out, cos, sin, position_ids):
-    return grad_q_out.new_empty(grad_q_out.shape), grad_k_out.new_empty(grad_k_out.shape)
+    return _bthd_like(grad_q_out, fake=True), _bthd_like(grad_k_out, fake=True)
 
 
 class RoPEFunction(torch.autograd.Function):
