@@ -32,8 +32,10 @@ TARGET_CE_MEMORY_FRACTION = 0.1  # fused CE: ≤ 1/10 of eager's peak memory and
 TARGET_CE_VOCAB, TARGET_CE_TOKENS = 35023, 16384  # ... at vocab 35,023 and 16k tokens
 
 METHOD = (
-    "Each cell: median milliseconds per call (CUDA events around each call; the L2 cache is flushed by a 256 MB "
-    "write before every call and that write is not timed), then the achieved throughput and its share of the peak "
+    "Each cell: median GPU milliseconds per call (batches of up to 20 calls queued behind a GPU sleep and run back "
+    "to back between CUDA events, so Python's launch cost is not in it; the L2 cache is flushed by a 256 MB write "
+    "before every call and those writes, timed alone the same way, are subtracted), then the achieved throughput "
+    "and its share of the peak "
     "measured in the same run (memory-bound ops: GB/s from the compulsory bytes below ÷ the device-to-device "
     "copy bandwidth; attention and cross-entropy: TFLOP/s ÷ the dense matmul peak of that dtype). "
     "*fwd* runs on inputs that need no gradient; *fwd+bwd* is forward plus backward with a fixed output "
@@ -45,7 +47,9 @@ METHOD = (
     "time ÷ ours (above 1: ours is faster). RoPE and attention inputs are `[B, H, T, D]` views of `[B, T, H, D]` buffers, "
     "the layout a Llama block's projections produce; Liger's RoPE gets its `[1, T, D]` cos/sin in the activation dtype, "
     "as Hugging Face passes them (ours and eager: the float32 table). Peak memory = `max_memory_allocated` during one call minus what was "
-    "allocated before it (the inputs), in MB."
+    "allocated before it (the inputs), in MB. *host* = the host's median time to issue one call (Python, autograd and "
+    "the launches); **host-bound** marks a call whose host time exceeds its GPU time, where a loop of such calls "
+    "would run at the host's pace unless captured in a CUDA graph."
 )
 
 
@@ -182,6 +186,8 @@ def _cell(r: dict[str, Any] | None) -> str:
         parts.append(f"{r['tflops']:.1f} TFLOP/s")
     if r.get("share_of_peak") is not None:
         parts.append(f"{r['share_of_peak']:.0%}")
+    if r.get("host_ms") is not None:
+        parts.append(f"host {r['host_ms']:.3f} ms" + (" (**host-bound**)" if r.get("host_bound") else ""))
     return " · ".join(parts)
 
 

@@ -4,10 +4,13 @@
     pytest bench/test_kernels.py --benchmark-only -k "bf16 and not compile"   # a quicker look
     ZHLLM_BENCH_CPU_SMOKE=1 pytest bench/test_kernels.py --benchmark-disable  # CPU: each body once, tiny shapes
 
-Shapes, byte and flop counts are in ``kernel_shapes.py``. Every case times one call with CUDA events
-(the L2 cache flushed by an untimed 256 MB write before each call), inside ``benchmark.pedantic``
-batches that end in a synchronisation, so pytest-benchmark's own columns are whole batches
-(``inner`` calls plus their flushes) while the recorded figures are per call. The copy-bandwidth and
+Shapes, byte and flop counts are in ``kernel_shapes.py``. Every case times batches of up to 20 calls
+run back to back on the GPU, each after a 256 MB write that flushes the L2 cache: the GPU first sleeps
+(``torch.cuda._sleep``) while the host queues the whole batch, so the CUDA events around it measure GPU
+work alone, not Python's 0.1–0.2 ms per call; the flushes' own time is measured the same way and
+subtracted. The host's time to issue one call is recorded beside it (``host_ms``; ``host_bound`` when
+it exceeds the GPU time, i.e. when a real loop of such calls would wait on Python).
+pytest-benchmark's own columns are whole batches while the recorded figures are per call. The copy-bandwidth and
 matmul peaks that the shares are taken of are measured at the start of the same session. Figures
 go to ``bench/.results/kernels.json`` (``conftest.py``) and ``python bench/report.py`` renders them.
 
@@ -25,6 +28,7 @@ import logging
 import math
 import os
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -355,27 +359,63 @@ def l2_flush() -> torch.Tensor | None:
     return torch.empty(FLUSH_BYTES, dtype=torch.int8, device=DEVICE) if ON_GPU else None
 
 
-def time_calls(benchmark: Any, step: Callable[[], Any], flush: torch.Tensor) -> list[float]:
-    """Milliseconds of each measured call (CUDA events), from ``benchmark.pedantic`` batches of ``inner`` calls."""
+#: The GPU first sleeps at least this long (and 3× the host's enqueue time of the last batch), so that the
+#: host has queued a whole batch before the GPU reaches it: the calls then run back to back and the events
+#: measure GPU time alone, whatever Python and the launches cost (that is reported apart, as ``host_ms``).
+SLEEP_MS = 20.0
+MAX_INNER = 20  # calls per batch: each launches several kernels, and CUDA's launch queue holds about a thousand
+
+
+@functools.lru_cache(maxsize=1)
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles per millisecond of ``torch.cuda._sleep``, measured once."""
+    cycles = 10_000_000
+    torch.cuda._sleep(cycles)  # warm
+    torch.cuda.synchronize()
+    return cycles / _median_ms(lambda: torch.cuda._sleep(cycles), 3)
+
+
+def queued_ms(fn: Callable[[], Any], inner: int, sleep_ms: float) -> tuple[float, float]:
+    """(GPU ms, host ms) of ``inner`` back-to-back calls: the GPU sleeps ``sleep_ms`` while the host queues them."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(_sleep_cycles_per_ms() * sleep_ms))
+    start, end = _event(), _event()
+    began = time.perf_counter()
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    host_ms = (time.perf_counter() - began) * 1e3
+    torch.cuda.synchronize()
+    return start.elapsed_time(end), host_ms
+
+
+def time_calls(benchmark: Any, step: Callable[[], Any], flush: torch.Tensor) -> tuple[list[float], list[float]]:
+    """(GPU ms per call, host ms per call) of each measured batch from ``benchmark.pedantic``: ``inner`` calls,
+    each after an L2 flush, queued behind a GPU sleep and run back to back; the flushes' own time, measured
+    the same way, is subtracted."""
     step()
     estimate = _median_ms(step, 2)
-    inner = max(2, min(50, math.ceil(BATCH_MS / max(estimate, 1e-3))))
-    batches: list[list[float]] = []
+    inner = max(2, min(MAX_INNER, math.ceil(BATCH_MS / max(estimate, 1e-3))))
+    gpu: list[float] = []
+    host: list[float] = []
+    sleep = [SLEEP_MS]
+
+    def flushed_step() -> None:
+        flush.zero_()
+        step()
 
     def batch() -> None:
-        pairs = []
-        for _ in range(inner):
-            flush.zero_()
-            start, end = _event(), _event()
-            start.record()
-            step()
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize()
-        batches.append([s.elapsed_time(e) for s, e in pairs])
+        total, host_ms = queued_ms(flushed_step, inner, sleep[0])
+        flushes, _ = queued_ms(flush.zero_, inner, sleep[0])
+        if host_ms > sleep[0]:  # the GPU woke before the batch was queued: a gap is in `total`; sleep longer
+            sleep[0] = 3 * host_ms
+            total, host_ms = queued_ms(flushed_step, inner, sleep[0])
+        gpu.append(max(total - flushes, 0.0) / inner)
+        host.append(host_ms / inner)
 
     benchmark.pedantic(batch, rounds=rounds(5), iterations=1, warmup_rounds=WARMUP_BATCHES)
-    return [ms for b in batches[WARMUP_BATCHES:] for ms in b]
+    return gpu[WARMUP_BATCHES:], host[WARMUP_BATCHES:]
 
 
 def peak_memory_mb(step: Callable[[], Any], leaves: list[torch.Tensor]) -> float:
@@ -408,10 +448,10 @@ def test_kernel(benchmark: Any, recorder: Recorder, gpu_peaks: dict[str, Any], l
         benchmark.pedantic(step, rounds=1, iterations=1, warmup_rounds=0)
         return
 
-    times = time_calls(benchmark, step, l2_flush)
+    times, host_times = time_calls(benchmark, step, l2_flush)
     if benchmark.disabled or not times:  # --benchmark-disable: a smoke run, nothing measured
         return
-    ms = statistics.median(times)
+    ms, host_ms = statistics.median(times), statistics.median(host_times)
     n_bytes, n_flops = bytes_moved(op, shape.dims, dtype, pass_), flops(op, shape.dims, pass_)
     gb_per_s = n_bytes / (ms / 1e3) / 1e9 if n_bytes is not None else None
     tflops = n_flops / (ms / 1e3) / 1e12 if n_flops is not None else None
@@ -423,11 +463,13 @@ def test_kernel(benchmark: Any, recorder: Recorder, gpu_peaks: dict[str, Any], l
     row = {
         "op": op, "impl": impl, "pass": pass_, "dtype": dtype, "shape": shape.label, "probe": shape.probe,
         "dims": dict(shape.dims), "largest_tensor_mb": largest_tensor_mb(op, shape.dims, dtype),
-        "ms": ms, "ms_min": min(times), "ms_max": max(times), "calls": len(times),
+        "ms": ms, "ms_min": min(times), "ms_max": max(times), "batches": len(times),
+        "host_ms": host_ms, "host_bound": host_ms > ms,
         "bytes": n_bytes, "gb_per_s": gb_per_s, "flops": n_flops, "tflops": tflops, "share_of_peak": share,
         "peak_mb": peak_mb, **device_info(),
     }
     recorder.add("kernels", row)
-    benchmark.extra_info.update({"ms_per_call": round(ms, 4), "share_of_peak": round(share, 3), "peak_mb": round(peak_mb, 1),
+    benchmark.extra_info.update({"ms_per_call": round(ms, 4), "host_ms_per_call": round(host_ms, 4),
+                                 "share_of_peak": round(share, 3), "peak_mb": round(peak_mb, 1),
                                  **({"gb_per_s": round(gb_per_s)} if gb_per_s else {}),
                                  **({"tflops": round(tflops, 1)} if tflops else {})})

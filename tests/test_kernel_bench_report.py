@@ -27,10 +27,11 @@ ENV = {"date": "2025-01-01 00:00:00 UTC", "commit": "abc1234", "uncommitted": []
 
 def row(op: str, shape: str, impl: str, ms: float, dtype: str = "bf16", pass_: str = "fwd", dims: dict | None = None,
         probe: bool = False, largest_mb: float = 10.0, gb_per_s: float | None = None, tflops: float | None = None,
-        share: float | None = None, peak_mb: float = 1.0) -> dict:
+        share: float | None = None, peak_mb: float = 1.0, host_ms: float | None = None) -> dict:
     return {"op": op, "impl": impl, "pass": pass_, "dtype": dtype, "shape": shape, "probe": probe, "dims": dims or {},
-            "largest_tensor_mb": largest_mb, "ms": ms, "ms_min": ms, "ms_max": ms, "calls": 10, "gb_per_s": gb_per_s,
-            "tflops": tflops, "share_of_peak": share, "peak_mb": peak_mb, **GPU}
+            "largest_tensor_mb": largest_mb, "ms": ms, "ms_min": ms, "ms_max": ms, "batches": 3, "gb_per_s": gb_per_s,
+            "tflops": tflops, "share_of_peak": share, "peak_mb": peak_mb,
+            **({"host_ms": host_ms, "host_bound": host_ms > ms} if host_ms is not None else {}), **GPU}
 
 
 ATTN = {"batch": 16, "seq": 1024, "heads": 14, "kv_heads": 2, "head_dim": 64, "causal": True}
@@ -171,3 +172,11 @@ def test_byte_and_flop_counts() -> None:
     assert kernel_shapes.flops("fused_linear_cross_entropy", CE, "fwd+bwd") == 3 * 2 * 16384 * 768 * 35023
     assert kernel_shapes.bytes_moved("flash_attention", ATTN, "bf16", "fwd") is None
     assert kernel_shapes.flops("swiglu", {"tokens": 1, "ffn": 1}, "fwd") is None
+
+
+def test_cells_report_host_time_and_flag_host_bound_calls():
+    fast = row("swiglu", "model", "ours", 0.020, gb_per_s=900.0, share=0.3, host_ms=0.150)
+    slow = row("swiglu", "model", "eager", 0.300, gb_per_s=60.0, share=0.02, host_ms=0.050)
+    assert kernel_report._cell(fast) == "0.020 ms · 900 GB/s · 30% · host 0.150 ms (**host-bound**)"
+    assert kernel_report._cell(slow) == "0.300 ms · 60 GB/s · 2% · host 0.050 ms"
+    assert "host-bound" in kernel_report.METHOD

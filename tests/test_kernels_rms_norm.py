@@ -236,3 +236,14 @@ def test_compiles_fullgraph_with_residual():
     d = randn(3, 5, 32)
     for a, b, name in zip(grads(ours, [x, r, w], d), grads(ref, [x, r, w], d), ("x", "residual", "weight")):
         assert_fp32_close(a, b, what=f"grad {name}")
+
+
+@pytest.mark.parametrize("n_rows,n_cols,n_sms", [(16384, 1668, 28), (16384, 512, 132), (7, 896, 132), (1, 64, 4)])
+def test_backward_split_covers_every_row_with_several_programs_per_sm(n_rows, n_cols, n_sms):
+    rows_per_program, programs = rn.backward_split(n_rows, n_cols, n_sms)
+    block_rows, _, num_warps = rn._launch_shape(n_cols)
+    assert (programs - 1) * rows_per_program < n_rows <= programs * rows_per_program  # every row, no idle program
+    assert programs <= -(-n_rows // block_rows)  # never more programs than row blocks
+    if n_rows >= 4096:
+        assert programs >= 2 * n_sms, "a single program per SM leaves the row loop latency-bound"
+        assert programs * num_warps <= n_sms * rn.BACKWARD_WARPS_PER_SM

@@ -116,8 +116,7 @@ def _rms_norm_cases(arch: int, quick: bool) -> list[Case]:
     cases = []
     for h in widths:
         block_rows, block_h, num_warps = rn._launch_shape(h)
-        # replicated from rms_norm_backward (inline there): rows per program with one program per SM
-        rows_per_program = -(-TOKENS // min(SM_COUNT[arch], -(-TOKENS // block_rows)))
+        rows_per_program, _ = rn.backward_split(TOKENS, h, SM_COUNT[arch])
         for x, w in dtypes:
             for flag in (True,) if quick else (False, True):
                 label = f"h={h} x={x} w={w}" + (" residual" if flag else "")
@@ -202,14 +201,15 @@ def _flash_attention_cases(arch: int, quick: bool) -> list[Case]:
         block_d = fa.head_dim_tile(d)
         for dt in ("bf16", "fp32") if quick else DTYPES:
             cfg = fa._blocks(block_d, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}.get(dt, "float32")),
-                             torch.device("cuda"))
+                             torch.device("cuda"), arch)
             p, f32 = Ptr(dt), Ptr("fp32")
             values = dict(
                 Q=p, K=p, V=p, O=p, DO=p, DQ=p, DK=p, DV=p, LSE=f32, DELTA=f32,
                 DOC_START=Ptr("i32"), DOC_END=Ptr("i32"),
                 **_bthd("sq", hq, t, d), **_bthd("sk", hk, t, d), **_bthd("sv", hk, t, d), **_bthd("so", hq, t, d),
                 **_bthd("sdo", hq, t, d), **_bthd("sdq", hq, t, d), **_bthd("sdk", hk, t, d), **_bthd("sdv", hk, t, d),
-                n_q_heads=hq, n_kv_heads=hk, group=hq // hk, q_len=t, k_len=t, head_dim=d, qk_scale=0.18, scale=0.125,
+                n_q_heads=hq, n_kv_heads=hk, group=hq // hk, n_split=1, s_split=0,
+                q_len=t, k_len=t, head_dim=d, qk_scale=0.18, scale=0.125,
                 PRECISION="ieee", UPCAST=False, BLOCK_D=block_d,
             )
             shape = f"{dt} Hq/Hk={hq}/{hk} D={d} T={t}"
@@ -225,6 +225,10 @@ def _flash_attention_cases(arch: int, quick: bool) -> list[Case]:
                 cases.append(Case("flash_attention", "_flash_backward_dkdv_kernel", label,
                                   dict(flags, BLOCK_M=cfg.bwd_streamed, BLOCK_N=cfg.bwd_resident),
                                   cfg.bwd_warps, cfg.bwd_stages))
+                if hq > hk and not quick:  # a small grid splits the GQA group: fp32 dK/dV slices
+                    cases.append(Case("flash_attention", "_flash_backward_dkdv_kernel", label + " split", dict(
+                        flags, DK=f32, DV=f32, n_split=2, s_split=t * hk * d,
+                        BLOCK_M=cfg.bwd_streamed, BLOCK_N=cfg.bwd_resident), cfg.bwd_warps, cfg.bwd_stages))
                 cases.append(Case("flash_attention", "_flash_backward_dq_kernel", label,
                                   dict(flags, BLOCK_M=cfg.bwd_resident, BLOCK_N=cfg.bwd_streamed),
                                   cfg.bwd_warps, cfg.bwd_stages))

@@ -12,11 +12,11 @@ output per projection that reads it (autocast casts q, k and v's shared input th
 Backward recomputes ``xhat`` from the saved input and per-row ``rstd``. The weight gradient is a sum
 over rows: each program sums a contiguous range of rows into its own float32 row of a
 ``[n_programs, H]`` buffer, and torch reduces that buffer, so no atomics and a deterministic result.
+Several programs share an SM (``backward_split``), so while one waits on its next rows another computes.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -98,12 +98,18 @@ def _launch_shape(n_cols: int) -> tuple[int, int, int]:
     return block_rows, block_h, num_warps
 
 
-@functools.lru_cache(maxsize=None)
-def _n_workers(device: torch.device) -> int:
-    """How many programs share the backward's rows: one per SM on CUDA (a few under the interpreter)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+#: Warps the backward keeps resident per SM (of 48–64): enough programs that one's loads overlap another's math.
+BACKWARD_WARPS_PER_SM = 32
+
+
+def backward_split(n_rows: int, n_cols: int, n_sms: int) -> tuple[int, int]:
+    """(rows per program, programs) for the backward: each program sums its own contiguous rows' weight
+    gradient, several programs per SM (``BACKWARD_WARPS_PER_SM``) so the serial row loop is not latency-bound,
+    never more programs than row blocks."""
+    block_rows, _, num_warps = _launch_shape(n_cols)
+    workers = n_sms * max(1, BACKWARD_WARPS_PER_SM // num_warps)
+    rows_per_program = triton.cdiv(n_rows, min(workers, triton.cdiv(n_rows, block_rows)))
+    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
 
 
 @torch.library.custom_op("zhllm::rms_norm_forward", mutates_args=())
@@ -152,8 +158,7 @@ def rms_norm_backward(
         return grad_x.view(x.shape), torch.zeros_like(weight)
     dr2 = _dispatch.as_rows(grad_residual) if grad_residual is not None else d2
     block_rows, block_h, num_warps = _launch_shape(n_cols)
-    rows_per_program = triton.cdiv(n_rows, min(_n_workers(x.device), triton.cdiv(n_rows, block_rows)))
-    n_programs = triton.cdiv(n_rows, rows_per_program)
+    rows_per_program, n_programs = backward_split(n_rows, n_cols, _dispatch.sm_count(x.device))
     partial = _dispatch.empty((n_programs, n_cols), torch.float32, x.device)
     _rms_norm_backward_kernel[(n_programs,)](
         d2, x2, weight, rstd, dr2, grad_x, partial,
