@@ -70,6 +70,9 @@ PLAN = [
     Stage("kernel-bench", 120, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_kernels.py",
                                 "--benchmark-only"],
           "each kernel vs eager, torch.compile, SDPA and Liger-Kernel", ["kernels.json"]),
+    Stage("flash-tiles", 90, [PY, "bench/tune_flash.py", "--docs", "--out", str(RESULTS / "flash_tiles.json")],
+          "every candidate flash-attention tile timed at the presets' shapes: where the default table should change",
+          ["flash_tiles.json", "flash_tiles.md"]),
     Stage("report", 30, [PY, "bench/report.py", "--out", str(RESULTS / "report.md")],
           "the RESULTS.md sections of everything measured", ["report.md"], always=True),
 ]

@@ -302,3 +302,33 @@ def test_split_dkdv_sums_to_the_unsplit_gradients(monkeypatch, dtype):
         assert b.dtype == dtype and b.transpose(1, 2).is_contiguous()
         torch.testing.assert_close(b, a, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if
                                    dtype == torch.float32 else 1e-2, msg=f"grad {name}")
+
+
+def test_autotune_times_every_candidate_once_and_keeps_the_fastest(monkeypatch):
+    """With ZHLLM_FLASH_AUTOTUNE the first call per key times each candidate tile of the GPU's table (here a
+    fake timer that runs each launch and finds every candidate faster than the last); later calls reuse the choice."""
+    torch.manual_seed(15)
+    monkeypatch.setattr(fa, "AUTOTUNE", True)
+    monkeypatch.setattr(fa, "_TUNED", {})
+    monkeypatch.setattr(fa, "TUNING_LOG", [])
+    countdown = iter(range(100, 0, -1))
+
+    def fake_time_ms(fn):
+        fn()  # the launch runs for real (in the interpreter)
+        return float(next(countdown))  # each candidate looks faster than the one before
+
+    monkeypatch.setattr(fa, "_time_ms", fake_time_ms)
+    arch = fa._dispatch.gpu_arch(torch.device("cpu"))
+    forward = fa.candidates("forward", 64, torch.float16, arch)
+    backward = fa.candidates("backward", 64, torch.float16, arch)
+    q, k, v = (t.detach().half().requires_grad_() for t in qkv(1, 4, 2, 40, 40, 64))
+    out = fa.flash_attention(q, k, v)
+    ref = reference.flash_attention(q.float(), k.float(), v.float())
+    assert_low_precision_close(out, plain_attention(q, k, v), ref)
+    grads(out, [q, k, v], torch.ones_like(out))
+    timed = [(e["pass"], tuple(e["tile"])) for e in fa.TUNING_LOG]
+    assert timed == [("forward", tuple(t)) for t in forward] + [("backward", tuple(t)) for t in backward]
+    assert fa._TUNED[("forward", arch, torch.float16, 64, True, False, 64)] == forward[-1]
+    assert fa._TUNED[("backward", arch, torch.float16, 64, True, False, 64)] == backward[-1]
+    fa.flash_attention(q, k, v)
+    assert len(fa.TUNING_LOG) == len(timed), "a second call with the same key must not time again"

@@ -200,8 +200,8 @@ def _flash_attention_cases(arch: int, quick: bool) -> list[Case]:
     for hq, hk, d, t in shapes:
         block_d = fa.head_dim_tile(d)
         for dt in ("bf16", "fp32") if quick else DTYPES:
-            cfg = fa._blocks(block_d, getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}.get(dt, "float32")),
-                             torch.device("cuda"), arch)
+            torch_dtype = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}.get(dt, "float32"))
+            cfg = fa._blocks(block_d, torch_dtype, torch.device("cuda"), arch)
             p, f32 = Ptr(dt), Ptr("fp32")
             values = dict(
                 Q=p, K=p, V=p, O=p, DO=p, DQ=p, DK=p, DV=p, LSE=f32, DELTA=f32,
@@ -213,25 +213,29 @@ def _flash_attention_cases(arch: int, quick: bool) -> list[Case]:
                 PRECISION="ieee", UPCAST=False, BLOCK_D=block_d,
             )
             shape = f"{dt} Hq/Hk={hq}/{hk} D={d} T={t}"
-            cases.append(Case("flash_attention", "_flash_backward_delta_kernel", shape,
-                              dict(values, BLOCK_M=cfg.bwd_resident)))
             variants = ((True, True),) if quick else ((True, False), (True, True), (False, False), (False, True))
             for causal, docs in variants:
                 # without doc_ids the op passes a [1, 1] placeholder: stride 1, which Triton turns into a constant
                 flags = dict(values, CAUSAL=causal, HAS_DOCS=docs, s_doc=t if docs else 1)
                 label = shape + (" causal" if causal else " full") + (" docs" if docs else "")
-                cases.append(Case("flash_attention", "_flash_forward_kernel", label,
-                                  dict(flags, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n), cfg.fwd_warps, cfg.fwd_stages))
-                cases.append(Case("flash_attention", "_flash_backward_dkdv_kernel", label,
-                                  dict(flags, BLOCK_M=cfg.bwd_streamed, BLOCK_N=cfg.bwd_resident),
-                                  cfg.bwd_warps, cfg.bwd_stages))
-                if hq > hk and not quick:  # a small grid splits the GQA group: fp32 dK/dV slices
-                    cases.append(Case("flash_attention", "_flash_backward_dkdv_kernel", label + " split", dict(
-                        flags, DK=f32, DV=f32, n_split=2, s_split=t * hk * d,
-                        BLOCK_M=cfg.bwd_streamed, BLOCK_N=cfg.bwd_resident), cfg.bwd_warps, cfg.bwd_stages))
-                cases.append(Case("flash_attention", "_flash_backward_dq_kernel", label,
-                                  dict(flags, BLOCK_M=cfg.bwd_resident, BLOCK_N=cfg.bwd_streamed),
-                                  cfg.bwd_warps, cfg.bwd_stages))
+                forward, backward = [cfg.forward], [cfg.backward]
+                if causal and docs and not quick:  # the autotuner's other candidates, at the training variant
+                    forward, backward = (fa.candidates(kind, block_d, torch_dtype, arch) for kind in ("forward", "backward"))
+                for tile in forward:
+                    cases.append(Case("flash_attention", "_flash_forward_kernel", label,
+                                      dict(flags, BLOCK_M=tile.resident, BLOCK_N=tile.streamed), tile.warps, tile.stages))
+                for tile in backward:
+                    tiles = dict(num_warps=tile.warps, num_stages=tile.stages)
+                    cases.append(Case("flash_attention", "_flash_backward_delta_kernel", shape,
+                                      dict(values, BLOCK_M=tile.resident)))
+                    cases.append(Case("flash_attention", "_flash_backward_dkdv_kernel", label,
+                                      dict(flags, BLOCK_M=tile.streamed, BLOCK_N=tile.resident), **tiles))
+                    if hq > hk and not quick:  # a small grid splits the GQA group: fp32 dK/dV slices
+                        cases.append(Case("flash_attention", "_flash_backward_dkdv_kernel", label + " split", dict(
+                            flags, DK=f32, DV=f32, n_split=2, s_split=t * hk * d,
+                            BLOCK_M=tile.streamed, BLOCK_N=tile.resident), **tiles))
+                    cases.append(Case("flash_attention", "_flash_backward_dq_kernel", label,
+                                      dict(flags, BLOCK_M=tile.resident, BLOCK_N=tile.streamed), **tiles))
     return cases
 
 

@@ -10,33 +10,38 @@ their strides (``x.view(B, T, H, D).transpose(1, 2)`` is not copied); outputs ar
 
 Document masking (``doc_ids [B, T]``, packed rows): documents are contiguous runs of one id (as the
 packers write them; an id that reappears later in a row starts a new document). The host turns the ids
-into each token's run ``[start, end)`` with torch ops (no sync), so a kernel skips every key block that
-ends before its query block's earliest document start, and masks with two integer compares.
+into each token's run ``[start, end)`` (:func:`zhkernels.reference.doc_bounds`, torch ops, no sync; a
+model passes them as ``doc_bounds``, computed once per step for all layers), so a kernel skips every
+key block that ends before its query block's earliest document start.
 
-Block sizes (``_blocks``) for float16/bfloat16, by head_dim rounded up to a power of two
-(forward BLOCK_M × BLOCK_N; backward resident × streamed tile; warps, pipeline stages):
+Masks are evaluated only where they can change something: each program first works out which of its
+blocks every one of its rows sees whole (past the latest document start, before the diagonal and the
+earliest document end, inside the ragged edge), and a uniform branch skips the compares and the
+``where`` on those. One loop with that branch, not separate masked and unmasked loops: ptxas needs
+fewer registers for it (the three-loop form spilled in dK/dV at head_dim 128 on sm_90 and took the
+forward at head_dim 64 from 128 to 196 registers on sm_86).
 
-- ≤ 64: forward 128 × 64, 8 warps, 3 stages; backward 64 × 32, 4 warps, 2 stages. Tall query tiles
-  halve how often K/V are re-read; 8 warps keep the forward from spilling (4 warps spill); 48 KB
-  of shared memory on sm_80–89, 64 KB on sm_90.
-- 96, 128: forward 128 × 64, 8 warps, 2 stages; backward 64 × 32, 8 warps, 2 stages. 8 warps hold
-  the 128-wide fp32 accumulator without spilling (4 warps at 64 × 64 spill on sm_86); 64 KB (96 KB on sm_90).
-- ≤ 256: forward 64 × 32, backward 32 × 32, 8 warps: registers, not shared memory, are the limit; 80 KB.
+GQA's dK/dV: one program per (KV head, key block) sums over every query head of its group. When that
+grid is small next to the GPU (``minimind-26m``: ~256 programs on an H100's 132 SMs) the group is
+split over several programs (:func:`kv_split`), each writing an fp32 slice that is summed afterwards.
 
-Each setting stays under the ~99 KB of shared memory a block gets on consumer GPUs (RTX 3060/4090),
-so one table serves them and the H100. ``python -m zhkernels.aot_check`` compiles every kernel ahead of
-time for sm_80/86/89/90 and reports registers, spills and shared memory (the figures above are its);
-not yet run or timed on a GPU.
-"Resident" is the tile a backward program owns (K/V for dK/dV, Q for dQ), "streamed" the tile its
-loop walks. float32 (tests only: ``input_precision="ieee"`` means no tensor cores) uses 32 × 32 tiles
-(32 × 16 forward at head_dim 96/128, which spilled at 32 × 32);
-the interpreter uses small tiles so short test sequences span several blocks. 96 pads its tile to 128
-with masked columns.
+Tiles: ``FORWARD_TILES`` / ``BACKWARD_TILES`` list, per architecture class and head_dim tile (a power of
+two; 96 pads to 128 with masked columns), the candidates that ``python -m zhkernels.aot_check`` compiles
+without spills inside the class's shared memory (~99 KB per block on RTX 30xx/40xx, 227 KB on sm_90);
+the first is the default and ``ZHLLM_FLASH_AUTOTUNE=1`` times them all once per shape class on the GPU
+in use. On sm_90 the backward owns 128-row tiles with 8 warps (64 rows per warpgroup, so warpgroup
+MMA is used with wide pieces) and head_dim 256 gets a pipelined 64 × 16 tile (32 × 32 with one stage
+fell back to ``mma.sync``). "Resident" is the tile a program owns (Q forward and for dQ, K/V for
+dK/dV), "streamed" the tile its loop walks. float32 (tests only: ``input_precision="ieee"`` means no
+tensor cores) uses small tiles; the interpreter uses small tiles so short test sequences span several
+blocks. None of this has been timed on a GPU yet.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import logging
+import os
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -45,6 +50,7 @@ from . import _dispatch, reference
 from ._dispatch import HAS_TRITON
 
 MAX_HEAD_DIM = 256
+log = logging.getLogger(__name__)
 
 #: Tile sizes used under the interpreter (forward M, N; backward resident, streamed): small so a 77-token
 #: test spans several blocks and exercises the skipping and the ragged edges. None: use the GPU table.
@@ -127,23 +133,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _forward_keys(
-        acc, l_i, m_i, q, k_base, v_base, lo, hi, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
-        skt, svt, k_len, offset, qk_scale,
-        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+        acc, l_i, m_i, q, k_base, v_base, lo, hi, full_lo, full_hi, rows, cols0, dims, row_ok, dim_ok,
+        doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
+        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """The online softmax over key blocks ``[lo, hi)``; MASKED=False where every row sees every key."""
+        """The online softmax over key blocks ``[lo, hi)``; only blocks outside ``[full_lo, full_hi)`` are masked."""
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + cols0
             col_ok = cols < k_len
-            k_ok = dim_ok[:, None]
-            v_ok = dim_ok[None, :]
-            if MASKED:
-                k_ok = k_ok & col_ok[None, :]
-                v_ok = v_ok & col_ok[:, None]
+            k_ok = dim_ok[:, None] & col_ok[None, :]
+            v_ok = dim_ok[None, :] & col_ok[:, None]
             k_t = tl.load(k_base + cols[None, :].to(tl.int64) * skt + dims[:, None], mask=k_ok, other=0.0)
             s = _dot(q, k_t, PRECISION, UPCAST) * qk_scale
-            if MASKED:
+            if (start_n < full_lo) | (start_n >= full_hi):
                 keep = _row_keep(rows, cols, row_ok, col_ok, doc_start, doc_end, offset, CAUSAL, HAS_DOCS)
                 s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -197,15 +200,9 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc, l_i, m_i = _forward_keys(acc, l_i, m_i, q, k_base, v_base, lo, full_lo, rows, cols0, dims, row_ok, dim_ok,
-                                      doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
-                                      True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
-        acc, l_i, m_i = _forward_keys(acc, l_i, m_i, q, k_base, v_base, full_lo, full_hi, rows, cols0, dims, row_ok, dim_ok,
-                                      doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
-                                      False, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
-        acc, l_i, m_i = _forward_keys(acc, l_i, m_i, q, k_base, v_base, full_hi, hi, rows, cols0, dims, row_ok, dim_ok,
-                                      doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
-                                      True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
+        acc, l_i, m_i = _forward_keys(acc, l_i, m_i, q, k_base, v_base, lo, hi, full_lo, full_hi, rows, cols0, dims,
+                                      row_ok, dim_ok, doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
+                                      CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
 
         has_keys = l_i > 0.0  # false only for a row with no key at all (empty K): output 0, lse +inf
         l_safe = tl.where(has_keys, l_i, 1.0)
@@ -233,29 +230,24 @@ if HAS_TRITON:
 
     @triton.jit
     def _dkdv_queries(
-        dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, lo, hi, rows0, cols, dims, col_ok, dim_ok,
+        dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, lo, hi, full_lo, full_hi, rows0, cols, dims, col_ok, dim_ok,
         doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
-        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
-        """dv += P^T dO and dk += dS^T Q over query blocks ``[lo, hi)``, dS = P * (dO V^T - delta) (unscaled)."""
+        """dv += P^T dO and dk += dS^T Q over query blocks ``[lo, hi)``, dS = P * (dO V^T - delta) (unscaled); only
+        blocks outside ``[full_lo, full_hi)`` are masked."""
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + rows0
             row_ok = rows < q_len
-            q_ok = dim_ok[None, :]
-            if MASKED:
-                q_ok = q_ok & row_ok[:, None]
+            q_ok = dim_ok[None, :] & row_ok[:, None]
             r64 = rows[:, None].to(tl.int64)
             q = tl.load(q_base + r64 * sqt + dims[None, :], mask=q_ok, other=0.0)
             do = tl.load(do_base + r64 * sdot + dims[None, :], mask=q_ok, other=0.0)
-            if MASKED:
-                lse = tl.load(LSE + stats + rows, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + stats + rows, mask=row_ok, other=0.0)
-            else:
-                lse = tl.load(LSE + stats + rows)
-                delta = tl.load(DELTA + stats + rows)
+            lse = tl.load(LSE + stats + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + stats + rows, mask=row_ok, other=0.0)
             s_t = _dot(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
-            if MASKED:  # transposed: [keys, queries]; a key's doc run bounds the queries that see it
+            if (start_m < full_lo) | (start_m >= full_hi):  # [keys, queries]: a key's doc run bounds its queries
                 keep = col_ok[:, None] & row_ok[None, :]
                 if CAUSAL:
                     keep = keep & (cols[:, None] <= rows[None, :] + offset)
@@ -315,15 +307,9 @@ if HAS_TRITON:
             q_base = Q + b * sqb + h * sqh
             do_base = DO + b * sdob + h * sdoh
             stats = (b * n_q_heads + h) * q_len
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, lo, full_lo, rows0, cols, dims,
-                                   col_ok, dim_ok, doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
-                                   True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_M)
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, full_lo, full_hi, rows0, cols,
-                                   dims, col_ok, dim_ok, doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
-                                   False, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_M)
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, full_hi, hi, rows0, cols, dims,
-                                   col_ok, dim_ok, doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
-                                   True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_M)
+            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, lo, hi, full_lo, full_hi, rows0,
+                                   cols, dims, col_ok, dim_ok, doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
+                                   CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_M)
 
         part = split.to(tl.int64) * s_split
         tl.store(DK + part + b * sdkb + kv_h * sdkh + c64 * sdkt + dims[None, :],
@@ -333,23 +319,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _dq_keys(
-        dq, q, do, lse, delta, k_base, v_base, lo, hi, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
-        skt, svt, k_len, offset, qk_scale,
-        MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
+        dq, q, do, lse, delta, k_base, v_base, lo, hi, full_lo, full_hi, rows, cols0, dims, row_ok, dim_ok,
+        doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
+        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
         UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """dq += dS K over key blocks ``[lo, hi)``, dS = P * (dO V^T - delta) (unscaled)."""
+        """dq += dS K over key blocks ``[lo, hi)``, dS = P * (dO V^T - delta) (unscaled); only blocks outside
+        ``[full_lo, full_hi)`` are masked."""
         for start_n in range(lo, hi, BLOCK_N):
             cols = start_n + cols0
             col_ok = cols < k_len
-            kv_ok = dim_ok[None, :]
-            if MASKED:
-                kv_ok = kv_ok & col_ok[:, None]
+            kv_ok = dim_ok[None, :] & col_ok[:, None]
             c64 = cols[:, None].to(tl.int64)
             k = tl.load(k_base + c64 * skt + dims[None, :], mask=kv_ok, other=0.0)
             v = tl.load(v_base + c64 * svt + dims[None, :], mask=kv_ok, other=0.0)
             s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-            if MASKED:
+            if (start_n < full_lo) | (start_n >= full_hi):
                 keep = _row_keep(rows, cols, row_ok, col_ok, doc_start, doc_end, offset, CAUSAL, HAS_DOCS)
                 s = tl.where(keep, s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
@@ -398,15 +383,22 @@ if HAS_TRITON:
 
         # Invariant: dq = sum over the key blocks seen so far of dS K; scaled at the end.
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, lo, full_lo, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
-                      skt, svt, k_len, offset, qk_scale, True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
-        dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, full_lo, full_hi, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
-                      skt, svt, k_len, offset, qk_scale, False, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
-        dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, full_hi, hi, rows, cols0, dims, row_ok, dim_ok, doc_start, doc_end,
-                      skt, svt, k_len, offset, qk_scale, True, CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
+        dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, lo, hi, full_lo, full_hi, rows, cols0, dims,
+                      row_ok, dim_ok, doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
+                      CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
 
         tl.store(DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :],
                  (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+class Tile(NamedTuple):
+    """One kernel's launch: the resident and streamed block sizes (forward: query M × key N; backward: the
+    tile a program owns × the tile its loop walks), warps and pipeline stages."""
+
+    resident: int
+    streamed: int
+    warps: int
+    stages: int
 
 
 class _Blocks(NamedTuple):
@@ -419,16 +411,40 @@ class _Blocks(NamedTuple):
     bwd_warps: int
     bwd_stages: int
 
+    @classmethod
+    def of(cls, forward: Tile, backward: Tile) -> "_Blocks":
+        return cls(*forward, *backward)
 
-#: (forward M, N, warps, stages, backward resident, streamed, warps, stages) by head_dim tile, 16-bit inputs,
-#: on cards with ~99 KB of shared memory per block (sm_80–89: A100 has more, RTX 30xx/40xx do not).
-_BLOCKS_16BIT = {
-    64: _Blocks(128, 64, 8, 3, 64, 32, 4, 2),
-    128: _Blocks(128, 64, 8, 2, 64, 32, 8, 2),
-    256: _Blocks(64, 32, 8, 2, 32, 32, 8, 1),
+    @property
+    def forward(self) -> Tile:
+        return Tile(self.fwd_m, self.fwd_n, self.fwd_warps, self.fwd_stages)
+
+    @property
+    def backward(self) -> Tile:
+        return Tile(self.bwd_resident, self.bwd_streamed, self.bwd_warps, self.bwd_stages)
+
+
+#: Candidate tiles per (architecture class, head_dim tile), 16-bit inputs; the first is the default, the rest are
+#: what the autotuner (``ZHLLM_FLASH_AUTOTUNE=1``) also times. Each compiles without register spills within
+#: the class's shared memory (``python -m zhkernels.aot_check``; bf16, causal + documents, T = 2048):
+#: "sm80" (A100, RTX 30xx/40xx: ~99 KB per block on the consumer cards, mma.sync) and "sm90" (H100/H200:
+#: 227 KB, warpgroup MMA, which wants 64 rows per 4 warps, so its backward owns 128-row tiles with 8 warps).
+FORWARD_TILES: dict[str, dict[int, list[Tile]]] = {
+    "sm80": {64: [Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 32, 8, 2)],  # 181, 179, 132 registers
+             128: [Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3)],  # 80 KB, 72 KB, 88 KB shared
+             256: [Tile(64, 32, 8, 2), Tile(64, 32, 4, 2)]},
+    "sm90": {64: [Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 3)],
+             128: [Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(128, 128, 8, 2)],
+             256: [Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2)]},
 }
-#: The same on sm_90 (H100/H200: 227 KB of shared memory, warpgroup MMA wants 64-row tiles per 4 warps).
-_BLOCKS_16BIT_SM90 = dict(_BLOCKS_16BIT)
+BACKWARD_TILES: dict[str, dict[int, list[Tile]]] = {
+    "sm80": {64: [Tile(64, 32, 8, 2)],  # 4 warps spill 44 B in dK/dV
+             128: [Tile(64, 32, 8, 2), Tile(64, 32, 8, 3), Tile(64, 16, 4, 2)],
+             256: [Tile(32, 32, 8, 1), Tile(64, 16, 8, 2)]},
+    "sm90": {64: [Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(64, 32, 4, 2)],
+             128: [Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(64, 32, 8, 2)],
+             256: [Tile(64, 16, 8, 2), Tile(32, 32, 8, 1)]},  # 32 × 32 falls back to mma.sync, unpipelined
+}
 #: float32 (tests): no tensor cores with input_precision="ieee", so the tiles stay small.
 _BLOCKS_FP32 = {
     64: _Blocks(32, 32, 4, 2, 32, 16, 4, 2),
@@ -445,19 +461,26 @@ def head_dim_tile(head_dim: int) -> int:
     return max(16, _dispatch.next_power_of_2(head_dim))
 
 
-def block_table(dtype: torch.dtype, arch: int) -> dict[int, _Blocks]:
-    """The tile table for inputs of ``dtype`` on compute capability ``arch`` (×10, e.g. 86 for an RTX 3060)."""
+def arch_class(arch: int) -> str:
+    """The tile tables' name for compute capability ``arch`` (×10)."""
+    return "sm90" if arch >= 90 else "sm80"
+
+
+def candidates(kind: str, block_d: int, dtype: torch.dtype, arch: int) -> list[Tile]:
+    """The tiles to consider for ``kind`` ("forward" or "backward"), default first."""
     if dtype == torch.float32:
-        return _BLOCKS_FP32
-    return _BLOCKS_16BIT_SM90 if arch >= 90 else _BLOCKS_16BIT
+        cfg = _BLOCKS_FP32[max(64, block_d)]
+        return [cfg.forward if kind == "forward" else cfg.backward]
+    return (FORWARD_TILES if kind == "forward" else BACKWARD_TILES)[arch_class(arch)][max(64, block_d)]
 
 
 def _blocks(block_d: int, dtype: torch.dtype, device: torch.device, arch: int | None = None) -> _Blocks:
-    """Tile sizes and launch settings for this head_dim tile, dtype and GPU (the tables above)."""
+    """The default tiles for this head_dim tile, dtype and GPU (the tables above)."""
     if _dispatch.interpret_mode() and device.type == "cpu" and INTERPRET_BLOCKS is not None:
         fm, fn, br, bs = INTERPRET_BLOCKS
         return _Blocks(fm, fn, 4, 1, br, bs, 4, 1)
-    return block_table(dtype, _dispatch.gpu_arch(device) if arch is None else arch)[max(64, block_d)]
+    arch = _dispatch.gpu_arch(device) if arch is None else arch
+    return _Blocks.of(candidates("forward", block_d, dtype, arch)[0], candidates("backward", block_d, dtype, arch)[0])
 
 
 def kv_split(programs: int, group: int, n_sms: int) -> int:
@@ -503,6 +526,56 @@ def _common(q: torch.Tensor, doc_bounds: torch.Tensor | None):
     return doc_start, doc_end, doc_start.stride(0), flags, block_d, _blocks(block_d, q.dtype, q.device)
 
 
+#: ``ZHLLM_FLASH_AUTOTUNE=1``: on CUDA, the first call of each (pass, GPU, dtype, head_dim tile, causal,
+#: documents, length rounded up to a power of two) times every candidate tile of its architecture and keeps
+#: the fastest for the rest of the process (each candidate compiles once: seconds per new key). Off by
+#: default: the tables' first tiles are used. What was timed is kept in ``TUNING_LOG``.
+AUTOTUNE = os.environ.get("ZHLLM_FLASH_AUTOTUNE", "0") not in ("", "0")
+TUNING_LOG: list[dict[str, Any]] = []
+_TUNED: dict[tuple, Tile] = {}
+
+
+def _time_ms(fn: Callable[[], Any]) -> float:
+    """Median GPU milliseconds of ``fn`` (Triton's benchmark helper, L2 flushed between calls)."""
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25))
+
+
+def _pick(kind: str, default: Tile, q: torch.Tensor, causal: bool, has_docs: bool,
+          run: Callable[[Tile], Any]) -> Tile:
+    """The tile for one launch of ``kind``: the default, or with :data:`AUTOTUNE` the fastest candidate."""
+    if not AUTOTUNE or q.device.type == "meta" or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return default
+    arch = _dispatch.gpu_arch(q.device)
+    block_d = head_dim_tile(q.shape[-1])
+    key = (kind, arch, q.dtype, block_d, causal, has_docs, _dispatch.next_power_of_2(q.shape[2]))
+    if key not in _TUNED:
+        timed: dict[Tile, float] = {}
+        for tile in candidates(kind, block_d, q.dtype, arch):
+            try:
+                timed[tile] = _time_ms(lambda: run(tile))
+            except Exception as exc:  # e.g. out of shared memory on this card: not a candidate here
+                log.warning("flash attention %s tile %s does not run here: %s", kind, tuple(tile), exc)
+                continue
+            TUNING_LOG.append({"pass": kind, "arch": arch, "dtype": str(q.dtype).removeprefix("torch."),
+                               "head_dim_tile": block_d, "causal": causal, "docs": has_docs,
+                               "seq_bucket": key[-1], "shape": list(q.shape), "tile": list(tile), "ms": timed[tile]})
+        _TUNED[key] = min(timed, key=timed.get) if timed else default
+        log.info("flash attention %s %s: tile %s", kind, key[1:], tuple(_TUNED[key]))
+    return _TUNED[key]
+
+
+def _launch_forward(tile: Tile, q, k, v, out, lse, doc_start, doc_end, s_doc, flags, block_d, causal, has_docs,
+                    scale) -> None:
+    batch, n_q_heads, q_len, head_dim = q.shape
+    n_kv_heads, k_len = k.shape[1], k.shape[2]
+    _flash_forward_kernel[(batch * n_q_heads, triton.cdiv(q_len, tile.resident))](
+        q, k, v, out, lse, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(out), s_doc,
+        n_q_heads, n_q_heads // n_kv_heads, q_len, k_len, head_dim, scale * 1.4426950408889634,
+        CAUSAL=causal, HAS_DOCS=has_docs, **flags,
+        BLOCK_M=tile.resident, BLOCK_N=tile.streamed, BLOCK_D=block_d, num_warps=tile.warps, num_stages=tile.stages,
+    )
+
+
 @torch.library.custom_op("zhllm::flash_attention_forward", mutates_args=())
 def flash_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_bounds: Optional[torch.Tensor], causal: bool, scale: float
@@ -510,19 +583,17 @@ def flash_attention_forward(
     """(out, lse): ``doc_bounds`` is :func:`zhkernels.reference.doc_bounds` of the doc ids, or None."""
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     batch, n_q_heads, q_len, head_dim = q.shape
-    n_kv_heads, k_len = k.shape[1], k.shape[2]
     out = _bthd(batch, n_q_heads, q_len, head_dim, q)
     lse = _dispatch.empty((batch, n_q_heads, q_len), torch.float32, q.device)
     if lse.numel() == 0:
         return out, lse
     doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, doc_bounds)
-    grid = (batch * n_q_heads, triton.cdiv(q_len, cfg.fwd_m))
-    _flash_forward_kernel[grid](
-        q, k, v, out, lse, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(out), s_doc,
-        n_q_heads, n_q_heads // n_kv_heads, q_len, k_len, head_dim, scale * 1.4426950408889634,
-        CAUSAL=causal, HAS_DOCS=doc_bounds is not None, **flags,
-        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=block_d, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
-    )
+    has_docs = doc_bounds is not None
+
+    def run(tile: Tile) -> None:
+        _launch_forward(tile, q, k, v, out, lse, doc_start, doc_end, s_doc, flags, block_d, causal, has_docs, scale)
+
+    run(_pick("forward", cfg.forward, q, causal, has_docs, run))
     return out, lse
 
 
@@ -552,6 +623,39 @@ def _sum_slices(first: torch.Tensor, split: int, dtype: torch.dtype) -> torch.Te
     return slices.sum(0).to(dtype).transpose(1, 2)
 
 
+def _launch_backward(tile: Tile, grad_out, q, k, v, out, lse, dq, doc_start, doc_end, s_doc, flags, block_d,
+                     causal, has_docs, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """delta, then dK/dV (split over the GQA group when the grid is small), then dQ into ``dq``; returns (dk, dv)."""
+    batch, n_q_heads, q_len, head_dim = q.shape
+    n_kv_heads, k_len = k.shape[1], k.shape[2]
+    group = n_q_heads // n_kv_heads
+    delta = _dispatch.empty((batch, n_q_heads, q_len), torch.float32, q.device)
+    _flash_backward_delta_kernel[(batch * n_q_heads, triton.cdiv(q_len, tile.resident))](
+        out, grad_out, delta, *_strides(out), *_strides(grad_out), n_q_heads, q_len, head_dim,
+        BLOCK_M=tile.resident, BLOCK_D=block_d,
+    )
+    shared = dict(CAUSAL=causal, HAS_DOCS=has_docs, BLOCK_D=block_d, **flags, num_warps=tile.warps,
+                  num_stages=tile.stages)
+    key_blocks = triton.cdiv(k_len, tile.resident)
+    split = kv_split(batch * n_kv_heads * key_blocks, group, _dispatch.sm_count(q.device))
+    dk, dv, s_split = _dkdv_outputs(k, split)
+    _flash_backward_dkdv_kernel[(batch * n_kv_heads * split, key_blocks)](
+        q, k, v, grad_out, lse, delta, dk, dv, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(grad_out), *_strides(dk), *_strides(dv), s_doc, s_split,
+        n_q_heads, n_kv_heads, group, split, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
+        BLOCK_M=tile.streamed, BLOCK_N=tile.resident, **shared,
+    )
+    if split > 1:
+        dk, dv = _sum_slices(dk, split, k.dtype), _sum_slices(dv, split, v.dtype)
+    _flash_backward_dq_kernel[(batch * n_q_heads, triton.cdiv(q_len, tile.resident))](
+        q, k, v, grad_out, lse, delta, dq, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(grad_out), *_strides(dq), s_doc,
+        n_q_heads, group, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
+        BLOCK_M=tile.resident, BLOCK_N=tile.streamed, **shared,
+    )
+    return dk, dv
+
+
 @torch.library.custom_op("zhllm::flash_attention_backward", mutates_args=())
 def flash_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -566,31 +670,13 @@ def flash_attention_backward(
         return dq.zero_(), _bthd(batch, n_kv_heads, k_len, head_dim, k).zero_(), \
             _bthd(batch, n_kv_heads, k_len, head_dim, v).zero_()
     doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, doc_bounds)
-    group = n_q_heads // n_kv_heads
-    delta = _dispatch.empty((batch, n_q_heads, q_len), torch.float32, q.device)
-    _flash_backward_delta_kernel[(batch * n_q_heads, triton.cdiv(q_len, cfg.bwd_resident))](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), n_q_heads, q_len, head_dim,
-        BLOCK_M=cfg.bwd_resident, BLOCK_D=block_d,
-    )
-    shared = dict(CAUSAL=causal, HAS_DOCS=doc_bounds is not None, BLOCK_D=block_d, **flags,
-                  num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
-    key_blocks = triton.cdiv(k_len, cfg.bwd_resident)
-    split = kv_split(batch * n_kv_heads * key_blocks, group, _dispatch.sm_count(q.device))
-    dk, dv, s_split = _dkdv_outputs(k, split)
-    _flash_backward_dkdv_kernel[(batch * n_kv_heads * split, key_blocks)](
-        q, k, v, grad_out, lse, delta, dk, dv, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
-        *_strides(grad_out), *_strides(dk), *_strides(dv), s_doc, s_split,
-        n_q_heads, n_kv_heads, group, split, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
-        BLOCK_M=cfg.bwd_streamed, BLOCK_N=cfg.bwd_resident, **shared,
-    )
-    if split > 1:
-        dk, dv = _sum_slices(dk, split, k.dtype), _sum_slices(dv, split, v.dtype)
-    _flash_backward_dq_kernel[(batch * n_q_heads, triton.cdiv(q_len, cfg.bwd_resident))](
-        q, k, v, grad_out, lse, delta, dq, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
-        *_strides(grad_out), *_strides(dq), s_doc,
-        n_q_heads, group, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
-        BLOCK_M=cfg.bwd_resident, BLOCK_N=cfg.bwd_streamed, **shared,
-    )
+    has_docs = doc_bounds is not None
+
+    def run(tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch_backward(tile, grad_out, q, k, v, out, lse, dq, doc_start, doc_end, s_doc, flags, block_d,
+                                causal, has_docs, scale)
+
+    dk, dv = run(_pick("backward", cfg.backward, q, causal, has_docs, run))
     return dq, dk, dv
 
 
