@@ -103,6 +103,15 @@ def empty_like(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return empty(t.shape, dtype or t.dtype, t.device)
 
 
+def empty_bthd(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor, fake: bool = False) -> torch.Tensor:
+    """A ``[B, H, T, D]`` tensor in ``like``'s dtype laid out as ``[B, T, H, D]`` in memory: the layout of the
+    model's ``proj(x).view(B, T, H, D).transpose(1, 2)``, so views back to the projection cost nothing.
+    ``fake``: from ``like.new_empty`` (inside fake/meta implementations, never poisoned)."""
+    if fake:
+        return like.new_empty((batch, seq, heads, dim)).transpose(1, 2)
+    return empty((batch, seq, heads, dim), like.dtype, like.device).transpose(1, 2)
+
+
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``[rows, last dim]`` view with unit column stride (a copy only when the layout cannot be viewed that way)."""
     t2 = t.reshape(-1, t.shape[-1])

@@ -448,7 +448,8 @@ BACKWARD_TILES: dict[str, dict[int, list[Tile]]] = {
 #: float32 (tests): no tensor cores with input_precision="ieee", so the tiles stay small.
 _BLOCKS_FP32 = {
     64: _Blocks(32, 32, 4, 2, 32, 16, 4, 2),
-    128: _Blocks(32, 16, 4, 2, 32, 16, 4, 2),  # 32 × 32 spills ~700 B/thread on sm_86–90 (zhkernels.aot_check)
+    # forward 32 × 32 spills ~700 B/thread on sm_86–90 (zhkernels.aot_check); a 4-warp backward spills ~500 B in dK/dV
+    128: _Blocks(32, 16, 4, 2, 32, 16, 8, 2),
     256: _Blocks(32, 16, 8, 2, 16, 16, 8, 1),
 }
 
@@ -501,11 +502,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _bthd(batch: int, heads: int, seq: int, dim: int, like: torch.Tensor, fake: bool = False) -> torch.Tensor:
-    """A ``[B, H, T, D]`` output laid out as ``[B, T, H, D]`` in memory (what the model reshapes to next)."""
-    if fake:
-        return like.new_empty((batch, seq, heads, dim)).transpose(1, 2)
-    return _dispatch.empty((batch, seq, heads, dim), like.dtype, like.device).transpose(1, 2)
+_bthd = _dispatch.empty_bthd  # outputs laid out [B, T, H, D]: what the model reshapes to next
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:

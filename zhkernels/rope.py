@@ -86,11 +86,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _bthd_like(t: torch.Tensor, fake: bool = False) -> torch.Tensor:
-    """An uninitialised ``[B, H, T, D]`` tensor like ``t``, laid out as ``[B, T, H, D]`` in memory."""
-    b, h, seq, d = t.shape
-    if fake:
-        return t.new_empty((b, seq, h, d)).transpose(1, 2)
-    return _dispatch.empty((b, seq, h, d), t.dtype, t.device).transpose(1, 2)
+    return _dispatch.empty_bthd(*t.shape, t, fake=fake)
 
 
 def launch_config(head_dim: int, n_q_heads: int, n_k_heads: int) -> tuple[int, int, int]:
