@@ -311,8 +311,8 @@ def discover_jit_functions() -> dict[str, Any]:
     return found
 
 
-def _callers(name: str, functions: dict[str, Any]) -> list[str]:
-    """The JIT functions whose source calls ``name`` (a device helper is compiled inside them)."""
+def _direct_callers(name: str, functions: dict[str, Any]) -> list[str]:
+    """The JIT functions whose source calls ``name``."""
     short = name.rsplit(".", 1)[1]
     pattern = re.compile(rf"\b{re.escape(short)}\s*\(")
     calls = []
@@ -321,6 +321,21 @@ def _callers(name: str, functions: dict[str, Any]) -> list[str]:
         if other != name and pattern.search(src):
             calls.append(other)
     return calls
+
+
+def _callers(name: str, kernels: set[str], functions: dict[str, Any]) -> list[str]:
+    """The checked kernels a device helper is compiled inside: its callers, through other helpers too."""
+    found, seen, todo = [], {name}, [name]
+    while todo:
+        for caller in _direct_callers(todo.pop(), functions):
+            if caller in seen:
+                continue
+            seen.add(caller)
+            if caller in kernels:
+                found.append(caller)
+            else:
+                todo.append(caller)
+    return sorted(found)
 
 
 # ---- compiling ----------------------------------------------------------------------------------------------
@@ -503,14 +518,15 @@ def run_check(archs: list[int], quick: bool, jobs: int, only: str | None = None,
         problems.extend(f"{where}: {p}" for p in r.problems)
 
     kernels, helpers = {}, {}
+    launched = {name for name in functions if name in covered or any(r.kernel == name for r in results.values())}
     for name in functions:
         mine = [r for r in results.values() if r.kernel == name]
-        if mine or name in covered:
+        if name in launched:
             kernels[name] = dict(compiles=len(mine), failed=sum(not r.ok for r in mine),
                                  spilling=sum(bool(r.spill_stores) for r in mine),
                                  max_spill_bytes=max((r.spill_stores or 0 for r in mine), default=0),
                                  max_shared_bytes=max((r.shared_bytes or 0 for r in mine), default=0))
-        elif callers := _callers(name, functions):
+        elif callers := _callers(name, launched, functions):
             helpers[name] = dict(called_from=callers)
         else:
             problems.append(f"{name}: a @triton.jit function with no launch configuration in zhkernels/aot_check.py")
