@@ -447,14 +447,8 @@ class Llama(nn.Module):
 
         ``cache``: attend over its tokens too and append these (positions default to continuing them).
         ``logits_to_keep`` > 0 computes the logits of the last that many tokens only (generation needs one)."""
-        total = input_ids.shape[1] + (0 if cache is None else cache.length)
-        if total > self.config.max_seq_len:
-            raise ValueError(f"{total} tokens > max_seq_len {self.config.max_seq_len}; cut the input or "
-                             "raise max_seq_len (with rope_scaling past the trained length)")
-        if cache is not None and doc_ids is not None:
-            raise ValueError("doc_ids (packed documents) and a KV cache do not go together; generate one row each")
         ops = TRITON_OPS if self.uses_triton(input_ids) else TORCH_OPS
-        hidden = self.model(input_ids, position_ids, doc_ids, ops, cache)
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids, cache)
         if labels is None:
             return LlamaOutput(logits=self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         if ops.fused_loss:  # the [B, T, V] logits are never built
@@ -465,6 +459,21 @@ class Llama(nn.Module):
         logits32 = logits.float().view(-1, logits.shape[-1])
         loss = F.cross_entropy(logits32, flat, ignore_index=IGNORE_INDEX, reduction="sum")
         return LlamaOutput(loss=loss / (flat != IGNORE_INDEX).sum().clamp(min=1), logits=logits)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final (normed) hidden states ``[B, T, dim]``, what ``lm_head`` (weight ``[vocab, dim]``) maps to
+        logits: for losses over ``hidden @ W.T`` that are computed in chunks instead of from whole logits."""
+        total = input_ids.shape[1] + (0 if cache is None else cache.length)
+        if total > self.config.max_seq_len:
+            raise ValueError(f"{total} tokens > max_seq_len {self.config.max_seq_len}; cut the input or "
+                             "raise max_seq_len (with rope_scaling past the trained length)")
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids (packed documents) and a KV cache do not go together; generate one row each")
+        ops = TRITON_OPS if self.uses_triton(input_ids) else TORCH_OPS
+        return self.model(input_ids, position_ids, doc_ids, ops, cache)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, a tied matrix once. ``exclude_embeddings`` drops the input embedding table; when it is

@@ -49,6 +49,7 @@ from engine.sources import Corpus, Record, SourceReport
 from engine.tokenizer import Tokenizer, load_tokenizer
 
 from . import checkpoint as ckpt
+from . import objectives
 from .model import LlamaConfig
 from .pretrain import planned_values, run_training
 from .profiles import PROFILES, get_profile
@@ -360,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         config, cfg, prefix, task, summary = configure(args)
         logger.info("%s", summary)
-        train(config, cfg, prefix, args.val, dataset_factory=sft_dataset, task=task)
+        train(config, cfg, prefix, args.val, dataset_factory=sft_dataset, task=task, objective=objectives.SFT())
 
     return run_training(body)
 

@@ -36,7 +36,7 @@ import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -48,11 +48,13 @@ from engine.dataset import PretrainDataset
 from engine.format import DatasetPaths, PackedFiles, open_packed
 
 from . import checkpoint as ckpt
+from . import objectives
 from .hardware import (
     Runtime, cap_memory, device_peak_tflops, memory_report, mfu, peak_memory_gib, setup_runtime, shard_fsdp, teardown_runtime,
 )
 from .metrics import MetricsLogger, summary_line
 from .model import Llama, LlamaConfig
+from .objectives import Objective
 
 log = logging.getLogger(__name__)
 
@@ -370,28 +372,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def forward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's mean loss on one batch (labels are already shifted by the dataset)."""
-    return model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                 doc_ids=batch.get("doc_ids")).loss
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict[str, torch.Tensor]], autocast: Any, runtime: Runtime) -> float:
-    """Mean validation loss over the fixed batches, averaged over ranks."""
-    model.eval()
-    total = torch.zeros((), device=runtime.device)
-    for batch in batches:
-        with autocast:
-            total += forward_loss(model, to_device(batch, runtime.device)).float()
-    model.train()
-    total /= len(batches)
-    if runtime.distributed:
-        dist.all_reduce(total)
-        total /= runtime.world_size
-    return total.item()
-
-
 def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
                   grad_clip: float) -> torch.Tensor:
     """Unscale, clip to ``grad_clip`` (0 = measure only), step unless a gradient is inf/NaN, clear; returns the norm."""
@@ -408,36 +388,175 @@ def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
     return grad_norm
 
 
+#: A model transform (LoRA adapters, weight-only quantisation, freezing): runs on the built model, after --init's
+#: weights are loaded and before the optimizer is built (which skips frozen parameters); returns the model.
+ModelTransform = Callable[[Llama], Llama]
+
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint holds beside the weights, optimizer, scaler, data position, objective and RNG."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0  # training time before this process started (resumed runs)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built once by :func:`setup`; the loop and :func:`save` read it."""
+
+    cfg: TrainConfig
+    model_config: LlamaConfig
+    runtime: Runtime
+    objective: Objective
+    model: Llama  # the weights that are saved
+    train_model: nn.Module  # what a training step calls: the model, compiled and/or data-parallel
+    eval_model: nn.Module  # what validation calls (compiled, never DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    params: list[nn.Parameter]
+    train_data: BatchSource
+    val_batches: list[dict[str, torch.Tensor]]
+    seq_len: int
+    precision: str
+    tokens_per_step: int
+    total_steps: int
+    sharded: bool  # FSDP
+    record: dict[str, Any]  # what every checkpoint's config.json says about the run besides the step
+    init_from: Path | None = None  # --init's checkpoint (a fresh run only)
+    resumed_from: Path | None = None
+    state: TrainState = field(default_factory=TrainState)
+    started: float = field(default_factory=time.perf_counter)  # when this process's training began
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    def elapsed(self) -> float:
+        return self.state.elapsed_s + time.perf_counter() - self.started
+
+
+def save(run: Run, name: str, update_latest: bool = True) -> Path:
+    """Checkpoint the run as it is now (every rank calls it; rank 0 writes): the inverse of :func:`restore`."""
+    model_state, optimizer_state = ckpt.gather_training_state(run.model, run.optimizer, sharded=run.sharded)
+    path = run.out_dir / name
+    if run.runtime.is_main:
+        state = {"step": run.state.step, "tokens": run.state.tokens, "elapsed_s": run.elapsed(),
+                 "optimizer": optimizer_state, "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                 "data": run.train_data.state_dict(), "objective": run.objective.state_dict(), "rng": ckpt.rng_state()}
+        config = {"model": dataclasses.asdict(run.model_config), "train": dataclasses.asdict(run.cfg), **run.record,
+                  "step": run.state.step, "tokens": run.state.tokens, "world_size": run.runtime.world_size}
+        ckpt.save_checkpoint(run.out_dir, name, model_state, state, config, keep_last=run.cfg.keep_last,
+                             update_latest=update_latest, tied=ckpt.tied_parameters(run.model))
+        log.info("saved checkpoint %s", path)
+    if run.runtime.distributed:
+        dist.barrier()
+    return path
+
+
+def restore(run: Run, path: Path) -> dict[str, Any]:
+    """Load what :func:`save` wrote into the run (the RNG state is returned, to be set right before the loop)."""
+    trainer_state = ckpt.load_trainer_state(path / ckpt.TRAINER_FILE)
+    check_model_config(ckpt.read_config(path).get("model", {}), dataclasses.asdict(run.model_config), path)
+    ckpt.restore_training_state(run.model, run.optimizer, path, trainer_state["optimizer"], sharded=run.sharded)
+    if trainer_state.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(trainer_state["scaler"])
+    run.train_data.load_state_dict(trainer_state["data"])
+    run.objective.load_state_dict(trainer_state.get("objective") or {})
+    run.state = TrainState(int(trainer_state["step"]), int(trainer_state["tokens"]), float(trainer_state["elapsed_s"]))
+    return trainer_state["rng"]
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """The objective's validation metrics over the fixed batches, averaged over ranks."""
+    run.eval_model.eval()
+    with run.autocast:
+        metrics = run.objective.validate(run.eval_model, [to_device(b, run.runtime.device) for b in run.val_batches])
+    run.eval_model.train()
+    names = sorted(metrics)
+    values = torch.stack([metrics[n].detach().float().reshape(()) for n in names]) if names else torch.zeros(0)
+    if run.runtime.distributed:
+        dist.all_reduce(values)
+        values /= run.runtime.world_size
+    return dict(zip(names, values.tolist()))
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step read back (in one GPU→CPU copy) and what the log needs of it."""
+
+    loss: float
+    grad_norm: float
+    metrics: dict[str, float]
+    signalled: bool  # some rank received SIGINT/SIGTERM
+    scale: float | None  # fp16's loss scale before the step
+
+
+def train_step(run: Run, batches: list[dict[str, torch.Tensor]], signal_received: int) -> StepResult:
+    """``grad_accum`` micro-batches (gradients synced on the last only), then unscale, clip and step; the mean loss,
+    the objective's metrics, the norm and the stop flag come back in a single read-back."""
+    device, accum, names = run.runtime.device, len(batches), None
+    sums: torch.Tensor | None = None
+    for micro, batch in enumerate(batches):
+        last = micro == accum - 1
+        if run.sharded:
+            run.train_model.set_requires_gradient_sync(last)
+        # DDP all-reduces gradients in backward: only on the last micro-batch
+        sync = run.train_model.no_sync() if run.runtime.distributed and not run.sharded and not last else nullcontext()
+        try:
+            with sync:
+                with run.autocast:
+                    loss, metrics = run.objective.loss(run.train_model, to_device(batch, device))
+                    loss = loss / accum
+                run.scaler.scale(loss).backward()
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingOOMError(oom_advice(run.cfg, run.model_config, device, run.state.step, micro)) from None
+        names = sorted(metrics) if names is None else names
+        values = torch.stack([loss.detach().float(), *(metrics[n].detach().float().reshape(()) / accum for n in names)])
+        sums = values if sums is None else sums + values
+    scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+    grad_norm = clip_and_step(run.optimizer, run.scaler, run.params, run.cfg.grad_clip)
+    reduced = torch.cat([sums, torch.tensor([float(signal_received)], device=device)])
+    if run.runtime.distributed:
+        dist.all_reduce(reduced)
+        reduced[:-1] /= run.runtime.world_size
+    values = torch.cat([reduced, grad_norm.detach().float().reshape(1)]).tolist()
+    return StepResult(loss=values[0], grad_norm=values[-1], metrics=dict(zip(names, values[1:-2])),
+                      signalled=values[-2] > 0, scale=scale)
+
+
 def train(model_config: LlamaConfig, cfg: TrainConfig, train_path: str | Path, val_path: str | Path | None = None,
           tokenizer_sha256: str | None = None, *, dataset_factory: DatasetFactory = pretrain_dataset,
-          task: dict[str, Any] | None = None) -> TrainResult:
+          task: dict[str, Any] | None = None, objective: Objective | None = None,
+          transforms: Sequence[ModelTransform] = ()) -> TrainResult:
     """Train a :class:`Llama` built from ``model_config`` on the packed data ``train_path``; see the module doc.
 
     ``val_path=None`` uses ``train_path``'s ``.val`` sibling when it exists. ``tokenizer_sha256``
     refuses data packed with another tokenizer. ``dataset_factory`` builds the datasets (default:
-    pretraining windows; ``llama.sft`` passes conversation rows). ``cfg.init`` starts from a
-    checkpoint's weights, which must fit ``model_config`` and the data's tokenizer. ``task`` is saved
-    in every checkpoint's ``config.json`` (e.g. the chat template an SFT run used). Raises
-    :class:`TrainingError` subclasses, :class:`TrainingInterrupted`, and ``ValueError``/``OSError`` for
-    bad input (all one-line).
+    pretraining windows; ``llama.sft`` passes conversation rows). ``objective`` is the loss and what
+    validation reports (default :class:`llama.objectives.Pretrain`; see :mod:`llama.objectives`).
+    ``transforms`` change the built model before the optimizer is made (see :data:`ModelTransform`).
+    ``cfg.init`` starts from a checkpoint's weights, which must fit ``model_config`` and the data's
+    tokenizer. ``task`` is saved in every checkpoint's ``config.json`` (e.g. the chat template an SFT
+    run used). Raises :class:`TrainingError` subclasses, :class:`TrainingInterrupted`, and
+    ``ValueError``/``OSError`` for bad input (all one-line).
     """
     cfg.validate()
     runtime = setup_runtime(cfg.device)
     try:
-        return _train(model_config, cfg, Path(train_path), val_path, tokenizer_sha256, runtime, dataset_factory, task)
+        run, rng = setup(model_config, cfg, Path(train_path), val_path, tokenizer_sha256, runtime, dataset_factory,
+                         task, objective or objectives.Pretrain(), transforms)
+        return _loop(run, rng)
     finally:
         teardown_runtime(runtime)
 
 
-def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_path: str | Path | None,
-           tokenizer_sha256: str | None, runtime: Runtime, dataset_factory: DatasetFactory,
-           task: dict[str, Any] | None) -> TrainResult:
-    device, main = runtime.device, runtime.is_main
-    out_dir = Path(cfg.out_dir)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_temporaries(out_dir)
-    resume_from = resolve_resume(cfg.resume, out_dir)
+def _prepare(model_config: LlamaConfig, cfg: TrainConfig, runtime: Runtime) -> tuple[LlamaConfig, str, int]:
+    """The run's model config (activation checkpointing applied), precision and sequence length; device settings."""
+    device = runtime.device
     precision = resolve_precision(cfg.precision, device)
     if precision == "fp16" and cfg.parallel == "fsdp" and runtime.distributed:
         raise ValueError("--parallel fsdp supports fp32 and bf16, not fp16 (its loss scaler is per rank): use bf16")
@@ -451,11 +570,40 @@ def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pa
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.seed)
+    return model_config, precision, seq_len
 
-    # ---- data: this rank's shard of the training stream, fixed validation batches
-    shard = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size,
+
+def _build_model(model_config: LlamaConfig, runtime: Runtime, init_from: Path | None, init_config: dict[str, Any],
+                 transforms: Sequence[ModelTransform], sharded: bool) -> Llama:
+    """The model on its device: --init's weights, then the transforms, then FSDP's sharding."""
+    model = Llama(model_config).to(runtime.device)
+    if init_from is not None:  # weights only: optimizer, schedule and data start fresh
+        ckpt.load_model_weights(init_from, model)
+        if runtime.is_main:
+            log.info("initialised from %s (step %s)", init_from, init_config.get("step"))
+    for transform in transforms:
+        model = transform(model)
+    if sharded:  # before the optimizer is built: sharding replaces the parameters
+        shard_fsdp(model, model.model.layers)
+    return model
+
+
+def setup(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_path: str | Path | None,
+          tokenizer_sha256: str | None, runtime: Runtime, dataset_factory: DatasetFactory, task: dict[str, Any] | None,
+          objective: Objective, transforms: Sequence[ModelTransform] = ()) -> tuple[Run, Any]:
+    """Data, model, optimizer and scaler of a run, resumed when its ``out_dir`` holds a checkpoint; returns the run
+    and the RNG state to set right before the loop (None for a fresh run)."""
+    out_dir = Path(cfg.out_dir)
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_temporaries(out_dir)
+    resume_from = resolve_resume(cfg.resume, out_dir)
+    model_config, precision, seq_len = _prepare(model_config, cfg, runtime)
+
+    # ---- data: this rank's part of the training stream, fixed validation batches
+    where = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size,
                  tokenizer_sha256=tokenizer_sha256)
-    train_data = dataset_factory(train_path, validation=False, **shard)
+    train_data = dataset_factory(train_path, validation=False, **where)
     init_from, init_config = resolve_init(cfg.init) if cfg.init and resume_from is None else (None, {})
     if init_from is not None:  # before the vocabulary check: a tokenizer mismatch is the likelier story
         check_init(init_from, init_config, model_config, train_data.files)
@@ -464,166 +612,166 @@ def _train(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pa
                          f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary")
     if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
         val_path = DatasetPaths.of(train_path).val().prefix
-    val_batches = (load_val_batches(dataset_factory(Path(val_path), validation=True, **shard), cfg)
+    val_batches = (load_val_batches(dataset_factory(Path(val_path), validation=True, **where), cfg)
                    if val_path and cfg.eval_every else [])
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
-    total_steps = cfg.total_steps(tokens_per_step)
 
     # ---- model, optimizer, loss scaler
-    model = Llama(model_config).to(device)
-    if init_from is not None:  # weights only: optimizer, schedule and data start fresh
-        ckpt.load_model_weights(init_from, model)
-        if main:
-            log.info("initialised from %s (step %s)", init_from, init_config.get("step"))
-    fsdp = cfg.parallel == "fsdp" and runtime.distributed
-    if fsdp:  # before the optimizer is built: sharding replaces the parameters
-        shard_fsdp(model, model.model.layers)
+    sharded = cfg.parallel == "fsdp" and runtime.distributed
+    model = _build_model(model_config, runtime, init_from, init_config, transforms, sharded)
+    device = runtime.device
     optimizer = torch.optim.AdamW(model.configure_optimizer_groups(cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda" or None)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
-
-    # ---- resume: weights, optimizer, scaler, data position, counters; RNG last, right before the loop
-    step, tokens, elapsed, trainer_state = 0, 0, 0.0, None
-    if resume_from is not None:
-        trainer_state = ckpt.load_trainer_state(resume_from / ckpt.TRAINER_FILE)
-        check_model_config(ckpt.read_config(resume_from).get("model", {}), dataclasses.asdict(model_config), resume_from)
-        ckpt.restore_training_state(model, optimizer, resume_from, trainer_state["optimizer"], sharded=fsdp)
-        if trainer_state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(trainer_state["scaler"])
-        train_data.load_state_dict(trainer_state["data"])
-        step, tokens, elapsed = int(trainer_state["step"]), int(trainer_state["tokens"]), float(trainer_state["elapsed_s"])
-        if main:
-            log.warning("RESUMING from %s: step %d, %s tokens seen; continuing to step %d", resume_from, step,
-                        f"{tokens:,}", total_steps)
-
     compiled = torch.compile(model) if cfg.compile else model
     train_model = compiled
-    if runtime.distributed and not fsdp:
+    if runtime.distributed and not sharded:
         train_model = nn.parallel.DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    flops_per_token = model.flops_per_token(seq_len)
-    peak = device_peak_tflops(device, cfg.peak_tflops)
-    tied = ckpt.tied_parameters(model)
     tokenizer_ref = {key: train_data.files.meta.get("tokenizer", {}).get(key) for key in ("path", "sha256")}
+    record = {"tokenizer": tokenizer_ref, "data": {"train": str(train_path), "val": str(val_path) if val_path else None},
+              "init": str(init_from) if init_from else None, "task": task, "objective": objective.name}
+    run = Run(cfg=cfg, model_config=model_config, runtime=runtime, objective=objective, model=model,
+              train_model=train_model, eval_model=compiled, optimizer=optimizer,
+              scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+              autocast=torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"),
+              params=[p for group in optimizer.param_groups for p in group["params"]], train_data=train_data,
+              val_batches=val_batches, seq_len=seq_len, precision=precision, tokens_per_step=tokens_per_step,
+              total_steps=cfg.total_steps(tokens_per_step), sharded=sharded, record=record, init_from=init_from,
+              resumed_from=resume_from)
+
+    # ---- resume: weights, optimizer, scaler, data position, objective, counters (the RNG comes back last)
+    rng = None
+    if resume_from is not None:
+        rng = restore(run, resume_from)
+        if runtime.is_main:
+            log.warning("RESUMING from %s: step %d, %s tokens seen; continuing to step %d", resume_from,
+                        run.state.step, f"{run.state.tokens:,}", run.total_steps)
+    return run, rng
+
+
+def _log_record(run: Run, step: StepResult, lr: float, tokens_per_s: float, mfu_now: float | None,
+                val: dict[str, float] | None) -> dict[str, Any]:
+    """One metrics-log line: the step's figures, the objective's metrics and, after an evaluation, its metrics."""
+    record = {"step": run.state.step, "tokens": run.state.tokens, "loss": step.loss, "lr": lr,
+              "grad_norm": step.grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu_now, "scale": step.scale,
+              "peak_memory_gib": peak_memory_gib(run.runtime.device), "time": run.elapsed(), **step.metrics}
+    if val is not None:
+        record.update({f"val_{name}": value for name, value in val.items()})
+        if "loss" in val:
+            record["val_ppl"] = math.exp(min(val["loss"], 50.0))
+    return record
+
+
+@dataclass
+class _Progress:
+    """What the loop carries from step to step besides :class:`TrainState`: for the log and the result."""
+
+    start_step: int
+    saved_at: Path | None
+    last: StepResult | None = None
+    val_loss: float | None = None
+    mfu: float | None = None
+    initial_val_loss: float | None = None
+    first_batch_sha256: str | None = None
+    bad_steps: int = 0
+    window_tokens: int = 0  # since the last log line
+    window_seconds: float = 0.0
+
+
+def _loop(run: Run, rng: Any) -> TrainResult:
+    """The step loop: learning rate, one :func:`train_step`, the finite-loss check, then evaluate / log / save."""
+    cfg, state, main = run.cfg, run.state, run.runtime.is_main
+    flops_per_token = run.model.flops_per_token(run.seq_len)
+    peak = device_peak_tflops(run.runtime.device, cfg.peak_tflops)
     if main:
-        log.info("model: %s parameters, %s FLOPs/token; %d steps of %s tokens (%d x %d x %d x %d ranks), %s, %s",
-                 f"{model.num_params():,}", f"{flops_per_token:,}", total_steps, f"{tokens_per_step:,}",
-                 cfg.batch_size, cfg.grad_accum, seq_len, runtime.world_size, precision, device)
-
-    def save(name: str, update_latest: bool = True) -> Path:
-        """Checkpoint the current state (every rank calls it; rank 0 writes)."""
-        model_state, optimizer_state = ckpt.gather_training_state(model, optimizer, sharded=fsdp)
-        path = out_dir / name
-        if main:
-            state = {"step": step, "tokens": tokens, "elapsed_s": elapsed + time.perf_counter() - started,
-                     "optimizer": optimizer_state, "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                     "data": train_data.state_dict(), "rng": ckpt.rng_state()}
-            config = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(cfg),
-                      "tokenizer": tokenizer_ref, "data": {"train": str(train_path), "val": str(val_path) if val_path else None},
-                      "init": str(init_from) if init_from else None, "task": task,
-                      "step": step, "tokens": tokens, "world_size": runtime.world_size}
-            ckpt.save_checkpoint(out_dir, name, model_state, state, config, keep_last=cfg.keep_last,
-                                 update_latest=update_latest, tied=tied)
-            log.info("saved checkpoint %s", path)
-        if runtime.distributed:
-            dist.barrier()
-        return path
-
-    metrics = MetricsLogger(out_dir, enabled=main, start_step=step, total_steps=total_steps, progress=cfg.progress)
-    if trainer_state is not None:
-        ckpt.set_rng_state(trainer_state["rng"])
-    start_step, started = step, time.perf_counter()
-    window_tokens, window_seconds, bad_steps = 0, 0.0, 0
-    loss_value = val_loss = last_mfu = initial_val_loss = None
-    first_batch_sha256, saved_at = None, resume_from
-    if init_from is not None and val_batches:
-        initial_val_loss = evaluate(compiled, val_batches, autocast, runtime)
-        if main:
-            log.info("validation loss before training: %.4f", initial_val_loss)
+        _log_start(run, flops_per_token)
+    metrics = MetricsLogger(run.out_dir, enabled=main, start_step=state.step, total_steps=run.total_steps,
+                            progress=cfg.progress)
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    p, run.started = _Progress(start_step=state.step, saved_at=run.resumed_from), time.perf_counter()
+    p.initial_val_loss = _initial_validation(run)
     try:
         with StopSignals() as signals, logging_redirect_tqdm():
-            while step < total_steps:
+            while state.step < run.total_steps:
                 step_started = time.perf_counter()
-                lr = learning_rate(step, cfg, total_steps)
-                for group in optimizer.param_groups:
+                lr = learning_rate(state.step, cfg, run.total_steps)
+                for group in run.optimizer.param_groups:
                     group["lr"] = lr
-                batches = [train_data.next_batch(cfg.batch_size) for _ in range(cfg.grad_accum)]
-                if first_batch_sha256 is None:
-                    first_batch_sha256 = hashlib.sha256(batches[0]["input_ids"].numpy().tobytes()).hexdigest()
-                loss_sum = torch.zeros((), device=device)
-                try:
-                    for micro, batch in enumerate(batches):
-                        last_micro = micro == cfg.grad_accum - 1
-                        if fsdp:
-                            train_model.set_requires_gradient_sync(last_micro)
-                        # DDP all-reduces gradients in backward: only on the last micro-batch
-                        sync = train_model.no_sync() if runtime.distributed and not fsdp and not last_micro else nullcontext()
-                        with sync:
-                            with autocast:
-                                loss = forward_loss(train_model, to_device(batch, device)) / cfg.grad_accum
-                            scaler.scale(loss).backward()
-                        loss_sum += loss.detach().float()
-                except torch.cuda.OutOfMemoryError:
-                    raise TrainingOOMError(oom_advice(cfg, model_config, device, step, micro)) from None
-                scale = scaler.get_scale() if scaler.is_enabled() else None
-                grad_norm = clip_and_step(optimizer, scaler, params, cfg.grad_clip)
-                step, tokens = step + 1, tokens + tokens_per_step
+                batches = [run.train_data.next_batch(cfg.batch_size) for _ in range(cfg.grad_accum)]
+                p.first_batch_sha256 = p.first_batch_sha256 or hashlib.sha256(
+                    batches[0]["input_ids"].numpy().tobytes()).hexdigest()
+                p.last = train_step(run, batches, signals.received or 0)
+                state.step, state.tokens = state.step + 1, state.tokens + run.tokens_per_step
+                stop_signal = signals.received or (signal.SIGTERM if p.last.signalled else 0)
+                p.bad_steps = _check_finite(run, p.last, p.bad_steps)
+                p.window_tokens += run.tokens_per_step
+                p.window_seconds += time.perf_counter() - step_started
 
-                # one read-back per step: the loss (averaged over ranks), whether any rank was signalled, the norm
-                # (the other syncs: the finite-gradient check before an unscaled update, and fp16's scale above)
-                reduced = torch.stack([loss_sum, torch.tensor(float(signals.received or 0), device=device)])
-                if runtime.distributed:
-                    dist.all_reduce(reduced)
-                    reduced[0] /= runtime.world_size
-                loss_value, signalled, norm_value = torch.cat([reduced, grad_norm.detach().float().reshape(1)]).tolist()
-                stop_signal = signals.received or (signal.SIGTERM if signalled > 0 else 0)
-                if not math.isfinite(norm_value):
-                    log.log(logging.DEBUG if scaler.is_enabled() else logging.WARNING,
-                            "step %d: gradient norm is %s, update skipped", step, norm_value)
-                bad_steps = bad_steps + 1 if not math.isfinite(loss_value) else 0
-                if cfg.nan_patience and bad_steps >= cfg.nan_patience:
-                    path = save(f"{ckpt.checkpoint_name(step)}-nonfinite", update_latest=False)
-                    raise NonFiniteLossError(
-                        f"loss was NaN/inf for {bad_steps} steps in a row, the last at step {step}; state saved in {path} "
-                        f"for inspection (resume continues from {ckpt.find_checkpoint(out_dir)}): lower --lr or use bf16")
-                step_seconds = time.perf_counter() - step_started
-                window_tokens, window_seconds = window_tokens + tokens_per_step, window_seconds + step_seconds
-
-                val_loss_now = None
-                if val_batches and (step % cfg.eval_every == 0 or step == total_steps):
-                    val_loss = val_loss_now = evaluate(compiled, val_batches, autocast, runtime)
-                if step % cfg.log_every == 0 or step == total_steps or val_loss_now is not None or stop_signal:
-                    tokens_per_s = window_tokens / max(window_seconds, 1e-9)
-                    last_mfu = mfu(flops_per_token, tokens_per_s / runtime.world_size, peak)
-                    record = {"step": step, "tokens": tokens, "loss": loss_value, "lr": lr, "grad_norm": norm_value,
-                              "tokens_per_s": tokens_per_s, "mfu": last_mfu, "scale": scale,
-                              "peak_memory_gib": peak_memory_gib(device), "time": elapsed + time.perf_counter() - started}
-                    if val_loss_now is not None:
-                        record.update(val_loss=val_loss_now, val_ppl=math.exp(min(val_loss_now, 50.0)))
-                    metrics.log(record)
-                    window_tokens, window_seconds = 0, 0.0
+                val, done = None, state.step == run.total_steps
+                if run.val_batches and (state.step % cfg.eval_every == 0 or done):
+                    val = evaluate(run)
+                    p.val_loss = val.get("loss", p.val_loss)
+                if state.step % cfg.log_every == 0 or done or val is not None or stop_signal:
+                    tokens_per_s = p.window_tokens / max(p.window_seconds, 1e-9)
+                    p.mfu = mfu(flops_per_token, tokens_per_s / run.runtime.world_size, peak)
+                    metrics.log(_log_record(run, p.last, lr, tokens_per_s, p.mfu, val))
+                    p.window_tokens, p.window_seconds = 0, 0.0
                 metrics.advance()
-                if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or stop_signal:
-                    saved_at = save(ckpt.checkpoint_name(step))
+                if (cfg.save_every and state.step % cfg.save_every == 0) or done or stop_signal:
+                    p.saved_at = save(run, ckpt.checkpoint_name(state.step))
                 if stop_signal:
-                    raise TrainingInterrupted(stop_signal, saved_at)
+                    raise TrainingInterrupted(stop_signal, p.saved_at)
     finally:
         plot = metrics.close()
         if plot is not None:
             log.info("loss curve: %s", plot)
+    return _result(run, p)
 
-    seconds = time.perf_counter() - started
+
+def _initial_validation(run: Run) -> float | None:
+    """A run from --init first reports the starting weights' validation loss."""
+    if run.init_from is None or not run.val_batches:
+        return None
+    loss = evaluate(run).get("loss")
+    if run.runtime.is_main and loss is not None:
+        log.info("validation loss before training: %.4f", loss)
+    return loss
+
+
+def _result(run: Run, p: _Progress) -> TrainResult:
+    seconds, state = time.perf_counter() - run.started, run.state
     result = TrainResult(
-        steps=step, tokens=tokens, seconds=elapsed + seconds,
-        tokens_per_s=(step - start_step) * tokens_per_step / max(seconds, 1e-9), train_loss=loss_value,
-        val_loss=val_loss, mfu=last_mfu, peak_memory_gib=peak_memory_gib(device), out_dir=out_dir,
-        checkpoint=saved_at, resumed_from=resume_from, first_batch_sha256=first_batch_sha256,
-        initial_val_loss=initial_val_loss, model=model,
+        steps=state.step, tokens=state.tokens, seconds=state.elapsed_s + seconds,
+        tokens_per_s=(state.step - p.start_step) * run.tokens_per_step / max(seconds, 1e-9),
+        train_loss=p.last.loss if p.last else None, val_loss=p.val_loss, mfu=p.mfu,
+        peak_memory_gib=peak_memory_gib(run.runtime.device), out_dir=run.out_dir, checkpoint=p.saved_at,
+        resumed_from=run.resumed_from, first_batch_sha256=p.first_batch_sha256, initial_val_loss=p.initial_val_loss,
+        model=run.model,
     )
-    if main:
+    if run.runtime.is_main:
         log.info("%s", result.summary())
     return result
+
+
+def _log_start(run: Run, flops_per_token: int) -> None:
+    cfg = run.cfg
+    log.info("model: %s parameters, %s FLOPs/token; %d steps of %s tokens (%d x %d x %d x %d ranks), %s, %s",
+             f"{run.model.num_params():,}", f"{flops_per_token:,}", run.total_steps, f"{run.tokens_per_step:,}",
+             cfg.batch_size, cfg.grad_accum, run.seq_len, run.runtime.world_size, run.precision, run.runtime.device)
+
+
+def _check_finite(run: Run, step: StepResult, bad_steps: int) -> int:
+    """Warn of a skipped update; count non-finite losses in a row and stop with a saved state at ``nan_patience``."""
+    if not math.isfinite(step.grad_norm):
+        log.log(logging.DEBUG if run.scaler.is_enabled() else logging.WARNING,
+                "step %d: gradient norm is %s, update skipped", run.state.step, step.grad_norm)
+    bad_steps = bad_steps + 1 if not math.isfinite(step.loss) else 0
+    if run.cfg.nan_patience and bad_steps >= run.cfg.nan_patience:
+        path = save(run, f"{ckpt.checkpoint_name(run.state.step)}-nonfinite", update_latest=False)
+        raise NonFiniteLossError(
+            f"loss was NaN/inf for {bad_steps} steps in a row, the last at step {run.state.step}; state saved in "
+            f"{path} for inspection (resume continues from {ckpt.find_checkpoint(run.out_dir)}): lower --lr or use bf16")
+    return bad_steps
 
 
 # ---------------------------------------------------------------- command line (quick runs, tests, torchrun)

@@ -14,16 +14,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine.format import FORMAT, AtomicOutput, DatasetPaths, token_dtype
-from llama import train as train_module
+from llama import objectives
 from llama.checkpoint import LATEST, find_checkpoint, list_checkpoints
 from llama.hardware import device_peak_tflops, lookup_peak_tflops, mfu
 from llama.metrics import read_metrics, summary_line
@@ -31,29 +28,9 @@ from llama.model import LlamaConfig
 from llama.train import (
     NonFiniteLossError, TrainConfig, TrainingOOMError, learning_rate, run_from_args, train,
 )
+from training_runs import EOS, REPO, VOCAB, start_run, wait_until_stalled, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
-VOCAB, EOS = 128, 2
 MODEL_ARGS = ["--model", "dim=64", "--model", "kernels=torch"]
-
-
-def write_corpus(prefix: Path, n_docs: int, seed: int) -> Path:
-    """Documents of consecutive ids (``s, s+1, …`` wrapping inside 3..VOCAB-1), each ending with EOS."""
-    rng = np.random.default_rng(seed)
-    docs = []
-    for _ in range(n_docs):
-        start, length = int(rng.integers(0, VOCAB - 3)), int(rng.integers(10, 60))
-        docs.append(np.append((start + np.arange(length)) % (VOCAB - 3) + 3, EOS))
-    paths, dtype = DatasetPaths.of(prefix), token_dtype(VOCAB)
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-    with AtomicOutput(paths) as out:
-        np.concatenate(docs).astype(dtype).tofile(out.tmp(paths.bin))
-        with open(out.tmp(paths.idx), "wb") as f:
-            np.save(f, offsets)
-        out.commit({"format": FORMAT, "kind": "pretrain", "dtype": dtype.name, "n_tokens": int(offsets[-1]),
-                    "n_docs": len(docs), "vocab_size": VOCAB, "bos_id": 1, "eos_id": EOS, "pad_id": 0,
-                    "tokenizer": {"path": "tok/tokenizer.json", "sha256": "ab" * 32}})
-    return paths.prefix
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +143,8 @@ def test_bf16_autocast_runs_on_cpu(corpus, tmp_path):
 
 def test_document_masking_feeds_positions_and_document_ids(corpus, tmp_path, monkeypatch):
     seen = []
-    real = train_module.forward_loss
-    monkeypatch.setattr(train_module, "forward_loss", lambda model, batch: (seen.append(batch), real(model, batch))[1])
+    real = objectives.lm_loss
+    monkeypatch.setattr(objectives, "lm_loss", lambda model, batch: (seen.append(batch), real(model, batch))[1])
     result = train(tiny_model(), tiny_config(tmp_path, steps=2, doc_masking=True), corpus)
     assert math.isfinite(result.train_loss)
     batch = seen[0]
@@ -178,14 +155,14 @@ def test_document_masking_feeds_positions_and_document_ids(corpus, tmp_path, mon
 
 def poison_step(monkeypatch, bad_steps: set[int], value: float = math.inf) -> None:
     """Make the training loss (and so every gradient) non-finite on the given steps (1-based, grad_accum 1)."""
-    real, calls = train_module.forward_loss, []
+    real, calls = objectives.lm_loss, []
 
     def forward_loss(model, batch):
         calls.append(1)
         loss = real(model, batch)
         return loss * value if len(calls) in bad_steps else loss
 
-    monkeypatch.setattr(train_module, "forward_loss", forward_loss)
+    monkeypatch.setattr(objectives, "lm_loss", forward_loss)
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
@@ -215,7 +192,7 @@ def test_out_of_memory_says_what_would_fit(corpus, tmp_path, monkeypatch):
     def forward_loss(model, batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module, "forward_loss", forward_loss)
+    monkeypatch.setattr(objectives, "lm_loss", forward_loss)
     with pytest.raises(TrainingOOMError, match=r"halve --batch-size to 2 and double --grad-accum to 2") as info:
         train(tiny_model(), tiny_config(tmp_path), corpus)
     assert "step 1, micro-batch 1/1" in str(info.value) and "\n" not in str(info.value)
@@ -257,46 +234,6 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- the loop, in subprocesses
-
-STALLING_RUN = """
-import sys, time
-from pathlib import Path
-import llama.train as train
-stall_at, marker, go = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-real = train.learning_rate
-
-def learning_rate(step, cfg, total_steps):  # called once at the start of every step
-    if step == stall_at:  # hold the run here, say so, and go on only when the test says so
-        marker.write_text(str(step))
-        while not go.exists():
-            time.sleep(0.01)
-    return real(step, cfg, total_steps)
-
-train.learning_rate = learning_rate
-raise SystemExit(train.run_from_args(sys.argv[4:]))
-"""
-
-
-def start_run(args: list[str], log_path: Path, stall_at: int = -1) -> subprocess.Popen:
-    """A training subprocess; with ``stall_at`` it writes ``log_path.stalled`` after that many steps and waits for
-    ``log_path.go`` (markers, so no test depends on how fast the machine is)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    marker, go = log_path.with_suffix(".stalled"), log_path.with_suffix(".go")
-    with open(log_path, "w") as log_file:
-        return subprocess.Popen([sys.executable, "-c", STALLING_RUN, str(stall_at), str(marker), str(go), *args],
-                                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-
-
-def wait_until_stalled(log_path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> int:
-    """Until the run started by ``start_run(..., stall_at=N)`` holds before step N + 1; returns N."""
-    marker = log_path.with_suffix(".stalled")
-    deadline = time.monotonic() + timeout
-    while not marker.exists():
-        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before stalling: {log_path.read_text()[-2000:]}"
-        assert time.monotonic() < deadline, f"the run did not stall within {timeout:.0f} s"
-        time.sleep(0.01)
-    return int(marker.read_text())
-
 
 def run_args(corpus: Path, out_dir: Path, steps: int, *extra: str) -> list[str]:
     return ["--train", str(corpus), *MODEL_ARGS, "--steps", str(steps), "--batch-size", "4", "--seq-len", "32",

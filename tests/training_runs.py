@@ -1,0 +1,79 @@
+"""What the training-loop tests share: a small packed corpus that can be learned, and runs in subprocesses that
+stall at a step until told to go on (markers on disk, so no test depends on how fast the machine is)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.format import FORMAT, AtomicOutput, DatasetPaths, token_dtype
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB, EOS = 128, 2
+
+
+def write_corpus(prefix: Path, n_docs: int, seed: int) -> Path:
+    """Documents of consecutive ids (``s, s+1, …`` wrapping inside 3..VOCAB-1), each ending with EOS."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        start, length = int(rng.integers(0, VOCAB - 3)), int(rng.integers(10, 60))
+        docs.append(np.append((start + np.arange(length)) % (VOCAB - 3) + 3, EOS))
+    paths, dtype = DatasetPaths.of(prefix), token_dtype(VOCAB)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    with AtomicOutput(paths) as out:
+        np.concatenate(docs).astype(dtype).tofile(out.tmp(paths.bin))
+        with open(out.tmp(paths.idx), "wb") as f:
+            np.save(f, offsets)
+        out.commit({"format": FORMAT, "kind": "pretrain", "dtype": dtype.name, "n_tokens": int(offsets[-1]),
+                    "n_docs": len(docs), "vocab_size": VOCAB, "bos_id": 1, "eos_id": EOS, "pad_id": 0,
+                    "tokenizer": {"path": "tok/tokenizer.json", "sha256": "ab" * 32}})
+    return paths.prefix
+
+
+STALLING_RUN = """
+import runpy, sys, time
+from pathlib import Path
+import llama.train as train
+stall_at, marker, go, script = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+real = train.learning_rate
+
+def learning_rate(step, cfg, total_steps):  # called once at the start of every step
+    if step == stall_at:  # hold the run here, say so, and go on only when the test says so
+        marker.write_text(str(step))
+        while not go.exists():
+            time.sleep(0.01)
+    return real(step, cfg, total_steps)
+
+train.learning_rate = learning_rate
+if script == "-":  # the loop's own command line
+    raise SystemExit(train.run_from_args(sys.argv[5:]))
+sys.argv = [script, *sys.argv[5:]]  # a script of the test's own that calls train()
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def start_run(args: list[str], log_path: Path, stall_at: int = -1, script: str = "-") -> subprocess.Popen:
+    """A training subprocess (``python -m llama.train ARGS``, or ``script`` ARGS); with ``stall_at`` it writes
+    ``log_path.stalled`` after that many steps and waits for ``log_path.go``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    marker, go = log_path.with_suffix(".stalled"), log_path.with_suffix(".go")
+    with open(log_path, "w") as log_file:
+        return subprocess.Popen([sys.executable, "-c", STALLING_RUN, str(stall_at), str(marker), str(go), script, *args],
+                                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def wait_until_stalled(log_path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> int:
+    """Until the run started by ``start_run(..., stall_at=N)`` holds before step N + 1; returns N."""
+    marker = log_path.with_suffix(".stalled")
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before stalling: {log_path.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"the run did not stall within {timeout:.0f} s"
+        time.sleep(0.01)
+    return int(marker.read_text())
