@@ -168,3 +168,21 @@ def test_sigkill_then_resume_gives_the_toy_objectives_losses_bit_for_bit(toy, co
         for key in ("loss", "grad_norm", "calls") + (("val_hit_rate",) if "val_hit_rate" in record else ()):
             assert record[key] == expected[record["step"]][key], (record["step"], key)
     assert math.isfinite(after[-1]["loss"])
+
+
+def test_pretrain_and_sft_objectives_are_the_models_loss_and_sft_reports_its_supervised_share():
+    from llama import objectives
+
+    torch.manual_seed(1)
+    model = Llama(tiny())
+    ids = torch.randint(0, VOCAB, (2, 16))
+    labels = ids.clone()
+    labels[:, :10] = -100  # the prompt
+    batch = {"input_ids": ids, "labels": labels}
+    expected = model(ids, labels=labels).loss
+    loss, metrics = objectives.Pretrain().loss(model, batch)
+    assert torch.equal(loss, expected) and metrics == {}
+    loss, metrics = objectives.SFT().loss(model, batch)
+    assert torch.equal(loss, expected) and metrics["supervised"].item() == pytest.approx(6 / 16)
+    assert objectives.SFT().tokens(batch) == 32
+    assert torch.equal(objectives.SFT().validate(model, [batch, batch])["loss"], expected.float())
