@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.format import FORMAT, AtomicOutput, DatasetPaths, token_dtype
+from engine.format import DatasetPaths
 from llama.checkpoint import checkpoint_name, save_checkpoint, tied_parameters
 from llama.evaluate import (
     choice_log_likelihoods, evaluate_choices, main, parse_answer, perplexity, question_prompt, window_starts,
 )
 from llama.load import load_for_inference
 from llama.model import Llama, LlamaConfig, LlamaOutput
+from training_runs import write_packed
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and deterministic on CPU
@@ -53,17 +54,9 @@ def run_dir(tmp_path_factory, small_tokenizer) -> Path:
 def pack(prefix: Path, tokenizer, texts: list[str], sha256: str | None = None) -> Path:
     """A pretrain dataset of ``texts``, each ending with EOS, as engine.prepare writes it."""
     docs = [tokenizer.encode(text) + [tokenizer.eos_id] for text in texts]
-    paths, dtype = DatasetPaths.of(prefix), token_dtype(tokenizer.vocab_size)
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-    with AtomicOutput(paths) as out:
-        np.concatenate(docs).astype(dtype).tofile(out.tmp(paths.bin))
-        with open(out.tmp(paths.idx), "wb") as f:
-            np.save(f, offsets)
-        out.commit({"format": FORMAT, "kind": "pretrain", "dtype": dtype.name, "n_tokens": int(offsets[-1]),
-                    "n_docs": len(docs), "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-                    "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-                    "tokenizer": {"path": str(tokenizer.path), "sha256": sha256 or tokenizer.sha256}})
-    return paths.prefix
+    return write_packed(prefix, docs, tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                        pad_id=tokenizer.pad_id,
+                        tokenizer={"path": str(tokenizer.path), "sha256": sha256 or tokenizer.sha256})
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,22 @@ def write_corpus(prefix: Path, n_docs: int, seed: int) -> Path:
     for _ in range(n_docs):
         start, length = int(rng.integers(0, VOCAB - 3)), int(rng.integers(10, 60))
         docs.append(np.append((start + np.arange(length)) % (VOCAB - 3) + 3, EOS))
-    paths, dtype = DatasetPaths.of(prefix), token_dtype(VOCAB)
+    return write_packed(prefix, docs, VOCAB, bos_id=1, eos_id=EOS, pad_id=0,
+                        tokenizer={"path": "tok/tokenizer.json", "sha256": "ab" * 32})
+
+
+def write_packed(prefix: Path, docs: list, vocab_size: int, *, bos_id: int, eos_id: int, pad_id: int,
+                 tokenizer: dict) -> Path:
+    """A pretrain dataset of these token-id documents, written the way ``engine.prepare`` writes one."""
+    paths, dtype = DatasetPaths.of(prefix), token_dtype(vocab_size)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
     with AtomicOutput(paths) as out:
         np.concatenate(docs).astype(dtype).tofile(out.tmp(paths.bin))
         with open(out.tmp(paths.idx), "wb") as f:
             np.save(f, offsets)
         out.commit({"format": FORMAT, "kind": "pretrain", "dtype": dtype.name, "n_tokens": int(offsets[-1]),
-                    "n_docs": len(docs), "vocab_size": VOCAB, "bos_id": 1, "eos_id": EOS, "pad_id": 0,
-                    "tokenizer": {"path": "tok/tokenizer.json", "sha256": "ab" * 32}})
+                    "n_docs": len(docs), "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
+                    "pad_id": pad_id, "tokenizer": tokenizer})
     return paths.prefix
 
 
