@@ -251,6 +251,20 @@ TORCH_OPS = Ops(reference.rms_norm, reference.apply_rope, _sdpa_attention, refer
                 prepare_docs=_sdpa_docs)
 
 
+@dataclass
+class Context:
+    """What every layer of one forward shares: the RoPE tables, the positions, the packed rows' documents
+    (``ops.prepare_docs(doc_ids)``, computed once), the ops, and when decoding the KV cache and its mask."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    position_ids: torch.Tensor | None
+    docs: torch.Tensor | None
+    ops: Ops
+    cache: KVCache | None = None
+    cache_mask: torch.Tensor | None = None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm whose call also adds the residual: ``(norm(x + residual), x + residual)``; residual None → x alone."""
 
@@ -280,21 +294,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
-        docs: torch.Tensor | None, ops: Ops, cache: KVCache | None = None, cache_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = ops.apply_rope(q, k, cos, sin, position_ids)
-        if cache is not None:  # attend over the cached tokens and these
-            k, v = cache.update(self.layer_idx, k, v)
-        if cache_mask is not None:
-            out = _sdpa_attention(q, k, v, None, cache_mask)
+        q, k = ctx.ops.apply_rope(q, k, ctx.cos, ctx.sin, ctx.position_ids)
+        if ctx.cache is not None:  # attend over the cached tokens and these
+            k, v = ctx.cache.update(self.layer_idx, k, v)
+        if ctx.cache_mask is not None:
+            out = _sdpa_attention(q, k, v, None, ctx.cache_mask)
         else:
-            out = ops.attention(q, k, v, docs)  # [B, H, T, D]
+            out = ctx.ops.attention(q, k, v, ctx.docs)  # [B, H, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, self.n_heads * self.head_dim))
 
 
@@ -325,16 +336,12 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-        position_ids: torch.Tensor | None, docs: torch.Tensor | None, ops: Ops, cache: KVCache | None = None,
-        cache_mask: torch.Tensor | None = None,
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, ctx: Context
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``docs``: ``ops.prepare_docs(doc_ids)`` for packed rows, computed once for all layers."""
-        normed, residual = self.input_layernorm(hidden, residual, ops)
-        attended = self.self_attn(normed, cos, sin, position_ids, docs, ops, cache, cache_mask)
-        hidden = F.dropout(attended, self.dropout, self.training)
-        normed, residual = self.post_attention_layernorm(hidden, residual, ops)
-        return F.dropout(self.mlp(normed, ops), self.dropout, self.training), residual
+        normed, residual = self.input_layernorm(hidden, residual, ctx.ops)
+        hidden = F.dropout(self.self_attn(normed, ctx), self.dropout, self.training)
+        normed, residual = self.post_attention_layernorm(hidden, residual, ctx.ops)
+        return F.dropout(self.mlp(normed, ctx.ops), self.dropout, self.training), residual
 
 
 class RotaryTables(nn.Module):
@@ -395,13 +402,12 @@ class LlamaBackbone(nn.Module):
         hidden = F.dropout(self.embed_tokens(input_ids), self.config.dropout, self.training)
         residual = None
         docs = ops.prepare_docs(doc_ids) if doc_ids is not None else None
+        ctx = Context(cos, sin, position_ids, docs, ops, cache, cache_mask)
         for layer in self.layers:
             if self.config.checkpointing and self.training and cache is None:
-                hidden, residual = checkpoint(
-                    layer, hidden, residual, cos, sin, position_ids, docs, ops, use_reentrant=False
-                )
+                hidden, residual = checkpoint(layer, hidden, residual, ctx, use_reentrant=False)
             else:
-                hidden, residual = layer(hidden, residual, cos, sin, position_ids, docs, ops, cache, cache_mask)
+                hidden, residual = layer(hidden, residual, ctx)
         if cache is not None:
             cache.advance(seq_len)
         return self.norm(hidden, residual, ops)[0]
