@@ -39,10 +39,10 @@ from .hf_io import (
     publish_directory, read_hf_weights, read_json, read_llama_config, write_json,
 )
 from .model import Llama, LlamaConfig
+from .precision import DTYPES
 
 log = logging.getLogger("llama.export")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 #: fp32 by default: bit-identical to the checkpoint, and these models are small (a 160M one is 640 MB).
 DEFAULT_DTYPE = "fp32"

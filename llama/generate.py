@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from engine.chat_template import IM_END
+
 from .beam_search import beam_search
 from .decoding import (
     GenerationResult, SamplingOptions, Stopwatch, fit_prompts, hold_back, left_pad, next_tokens, per_second,
@@ -25,7 +27,6 @@ from .model import Llama
 if TYPE_CHECKING:
     from engine.tokenizer import Tokenizer
 
-IM_END = "<|im_end|>"  # the chat template's end of a turn
 
 #: ``stream(batch_index, token)``: called for every generated token, in order, as it is chosen.
 StreamCallback = Callable[[int, int], None]

@@ -25,10 +25,10 @@ from . import checkpoint as ckpt
 from .export import import_hf, resolve_tokenizer
 from .hf_io import HF_CONFIG, LLAMA_ARCHITECTURE, read_json
 from .model import KERNEL_CHOICES, Llama, LlamaConfig
+from .precision import DTYPES, best_precision
 
 log = logging.getLogger("llama.load")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -84,9 +84,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return DTYPES[best_precision(device)]
     if dtype not in DTYPES:
         raise LoadError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]

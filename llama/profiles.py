@@ -23,6 +23,7 @@ from zhkernels.cross_entropy import default_chunk_size, padded_vocab, stored_gra
 
 from .hardware import GIB
 from .model import LlamaConfig
+from .precision import DTYPES, best_precision
 
 #: Below this many tokens per micro-batch, activation checkpointing (bigger micro-batches) wins.
 MIN_TOKENS_PER_MICRO_BATCH = 8192
@@ -62,7 +63,7 @@ def auto_profile() -> Profile:
         return PROFILES["cpu"]
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     memory = props.total_memory / GIB
-    precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    precision = best_precision(torch.device("cuda"))
     base = PROFILES["3060-6gb"] if memory <= 8 else PROFILES["4090-24gb"]
     return dataclasses.replace(base, name=f"auto ({props.name}, {memory:.0f} GiB)", memory_gib=memory, precision=precision)
 
@@ -91,7 +92,7 @@ def estimate_memory_gib(config: LlamaConfig, micro_batch: int, seq_len: int, pre
         activations = tokens * config.n_layers * per_layer
     vocab = config.vocab_size
     chunk = min(tokens, default_chunk_size(tokens, vocab, dim))  # the fused cross-entropy's token chunk
-    low = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    low = DTYPES.get(precision, torch.float32)
     grad = stored_grad_dtype(low).itemsize  # fp16: the fused CE keeps its gradients in fp32 until backward
     loss = tokens * (4 * dim + act * dim + grad * dim) + chunk * padded_vocab(vocab) * act + vocab * dim * (4 + act)
     return (static + activations + loss) * FRAGMENTATION / GIB

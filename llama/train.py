@@ -55,6 +55,7 @@ from .hardware import (
 from .metrics import MetricsLogger, summary_line
 from .model import Llama, LlamaConfig
 from .objectives import Objective
+from .precision import DTYPES, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ DATA_MODES = ("random", "epoch")
 RUNTIME_MODEL_FIELDS = ("kernels", "checkpointing", "dropout")  # may change between a save and a resume
 # May also differ between an --init checkpoint and the new run: they shape no weight (context extension, init).
 INIT_FREE_FIELDS = (*RUNTIME_MODEL_FIELDS, "max_seq_len", "rope_scaling", "init_std")
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name != "fp32"}
 
 
 def _opt(default: Any, help: str, **metadata: Any) -> Any:
@@ -200,18 +201,6 @@ def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
     progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))  # reaches 1 on the last update
     remaining = 1.0 - (math.sqrt(progress) if cfg.decay_shape == "sqrt" else progress)
     return cfg.min_lr + remaining * (cfg.lr - cfg.min_lr)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 on a GPU that has it, fp16 on an older GPU, fp32 on CPU; refuse bf16 where it is missing."""
-    if device.type == "cuda":
-        has_bf16 = torch.cuda.is_bf16_supported()
-        if precision == "auto":
-            return "bf16" if has_bf16 else "fp16"
-        if precision == "bf16" and not has_bf16:
-            raise ValueError(f"{torch.cuda.get_device_name(device)} has no bf16: use --precision fp16")
-        return precision
-    return "fp32" if precision == "auto" else precision
 
 
 class StopSignals:

@@ -17,7 +17,8 @@ from kernel_checks import DEVICE, requires_triton
 from zhkernels import reference
 from llama.beam_search import beam_search
 from llama.decoding import penalize_repeats
-from llama.generate import IM_END, generate, generate_text
+from engine.chat_template import IM_END
+from llama.generate import generate, generate_text
 from llama.kv_cache import KVCache
 from llama.model import Llama, LlamaConfig, LlamaOutput
 
