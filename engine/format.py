@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.tokenizer.core import tokenizer_mismatch
+
 FORMAT = "zhllm-engine-v1"
 KINDS = ("pretrain", "sft", "dpo")
 UINT16_LIMIT = 65536
@@ -226,13 +228,13 @@ def open_packed(
             "re-pack it with the model's tokenizer"
         )
     if tokenizer_sha256 is not None:
-        packed_with = meta.get("tokenizer", {}).get("sha256")
-        if packed_with != tokenizer_sha256:
-            raise DatasetError(
-                f"{paths.prefix} was packed with tokenizer {meta.get('tokenizer', {}).get('path')} "
-                f"(sha256 {str(packed_with)[:12]}), not the one given (sha256 {tokenizer_sha256[:12]}): "
-                "re-pack with this tokenizer or pass the one it was packed with"
-            )
+        packed_with = meta.get("tokenizer") or {}
+        refusal = tokenizer_mismatch({"path": packed_with.get("path"), "sha256": packed_with.get("sha256") or "none"},
+                                     {"path": "the one given", "sha256": tokenizer_sha256}, owner=str(paths.prefix),
+                                     other="the tokenizer", verb="packed",
+                                     fix="re-pack with this tokenizer or pass the one it was packed with")
+        if refusal:
+            raise DatasetError(refusal)
 
     token_type = np.dtype(meta["dtype"])
     n_tokens, n_docs = int(meta["n_tokens"]), int(meta["n_docs"])

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from engine.chat_template import IM_END
 from engine.cli import run_cli, setup_logging
-from engine.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from engine.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_mismatch
 
 from . import checkpoint as ckpt
 from .hf_io import (
@@ -74,9 +74,10 @@ def resolve_tokenizer(reference: dict[str, Any] | None, tokenizer_dir: str | os.
                               f"same tokenizer (sha256 {ref_sha})")
         tokenizer_dir = ref_path
     tokenizer = load_tokenizer(tokenizer_dir)
-    if ref_sha and tokenizer.sha256 != ref_sha:
-        raise ExportError(f"tokenizer {tokenizer_dir} has sha256 {tokenizer.sha256}, but {checkpoint} was trained with "
-                          f"sha256 {ref_sha} ({ref_path}): pass the tokenizer its corpus was packed with")
+    refusal = tokenizer_mismatch(reference, {"path": tokenizer_dir, "sha256": tokenizer.sha256}, owner=str(checkpoint),
+                                 other="the tokenizer given", fix="pass the tokenizer its corpus was packed with")
+    if refusal:
+        raise ExportError(refusal)
     if not ref_sha:
         log.warning("%s records no tokenizer sha256: cannot check that %s is the one it was trained with",
                     checkpoint, tokenizer_dir)

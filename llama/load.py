@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
 from . import checkpoint as ckpt
 from .export import import_hf, resolve_tokenizer
@@ -119,10 +119,10 @@ def _tokenizer(reference: dict[str, Any], tokenizer: str | os.PathLike[str] | To
     """The checkpoint's tokenizer or ``tokenizer``, refused when its sha256 is not ``reference``'s."""
     if not isinstance(tokenizer, Tokenizer):
         return resolve_tokenizer(reference, tokenizer, where)  # names both sha256s when they differ
-    expected = reference.get("sha256")
-    if expected and tokenizer.sha256 != expected:
-        raise LoadError(f"tokenizer {tokenizer.path} has sha256 {tokenizer.sha256}, but {where} was trained with "
-                        f"sha256 {expected} ({reference.get('path')}): pass the tokenizer it was trained with")
+    refusal = tokenizer_mismatch(reference, {"path": tokenizer.path, "sha256": tokenizer.sha256}, owner=str(where),
+                                 other="the tokenizer given", fix="pass the tokenizer it was trained with")
+    if refusal:
+        raise LoadError(refusal)
     return tokenizer
 
 

@@ -46,7 +46,7 @@ from engine.dataset import SFTDataset
 from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed, write_json_atomic
 from engine.pack import PackConfig, pack_corpus
 from engine.sources import Corpus, Record, SourceReport
-from engine.tokenizer import Tokenizer, load_tokenizer
+from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
 from . import checkpoint as ckpt
 from . import objectives
@@ -283,12 +283,10 @@ def data_tokenizer(args: argparse.Namespace, checkpoint: Path, saved: dict[str, 
     if not Path(path).exists():
         raise ValueError(f"{checkpoint} was trained with tokenizer {path}, which is not here: pass --tokenizer")
     tokenizer = load_tokenizer(path)
-    expected = reference.get("sha256")
-    if expected and tokenizer.sha256 != expected:
-        raise ValueError(
-            f"{checkpoint} was trained with tokenizer {reference.get('path')} (sha256 {expected[:12]}), but {path} "
-            f"is another vocabulary (sha256 {tokenizer.sha256[:12]}): pass the checkpoint's tokenizer"
-        )
+    refusal = tokenizer_mismatch(reference, {"path": path, "sha256": tokenizer.sha256}, owner=str(checkpoint),
+                                 other="the tokenizer given", fix="pass the checkpoint's tokenizer")
+    if refusal:
+        raise ValueError(refusal)
     return tokenizer
 
 

@@ -46,6 +46,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from engine.dataset import PretrainDataset
 from engine.format import DatasetPaths, PackedFiles, open_packed
+from engine.tokenizer import tokenizer_mismatch
 
 from . import checkpoint as ckpt
 from . import objectives
@@ -325,12 +326,10 @@ def check_init(init: Path, saved: dict[str, Any], model_config: LlamaConfig, dat
     """Refuse an --init checkpoint of another architecture or tokenizer than this run's, naming both sides."""
     theirs = saved.get("tokenizer") or {}
     ours = data.meta.get("tokenizer") or {}
-    if theirs.get("sha256") and ours.get("sha256") and theirs["sha256"] != ours["sha256"]:
-        raise ckpt.CheckpointError(
-            f"--init {init} was trained with tokenizer {theirs.get('path')} (sha256 {theirs['sha256'][:12]}), but "
-            f"{data.paths.prefix} was packed with {ours.get('path')} (sha256 {ours['sha256'][:12]}): re-pack the data "
-            "with the checkpoint's tokenizer"
-        )
+    refusal = tokenizer_mismatch(theirs, ours, owner=f"--init {init}", other=f"{data.paths.prefix}'s tokenizer",
+                                 fix="re-pack the data with the checkpoint's tokenizer")
+    if refusal:
+        raise ckpt.CheckpointError(refusal)
     if not (theirs.get("sha256") and ours.get("sha256")):
         log.warning("cannot check that --init %s and %s share a tokenizer: one of them records none", init,
                     data.paths.prefix)

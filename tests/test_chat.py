@@ -224,13 +224,13 @@ def test_a_tokenizer_of_another_vocabulary_is_refused_naming_both_sha256s(tmp_pa
     run = save_tiny_checkpoint(tmp_path / "run", small_tokenizer, sha256=other)
     with pytest.raises(ValueError) as refused:
         load_for_inference(run, device="cpu")
-    assert other in str(refused.value) and small_tokenizer.sha256 in str(refused.value)
-    with pytest.raises(LoadError, match=small_tokenizer.sha256):
+    assert other[:12] in str(refused.value) and small_tokenizer.sha256[:12] in str(refused.value)
+    with pytest.raises(LoadError, match=small_tokenizer.sha256[:12]):
         load_for_inference(run, tokenizer=small_tokenizer, device="cpu")
 
     code = main(["--ckpt", str(run), "--tokenizer", str(small_tokenizer.path), "--prompt", "你好", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: ") and other in err[-1] and small_tokenizer.sha256 in err[-1]
+    assert code == 2 and err[-1].startswith("error: ") and other[:12] in err[-1] and small_tokenizer.sha256[:12] in err[-1]
 
 
 def test_a_model_of_another_architecture_is_refused(tmp_path, capsys):

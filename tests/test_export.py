@@ -231,7 +231,7 @@ def test_tokenizer_sha_mismatch_is_refused(small_tokenizer, tmp_path):
     with pytest.raises(ExportError) as info:
         export_hf(run, tmp_path / "hf")
     message = str(info.value)
-    assert "ab" * 32 in message and small_tokenizer.sha256 in message and "\n" not in message
+    assert "ab" * 6 in message and small_tokenizer.sha256[:12] in message and "\n" not in message
     assert not (tmp_path / "hf").exists()
 
 

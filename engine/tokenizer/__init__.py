@@ -9,7 +9,7 @@
 CLI: ``python -m engine.tokenizer train|inspect|trim --help``.
 """
 
-from .core import SPECIAL_TOKENS, Tokenizer, TokenizerError, load_tokenizer
+from .core import SPECIAL_TOKENS, Tokenizer, TokenizerError, load_tokenizer, tokenizer_mismatch
 from .report import TokenizerReport, common_hanzi, inspect_tokenizer
 from .train import MIN_VOCAB_SIZE, TrainStats, fit_tokenizer, split_long_text, train_tokenizer
 from .trim import TrimConfig, TrimReport, trim_tokenizer
@@ -28,6 +28,7 @@ __all__ = [
     "inspect_tokenizer",
     "load_tokenizer",
     "split_long_text",
+    "tokenizer_mismatch",
     "train_tokenizer",
     "trim_tokenizer",
 ]

@@ -314,3 +314,16 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if file.suffix == ".json":
         return tokenizer_from_json(_read_json(file), path, config, facts)
     return tokenizer_from_proto(_sentencepiece_proto(file.read_bytes(), file), path, config, facts)
+
+
+def tokenizer_mismatch(expected: dict[str, Any] | None, actual: dict[str, Any] | None, *, owner: str, other: str,
+                       fix: str, verb: str = "trained") -> str | None:
+    """The one-line refusal when two records of a tokenizer (``{"path", "sha256"}``) are different vocabularies:
+    ``owner`` was ``verb`` with ``expected``, ``other`` is ``actual``, and ``fix`` says what to do. None when the
+    sha256s agree or either side records none (there is nothing to compare; callers decide whether to warn)."""
+    expected, actual = expected or {}, actual or {}
+    theirs, ours = expected.get("sha256"), actual.get("sha256")
+    if not theirs or not ours or theirs == ours:
+        return None
+    return (f"{owner} was {verb} with tokenizer {expected.get('path')} (sha256 {theirs[:12]}), but {other} is "
+            f"{actual.get('path')} (sha256 {ours[:12]}), another vocabulary: {fix}")
