@@ -19,17 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from engine.cli import setup_logging
 from engine.format import DatasetError, open_packed
 
 from .model import PRESETS, LlamaConfig
-from .profiles import PROFILES, Plan, Profile, ProfileError, get_profile, plan
-from .train import (
-    TrainConfig, TrainingError, TrainingInterrupted, add_train_arguments, model_overrides, resolve_init, train,
-)
+from .profiles import PROFILES, Plan, Profile, get_profile, plan
+from .train import TrainConfig, add_train_arguments, model_overrides, resolve_init, run_training, train
 
 logger = logging.getLogger("llama.pretrain")
 
@@ -87,22 +84,6 @@ def planned_values(args: argparse.Namespace, profile: Profile, config: LlamaConf
     if args.activation_checkpointing is None:
         values["activation_checkpointing"] = chosen.checkpointing
     return values, chosen
-
-
-def run_training(body: Callable[[], object]) -> int:
-    """Run ``body`` (configure and train) with the task CLIs' exit codes: 0, 2 (one-line ``error:``), 128 + signal."""
-    try:
-        body()
-    except TrainingInterrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted twice: stopped at once, without a checkpoint of the current step", file=sys.stderr)
-        return 130
-    except (ProfileError, TrainingError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def init_model_config(args: argparse.Namespace) -> LlamaConfig:

@@ -51,9 +51,11 @@ from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 from . import checkpoint as ckpt
 from . import objectives
 from .model import LlamaConfig
-from .pretrain import planned_values, run_training
+from .pretrain import planned_values
 from .profiles import PROFILES, get_profile
-from .train import TrainConfig, add_train_arguments, model_overrides, resolve_init, resolve_resume, train
+from .train import (
+    TrainConfig, add_train_arguments, model_overrides, resolve_init, resolve_resume, run_training, train,
+)
 
 logger = logging.getLogger("llama.sft")
 

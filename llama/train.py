@@ -836,14 +836,10 @@ def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
     return LlamaConfig.from_preset(args.preset, **{"vocab_size": vocab_size, **model_overrides(args.model)})
 
 
-def run_from_args(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, train, print the summary; exit code 0, 2 (error), or 128 + signal when stopped by one."""
-    from engine.cli import setup_logging
-
-    setup_logging()
+def run_training(body: Callable[[], object]) -> int:
+    """Run ``body`` (configure and train) with the task CLIs' exit codes: 0, 2 (one-line ``error:``), 128 + signal."""
     try:
-        args = build_parser().parse_args(argv)
-        train(model_config_from_args(args), train_config_from_args(args), args.train, args.val, args.tokenizer_sha256)
+        body()
     except TrainingInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code
@@ -854,6 +850,19 @@ def run_from_args(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def run_from_args(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, train, print the summary; exit code 0, 2 (error), or 128 + signal when stopped by one."""
+    from engine.cli import setup_logging
+
+    setup_logging()
+
+    def body() -> None:
+        args = build_parser().parse_args(argv)
+        train(model_config_from_args(args), train_config_from_args(args), args.train, args.val, args.tokenizer_sha256)
+
+    return run_training(body)
 
 
 if __name__ == "__main__":
