@@ -26,7 +26,9 @@ from engine.format import DatasetError, open_packed
 
 from .model import PRESETS, LlamaConfig
 from .profiles import PROFILES, Plan, Profile, get_profile, plan
-from .train import TrainConfig, add_train_arguments, model_overrides, resolve_init, run_training, train
+from .train import (
+    TrainConfig, add_train_arguments, check_seq_len, model_overrides, resolve_init, run_training, train,
+)
 
 logger = logging.getLogger("llama.pretrain")
 
@@ -71,6 +73,12 @@ def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> Ll
     return LlamaConfig.from_preset(preset, **{**overrides, "vocab_size": vocab})
 
 
+def choose_seq_len(requested: int | None, profile: Profile, config: LlamaConfig, whose: str) -> int:
+    """``--seq-len`` (checked against the model's context), else the profile's default within that context."""
+    return check_seq_len(requested or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len), config,
+                         whose)
+
+
 def planned_values(args: argparse.Namespace, profile: Profile, config: LlamaConfig, seq_len: int
                    ) -> tuple[dict[str, Any], Plan]:
     """TrainConfig values from the arguments, the profile's memory plan filling precision, micro-batch,
@@ -105,10 +113,7 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
     else:
         preset = args.preset or profile.default_preset
         config = model_config(args, files.vocab_size, preset)
-    seq_len = args.seq_len or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len)
-    if seq_len > config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} is longer than {preset}'s context of {config.max_seq_len} tokens; "
-                         f"use --seq-len {config.max_seq_len} or less (or --model max_seq_len={seq_len})")
+    seq_len = choose_seq_len(args.seq_len, profile, config, f"{preset}'s")
     values, chosen = planned_values(args, profile, config, seq_len)
     if args.steps is None and args.tokens is None:
         values["steps"] = profile.default_steps

@@ -51,7 +51,7 @@ from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 from . import checkpoint as ckpt
 from . import objectives
 from .model import LlamaConfig
-from .pretrain import planned_values
+from .pretrain import choose_seq_len, planned_values
 from .profiles import PROFILES, get_profile
 from .train import (
     TrainConfig, add_train_arguments, model_overrides, resolve_init, resolve_resume, run_training, train,
@@ -314,10 +314,7 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
     overrides = {"kernels": args.kernels, **model_overrides(args.model)}
     config = LlamaConfig.from_saved(saved.get("model"), str(checkpoint / ckpt.CONFIG_FILE), **overrides)
     profile = get_profile(args.profile)
-    seq_len = args.seq_len or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len)
-    if seq_len > config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} is longer than the model's context of {config.max_seq_len} tokens; "
-                         f"use --seq-len {config.max_seq_len} or less")
+    seq_len = choose_seq_len(args.seq_len, profile, config, "the model's")
     values, chosen = planned_values(args, profile, config, seq_len)
     values["doc_masking"], values["init"] = True, None if resuming else str(checkpoint)
     rows = count_rows(prefix, seq_len)

@@ -550,15 +550,21 @@ def _prepare(model_config: LlamaConfig, cfg: TrainConfig, runtime: Runtime) -> t
         raise ValueError("--parallel fsdp supports fp32 and bf16, not fp16 (its loss scaler is per rank): use bf16")
     if cfg.activation_checkpointing is not None:
         model_config = dataclasses.replace(model_config, checkpointing=cfg.activation_checkpointing)
-    seq_len = cfg.seq_len or model_config.max_seq_len
-    if seq_len > model_config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} is longer than the model's max_seq_len {model_config.max_seq_len}")
+    seq_len = check_seq_len(cfg.seq_len or model_config.max_seq_len, model_config)
     cap_memory(cfg.max_memory_gb, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.seed)
     return model_config, precision, seq_len
+
+
+def check_seq_len(seq_len: int, config: LlamaConfig, whose: str = "the model's") -> int:
+    """``seq_len`` when it fits ``config``'s context, else a one-line error naming what does."""
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} is longer than {whose} context of {config.max_seq_len} tokens; "
+                         f"use --seq-len {config.max_seq_len} or less (or --model max_seq_len={seq_len})")
+    return seq_len
 
 
 def _build_model(model_config: LlamaConfig, runtime: Runtime, init_from: Path | None, init_config: dict[str, Any],

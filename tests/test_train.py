@@ -343,3 +343,9 @@ def test_fsdp_on_two_cpu_processes_trains_like_ddp(ddp_run, corpus, tmp_path):
     assert ddp_weights.keys() == fsdp_weights.keys()  # the gathered full state, tied matrix once
     for name in ddp_weights:
         torch.testing.assert_close(fsdp_weights[name], ddp_weights[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_seq_len_beyond_the_context_names_what_fits(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"^--seq-len 512 is longer than the model's context of 256 tokens; "
+                                         r"use --seq-len 256 or less \(or --model max_seq_len=512\)$"):
+        train(tiny_model(), tiny_config(tmp_path, seq_len=512), corpus)
