@@ -138,19 +138,29 @@ def generation_config(bos_id: int | None, eos_ids: list[int], pad_id: int | None
 # ---------------------------------------------------------------- reading a Hugging Face Llama
 
 
+def not_llama(config: dict[str, Any], path: Path) -> str | None:
+    """Why the ``config.json`` at ``path`` is not a Llama (naming what it is), or None when it is one."""
+    architectures = config.get("architectures") or []
+    architectures = [architectures] if isinstance(architectures, str) else architectures
+    model_type = config.get("model_type")
+    if architectures and LLAMA_ARCHITECTURE not in architectures:
+        return (f"{path} describes a {', '.join(map(str, architectures))} (model_type {model_type!r}), not a "
+                f"{LLAMA_ARCHITECTURE}: only Llama models (zhllm checkpoints or Hugging Face Llama folders) work here")
+    if not architectures and model_type != "llama":
+        return (f"{path} describes model_type {model_type!r}, not 'llama' ({LLAMA_ARCHITECTURE}): only Llama models "
+                "(zhllm checkpoints or Hugging Face Llama folders) work here")
+    return None
+
+
 def read_llama_config(hf_dir: Path) -> dict[str, Any]:
     """``config.json`` of a Hugging Face Llama, HF's defaults filled in; any other architecture is refused."""
     path = hf_dir / HF_CONFIG
     if not path.is_file():
         raise ExportError(f"{hf_dir} has no {HF_CONFIG}: give a folder written by save_pretrained")
     config = read_json(path)
-    architectures = config.get("architectures") or []
-    if architectures and LLAMA_ARCHITECTURE not in architectures:
-        raise ExportError(f"{path} says {', '.join(map(str, architectures))}; llama.export imports "
-                          f"{LLAMA_ARCHITECTURE} only")
-    if not architectures and config.get("model_type") != "llama":
-        raise ExportError(f"{path} says model_type {config.get('model_type')!r}; llama.export imports "
-                          f"{LLAMA_ARCHITECTURE} (model_type 'llama') only")
+    problem = not_llama(config, path)
+    if problem:
+        raise ExportError(problem)
     missing = [key for key in HF_LLAMA_REQUIRED if config.get(key) is None]
     if missing:
         raise ExportError(f"{path} lacks {', '.join(missing)}: it does not describe a whole Llama")

@@ -23,7 +23,7 @@ from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
 from . import checkpoint as ckpt
 from .export import import_hf, resolve_tokenizer
-from .hf_io import HF_CONFIG, LLAMA_ARCHITECTURE, read_json
+from .hf_io import HF_CONFIG, not_llama, read_json
 from .model import KERNEL_CHOICES, Llama, LlamaConfig
 from .precision import DTYPES, best_precision
 
@@ -101,17 +101,9 @@ def _model_config(saved: Any, where: Path, kernels: str) -> LlamaConfig:
 
 def _check_architecture(config: dict[str, Any], config_path: Path) -> None:
     """Refuse a ``config.json`` of another model family, naming what it is and what is loaded here."""
-    architectures = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if isinstance(architectures, str):
-        architectures = [architectures]
-    if architectures and LLAMA_ARCHITECTURE not in architectures:
-        raise LoadError(f"{config_path} describes a {', '.join(map(str, architectures))} (model_type {model_type!r}), "
-                        f"not a {LLAMA_ARCHITECTURE}: only Llama models (zhllm checkpoints or Hugging Face "
-                        f"{LLAMA_ARCHITECTURE} folders) load here")
-    if not architectures and model_type != "llama":
-        raise LoadError(f"{config_path} describes model_type {model_type!r}, not 'llama' ({LLAMA_ARCHITECTURE}): "
-                        "only Llama models (zhllm checkpoints or Hugging Face Llama folders) load here")
+    problem = not_llama(config, config_path)
+    if problem:
+        raise LoadError(problem)
 
 
 def _tokenizer(reference: dict[str, Any], tokenizer: str | os.PathLike[str] | Tokenizer | None,

@@ -285,7 +285,7 @@ def test_non_llama_and_unsafe_folders_are_refused(tmp_path):
     (tmp_path / "qwen").mkdir()
     (tmp_path / "qwen" / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"],
                                                                "model_type": "qwen2"}))
-    with pytest.raises(ExportError, match="says Qwen2ForCausalLM; llama.export imports LlamaForCausalLM only"):
+    with pytest.raises(ExportError, match="describes a Qwen2ForCausalLM .*, not a LlamaForCausalLM: only Llama models"):
         import_hf(tmp_path / "qwen")
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "config.json").write_text(json.dumps(config))
