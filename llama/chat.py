@@ -34,8 +34,8 @@ from engine.tokenizer import Tokenizer
 
 from .decoding import SamplingOptions
 from .generate import generate, stop_token_ids
-from .load import DTYPES, load_for_inference
-from .model import KERNEL_CHOICES, Llama
+from .load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
+from .model import Llama
 
 log = logging.getLogger("llama.chat")
 
@@ -301,11 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m llama.chat", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--ckpt", required=True, metavar="DIR",
-                        help="a checkpoint (step_N folder or a training --out-dir, its newest) or a Hugging Face "
-                        "Llama folder (llama.export's output)")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="the tokenizer (default: the checkpoint's; same sha256 required)")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", metavar="TEXT", help="answer this one message, print the answer and exit")
     parser.add_argument("--system", metavar="TEXT",
                         help="system prompt (default: the one the checkpoint was fine-tuned with, if any)")
@@ -327,13 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "it out of the history, and asks a think-template fine-tune to answer directly")
     parser.add_argument("--seed", type=int, metavar="N", default=None,
                         help="sampling seed, for reproducible replies (default: random)")
-    parser.add_argument("--device", metavar="DEVICE", default="auto",
-                        help="cpu, cuda or cuda:N (default: CUDA when present)")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="weights and compute precision (default: bf16 on a GPU that has it, fp32 on CPU)")
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
-                        help="Triton kernels or plain PyTorch (default: Triton on CUDA)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_runtime_arguments(parser)
     return parser
 
 

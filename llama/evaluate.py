@@ -42,8 +42,8 @@ from engine.dataset.pretrain import document_positions
 from engine.format import DatasetError, open_packed, write_json_atomic
 from engine.tokenizer import Tokenizer
 
-from .load import DTYPES, load_for_inference
-from .model import KERNEL_CHOICES, Llama
+from .load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
+from .model import Llama
 
 log = logging.getLogger("llama.evaluate")
 
@@ -336,11 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m llama.evaluate", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--ckpt", required=True, metavar="DIR",
-                        help="a checkpoint (step_N folder or a training --out-dir, its newest) or a Hugging Face "
-                        "Llama folder")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="the tokenizer (default: the checkpoint's; same sha256 required)")
+    add_checkpoint_arguments(parser)
     task = parser.add_argument_group("perplexity")
     task.add_argument("--ppl", metavar="DATA", help="a packed dataset (data/corpus.val, or its .bin)")
     task.add_argument("--seq-len", type=int, metavar="N",
@@ -362,13 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--max-bad", type=float, metavar="SHARE", default=DEFAULT_MAX_BAD,
                         help="fail when more than this share of records is malformed (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
-    parser.add_argument("--device", metavar="DEVICE", default="auto",
-                        help="cpu, cuda or cuda:N (default: CUDA when present)")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="weights and compute precision (default: bf16 on a GPU that has it, fp32 on CPU)")
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
-                        help="Triton kernels or plain PyTorch (default: Triton on CUDA)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_runtime_arguments(parser)
     return parser
 
 

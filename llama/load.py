@@ -11,6 +11,7 @@ tokenizer whose vocabulary (sha256) is not the one the checkpoint was trained wi
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,6 +31,26 @@ from .precision import DTYPES, best_precision
 log = logging.getLogger("llama.load")
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ckpt`` and ``--tokenizer``, as every inference command (chat, evaluate) takes them."""
+    parser.add_argument("--ckpt", required=True, metavar="DIR",
+                        help="a checkpoint (step_N folder or a training --out-dir, its newest) or a Hugging Face "
+                        "Llama folder (llama.export's output)")
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="the tokenizer (default: the checkpoint's; same sha256 required)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype``, ``--kernels`` and ``-v``, as every inference command takes them."""
+    parser.add_argument("--device", metavar="DEVICE", default="auto",
+                        help="cpu, cuda or cuda:N (default: CUDA when present)")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="weights and compute precision (default: bf16 on a GPU that has it, fp32 on CPU)")
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
+                        help="Triton kernels or plain PyTorch (default: Triton on CUDA)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 class LoadError(ValueError):
