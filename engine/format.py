@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.publish import temporary_sibling, write_text_atomic
 from engine.tokenizer.core import tokenizer_mismatch
 
 FORMAT = "zhllm-engine-v1"
@@ -88,19 +89,11 @@ class DatasetPaths:
         return DatasetPaths(self.prefix.with_name(self.prefix.name + ".val"))
 
 
-def tmp_name(path: Path) -> Path:
-    """The temporary name a file is written under before its atomic rename."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+tmp_name = temporary_sibling  # the temporary name a file is written under before its atomic rename
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 class AtomicOutput:

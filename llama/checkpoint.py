@@ -31,13 +31,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine import publish
+
 log = logging.getLogger(__name__)
 
 FORMAT = "zhllm-checkpoint-v1"
 LATEST = "latest"
 MODEL_FILE, TRAINER_FILE, CONFIG_FILE = "model.safetensors", "trainer.pt", "config.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-TEMP_PREFIXES = (".tmp-", ".old-")
+LEGACY_TEMP_PREFIXES = (".tmp-", ".old-")  # the temporary names of saves made before engine.publish
 
 
 class CheckpointError(ValueError):
@@ -76,12 +78,13 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path | None:
 
 
 def remove_temporaries(out_dir: Path) -> None:
-    """Clean up after a killed save: delete half-written ``.tmp-step_*`` folders, and put back an
-    ``.old-step_*`` whose step folder is missing (killed between the two renames of a re-save)."""
+    """Clean up after a killed save (the run is the folder's only writer): delete half-written step folders and
+    put back one a re-save had moved aside (:func:`engine.publish.remove_stale_temporaries`), including the
+    ``.tmp-step_*-PID`` / ``.old-step_*-PID`` names of saves before that module."""
     if not out_dir.is_dir():
         return
     for path in sorted(out_dir.iterdir(), key=lambda p: not p.name.startswith(".old-")):  # restore before deleting
-        if not (path.name.startswith(TEMP_PREFIXES) and path.is_dir()):
+        if not (path.name.startswith(LEGACY_TEMP_PREFIXES) and path.is_dir()):
             continue
         final = out_dir / path.name.split("-", 1)[1].rsplit("-", 1)[0]  # .old-step_000010-1234 → step_000010
         if path.name.startswith(".old-") and not final.exists():
@@ -90,21 +93,7 @@ def remove_temporaries(out_dir: Path) -> None:
         else:
             log.info("removing %s, left by an interrupted save", path)
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
+    publish.remove_stale_temporaries(out_dir, any_pid=True)
 
 
 def tied_parameters(model: nn.Module) -> dict[str, str]:
@@ -157,27 +146,16 @@ def save_checkpoint(
     :func:`tied_parameters` of the model, for states whose tied tensors are separate copies.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp = out_dir / name, out_dir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    tensors, aliases = unique_tensors(model_state, tied)
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / MODEL_FILE),
-              metadata={"format": "pt", "aliases": json.dumps(aliases)})
-    torch.save(trainer_state, tmp / TRAINER_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **config}, indent=2, ensure_ascii=False) + "\n",
-                                   encoding="utf-8")
-    for file in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE):
-        _fsync(tmp / file)
-    if final.exists():  # re-saving a step (a resumed run passing it again): swap, then drop the old copy
-        old = out_dir / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync(out_dir)
+    final = out_dir / name
+    with publish.publish_directory(final) as tmp:  # re-saving a step (a resumed run passing it again) replaces it
+        tensors, aliases = unique_tensors(model_state, tied)
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / MODEL_FILE),
+                  metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        torch.save(trainer_state, tmp / TRAINER_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **config}, indent=2, ensure_ascii=False) + "\n",
+                                       encoding="utf-8")
     if update_latest:
-        _write_text_atomic(out_dir / LATEST, name + "\n")
+        publish.write_text_atomic(out_dir / LATEST, name + "\n")
     if keep_last > 0:
         prune_checkpoints(out_dir, keep_last)
     return final

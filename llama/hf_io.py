@@ -1,8 +1,8 @@
 """The Hugging Face side of :mod:`llama.export`: publishing a folder whole, HF's config files, reading HF weights.
 
-A folder is built under a temporary sibling name (``.NAME.tmp-PID``) and renamed into place at the end,
-so an export killed midway leaves either the previous folder or none under ``NAME``, never half of one;
-the temporaries of a killed process are removed by the next run. Weights are read from safetensors only
+A folder is published whole (:mod:`engine.publish`): an export killed midway leaves either the previous
+folder or none under ``NAME``, never half of one; the temporaries of a killed process are removed by the
+next run. Weights are read from safetensors only
 (one file, or shards listed in ``model.safetensors.index.json``): a ``pytorch_model.bin`` is a pickle,
 which can run code when loaded, so it is refused.
 """
@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file
+
+from engine import publish
 
 log = logging.getLogger("llama.hf_io")
 
@@ -41,42 +40,6 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------- publishing a folder whole
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def remove_stale_temporaries(final: Path) -> None:
-    """Delete ``.NAME.tmp-PID`` folders of dead processes; put back a ``.NAME.old-PID`` a crash left mid-swap."""
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(tmp|old)-(\d+)$")
-    if not final.parent.is_dir():
-        return
-    for path in final.parent.iterdir():
-        match = pattern.match(path.name)
-        if not match or not path.is_dir() or (_pid_alive(int(match.group(2))) and int(match.group(2)) != os.getpid()):
-            continue
-        if match.group(1) == "old" and not final.exists():  # killed between the two renames of an overwrite
-            log.warning("restoring %s from %s, left by an interrupted overwrite", final, path)
-            os.replace(path, final)
-        else:
-            log.info("removing %s, left by an interrupted export", path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def check_output(final: Path, overwrite: bool) -> None:
     """Refuse an existing ``final`` unless ``overwrite`` (called early too, before any slow work)."""
     if final.exists() and not final.is_dir():
@@ -87,27 +50,11 @@ def check_output(final: Path, overwrite: bool) -> None:
 
 @contextmanager
 def publish_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``final`` to fill; a clean exit renames it to ``final`` (replacing an
-    old one only when ``overwrite``), an exception or interrupt deletes it."""
-    remove_stale_temporaries(final)  # first: it may put back the folder a crashed overwrite had moved aside
+    """:func:`engine.publish.publish_directory`, refusing an existing ``final`` unless ``overwrite``."""
+    publish.remove_stale_temporaries(final.parent, only=final.name)  # first: it may put back a moved-aside folder
     check_output(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with publish.publish_directory(final) as tmp:
         yield tmp
-        _fsync_tree(tmp)
-        if final.exists():  # swap, then drop the old copy: a crash in between is repaired by the next run
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:

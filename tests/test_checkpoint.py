@@ -86,14 +86,29 @@ def test_a_killed_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
     assert find_checkpoint(tmp_path / "nothing-here") is None
 
 
-def test_a_resave_killed_between_its_renames_is_put_back(tmp_path):
-    """Re-saving step 2 moves it to .old- before renaming the new copy in; killed in between, the next start restores it."""
+@pytest.mark.parametrize("names", [(".old-step_000002-{pid}", ".tmp-step_000002-{pid}"),  # saves before engine.publish
+                                   (".step_000002.old-{pid}", ".step_000002.tmp-{pid}")], ids=["legacy", "publish"])
+def test_a_resave_killed_between_its_renames_is_put_back(tmp_path, names):
+    """Re-saving step 2 moves it aside before renaming the new copy in; killed in between, the next start restores it
+    (whatever process left it: the run is the folder's only writer)."""
     model = tiny()
     save(tmp_path, 2, model)
-    os.replace(tmp_path / "step_000002", tmp_path / ".old-step_000002-999")
-    (tmp_path / ".tmp-step_000002-999").mkdir()  # the complete new copy that was about to be renamed in
+    old, new = (name.format(pid=os.getpid()) for name in names)  # a live pid: still cleaned up
+    os.replace(tmp_path / "step_000002", tmp_path / old)
+    (tmp_path / new).mkdir()  # the complete new copy that was about to be renamed in
     remove_temporaries(tmp_path)
     assert find_checkpoint(tmp_path) == tmp_path / "step_000002"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_a_resave_replaces_the_step_whole_and_leaves_no_temporaries(tmp_path):
+    model = tiny()
+    save(tmp_path, 2, model)
+    first = (tmp_path / "step_000002" / MODEL_FILE).read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save(tmp_path, 2, model)
+    assert (tmp_path / "step_000002" / MODEL_FILE).read_bytes() != first
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.chat_template import CHATML_TEMPLATE, IM_END, IM_START
+from engine.publish import publish_directory, temporary_sibling
 
 from .core import CHAT_TOKENS, FACTS, HF_CONFIG, HF_JSON, HF_SPECIAL_MAP, SP_MODEL, TokenizerError
 
@@ -140,19 +140,11 @@ def save_pretrained(tok: "Tokenizer", out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise TokenizerError(f"{out_dir} exists and is not a folder: choose another output folder")
     if not out_dir.exists():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+        with publish_directory(out_dir) as tmp:
             for name, data in files.items():
                 _write(tmp / name, data)
-            os.rename(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     else:
-        tmps = {name: out_dir / f".{name}.tmp-{os.getpid()}" for name in files}
+        tmps = {name: temporary_sibling(out_dir / name) for name in files}
         try:
             for name, data in files.items():
                 _write(tmps[name], data)
