@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from engine.publish import temporary_sibling, write_text_atomic
-from engine.tokenizer.core import tokenizer_mismatch
+from engine.tokenizer.spec import tokenizer_mismatch
 
 FORMAT = "zhllm-engine-v1"
 KINDS = ("pretrain", "sft", "dpo")

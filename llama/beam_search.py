@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .decoding import (
+from .sampling import (
     GenerationResult, Stopwatch, hold_back, left_pad, penalize_repeats, per_second, prompt_positions, tokens_seen,
 )
 from .kv_cache import KVCache

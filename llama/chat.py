@@ -32,7 +32,7 @@ from engine.chat_template import IM_START, render_text
 from engine.cli import run_cli, setup_logging
 from engine.tokenizer import Tokenizer
 
-from .decoding import SamplingOptions
+from .sampling import SamplingOptions
 from .generate import generate, stop_token_ids
 from .load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
 from .model import Llama

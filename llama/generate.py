@@ -17,7 +17,7 @@ import torch
 from engine.chat_template import IM_END
 
 from .beam_search import beam_search
-from .decoding import (
+from .sampling import (
     GenerationResult, SamplingOptions, Stopwatch, fit_prompts, hold_back, left_pad, next_tokens, per_second,
     prompt_positions, tokens_seen,
 )

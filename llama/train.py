@@ -595,9 +595,9 @@ def setup(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pat
     model_config, precision, seq_len = _prepare(model_config, cfg, runtime)
 
     # ---- data: this rank's part of the training stream, fixed validation batches
-    where = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size,
-                 tokenizer_sha256=tokenizer_sha256)
-    train_data = dataset_factory(train_path, validation=False, **where)
+    dataset_args = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size,
+                        tokenizer_sha256=tokenizer_sha256)
+    train_data = dataset_factory(train_path, validation=False, **dataset_args)
     init_from, init_config = resolve_init(cfg.init) if cfg.init and resume_from is None else (None, {})
     if init_from is not None:  # before the vocabulary check: a tokenizer mismatch is the likelier story
         check_init(init_from, init_config, model_config, train_data.files)
@@ -606,7 +606,7 @@ def setup(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pat
                          f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary")
     if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
         val_path = DatasetPaths.of(train_path).val().prefix
-    val_batches = (load_val_batches(dataset_factory(Path(val_path), validation=True, **where), cfg)
+    val_batches = (load_val_batches(dataset_factory(Path(val_path), validation=True, **dataset_args), cfg)
                    if val_path and cfg.eval_every else [])
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
 
@@ -673,12 +673,12 @@ class _Progress:
 
 def _loop(run: Run, rng: Any) -> TrainResult:
     """The step loop: learning rate, one :func:`train_step`, the finite-loss check, then evaluate / log / save."""
-    cfg, state, main = run.cfg, run.state, run.runtime.is_main
+    cfg, state, is_main = run.cfg, run.state, run.runtime.is_main
     flops_per_token = run.model.flops_per_token(run.seq_len)
     peak = device_peak_tflops(run.runtime.device, cfg.peak_tflops)
-    if main:
+    if is_main:
         _log_start(run, flops_per_token)
-    metrics = MetricsLogger(run.out_dir, enabled=main, start_step=state.step, total_steps=run.total_steps,
+    metrics = MetricsLogger(run.out_dir, enabled=is_main, start_step=state.step, total_steps=run.total_steps,
                             progress=cfg.progress)
     if rng is not None:
         ckpt.set_rng_state(rng)

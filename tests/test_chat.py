@@ -23,7 +23,7 @@ import llama.chat as chat_module
 from engine.chat_template import IM_END
 from llama.chat import ChatOptions, ChatSession, IncrementalDecoder, ThinkFilter, main, run_repl
 from llama.checkpoint import checkpoint_name, save_checkpoint, tied_parameters
-from llama.decoding import GenerationResult
+from llama.sampling import GenerationResult
 from llama.export import export_hf
 from llama.generate import generate
 from llama.load import LoadError, load_for_inference

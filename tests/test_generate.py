@@ -16,7 +16,7 @@ import zhkernels
 from kernel_checks import DEVICE, requires_triton
 from zhkernels import reference
 from llama.beam_search import beam_search
-from llama.decoding import penalize_repeats
+from llama.sampling import penalize_repeats
 from engine.chat_template import IM_END
 from llama.generate import generate, generate_text
 from llama.kv_cache import KVCache
@@ -251,7 +251,7 @@ def test_the_stream_gets_exactly_the_generated_tokens_in_order() -> None:
 def test_a_prompt_too_long_for_the_context_keeps_its_last_tokens(caplog: pytest.LogCaptureFixture) -> None:
     model = build()
     prompt = [(7 * i) % VOCAB for i in range(70)]
-    with caplog.at_level(logging.WARNING, logger="llama.decoding"):
+    with caplog.at_level(logging.WARNING, logger="llama.sampling"):
         result = generate(model, [prompt, [1, 2]], 10)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "dropped 16 tokens" in warnings[0]

@@ -17,23 +17,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
+from .hf_export import save_pretrained
+from .spec import (  # noqa: F401  (re-exported: the names the tokenizer modules share)
+    CHAT_TOKENS, CONTROL_TOKENS, FACTS, HF_CONFIG, HF_JSON, HF_SPECIAL_MAP, SP_MODEL, SPECIAL_TOKENS, UNK_SURFACE,
+    TokenizerError, tokenizer_mismatch,
+)
+
 logger = logging.getLogger(__name__)
-
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
-CONTROL_TOKENS = SPECIAL_TOKENS[:4]  # SentencePiece's unk/bos/eos/pad: never matched inside text
-CHAT_TOKENS = SPECIAL_TOKENS[4:]  # user-defined symbols: matched as single pieces inside text
-
-SP_MODEL = "tokenizer.model"
-HF_JSON = "tokenizer.json"
-HF_CONFIG = "tokenizer_config.json"
-HF_SPECIAL_MAP = "special_tokens_map.json"
-FACTS = "zhllm_tokenizer.json"
-
-UNK_SURFACE = " \u2047 "  # what SentencePiece decodes <unk> to; the HF backend does the same
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be loaded, trained, trimmed or saved (one-line message saying what to do)."""
 
 
 class _SentencePieceBackend:
@@ -191,8 +181,6 @@ class Tokenizer:
 
     def save_pretrained(self, out_dir: str | os.PathLike[str]) -> None:
         """Write the Hugging Face layout (tokenizer.model, tokenizer.json, configs) atomically."""
-        from .hf_export import save_pretrained
-
         save_pretrained(self, Path(out_dir))
 
     def __repr__(self) -> str:
@@ -314,16 +302,3 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if file.suffix == ".json":
         return tokenizer_from_json(_read_json(file), path, config, facts)
     return tokenizer_from_proto(_sentencepiece_proto(file.read_bytes(), file), path, config, facts)
-
-
-def tokenizer_mismatch(expected: dict[str, Any] | None, actual: dict[str, Any] | None, *, owner: str, other: str,
-                       fix: str, verb: str = "trained") -> str | None:
-    """The one-line refusal when two records of a tokenizer (``{"path", "sha256"}``) are different vocabularies:
-    ``owner`` was ``verb`` with ``expected``, ``other`` is ``actual``, and ``fix`` says what to do. None when the
-    sha256s agree or either side records none (there is nothing to compare; callers decide whether to warn)."""
-    expected, actual = expected or {}, actual or {}
-    theirs, ours = expected.get("sha256"), actual.get("sha256")
-    if not theirs or not ours or theirs == ours:
-        return None
-    return (f"{owner} was {verb} with tokenizer {expected.get('path')} (sha256 {theirs[:12]}), but {other} is "
-            f"{actual.get('path')} (sha256 {ours[:12]}), another vocabulary: {fix}")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from engine.chat_template import CHATML_TEMPLATE, IM_END, IM_START
 from engine.publish import publish_directory, temporary_sibling
 
-from .core import CHAT_TOKENS, FACTS, HF_CONFIG, HF_JSON, HF_SPECIAL_MAP, SP_MODEL, TokenizerError
+from .spec import CHAT_TOKENS, FACTS, HF_CONFIG, HF_JSON, HF_SPECIAL_MAP, SP_MODEL, TokenizerError
 
 if TYPE_CHECKING:
     from .core import Tokenizer
