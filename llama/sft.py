@@ -17,7 +17,7 @@ resumes from ``--out-dir``.
 Reasoning SFT (seed 001's format): ``--template think`` renders every assistant turn as
 ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``, taking the reasoning from a leading ``<think>…</think>``
 in the data, and giving replies without one an empty block. A model trained so answers directly when
-the generation prompt is followed by the empty block (:func:`assistant_prefix` with ``thinking=False``):
+the generation prompt is followed by the empty block (``engine.reply_template.assistant_prefix``):
 thinking is switched off at inference. ``--drop-think`` deletes the data's reasoning instead (a
 direct-answer model from reasoning data). The default ``chatml`` keeps replies exactly as given.
 
@@ -29,23 +29,17 @@ direct-answer model from reasoning data). The default ``chatml`` keeps replies e
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import math
 import os
-import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from engine import __version__ as engine_version
-from engine.chat_template import ChatFormatError
 from engine.cli import setup_logging
-from engine.conversations import parse_conversation
 from engine.dataset import SFTDataset
-from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed, write_json_atomic
-from engine.pack import PackConfig, pack_corpus
-from engine.sources import Corpus, Record, SourceReport
+from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed
+from engine.pack_cache import pack_cached
+from engine.reply_template import TEMPLATES, assistant_prefix
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
 from . import checkpoint as ckpt
@@ -59,72 +53,10 @@ from .train import (
 
 logger = logging.getLogger("llama.sft")
 
-TEMPLATES = ("chatml", "think")
-EMPTY_THINK = "<think>\n\n</think>\n\n"  # the reply prefix that switches a `think`-trained model's reasoning off
-LEADING_THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)
-CACHE_SUFFIX = ".zhllm-cache"
 #: TrainConfig fields the profile decides unless given on the command line (steps: from --epochs).
 PLANNED = ("batch_size", "grad_accum", "precision", "activation_checkpointing", "steps", "seq_len", "warmup_steps")
 SFT_DEFAULTS: dict[str, Any] = {"out_dir": "out/sft", "lr": 5e-5, "min_lr": 5e-6, "eval_every": 100, "save_every": 500,
                                 "doc_masking": True}
-
-
-# ---------------------------------------------------------------- the chat template option
-
-
-def format_reply(content: str, template: str, drop_think: bool = False) -> str:
-    """An assistant turn's text under ``template``: as given (``chatml``) or ``<think>…</think>`` + answer (``think``).
-
-    Only a ``<think>…</think>`` block at the start of the reply counts as reasoning; ``drop_think``
-    removes it (``think`` then keeps the empty block).
-    """
-    if template not in TEMPLATES:
-        raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    match = LEADING_THINK.match(content)
-    reasoning, answer = (match.group(1).strip(), content[match.end():]) if match else ("", content)
-    if drop_think:
-        reasoning = ""
-    if template == "chatml":
-        return answer if drop_think else content
-    return f"<think>\n{reasoning}\n</think>\n\n{answer}" if reasoning else EMPTY_THINK + answer
-
-
-def assistant_prefix(template: str | None, thinking: bool = True) -> str:
-    """What follows ``<|im_start|>assistant\\n`` in a generation prompt: the empty think block turns reasoning off."""
-    return EMPTY_THINK if template == "think" and not thinking else ""
-
-
-class TemplatedCorpus:
-    """A :class:`~engine.sources.Corpus` whose conversations are rewritten by :func:`format_reply` before packing.
-
-    It stands in for the Corpus in ``engine.pack.pack_corpus``. Its ``files`` are given as strings
-    so the packer never lets workers read the files themselves, around the rewrite.
-    """
-
-    def __init__(self, corpus: Corpus, template: str, drop_think: bool) -> None:
-        self._corpus, self.template, self.drop_think = corpus, template, drop_think
-        self.specs, self.options = corpus.specs, corpus.options
-        self.files = [str(item) for item in corpus.files]
-
-    @property
-    def report(self) -> SourceReport:
-        return self._corpus.report
-
-    def records(self, columns: Sequence[str] | None = None) -> Iterator[Record]:
-        for record in self._corpus.records(columns):
-            try:
-                messages = parse_conversation(record.fields)
-            except ChatFormatError:
-                yield record  # unchanged: the packer counts it as bad, with its file and line
-                continue
-            for message in messages:
-                if message["role"] == "assistant":
-                    message["content"] = format_reply(message["content"], self.template, self.drop_think)
-            record.fields = {"messages": messages}
-            yield record
-
-    def check(self) -> None:
-        self._corpus.check()
 
 
 # ---------------------------------------------------------------- data
@@ -135,78 +67,6 @@ def sft_dataset(path: Path, seq_len: int, *, validation: bool, cfg: TrainConfig,
     """The loop's dataset factory for SFT: conversation rows, shuffled per epoch (validation: seed 0)."""
     return SFTDataset(path, seq_len, seed=0 if validation else cfg.seed, rank=rank, world_size=world_size,
                       tokenizer_sha256=tokenizer_sha256)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (torchrun ranks wait while the first one packs); none where fcntl is missing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: a single process is the usual case there
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def pack_cached(source: str | os.PathLike[str], tokenizer: Tokenizer, *, template: str = "chatml",
-                drop_think: bool = False, system: str | None = None, val_fraction: float = 0.02,
-                cache_dir: str | os.PathLike[str] | None = None, workers: int = 0, progress: bool = True) -> Path:
-    """Pack raw conversations into ``cache_dir`` (default: ``.SOURCE.zhllm-cache`` beside it) once; return the prefix.
-
-    The cache is reused while every source file keeps its size and modification time, and the
-    tokenizer and the options are the same; otherwise it is packed again, logging why.
-    """
-    source = Path(source)
-    corpus = Corpus([str(source)])
-    fingerprint = {
-        "sources": [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in corpus.files],
-        "tokenizer_sha256": tokenizer.sha256, "template": template, "drop_think": drop_think, "system": system,
-        "val_fraction": val_fraction, "engine_version": engine_version,
-    }
-    folder = Path(cache_dir) if cache_dir else cache_folder(source)
-    folder = folder / tokenizer.sha256[:12]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot write the packing cache {folder} ({e.strerror}): pass --cache-dir") from None
-    prefix, stamp = folder / "sft", folder / "sft.source.json"
-    with _locked(folder / ".lock"):
-        try:
-            previous = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() else None
-        except (OSError, json.JSONDecodeError):
-            previous = {}  # unreadable: pack again
-        if previous == fingerprint and DatasetPaths.of(prefix).meta.is_file():
-            logger.info("using %s, packed before from %s (unchanged)", prefix, source)
-            return prefix
-        changed = "no cache yet" if previous is None else "changed: " + ", ".join(
-            key for key in fingerprint if previous.get(key) != fingerprint[key])
-        logger.info("packing %s into %s (%s)", source, prefix, changed)
-        for path in (stamp, *DatasetPaths.of(prefix).all(), *DatasetPaths.of(prefix).val().all()):
-            path.unlink(missing_ok=True)  # a stale .val must never outlive its training split
-        reader = corpus if template == "chatml" and not drop_think else TemplatedCorpus(corpus, template, drop_think)
-        config = PackConfig(out=str(prefix), kind="sft", val_fraction=val_fraction, workers=workers,
-                            system_prompt=system, progress=progress)
-        pack_corpus(reader, tokenizer, config)  # type: ignore[arg-type]  # TemplatedCorpus duck-types Corpus
-        corpus.report.log_summary()
-        val = DatasetPaths.of(prefix).val()
-        if val.meta.is_file() and json.loads(val.meta.read_text(encoding="utf-8")).get("n_docs") == 0:
-            logger.warning("no conversation fell into the validation split (--val-fraction %s): training without one",
-                           val_fraction)
-            for path in val.all():
-                path.unlink(missing_ok=True)
-        write_json_atomic(stamp, fingerprint)
-    return prefix
-
-
-def cache_folder(source: str | os.PathLike[str]) -> Path:
-    """The default cache of raw data ``source``: hidden, beside it (``data/x.jsonl`` → ``data/.x.jsonl.zhllm-cache``)."""
-    source = Path(source).resolve()
-    return source.with_name(f".{source.name}{CACHE_SUFFIX}")
 
 
 def open_sft(prefix: str | os.PathLike[str]) -> PackedFiles:

@@ -21,6 +21,7 @@ from engine.chat_template import IM_END, render_text
 from engine.conversations import parse_conversation
 from engine.dataset import SFTDataset
 from engine.format import DatasetPaths, open_packed
+from engine import pack_cache, reply_template
 from engine.pack import PackConfig, pack_corpus
 from engine.sources import Corpus
 from llama import pretrain, sft
@@ -47,7 +48,7 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def sharegpt(shared_data, small_tokenizer, tmp_path_factory) -> Path:
     """The real multi-turn ShareGPT file packed through llama.sft's cache (no validation split)."""
-    return sft.pack_cached(shared_data / SHAREGPT, small_tokenizer, val_fraction=0.0, workers=1, progress=False,
+    return pack_cache.pack_cached(shared_data / SHAREGPT, small_tokenizer, val_fraction=0.0, workers=1, progress=False,
                            cache_dir=tmp_path_factory.mktemp("sharegpt-cache"))
 
 
@@ -150,14 +151,14 @@ def test_packed_conversations_never_attend_to_each_other(sharegpt):
 
 def test_think_template_formats_replies_and_can_be_switched_off():
     reasoning = "<think>\n用户头痛，先问病程。\n</think>\n头痛多久了？"
-    assert sft.format_reply(reasoning, "chatml") == reasoning
-    assert sft.format_reply(reasoning, "chatml", drop_think=True) == "头痛多久了？"
-    assert sft.format_reply(reasoning, "think") == "<think>\n用户头痛，先问病程。\n</think>\n\n头痛多久了？"
-    assert sft.format_reply("多喝水。", "think") == "<think>\n\n</think>\n\n多喝水。"
-    assert sft.format_reply(reasoning, "think", drop_think=True) == "<think>\n\n</think>\n\n头痛多久了？"
-    assert sft.format_reply("答案里提到 <think> 不算推理", "think").startswith(sft.EMPTY_THINK)
-    assert sft.assistant_prefix("think", thinking=False) == sft.EMPTY_THINK
-    assert sft.assistant_prefix("think") == sft.assistant_prefix("chatml", thinking=False) == ""
+    assert reply_template.format_reply(reasoning, "chatml") == reasoning
+    assert reply_template.format_reply(reasoning, "chatml", drop_think=True) == "头痛多久了？"
+    assert reply_template.format_reply(reasoning, "think") == "<think>\n用户头痛，先问病程。\n</think>\n\n头痛多久了？"
+    assert reply_template.format_reply("多喝水。", "think") == "<think>\n\n</think>\n\n多喝水。"
+    assert reply_template.format_reply(reasoning, "think", drop_think=True) == "<think>\n\n</think>\n\n头痛多久了？"
+    assert reply_template.format_reply("答案里提到 <think> 不算推理", "think").startswith(reply_template.EMPTY_THINK)
+    assert reply_template.assistant_prefix("think", thinking=False) == reply_template.EMPTY_THINK
+    assert reply_template.assistant_prefix("think") == reply_template.assistant_prefix("chatml", thinking=False) == ""
 
 
 def test_think_template_is_what_gets_packed_and_learned(small_tokenizer, tmp_path):
@@ -166,7 +167,7 @@ def test_think_template_is_what_gets_packed_and_learned(small_tokenizer, tmp_pat
                                   {"role": "assistant", "content": f"<think>想{i}</think>答{i}" if i % 2 else f"答{i}"}]}
                for i in range(6)]
     raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    prefix = sft.pack_cached(raw, small_tokenizer, template="think", val_fraction=0.0, workers=1, progress=False)
+    prefix = pack_cache.pack_cached(raw, small_tokenizer, template="think", val_fraction=0.0, workers=1, progress=False)
     data = SFTDataset(prefix, 64, pin_memory=False)
     think_id = small_tokenizer.token_to_id("<think>")
     texts = set()
@@ -175,7 +176,7 @@ def test_think_template_is_what_gets_packed_and_learned(small_tokenizer, tmp_pat
         ids, mask = np.asarray(data.files.tokens[start:end]), np.asarray(data.files.mask[start:end])
         texts.add(small_tokenizer.decode(ids[mask == 1].tolist()))
         assert think_id in ids[mask == 1]  # the reasoning block is a target, like the answer
-    assert texts == {f"<think>\n想{i}\n</think>\n\n答{i}{IM_END}" if i % 2 else f"{sft.EMPTY_THINK}答{i}{IM_END}"
+    assert texts == {f"<think>\n想{i}\n</think>\n\n答{i}{IM_END}" if i % 2 else f"{reply_template.EMPTY_THINK}答{i}{IM_END}"
                      for i in range(6)}
 
 
@@ -206,7 +207,7 @@ def test_sft_on_medical_data_lowers_the_assistant_validation_loss_then_resumes_f
     caplog.set_level(logging.INFO)
     code, err = run([*args, "--steps", "40"], capsys)
     assert code == 0, err
-    cache = medical_subset.parent / f".{medical_subset.name}{sft.CACHE_SUFFIX}"
+    cache = medical_subset.parent / f".{medical_subset.name}{pack_cache.CACHE_SUFFIX}"
     prefix = next(cache.glob("*/sft.meta.json")).parent / "sft"
     val = DatasetPaths.of(prefix).val()
     assert val.meta.exists() and "validation loss before training" in caplog.text
