@@ -53,26 +53,16 @@ def beam_search(
     prompt's chosen tokens at the end (a beam's tokens are not final before then).
     """
     device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    ids, mask = left_pad(prompts, pad_id, device)
-    batch, prompt_len = ids.shape
-    cache = KVCache.for_model(model, batch, prompt_len + max_new_tokens)
-    if not all(len(p) == prompt_len for p in prompts):
-        cache.mask_padding(mask)
-    seen = tokens_seen(ids, mask, vocab) if repetition_penalty != 1.0 else None
+    vocab, batch = model.config.vocab_size, len(prompts)
     stop = set(eos_ids)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     n_candidates = max(2, 1 + len(stop)) * num_beams
     clock = Stopwatch(device)
-    logits = model(ids, position_ids=prompt_positions(mask), cache=cache, logits_to_keep=1).logits[:, -1]
-
-    rows = torch.arange(batch, device=device).repeat_interleave(num_beams)  # row b * num_beams + k: beam k of b
-    cache.reorder(rows)
-    logits, lengths = logits[rows], mask.sum(dim=1)[rows]
-    seen = None if seen is None else seen[rows]
+    cache, logits, mask, seen = _prefill(model, prompts, max_new_tokens, num_beams, pad_id, repetition_penalty)
+    lengths = mask.sum(dim=1).repeat_interleave(num_beams)
     beam_scores = torch.zeros(batch, num_beams, device=device)
     beam_scores[:, 1:] = NO_BEAM  # the beams start identical: extend only the first
-    beam_tokens: list[list[int]] = [[] for _ in rows]
+    beam_tokens: list[list[int]] = [[] for _ in range(batch * num_beams)]
     hypotheses = [Hypotheses(num_beams) for _ in range(batch)]
     prefill_s = decode_s = 0.0
     decode_steps = 0
@@ -87,22 +77,10 @@ def beam_search(
             log_probs = hold_back(log_probs, stop_ids)
         totals = (log_probs.view(batch, num_beams, vocab) + beam_scores[..., None]).view(batch, -1)
         top_scores, top_index = totals.topk(n_candidates, dim=1)
-        scores, sources, tokens = top_scores.tolist(), (top_index // vocab).tolist(), (top_index % vocab).tolist()
+        candidates = top_scores.tolist(), (top_index // vocab).tolist(), (top_index % vocab).tolist()
         last = step + 1 == max_new_tokens
-        keep_rows, keep_tokens, keep_scores = [], [], []
-        for b in range(batch):
-            kept = 0
-            for rank in range(n_candidates):
-                source, token = b * num_beams + sources[b][rank], tokens[b][rank]
-                if token in stop or last:
-                    if rank < num_beams and not hypotheses[b].full:
-                        score = scores[b][rank] / (step + 1) ** length_penalty
-                        hypotheses[b].add(score, beam_tokens[source] + [token])
-                elif kept < num_beams:
-                    keep_rows.append(source)
-                    keep_tokens.append(token)
-                    keep_scores.append(scores[b][rank])
-                    kept += 1
+        keep_rows, keep_tokens, keep_scores = _select(candidates, num_beams, stop, last, (step + 1) ** length_penalty,
+                                                      hypotheses, beam_tokens)
         if step == 0:
             prefill_s = clock.lap()
         if last or all(h.full for h in hypotheses):
@@ -132,3 +110,48 @@ def beam_search(
         decode_tokens_per_s=per_second(decode_steps * batch * num_beams, decode_s),
         scores=[h.best[0][0] for h in hypotheses],
     )
+
+
+def _prefill(
+    model: Llama, prompts: list[list[int]], max_new_tokens: int, num_beams: int, pad_id: int, repetition_penalty: float,
+) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Prefill the left-padded prompts once, then give each prompt ``num_beams`` rows (row ``b * num_beams + k``
+    is beam k of prompt b): the cache, the next-token logits per row, the padding mask (per prompt) and, with a
+    repetition penalty, the tokens each row has seen."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch, prompt_len = ids.shape
+    cache = KVCache.for_model(model, batch, prompt_len + max_new_tokens)
+    if not all(len(p) == prompt_len for p in prompts):
+        cache.mask_padding(mask)
+    seen = tokens_seen(ids, mask, model.config.vocab_size) if repetition_penalty != 1.0 else None
+    logits = model(ids, position_ids=prompt_positions(mask), cache=cache, logits_to_keep=1).logits[:, -1]
+    rows = torch.arange(batch, device=device).repeat_interleave(num_beams)
+    cache.reorder(rows)
+    return cache, logits[rows], mask, None if seen is None else seen[rows]
+
+
+def _select(
+    candidates: tuple[list[list[float]], list[list[int]], list[list[int]]], num_beams: int, stop: set[int],
+    last: bool, length_norm: float, hypotheses: list[Hypotheses], beam_tokens: list[list[int]],
+) -> tuple[list[int], list[int], list[float]]:
+    """One step's choice per prompt from its ``(scores, source beams, tokens)`` candidates, best first: a stop token
+    (or any token on the last step) ends a hypothesis (if among the top ``num_beams``), the first ``num_beams``
+    others continue. Returns the continuing beams' source rows, tokens and scores."""
+    scores, sources, tokens = candidates
+    keep_rows: list[int] = []
+    keep_tokens: list[int] = []
+    keep_scores: list[float] = []
+    for b, hyp in enumerate(hypotheses):
+        kept = 0
+        for rank in range(len(scores[b])):
+            source, token = b * num_beams + sources[b][rank], tokens[b][rank]
+            if token in stop or last:
+                if rank < num_beams and not hyp.full:
+                    hyp.add(scores[b][rank] / length_norm, beam_tokens[source] + [token])
+            elif kept < num_beams:
+                keep_rows.append(source)
+                keep_tokens.append(token)
+                keep_scores.append(scores[b][rank])
+                kept += 1
+    return keep_rows, keep_tokens, keep_scores
