@@ -196,10 +196,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class LlamaOutput:
-    """``loss`` when labels were given; ``logits [B, T, V]`` unless the fused cross-entropy made them unnecessary."""
+    """``loss`` when labels were given; ``logits [B, T, V]`` unless the fused cross-entropy made them unnecessary;
+    ``head`` what a ``head`` callable returned instead of both."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    head: Any = None
 
 
 def _sdpa_attention(
@@ -446,15 +448,22 @@ class Llama(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None, cache: KVCache | None = None, logits_to_keep: int = 0,
+        head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> LlamaOutput:
         """``input_ids [B, T]``; ``labels [B, T]`` already shifted (``labels[t]`` is the target after token t,
         -100 ignored); ``position_ids [B, T]`` (default 0..T-1) and ``doc_ids [B, T]`` for packed rows, where
         each token attends only inside its document. The loss is the mean over counted tokens (0 if none).
 
         ``cache``: attend over its tokens too and append these (positions default to continuing them).
-        ``logits_to_keep`` > 0 computes the logits of the last that many tokens only (generation needs one)."""
+        ``logits_to_keep`` > 0 computes the logits of the last that many tokens only (generation needs one).
+
+        ``head(hidden [B, T, dim], lm_head_weight [V, dim])`` replaces the output layer and the loss: its result
+        is returned as ``head``. A loss over ``hidden @ W.T`` computed in chunks (never whole logits) goes
+        here, inside ``forward``, so DDP's gradient hooks, FSDP's gathered weights and ``torch.compile`` see it."""
         ops = TRITON_OPS if self.uses_triton(input_ids) else TORCH_OPS
         hidden = self.hidden_states(input_ids, position_ids, doc_ids, cache)
+        if head is not None:
+            return LlamaOutput(head=head(hidden, self.lm_head.weight))
         if labels is None:
             return LlamaOutput(logits=self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden))
         if ops.fused_loss:  # the [B, T, V] logits are never built

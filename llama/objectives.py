@@ -13,9 +13,11 @@ An objective is any object with these members (:class:`Objective` spells them ou
 - ``state_dict()`` / ``load_state_dict(state)``: its own state, saved with every checkpoint and restored on
   resume (``{}`` when it has none).
 
-The model can hand back its final hidden states instead of a loss (``model.hidden_states(...)`` and
-``model.lm_head.weight``), so a loss over ``hidden @ W.T`` can be chunked the way
-:func:`zhkernels.fused_linear_cross_entropy` is, never building ``[tokens, vocab]`` logits.
+The model can hand its final hidden states and ``lm_head`` weight to a ``head`` instead of computing logits
+(``model(ids, head=fn).head``, inside the forward, so DDP, FSDP and ``torch.compile`` see it): a loss over
+``hidden @ W.T`` is then chunked the way :func:`zhkernels.fused_linear_cross_entropy` is, never building
+``[tokens, vocab]`` logits. Objectives receive the model as the loop runs it (possibly wrapped), so they call
+it rather than its submodules.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The loop's seam: an objective written outside the package trains, validates, keeps state and resumes exactly.
 
 The toy objective lives in a file this test writes (so nothing of it is in ``llama/``): every position's
-target is one fixed token, its loss goes through the model's hidden states and ``lm_head`` weight
+target is one fixed token, its loss is a ``head`` over the model's hidden states and ``lm_head`` weight
 (chunked, as ``zhkernels.fused_linear_cross_entropy`` computes it, never ``[tokens, vocab]`` logits), it
 reports a metric of its own in training and in validation, and it counts its calls as state the checkpoint
 must carry. A run killed by SIGKILL mid-way and restarted gives the uninterrupted run's losses, bit for bit.
@@ -42,15 +42,12 @@ class FixedTarget:
     def __init__(self, target):
         self.target, self.calls = target, 0
 
-    def _hidden(self, model, batch):
-        return model.hidden_states(batch["input_ids"])
-
     def loss(self, model, batch):
         self.calls += 1
-        base = getattr(model, "module", model)  # under DDP the weights live one level down
-        hidden = self._hidden(model, batch)
-        targets = torch.full(batch["input_ids"].shape, self.target, device=hidden.device)
-        loss = zhkernels.fused_linear_cross_entropy(hidden, base.lm_head.weight, targets)
+        targets = torch.full(batch["input_ids"].shape, self.target, device=batch["input_ids"].device)
+        # chunked over hidden @ W.T inside the model's forward (DDP, FSDP and torch.compile see it)
+        loss = model(batch["input_ids"], head=lambda hidden, weight: zhkernels.fused_linear_cross_entropy(
+            hidden, weight, targets)).head
         return loss, {"calls": torch.tensor(float(self.calls))}
 
     def tokens(self, batch):
@@ -110,6 +107,9 @@ def test_hidden_states_and_lm_head_give_the_models_loss():
     assert hidden.shape == (2, 16, 64)
     logits = hidden @ model.lm_head.weight.T
     torch.testing.assert_close(model(ids).logits, logits)
+    out = model(ids, head=lambda h, w: (h, w))  # a head gets the same hidden states and the output weight
+    torch.testing.assert_close(out.head[0], hidden)
+    assert out.head[1] is model.lm_head.weight and out.loss is None and out.logits is None
     torch.testing.assert_close(model(ids, labels=labels).loss,
                                torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)))
 
