@@ -6,7 +6,8 @@ An objective is any object with these members (:class:`Objective` spells them ou
 - ``loss(model, batch) -> (loss, metrics)``: the mean loss of one micro-batch (a 0-d tensor to backpropagate)
   and named 0-d metric tensors; the loop averages both over micro-batches and ranks and reads them back once
   per step, with the loss, so a metric never adds a GPU→CPU sync;
-- ``tokens(batch) -> int``: how many tokens the batch counts (throughput), from shapes only (no sync);
+- ``tokens(batch) -> int``: how many tokens the batch counts, from shapes only (no sync): the loop's ``tokens``
+  counter and tokens/s add it up (times the ranks; ``--tokens`` budgets still count ``batch x seq_len``);
 - ``validate(model, batches) -> metrics``: what evaluation reports, named 0-d tensors averaged over ranks by the
   loop (called in eval mode, under ``torch.no_grad`` and the run's autocast); ``"loss"`` becomes ``val_loss``
   and ``val_ppl`` in the metrics log;

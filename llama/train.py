@@ -659,7 +659,7 @@ def _log_record(run: Run, step: StepResult, lr: float, tokens_per_s: float, mfu_
 class _Progress:
     """What the loop carries from step to step besides :class:`TrainState`: for the log and the result."""
 
-    start_step: int
+    start_tokens: int
     saved_at: Path | None
     last: StepResult | None = None
     val_loss: float | None = None
@@ -682,7 +682,8 @@ def _loop(run: Run, rng: Any) -> TrainResult:
                             progress=cfg.progress)
     if rng is not None:
         ckpt.set_rng_state(rng)
-    p, run.started = _Progress(start_step=state.step, saved_at=run.resumed_from), time.perf_counter()
+    p = _Progress(start_tokens=state.tokens, saved_at=run.resumed_from)
+    run.started = time.perf_counter()
     p.initial_val_loss = _initial_validation(run)
     try:
         with StopSignals() as signals, logging_redirect_tqdm():
@@ -695,10 +696,11 @@ def _loop(run: Run, rng: Any) -> TrainResult:
                 p.first_batch_sha256 = p.first_batch_sha256 or hashlib.sha256(
                     batches[0]["input_ids"].numpy().tobytes()).hexdigest()
                 p.last = train_step(run, batches, signals.received or 0)
-                state.step, state.tokens = state.step + 1, state.tokens + run.tokens_per_step
+                step_tokens = sum(run.objective.tokens(b) for b in batches) * run.runtime.world_size
+                state.step, state.tokens = state.step + 1, state.tokens + step_tokens
                 stop_signal = signals.received or (signal.SIGTERM if p.last.signalled else 0)
                 p.bad_steps = _check_finite(run, p.last, p.bad_steps)
-                p.window_tokens += run.tokens_per_step
+                p.window_tokens += step_tokens
                 p.window_seconds += time.perf_counter() - step_started
 
                 val, done = None, state.step == run.total_steps
@@ -736,7 +738,7 @@ def _result(run: Run, p: _Progress) -> TrainResult:
     seconds, state = time.perf_counter() - run.started, run.state
     result = TrainResult(
         steps=state.step, tokens=state.tokens, seconds=state.elapsed_s + seconds,
-        tokens_per_s=(state.step - p.start_step) * run.tokens_per_step / max(seconds, 1e-9),
+        tokens_per_s=(state.tokens - p.start_tokens) / max(seconds, 1e-9),
         train_loss=p.last.loss if p.last else None, val_loss=p.val_loss, mfu=p.mfu,
         peak_memory_gib=peak_memory_gib(run.runtime.device), out_dir=run.out_dir, checkpoint=p.saved_at,
         resumed_from=run.resumed_from, first_batch_sha256=p.first_batch_sha256, initial_val_loss=p.initial_val_loss,

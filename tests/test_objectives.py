@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llama import objectives
 from llama.metrics import read_metrics
 from llama.model import Llama, LlamaConfig
 from llama.train import TrainConfig, train
@@ -171,8 +172,6 @@ def test_sigkill_then_resume_gives_the_toy_objectives_losses_bit_for_bit(toy, co
 
 
 def test_pretrain_and_sft_objectives_are_the_models_loss_and_sft_reports_its_supervised_share():
-    from llama import objectives
-
     torch.manual_seed(1)
     model = Llama(tiny())
     ids = torch.randint(0, VOCAB, (2, 16))
@@ -186,3 +185,14 @@ def test_pretrain_and_sft_objectives_are_the_models_loss_and_sft_reports_its_sup
     assert torch.equal(loss, expected) and metrics["supervised"].item() == pytest.approx(6 / 16)
     assert objectives.SFT().tokens(batch) == 32
     assert torch.equal(objectives.SFT().validate(model, [batch, batch])["loss"], expected.float())
+
+
+def test_the_loop_counts_the_tokens_the_objective_says_a_batch_has(corpus, tmp_path):
+    class HalfTokens(objectives.Pretrain):
+        def tokens(self, batch):
+            return batch["input_ids"].numel() // 2
+
+    result = train(tiny(), TrainConfig(steps=3, batch_size=4, seq_len=32, out_dir=str(tmp_path), progress=False,
+                                       eval_every=0, log_every=1), corpus, objective=HalfTokens())
+    assert result.tokens == 3 * 4 * 32 // 2
+    assert [r["tokens"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [64, 128, 192]
