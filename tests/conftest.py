@@ -59,6 +59,15 @@ def poisoned_outputs():
     _dispatch.POISON = False
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_runs():
+    """After each test, kill any training subprocess it started and left running (tests/training_runs.py)."""
+    yield
+    import training_runs
+
+    training_runs.kill_leftovers()
+
+
 @pytest.fixture
 def one_torch_thread():
     """One CPU thread while the test runs: tiny models train fastest so on a shared 2-core machine, and the

@@ -15,6 +15,7 @@ from engine.format import FORMAT, AtomicOutput, DatasetPaths, token_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, EOS = 128, 2
+STARTED: list[subprocess.Popen] = []  # every run start_run made, for kill_leftovers
 
 
 def write_corpus(prefix: Path, n_docs: int, seed: int) -> Path:
@@ -52,7 +53,9 @@ real = train.learning_rate
 
 def learning_rate(step, cfg, total_steps):  # called once at the start of every step
     if step == stall_at:  # hold the run here, say so, and go on only when the test says so
-        marker.write_text(str(step))
+        written = marker.with_name(marker.name + ".part")
+        written.write_text(str(step))
+        written.replace(marker)  # whole: a test reading it never sees an empty file
         while not go.exists():
             time.sleep(0.01)
     return real(step, cfg, total_steps)
@@ -71,8 +74,19 @@ def start_run(args: list[str], log_path: Path, stall_at: int = -1, script: str =
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     marker, go = log_path.with_suffix(".stalled"), log_path.with_suffix(".go")
     with open(log_path, "w") as log_file:
-        return subprocess.Popen([sys.executable, "-c", STALLING_RUN, str(stall_at), str(marker), str(go), script, *args],
+        proc = subprocess.Popen([sys.executable, "-c", STALLING_RUN, str(stall_at), str(marker), str(go), script, *args],
                                 cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    STARTED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> None:
+    """Kill the runs a failed test left behind (a stalled one would otherwise wait for its go file forever)."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
 
 
 def wait_until_stalled(log_path: Path, proc: subprocess.Popen, timeout: float = 300.0) -> int:
