@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import random
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from llama import objectives
 from llama.metrics import read_metrics
 from llama.model import Llama, LlamaConfig
 from llama.train import TrainConfig, train
-from training_runs import VOCAB, start_run, wait_until_stalled, write_corpus
+from training_runs import REPO, VOCAB, start_run, wait_until_stalled, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -196,3 +199,40 @@ def test_the_loop_counts_the_tokens_the_objective_says_a_batch_has(corpus, tmp_p
                                        eval_every=0, log_every=1), corpus, objective=HalfTokens())
     assert result.tokens == 3 * 4 * 32 // 2
     assert [r["tokens"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [64, 128, 192]
+
+
+HEAD_WORKER = """
+import importlib.util, os, sys, torch
+torch.set_num_threads(1)
+from llama.model import LlamaConfig
+from llama.train import TrainConfig, train
+out_dir, corpus, toy_file, parallel = sys.argv[1:5]
+spec = importlib.util.spec_from_file_location("toy_objective", toy_file)
+toy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(toy)
+model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, kernels="torch", tie_embeddings=True)
+cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, lr=1e-2, warmup_steps=1, eval_every=2, eval_batches=2,
+                  save_every=4, log_every=1, out_dir=out_dir, progress=False, parallel=parallel)
+result = train(model, cfg, corpus, objective=toy.FixedTarget(7))
+state = result.model.state_dict() if parallel == "ddp" else {}
+torch.save({"state": state}, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_head_objective_trains_data_parallel(toy, corpus, tmp_path, parallel):
+    """The head runs inside the model's forward, so DDP syncs its gradients and FSDP gathers the output weight."""
+    script, _ = toy
+    worker, out_dir = tmp_path / "worker.py", tmp_path / "out"
+    worker.write_text(HEAD_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(worker), str(out_dir), str(corpus), str(script), parallel],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(out_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["loss"] < records[0]["loss"]
+    assert [r["step"] for r in records if "val_hit_rate" in r] == [2, 4]
+    if parallel == "ddp":  # gradients were all-reduced: the replicas are identical
+        state0, state1 = (torch.load(out_dir / f"rank{r}.pt", weights_only=True)["state"] for r in (0, 1))
+        assert all(torch.equal(state0[k], state1[k]) for k in state0)
