@@ -52,7 +52,7 @@ for path in (REPO, REPO / "bench"):  # as a script bench/ is on sys.path, the ro
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from llama.model import PRESETS, Llama, LlamaConfig  # noqa: E402
+from llama.model import PRESETS, Llama, LlamaConfig, ModelOptions  # noqa: E402
 from llama.profiles import CUDA_CONTEXT_GIB as PLANNER_CONTEXT_GIB  # noqa: E402
 from llama.hardware import GIB  # noqa: E402
 from llama.profiles import PROFILES, estimate_memory_gib, plan  # noqa: E402
@@ -92,11 +92,11 @@ class Count:
 
 
 def preset_config(preset: str, **overrides: Any) -> LlamaConfig:
-    """The preset on our Triton path; presets without a vocabulary get ``ASSUMED_VOCAB``."""
+    """The preset; presets without a vocabulary get ``ASSUMED_VOCAB``."""
     fields = dict(PRESETS[preset])
     if fields.get("vocab_size") is None:
         fields["vocab_size"] = ASSUMED_VOCAB
-    fields.update(kernels="triton", **overrides)
+    fields.update(overrides)
     return LlamaConfig(**fields)
 
 
@@ -177,8 +177,9 @@ def _no_kernel_launches() -> Iterator[None]:
 
 
 def count_step(config: LlamaConfig, micro_batch: int, seq_len: int, precision: str, accumulation: int = 2,
-               packed: bool = True, preset: str = "", device: str = "meta") -> Count:
-    """Count one optimizer step's peak GPU memory (see the module doc). ``packed``: rows carry ``doc_ids``.
+               packed: bool = True, preset: str = "", device: str = "meta", checkpointing: bool = False) -> Count:
+    """Count one optimizer step's peak GPU memory on our Triton path (see the module doc). ``packed``: rows carry
+    ``doc_ids``; ``checkpointing``: activation checkpointing.
 
     ``device="cpu"`` runs the same step for real on CPU tensors (Triton's interpreter, real autocast), which is
     how the tests check the meta count against real allocations at small shapes."""
@@ -193,7 +194,7 @@ def count_step(config: LlamaConfig, micro_batch: int, seq_len: int, precision: s
     low = LOW_DTYPES[precision]
     meta = torch.device(device)
     with torch.device(meta):
-        model = Llama(config)
+        model = Llama(config, ModelOptions(kernels="triton", checkpointing=checkpointing))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=False)
@@ -226,7 +227,7 @@ def count_step(config: LlamaConfig, micro_batch: int, seq_len: int, precision: s
         optimizer.zero_grad(set_to_none=True)
     peak = tracker.get_tracker_snapshot("peak")[meta]
     by_kind = {str(getattr(k, "value", k)): int(v) for k, v in peak.items() if k != "Total"}
-    return Count(preset, micro_batch, seq_len, precision, config.checkpointing, accumulation,
+    return Count(preset, micro_batch, seq_len, precision, checkpointing, accumulation,
                  int(peak["Total"]), by_kind)
 
 
@@ -236,8 +237,8 @@ def count_planned(preset: str, profile_name: str) -> tuple[Count, float]:
     config = preset_config(preset)
     seq_len = profile.default_seq_len or config.max_seq_len
     chosen = plan(profile, config, seq_len)
-    config = dataclasses.replace(config, checkpointing=chosen.checkpointing)
-    count = count_step(config, chosen.micro_batch, seq_len, chosen.precision, chosen.grad_accum, preset=preset)
+    count = count_step(config, chosen.micro_batch, seq_len, chosen.precision, chosen.grad_accum, preset=preset,
+                       checkpointing=chosen.checkpointing)
     return count, float(chosen.estimated_gib)
 
 
@@ -277,9 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = []
     if args.preset:
-        config = preset_config(args.preset, checkpointing=args.checkpointing)
+        config = preset_config(args.preset)
         seq = args.seq or config.max_seq_len
-        count = count_step(config, args.batch, seq, args.precision, args.accumulation, preset=args.preset)
+        count = count_step(config, args.batch, seq, args.precision, args.accumulation, preset=args.preset,
+                           checkpointing=args.checkpointing)
         estimate = estimate_memory_gib(config, args.batch, seq, args.precision, args.checkpointing)
         rows.append(_row("-", count, estimate, None))
     else:

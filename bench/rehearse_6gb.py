@@ -81,14 +81,20 @@ def model_config(spec: StepSpec) -> Any:
     if spec.preset not in PRESETS:
         raise ValueError(f"unknown preset {spec.preset!r}; choose one of {', '.join(PRESETS)}")
     base = PRESETS[spec.preset]
-    fields: dict[str, Any] = {"kernels": "torch" if spec.impl == "hf" else spec.impl, "checkpointing": spec.checkpointing,
-                              "max_seq_len": max(spec.seq, base["max_seq_len"])}
+    fields: dict[str, Any] = {"max_seq_len": max(spec.seq, base["max_seq_len"])}
     if spec.vocab is not None or base["vocab_size"] is None:
         fields["vocab_size"] = spec.vocab or ASSUMED_VOCAB
     if spec.smoke:
         fields.update(dim=base["n_heads"] * SMOKE_HEAD_DIM, n_layers=SMOKE_LAYERS, ffn_dim=SMOKE_FFN,
                       vocab_size=SMOKE_VOCAB, max_seq_len=max(spec.seq, SMOKE_SEQ))
     return LlamaConfig.from_preset(spec.preset, **fields)
+
+
+def model_options(spec: StepSpec) -> Any:
+    """How our model runs for ``spec``: its kernels (``torch`` beside Hugging Face's) and activation checkpointing."""
+    from llama.model import ModelOptions
+
+    return ModelOptions(kernels="torch" if spec.impl == "hf" else spec.impl, checkpointing=spec.checkpointing)
 
 
 def vocab_assumed(spec: StepSpec) -> bool:
@@ -145,7 +151,7 @@ class Trainer:
             else:
                 from llama.model import Llama
 
-                self.model = Llama(self.config)
+                self.model = Llama(self.config, model_options(spec))
         self.model.train()
         self.optimizer = torch.optim.AdamW(decay_groups(self.model), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
                                            fused=True if device.type == "cuda" else None)

@@ -142,8 +142,7 @@ def model_config(spec: GenSpec) -> Any:
     from llama.model import PRESETS, LlamaConfig
 
     base = PRESETS[spec.preset]
-    fields: dict[str, Any] = {"kernels": spec.impl if spec.impl in OURS else "torch",
-                              "max_seq_len": max(base["max_seq_len"], spec.prompt_len + spec.new_tokens)}
+    fields: dict[str, Any] = {"max_seq_len": max(base["max_seq_len"], spec.prompt_len + spec.new_tokens)}
     if spec.vocab is not None:
         fields["vocab_size"] = spec.vocab
     if spec.smoke:
@@ -193,14 +192,14 @@ class Runner:
     """One model (ours or HF) on fixed random prompts; :meth:`generate` is one greedy call of its public API."""
 
     def __init__(self, spec: GenSpec, device: torch.device) -> None:
-        from llama.model import Llama
+        from llama.model import Llama, ModelOptions
 
         self.spec, self.device = spec, device
         self.config = model_config(spec)
         dtype = PRECISIONS[spec.precision]
         torch.manual_seed(SEED)
         with torch.device(device):
-            ours = Llama(self.config).eval()
+            ours = Llama(self.config, ModelOptions(kernels=spec.impl if spec.impl in OURS else "torch")).eval()
         self.params = ours.num_params()
         self.model = hf_model(ours, dtype) if spec.impl.startswith("hf") else ours.to(dtype)
         generator = torch.Generator().manual_seed(SEED + 1)

@@ -38,7 +38,7 @@ from .hf_io import (
     HF_CONFIG, HF_GENERATION_CONFIG, HF_WEIGHTS, LLAMA_ARCHITECTURE, ExportError, check_output, generation_config,
     publish_directory, read_hf_weights, read_json, read_llama_config, write_json,
 )
-from .model import Llama, LlamaConfig
+from .model import Llama, LlamaConfig, ModelOptions
 from .precision import DTYPES
 
 log = logging.getLogger("llama.export")
@@ -168,7 +168,7 @@ def import_hf(hf_dir: str | os.PathLike[str], kernels: str = "auto") -> tuple[Ll
     hf_dir = Path(hf_dir)
     hf = read_llama_config(hf_dir)
     try:
-        config = LlamaConfig.from_hf(hf, kernels=kernels)
+        config = LlamaConfig.from_hf(hf)
     except (TypeError, ValueError) as e:
         raise ExportError(f"{hf_dir / HF_CONFIG} describes a Llama this code cannot build: {e}") from None
     state = {name: t for name, t in read_hf_weights(hf_dir).items() if not name.endswith("rotary_emb.inv_freq")}
@@ -180,7 +180,7 @@ def import_hf(hf_dir: str | os.PathLike[str], kernels: str = "auto") -> tuple[Ll
                         hf_dir)
         if embed is not None:
             state["lm_head.weight"] = embed
-    model = Llama(config)
+    model = Llama(config, ModelOptions(kernels=kernels))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

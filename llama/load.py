@@ -25,7 +25,7 @@ from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 from . import checkpoint as ckpt
 from .export import import_hf, resolve_tokenizer
 from .hf_io import HF_CONFIG, not_llama, read_json
-from .model import KERNEL_CHOICES, Llama, LlamaConfig
+from .model import KERNEL_CHOICES, Llama, LlamaConfig, ModelOptions
 from .precision import DTYPES, best_precision
 
 log = logging.getLogger("llama.load")
@@ -111,11 +111,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def _model_config(saved: Any, where: Path, kernels: str) -> LlamaConfig:
-    """The checkpoint's :class:`LlamaConfig` for inference (no checkpointing, no dropout)."""
+def _model_config(saved: Any, where: Path) -> LlamaConfig:
+    """The checkpoint's :class:`LlamaConfig`, or a one-line :class:`LoadError`."""
     try:
-        return LlamaConfig.from_saved(saved, str(where / ckpt.CONFIG_FILE), kernels=kernels, checkpointing=False,
-                                      dropout=0.0)
+        return LlamaConfig.from_saved(saved, str(where / ckpt.CONFIG_FILE))
     except ValueError as e:
         raise LoadError(str(e)) from None
 
@@ -168,9 +167,9 @@ def load_for_inference(
     saved = read_json(found / ckpt.CONFIG_FILE) if found is not None and (found / ckpt.CONFIG_FILE).is_file() else {}
     if found is not None and ("format" in saved or "model" in saved):  # ours; an HF folder has the same file names
         saved = ckpt.read_config(found)  # refuses another format version
-        config = _model_config(saved.get("model"), found, kernels)
+        config = _model_config(saved.get("model"), found)
         tok = _tokenizer(saved.get("tokenizer") or {}, tokenizer, found)
-        model = Llama(config)
+        model = Llama(config, ModelOptions(kernels=kernels))  # inference: no checkpointing, no dropout
         ckpt.load_model_weights(found, model)
         info = InferenceInfo(found, "checkpoint", config, saved)
     elif ((hf_dir := found or path) / HF_CONFIG).is_file():  # sharded HF folders have no model.safetensors

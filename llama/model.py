@@ -5,7 +5,9 @@ Read top to bottom: ``LlamaConfig`` and its presets, then ``RMSNorm`` → ``Atte
 ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj.weight``, …), so ``state_dict()`` loads into
 ``transformers`` with no renaming (``LlamaConfig.to_hf_config()`` gives its config).
 
-Where each op runs is ``config.kernels``: ``"triton"`` calls our fused :mod:`kernels` (RMSNorm with the
+``LlamaConfig`` is the architecture only (what is saved beside the weights); how the model runs is
+``ModelOptions``: activation checkpointing, dropout, and where each op runs, ``options.kernels``:
+``"triton"`` calls our fused :mod:`zhkernels` (RMSNorm with the
 residual add folded in, RoPE, flash attention with GQA and document masking, SwiGLU, and a linear
 cross-entropy that never builds the ``[B, T, V]`` logits); ``"torch"`` calls :mod:`zhkernels.reference`,
 PyTorch's ``scaled_dot_product_attention`` and ``F.cross_entropy``; ``"auto"`` picks Triton for CUDA
@@ -23,7 +25,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +44,33 @@ _HAS_TRITON = _dispatch.HAS_TRITON  # triton imported, not merely installed
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a :class:`Llama` runs, as opposed to what it computes (:class:`LlamaConfig`): free to change between
+    a save and a resume, never saved with the weights."""
+
+    kernels: str = "auto"  # "triton" | "torch" | "auto" (Triton on CUDA input)
+    checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint) to save memory
+    dropout: float = 0.0  # on the embeddings and on each sub-layer's output (not on attention probabilities)
+
+    def __post_init__(self) -> None:
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+#: Fields that shape no weight: a run started from another's weights (``--init``) may change them (context
+#: extension, a new init scale for weights it does not load).
+FREE_ON_INIT = ("max_seq_len", "rope_scaling", "init_std")
+
+#: Fields older checkpoints saved in the model config; they are :class:`ModelOptions` now and are dropped on load.
+LEGACY_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(ModelOptions))
+
+
 @dataclass
 class LlamaConfig:
-    """Shape and behaviour of a :class:`Llama`. ``None`` for ``n_kv_heads`` / ``ffn_dim`` means "derive it"."""
+    """The architecture of a :class:`Llama`. ``None`` for ``n_kv_heads`` / ``ffn_dim`` means "derive it"."""
 
     dim: int = 512
     n_layers: int = 8
@@ -59,9 +85,6 @@ class LlamaConfig:
     rope_scaling: dict[str, Any] | None = None  # context extension for inference, see llama/rope_scaling.py
     tie_embeddings: bool = False  # lm_head shares the embedding matrix
     init_std: float = 0.02
-    dropout: float = 0.0  # on the embeddings and on each sub-layer's output (not on attention probabilities)
-    kernels: str = "auto"  # "triton" | "torch" | "auto"
-    checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint) to save memory
 
     def __post_init__(self) -> None:
         if self.vocab_size is None or self.vocab_size < 1:
@@ -76,10 +99,6 @@ class LlamaConfig:
             raise ValueError(f"head_dim {self.head_dim} (dim / n_heads) must be even for RoPE")
         if self.ffn_dim is not None and self.ffn_dim < 1:
             raise ValueError(f"ffn_dim must be positive or None (automatic), got {self.ffn_dim}")
-        if self.kernels not in KERNEL_CHOICES:
-            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}, got {self.kernels!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
 
     @property
@@ -132,6 +151,16 @@ class LlamaConfig:
             "initializer_range": self.init_std, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
         }
 
+    def differences(self, other: "LlamaConfig", ignore: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
+        """``(field, ours, theirs)`` for every field that differs from ``other``'s, derived values resolved
+        (``n_kv_heads``, ``ffn_dim``; ``multiple_of`` only feeds the latter), except the fields in ``ignore``."""
+        def resolved(config: LlamaConfig) -> dict[str, Any]:
+            fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore and k != "multiple_of"}
+            return {**fields, "n_kv_heads": config.kv_heads, "ffn_dim": config.ffn_hidden_dim}
+
+        ours, theirs = resolved(self), resolved(other)
+        return [(key, value, theirs[key]) for key, value in ours.items() if theirs[key] != value]
+
     @classmethod
     def from_saved(cls, saved: Any, where: str, **overrides: Any) -> "LlamaConfig":
         """From the ``model`` dict a checkpoint's config.json holds; fields this code does not know are dropped
@@ -139,7 +168,7 @@ class LlamaConfig:
         if not isinstance(saved, dict) or not saved.get("vocab_size"):
             raise ValueError(f"{where} holds no model config: it was not written by llama.train")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(saved) - known)
+        unknown = sorted(set(saved) - known - set(LEGACY_OPTION_FIELDS))
         if unknown:
             logging.getLogger(__name__).warning("%s: ignoring model fields this code does not know: %s", where,
                                                 ", ".join(unknown))
@@ -329,9 +358,9 @@ class Block(nn.Module):
     """One pre-norm layer. It takes and returns ``(hidden, residual)``: the stream is ``hidden + residual``,
     and the add is left to the next norm, which fuses it (``residual=None`` before the first layer)."""
 
-    def __init__(self, config: LlamaConfig, layer_idx: int = 0) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
-        self.dropout = config.dropout
+        self.dropout = dropout
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
@@ -381,11 +410,12 @@ class RotaryTables(nn.Module):
 class LlamaBackbone(nn.Module):
     """Embedding, the blocks and the final norm: token ids → final hidden states ``[B, T, dim]``."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, options: ModelOptions) -> None:
         super().__init__()
         self.config = config
+        self.options = options
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, i, options.dropout) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.rotary = RotaryTables(config)
 
@@ -401,12 +431,12 @@ class LlamaBackbone(nn.Module):
             cache_mask = cache.attention_mask(seq_len)
             if position_ids is None:  # the new tokens continue the cached ones
                 position_ids = torch.arange(past, past + seq_len, device=input_ids.device)[None]
-        hidden = F.dropout(self.embed_tokens(input_ids), self.config.dropout, self.training)
+        hidden = F.dropout(self.embed_tokens(input_ids), self.options.dropout, self.training)
         residual = None
         docs = ops.prepare_docs(doc_ids) if doc_ids is not None else None
         ctx = Context(cos, sin, position_ids, docs, ops, cache, cache_mask)
         for layer in self.layers:
-            if self.config.checkpointing and self.training and cache is None:
+            if self.options.checkpointing and self.training and cache is None:
                 hidden, residual = checkpoint(layer, hidden, residual, ctx, use_reentrant=False)
             else:
                 hidden, residual = layer(hidden, residual, ctx)
@@ -416,12 +446,15 @@ class LlamaBackbone(nn.Module):
 
 
 class Llama(nn.Module):
-    """Llama for causal LM: ``Llama(config)(input_ids, labels=None, position_ids=None, doc_ids=None, cache=None)``."""
+    """Llama for causal LM: ``Llama(config, options)(input_ids, labels=None, position_ids=None, doc_ids=None,
+    cache=None)``; ``options`` (:class:`ModelOptions`: kernels, activation checkpointing, dropout) default to
+    Triton on CUDA, no checkpointing, no dropout."""
 
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, options: ModelOptions | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaBackbone(config)
+        self.options = options or ModelOptions()
+        self.model = LlamaBackbone(config, self.options)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -441,9 +474,9 @@ class Llama(nn.Module):
 
     def uses_triton(self, x: torch.Tensor) -> bool:
         """Whether a forward on ``x`` goes through :mod:`kernels` (``"auto"``: CUDA input and Triton installed)."""
-        if self.config.kernels == "auto":
+        if self.options.kernels == "auto":
             return _HAS_TRITON and x.is_cuda
-        return self.config.kernels == "triton"
+        return self.options.kernels == "triton"
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -27,7 +27,7 @@ from engine.format import DatasetError, open_packed
 from .model import PRESETS, LlamaConfig
 from .profiles import PROFILES, Plan, Profile, get_profile, plan
 from .train import (
-    TrainConfig, add_train_arguments, check_seq_len, model_overrides, resolve_init, run_training, train,
+    TrainConfig, add_train_arguments, check_seq_len, model_overrides, option_overrides, resolve_init, run_training, train,
 )
 
 logger = logging.getLogger("llama.pretrain")
@@ -49,8 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab-size", type=int, help="model vocabulary (default: the preset's, else the corpus's tokenizer)")
     parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model field, value as JSON (e.g. dim=640, rope_theta=1e6); repeatable")
-    parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
-                        help="fused Triton kernels, plain PyTorch, or auto (Triton on CUDA) (default: auto)")
     add_train_arguments(parser, defaults={name: None for name in PLANNED} | {"out_dir": "out/pretrain"})
     return parser
 
@@ -59,7 +57,7 @@ def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> Ll
     """The preset with --model overrides; its vocabulary must cover the corpus's ids (one-line error otherwise)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    overrides: dict[str, Any] = {"kernels": args.kernels, **model_overrides(args.model)}
+    overrides = model_overrides(args.model)
     preset_vocab = PRESETS[preset].get("vocab_size")
     vocab = args.vocab_size or preset_vocab or corpus_vocab
     if preset_vocab and not args.vocab_size and preset_vocab != corpus_vocab:
@@ -91,13 +89,14 @@ def planned_values(args: argparse.Namespace, profile: Profile, config: LlamaConf
     values["grad_accum"] = args.grad_accum or (chosen.grad_accum if not args.batch_size else 1)
     if args.activation_checkpointing is None:
         values["activation_checkpointing"] = chosen.checkpointing
+    values.update(option_overrides(args.model))  # --model kernels=torch, checkpointing=true, dropout=0.1
     return values, chosen
 
 
 def init_model_config(args: argparse.Namespace) -> LlamaConfig:
-    """The --init checkpoint's model config, with --kernels and runtime --model overrides (the loop checks the rest)."""
+    """The --init checkpoint's model config with --model overrides (the loop checks they keep its architecture)."""
     found, saved = resolve_init(args.init)
-    overrides = {**model_overrides(args.model), "kernels": args.kernels}
+    overrides = model_overrides(args.model)
     return LlamaConfig.from_saved(saved.get("model"), f"--init {found}", **overrides)
 
 

@@ -117,8 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                         help="override a runtime model field, value as JSON (e.g. dropout=0.1); the architecture "
                         "must stay the checkpoint's")
-    parser.add_argument("--kernels", choices=("auto", "triton", "torch"), default="auto",
-                        help="fused Triton kernels, plain PyTorch, or auto (Triton on CUDA) (default: auto)")
     defaults = {**SFT_DEFAULTS, **{name: None for name in PLANNED}}
     add_train_arguments(parser, defaults=defaults, exclude=("data_mode", "doc_masking", "init"))
     return parser
@@ -171,7 +169,7 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
         prefix = DatasetPaths.of(args.data).prefix
     files = open_sft(prefix)
 
-    overrides = {"kernels": args.kernels, **model_overrides(args.model)}
+    overrides = model_overrides(args.model)
     config = LlamaConfig.from_saved(saved.get("model"), str(checkpoint / ckpt.CONFIG_FILE), **overrides)
     profile = get_profile(args.profile)
     seq_len = choose_seq_len(args.seq_len, profile, config, "the model's")

@@ -54,7 +54,7 @@ from .hardware import (
     Runtime, cap_memory, device_peak_tflops, memory_report, mfu, peak_memory_gib, setup_runtime, shard_fsdp, teardown_runtime,
 )
 from .metrics import MetricsLogger, summary_line
-from .model import Llama, LlamaConfig
+from .model import FREE_ON_INIT, KERNEL_CHOICES, Llama, LlamaConfig, ModelOptions
 from .objectives import Objective
 from .precision import DTYPES, resolve_precision
 
@@ -65,9 +65,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "sqrt")
 PARALLEL = ("ddp", "fsdp")
 DATA_MODES = ("random", "epoch")
-RUNTIME_MODEL_FIELDS = ("kernels", "checkpointing", "dropout")  # may change between a save and a resume
-# May also differ between an --init checkpoint and the new run: they shape no weight (context extension, init).
-INIT_FREE_FIELDS = (*RUNTIME_MODEL_FIELDS, "max_seq_len", "rope_scaling", "init_std")
+#: ``--model`` items that are run options (:class:`ModelOptions`), and the TrainConfig field each one sets.
+OPTION_FIELDS = {"kernels": "kernels", "checkpointing": "activation_checkpointing", "dropout": "dropout"}
 AUTOCAST_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name != "fp32"}
 
 
@@ -100,7 +99,11 @@ class TrainConfig:
     precision: str = _opt("auto", "'fp32', 'fp16' (loss scaling), 'bf16', or 'auto' (bf16/fp16 on GPU, fp32 on CPU)",
                           choices=PRECISIONS)
     compile: bool = _opt(False, "torch.compile the model")
-    activation_checkpointing: bool | None = _opt(None, "recompute activations in backward to save memory (default: the model config's)")
+    kernels: str = _opt("auto", "'triton' (fused kernels), 'torch' (plain PyTorch) or 'auto' (Triton on CUDA)",
+                        choices=KERNEL_CHOICES)
+    activation_checkpointing: bool | None = _opt(None, "recompute activations in backward to save memory (default: "
+                                                       "off; pretrain and sft: the profile's plan)")
+    dropout: float = _opt(0.0, "dropout on the embeddings and each sub-layer's output (0 = none)")
     parallel: str = _opt("ddp", "multi-GPU under torchrun: 'ddp' (replicate) or 'fsdp' (shard, FSDP2)", choices=PARALLEL)
     device: str | None = _opt(None, "'cuda', 'cuda:1' or 'cpu' (default: the GPU when there is one)")
     max_memory_gb: float | None = _opt(None, "cap GPU memory to this many GiB (rehearse a smaller card)")
@@ -133,8 +136,13 @@ class TrainConfig:
             raise ValueError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        self.model_options()  # kernels and dropout in range
         if min(self.warmup_steps, self.eval_every, self.save_every, self.keep_last, self.nan_patience) < 0 or self.log_every < 1:
             raise ValueError("--warmup-steps, --eval-every, --save-every, --keep-last, --nan-patience must be >= 0, --log-every >= 1")
+
+    def model_options(self) -> ModelOptions:
+        """How the model runs in this run: kernels, activation checkpointing, dropout."""
+        return ModelOptions(self.kernels, bool(self.activation_checkpointing), self.dropout)
 
     def total_steps(self, tokens_per_step: int) -> int:
         return self.steps if self.steps is not None else max(1, math.ceil(self.tokens / tokens_per_step))
@@ -255,27 +263,30 @@ def resolve_resume(resume: bool | str | None, out_dir: Path) -> Path | None:
     return found
 
 
-def check_model_config(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+def check_model_config(saved: dict[str, Any], current: LlamaConfig, checkpoint: Path) -> None:
     """Refuse to resume a checkpoint into a differently shaped model, naming the first field that differs."""
-    for key, value in current.items():
-        if key not in RUNTIME_MODEL_FIELDS and key in saved and saved[key] != value:
-            raise ckpt.CheckpointError(
-                f"{checkpoint} was saved for a model with {key}={saved[key]!r}, this run has {key}={value!r}: "
-                "resume with the same model settings, or use another --out-dir"
-            )
+    try:
+        theirs = LlamaConfig.from_saved(saved, str(checkpoint / ckpt.CONFIG_FILE))
+    except ValueError as e:
+        raise ckpt.CheckpointError(str(e)) from None
+    for key, value, saved_value in current.differences(theirs)[:1]:
+        raise ckpt.CheckpointError(
+            f"{checkpoint} was saved for a model with {key}={saved_value!r}, this run has {key}={value!r}: "
+            "resume with the same model settings, or use another --out-dir"
+        )
 
 
-def oom_advice(cfg: TrainConfig, model_config: LlamaConfig, device: torch.device, step: int, micro: int) -> str:
+def oom_advice(cfg: TrainConfig, device: torch.device, step: int, micro: int) -> str:
     """A one-line account of an out-of-memory error with the change most likely to fit."""
     where = f"out of GPU memory at step {step + 1}, micro-batch {micro + 1}/{cfg.grad_accum} ({memory_report(device)})"
     if cfg.batch_size > 1:
         fix = (f"halve --batch-size to {cfg.batch_size // 2} and double --grad-accum to {cfg.grad_accum * 2} "
                "(same tokens per step)")
-    elif not model_config.checkpointing:
+    elif not cfg.activation_checkpointing:
         fix = "turn on activation checkpointing (--activation-checkpointing)"
     else:
         fix = "use a shorter --seq-len, a smaller model, or a bigger GPU"
-    if not model_config.checkpointing and cfg.batch_size > 1:
+    if not cfg.activation_checkpointing and cfg.batch_size > 1:
         fix += ", or turn on activation checkpointing"
     return f"{where}: {fix}"
 
@@ -337,23 +348,15 @@ def check_init(init: Path, saved: dict[str, Any], model_config: LlamaConfig, dat
         theirs_config = LlamaConfig.from_saved(saved.get("model"), f"--init {init}")
     except ValueError as e:
         raise ckpt.CheckpointError(str(e)) from None
-    theirs_arch, ours_arch = architecture(theirs_config), architecture(model_config)
-    for key, value in theirs_arch.items():
-        if ours_arch[key] != value:
-            raise ckpt.CheckpointError(
-                f"--init {init} holds a model with {key}={value!r}, this run builds {key}={ours_arch[key]!r}: "
-                "build the same architecture (its config.json lists it), or start from another checkpoint"
-            )
+    for key, ours, theirs in model_config.differences(theirs_config, ignore=FREE_ON_INIT)[:1]:
+        raise ckpt.CheckpointError(
+            f"--init {init} holds a model with {key}={theirs!r}, this run builds {key}={ours!r}: "
+            "build the same architecture (its config.json lists it), or start from another checkpoint"
+        )
     changed = {key: getattr(model_config, key) for key in ("max_seq_len", "rope_scaling")
                if getattr(theirs_config, key) != getattr(model_config, key)}
     if changed:
         log.warning("--init %s: this run changes %s from the checkpoint's", init, changed)
-
-
-def architecture(config: LlamaConfig) -> dict[str, Any]:
-    """The fields that shape the weights or the function they compute, derived values resolved (n_kv_heads, ffn_dim)."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in INIT_FREE_FIELDS and k != "multiple_of"}
-    return {**fields, "n_kv_heads": config.kv_heads, "ffn_dim": config.ffn_hidden_dim}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -447,7 +450,7 @@ def save(run: Run, name: str, update_latest: bool = True) -> Path:
 def restore(run: Run, path: Path) -> dict[str, Any]:
     """Load what :func:`save` wrote into the run (the RNG state is returned, to be set right before the loop)."""
     trainer_state = ckpt.load_trainer_state(path / ckpt.TRAINER_FILE)
-    check_model_config(ckpt.read_config(path).get("model", {}), dataclasses.asdict(run.model_config), path)
+    check_model_config(ckpt.read_config(path).get("model", {}), run.model_config, path)
     ckpt.restore_training_state(run.model, run.optimizer, path, trainer_state["optimizer"], sharded=run.sharded)
     if trainer_state.get("scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(trainer_state["scaler"])
@@ -501,7 +504,7 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]], signal_received
                     loss = loss / accum
                 run.scaler.scale(loss).backward()
         except torch.cuda.OutOfMemoryError:
-            raise TrainingOOMError(oom_advice(run.cfg, run.model_config, device, run.state.step, micro)) from None
+            raise TrainingOOMError(oom_advice(run.cfg, device, run.state.step, micro)) from None
         names = sorted(metrics) if names is None else names
         values = torch.stack([loss.detach().float(), *(metrics[n].detach().float().reshape(()) / accum for n in names)])
         sums = values if sums is None else sums + values
@@ -542,21 +545,19 @@ def train(model_config: LlamaConfig, cfg: TrainConfig, train_path: str | Path, v
         teardown_runtime(runtime)
 
 
-def _prepare(model_config: LlamaConfig, cfg: TrainConfig, runtime: Runtime) -> tuple[LlamaConfig, str, int]:
-    """The run's model config (activation checkpointing applied), precision and sequence length; device settings."""
+def _prepare(model_config: LlamaConfig, cfg: TrainConfig, runtime: Runtime) -> tuple[str, int]:
+    """The run's precision and sequence length; device settings."""
     device = runtime.device
     precision = resolve_precision(cfg.precision, device)
     if precision == "fp16" and cfg.parallel == "fsdp" and runtime.distributed:
         raise ValueError("--parallel fsdp supports fp32 and bf16, not fp16 (its loss scaler is per rank): use bf16")
-    if cfg.activation_checkpointing is not None:
-        model_config = dataclasses.replace(model_config, checkpointing=cfg.activation_checkpointing)
     seq_len = check_seq_len(cfg.seq_len or model_config.max_seq_len, model_config)
     cap_memory(cfg.max_memory_gb, device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cfg.seed)
-    return model_config, precision, seq_len
+    return precision, seq_len
 
 
 def check_seq_len(seq_len: int, config: LlamaConfig, whose: str = "the model's") -> int:
@@ -567,10 +568,10 @@ def check_seq_len(seq_len: int, config: LlamaConfig, whose: str = "the model's")
     return seq_len
 
 
-def _build_model(model_config: LlamaConfig, runtime: Runtime, init_from: Path | None, init_config: dict[str, Any],
+def _build_model(model_config: LlamaConfig, options: ModelOptions, runtime: Runtime, init_from: Path | None, init_config: dict[str, Any],
                  transforms: Sequence[ModelTransform], sharded: bool) -> Llama:
     """The model on its device: --init's weights, then the transforms, then FSDP's sharding."""
-    model = Llama(model_config).to(runtime.device)
+    model = Llama(model_config, options).to(runtime.device)
     if init_from is not None:  # weights only: optimizer, schedule and data start fresh
         ckpt.load_model_weights(init_from, model)
         if runtime.is_main:
@@ -592,7 +593,7 @@ def setup(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pat
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_temporaries(out_dir)
     resume_from = resolve_resume(cfg.resume, out_dir)
-    model_config, precision, seq_len = _prepare(model_config, cfg, runtime)
+    precision, seq_len = _prepare(model_config, cfg, runtime)
 
     # ---- data: this rank's part of the training stream, fixed validation batches
     dataset_args = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size,
@@ -612,7 +613,7 @@ def setup(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pat
 
     # ---- model, optimizer, loss scaler
     sharded = cfg.parallel == "fsdp" and runtime.distributed
-    model = _build_model(model_config, runtime, init_from, init_config, transforms, sharded)
+    model = _build_model(model_config, cfg.model_options(), runtime, init_from, init_config, transforms, sharded)
     device = runtime.device
     optimizer = torch.optim.AdamW(model.configure_optimizer_groups(cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda" or None)
@@ -806,7 +807,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    """The TrainConfig the flags give, run options among ``--model`` items (``kernels=torch``) applied."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**values, **option_overrides(getattr(args, "model", []))})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -816,14 +819,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--preset", default="tiny", help="model preset from llama.model.PRESETS (default: tiny)")
     parser.add_argument("--vocab-size", type=int, help="model vocabulary (default: the corpus meta's)")
     parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a LlamaConfig field, value as JSON (e.g. dim=64, kernels=\"torch\"); repeatable")
+                        help="override a LlamaConfig field, value as JSON (e.g. dim=64), or a run option "
+                        "(kernels, checkpointing, dropout); repeatable")
     parser.add_argument("--tokenizer-sha256", help="refuse data packed with a tokenizer of another sha256")
     add_train_arguments(parser)
     return parser
 
 
 def model_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``--model KEY=VALUE`` items as LlamaConfig fields, values read as JSON (a bare word stays a string)."""
+    """``--model KEY=VALUE`` items naming LlamaConfig fields, values read as JSON (a bare word stays a string)."""
+    return {key: value for key, value in _parse_model_items(items).items() if key not in OPTION_FIELDS}
+
+
+def option_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--model`` items naming run options (``kernels``, ``checkpointing``, ``dropout``), as TrainConfig values."""
+    return {OPTION_FIELDS[key]: value for key, value in _parse_model_items(items).items() if key in OPTION_FIELDS}
+
+
+def _parse_model_items(items: Sequence[str]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -833,7 +846,7 @@ def model_overrides(items: Sequence[str]) -> dict[str, Any]:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(LlamaConfig)} - set(OPTION_FIELDS)
     if unknown:
         raise ValueError(f"--model: unknown field(s) {', '.join(sorted(unknown))}; see llama.model.LlamaConfig")
     return overrides

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and 
 
 def tiny_config(vocab_size: int, max_seq_len: int = 128) -> LlamaConfig:
     return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                       kernels="torch")
+                       )
 
 
 def save_tiny_checkpoint(out_dir: Path, tokenizer, sha256: str | None = None, max_seq_len: int = 128,

@@ -19,7 +19,7 @@ from llama.model import Llama, LlamaConfig
 
 
 def tiny(**overrides) -> Llama:
-    return Llama(LlamaConfig.from_preset("tiny", vocab_size=96, dim=64, kernels="torch", **overrides))
+    return Llama(LlamaConfig.from_preset("tiny", vocab_size=96, dim=64, **overrides))
 
 
 def trained_pair(tie: bool) -> tuple[Llama, torch.optim.AdamW]:
@@ -137,7 +137,7 @@ def test_a_pickled_object_is_refused_with_one_line_and_never_run(tmp_path):
 def test_weights_of_another_model_are_refused(tmp_path):
     path = save(tmp_path, 1, tiny())
     with pytest.raises(CheckpointError, match="does not fit this model") as info:
-        load_model_weights(path, Llama(LlamaConfig.from_preset("tiny", vocab_size=96, dim=128, kernels="torch")))
+        load_model_weights(path, Llama(LlamaConfig.from_preset("tiny", vocab_size=96, dim=128)))
     assert "\n" not in str(info.value)
     with pytest.raises(CheckpointError, match="missing"):
         load_model_weights(path, tiny(n_layers=3))

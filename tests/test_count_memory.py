@@ -18,7 +18,7 @@ from zhkernels import _dispatch  # noqa: E402
 from zhkernels.cross_entropy import padded_vocab  # noqa: E402
 
 requires_interpreter = pytest.mark.skipif(not _dispatch.interpret_mode(), reason="needs TRITON_INTERPRET=1 at import")
-SMALL = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=300, max_seq_len=64, ffn_dim=48, kernels="triton")
+SMALL = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=300, max_seq_len=64, ffn_dim=48)
 
 
 @pytest.mark.parametrize("profile", cm.CARD_PROFILES)
@@ -43,9 +43,9 @@ def test_the_meta_count_matches_a_real_cpu_step(precision, checkpointing):
     see inside our ops, so the real side misses their scratch buffers (here flash attention's 320-byte document
     bounds); without checkpointing in 16 bits the two agree up to those; otherwise within 8% (CPU-side
     temporaries at these toy sizes)."""
-    config = LlamaConfig(**SMALL, checkpointing=checkpointing)
-    meta = cm.count_step(config, 1, 24, precision, device="meta")
-    real = cm.count_step(config, 1, 24, precision, device="cpu")
+    config = LlamaConfig(**SMALL)
+    meta = cm.count_step(config, 1, 24, precision, device="meta", checkpointing=checkpointing)
+    real = cm.count_step(config, 1, 24, precision, device="cpu", checkpointing=checkpointing)
     assert meta.by_kind["Parameter"] == real.by_kind["Parameter"] > 0
     assert meta.by_kind["Optstate"] == real.by_kind["Optstate"]
     assert 0 <= meta.by_kind["Optstate"] - 2 * meta.by_kind["Parameter"] < 1024  # two moments (+ step scalars)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=64,
-                       kernels="torch")
+                       )
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and 
 def tiny_config(vocab_size: int, tie: bool, **overrides) -> LlamaConfig:
     """GQA 4/2, head_dim 16, an odd FFN; the tied one has MiniMind's theta 1e6 so config.json must carry it."""
     fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=vocab_size, max_seq_len=64,
-                  rope_theta=1e6 if tie else 1e4, tie_embeddings=tie, kernels="torch")
+                  rope_theta=1e6 if tie else 1e4, tie_embeddings=tie)
     return LlamaConfig(**{**fields, **overrides})
 
 
@@ -132,7 +132,7 @@ def test_tokenizer_chat_template_and_generation_config(exported, small_tokenizer
 def test_round_trip_through_import(exported):
     run, hf_dir, variant = exported
     tie = variant == "tied"
-    model, config = import_hf(hf_dir, kernels="torch")
+    model, config = import_hf(hf_dir)
     assert config.tie_embeddings == tie and (model.lm_head.weight is model.model.embed_tokens.weight) == tie
     original = ours_from(run / checkpoint_name(1))
     assert config == original.config  # theta, yarn scaling, GQA and the odd FFN survive the trip
@@ -271,7 +271,7 @@ def test_import_gives_the_same_logits(tmp_path, tie, sharded):
     theirs = hf_llama(tmp_path / "hf", tie, **({"max_shard_size": "40KB"} if sharded else {}))
     if sharded:
         assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
-    ours, config = import_hf(tmp_path / "hf", kernels="torch")
+    ours, config = import_hf(tmp_path / "hf")
     assert (config.n_kv_heads, config.rope_theta, config.tie_embeddings) == (1, 5e5, tie)
     ids = torch.randint(0, 211, (2, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

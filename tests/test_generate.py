@@ -20,20 +20,20 @@ from llama.sampling import penalize_repeats
 from engine.chat_template import IM_END
 from llama.generate import generate, generate_text
 from llama.kv_cache import KVCache
-from llama.model import Llama, LlamaConfig, LlamaOutput
+from llama.model import Llama, LlamaConfig, LlamaOutput, ModelOptions
 
 VOCAB = 61
 
 
 def tiny(**overrides) -> LlamaConfig:
-    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64, kernels="torch")
+    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64)
     return LlamaConfig(**{**fields, **overrides})
 
 
-def build(config: LlamaConfig | None = None, seed: int = 0) -> Llama:
+def build(config: LlamaConfig | None = None, seed: int = 0, kernels: str = "torch") -> Llama:
     """Random weights large enough (norms not all 1) that greedy tokens vary and a wrong op shows."""
     torch.manual_seed(seed)
-    model = Llama(config or tiny())
+    model = Llama(config or tiny(), ModelOptions(kernels=kernels))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.15 + (1.0 if p.dim() == 1 else 0.0))
@@ -92,7 +92,7 @@ def test_cache_is_preallocated_per_kv_head_in_the_model_dtype() -> None:
 
 @pytest.mark.parametrize("kernels_path", ["torch", pytest.param("triton", marks=requires_triton)])
 def test_cached_decoding_equals_recomputing(kernels_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = build(tiny(kernels=kernels_path))
+    model = build(tiny(), kernels=kernels_path)
     shapes: list[tuple[int, int]] = []
     if kernels_path == "triton":  # prove the flash kernel, not a fallback, attends over the cache
         flash = zhkernels.flash_attention

@@ -15,7 +15,7 @@ import torch
 from zhkernels import reference
 from kernel_checks import DEVICE, ON_GPU, assert_fp32_close, requires_triton
 from llama import model as model_module
-from llama.model import PRESETS, Llama, LlamaConfig
+from llama.model import PRESETS, Llama, LlamaConfig, ModelOptions
 from llama.rope_scaling import inv_freq_and_attention_factor, rope_tables
 
 VOCAB = 61
@@ -24,14 +24,14 @@ KERNELS = ["torch", pytest.param("triton", marks=requires_triton)]
 
 def tiny(**overrides) -> LlamaConfig:
     """2 layers, GQA 4/2 heads of 16 dims, fp32: small enough for the Triton interpreter."""
-    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64, kernels="torch")
+    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, max_seq_len=64)
     return LlamaConfig(**{**fields, **overrides})
 
 
-def build(config: LlamaConfig, seed: int = 0) -> Llama:
+def build(config: LlamaConfig, seed: int = 0, kernels: str = "torch", **options) -> Llama:
     """A model whose weights are large enough (and norms not all 1) that a wrong op shows in the logits."""
     torch.manual_seed(seed)
-    model = Llama(config)
+    model = Llama(config, ModelOptions(kernels=kernels, **options))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.15 + (1.0 if p.dim() == 1 else 0.0))
@@ -74,8 +74,8 @@ def hf_model(config: LlamaConfig, state: dict) -> torch.nn.Module:
 def test_logits_and_loss_match_transformers(kernels: str, tie: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if kernels == "triton":
         forbid_reference_fallback(monkeypatch)
-    config = tiny(tie_embeddings=tie, kernels=kernels)
-    ours = build(config).eval()
+    config = tiny(tie_embeddings=tie)
+    ours = build(config, kernels=kernels).eval()
     theirs = hf_model(config, ours.state_dict())
     assert (theirs.lm_head.weight is theirs.model.embed_tokens.weight) == tie
     ids = torch.randint(0, VOCAB, (2, 21), device=DEVICE)
@@ -92,7 +92,7 @@ def test_transformers_weights_load_into_ours() -> None:
     transformers = hf()
     config = tiny(tie_embeddings=False)
     theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf_config()))
-    ours = Llama(LlamaConfig.from_hf(theirs.config, kernels="torch"))
+    ours = Llama(LlamaConfig.from_hf(theirs.config), ModelOptions(kernels="torch"))
     ours.load_state_dict(theirs.state_dict(), strict=True)
     assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
 
@@ -114,7 +114,7 @@ def test_triton_gradients_equal_torch_gradients(monkeypatch: pytest.MonkeyPatch)
     batch = packed_batch([9, 14, 7], rows=2)
     results = {}
     for kernels in ("torch", "triton"):
-        model = build(tiny(kernels=kernels))
+        model = build(tiny(), kernels=kernels)
         loss = model(**batch).loss
         loss.backward()
         results[kernels] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
@@ -131,7 +131,7 @@ def test_packed_documents_equal_documents_alone(kernels: str, monkeypatch: pytes
     if kernels == "triton":
         forbid_reference_fallback(monkeypatch)
     lengths = [5, 11, 8]
-    model = build(tiny(kernels=kernels)).eval()
+    model = build(tiny(), kernels=kernels).eval()
     batch = packed_batch(lengths)
     with torch.no_grad():
         packed = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"]).logits
@@ -196,7 +196,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients(monkeypatch: pytest.Mon
     attention_forward = model_module.Attention.forward
     monkeypatch.setattr(model_module.Attention, "forward", lambda *a, **k: calls.append(1) or attention_forward(*a, **k))
     for on in (False, True):
-        model = build(tiny(checkpointing=on, dropout=0.1)).train()
+        model = build(tiny(), checkpointing=on, dropout=0.1).train()
         calls.clear()
         torch.manual_seed(123)  # the same dropout masks; checkpoint replays the RNG state on recompute
         loss = model(**batch).loss
@@ -293,9 +293,7 @@ def test_meta_model_materialises_with_to_empty_and_init_weights() -> None:
     (dict(dim=100, n_heads=8), "divisible by n_heads"),
     (dict(n_heads=8, n_kv_heads=3), "multiple of n_kv_heads"),
     (dict(dim=24, n_heads=8), "even"),
-    (dict(kernels="cuda"), "kernels must be one of"),
     (dict(vocab_size=None), "vocab_size"),
-    (dict(dropout=1.0), "dropout"),
     (dict(rope_scaling={"type": "longrope", "factor": 2.0}), "unknown"),
     (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_seq_len"),
     (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor"),
@@ -305,6 +303,26 @@ def test_config_errors_are_one_line(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         LlamaConfig(**{"dim": 64, "n_heads": 4, "vocab_size": VOCAB, **fields})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(kernels="cuda"), "kernels must be one of"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(dropout=-0.1), "dropout"),
+])
+def test_option_errors_are_one_line(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        ModelOptions(**fields)
+    assert "\n" not in str(info.value)
+
+
+def test_architecture_differences_resolve_derived_fields() -> None:
+    implicit = tiny(n_kv_heads=None, ffn_dim=None, n_heads=4)
+    explicit = tiny(n_kv_heads=4, ffn_dim=implicit.ffn_hidden_dim)
+    assert implicit.differences(explicit) == []
+    longer = tiny(max_seq_len=128, n_kv_heads=4)
+    assert implicit.differences(longer) == [("max_seq_len", 64, 128)]
+    assert implicit.differences(longer, ignore=("max_seq_len",)) == []
 
 
 def test_ffn_auto_rule_and_head_dim() -> None:
@@ -340,7 +358,7 @@ def test_optimizer_groups_decay_matrices_only(tie: bool) -> None:
 
 
 def test_auto_kernels_choose_torch_on_cpu_and_fully_ignored_labels_give_zero_loss() -> None:
-    model = Llama(tiny(kernels="auto"))
+    model = Llama(tiny())  # default options: kernels="auto"
     assert not model.uses_triton(torch.zeros(1, 1, dtype=torch.long))  # even under TRITON_INTERPRET=1
     ids = torch.randint(0, VOCAB, (1, 8))
     assert model(ids, labels=torch.full_like(ids, -100)).loss.item() == 0.0
@@ -355,7 +373,7 @@ def test_auto_kernels_choose_torch_on_cpu_and_fully_ignored_labels_give_zero_los
 def test_compiles_without_graph_breaks_on_the_triton_path(monkeypatch: pytest.MonkeyPatch) -> None:
     forbid_reference_fallback(monkeypatch)
     torch._dynamo.reset()
-    model = build(tiny(kernels="triton", n_layers=1))
+    model = build(tiny(n_layers=1), kernels="triton")
     batch = packed_batch([10, 14])
     eager = model(**batch).loss
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -371,7 +389,7 @@ def test_bf16_autocast_on_gpu_triton_close_to_torch() -> None:
     batch = packed_batch([100, 157, 255], rows=4)
     losses = {}
     for kernels in ("torch", "auto"):
-        model = build(tiny(kernels=kernels, max_seq_len=512, dim=256, n_heads=4, n_kv_heads=2))
+        model = build(tiny(max_seq_len=512, dim=256, n_heads=4, n_kv_heads=2), kernels=kernels)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             losses[kernels] = model(**batch).loss.float()
         assert model.uses_triton(batch["input_ids"]) == (kernels == "auto")
@@ -381,9 +399,10 @@ def test_bf16_autocast_on_gpu_triton_close_to_torch() -> None:
 
 def test_from_saved_drops_unknown_fields_and_names_bad_configs(caplog):
     saved = dict(LlamaConfig.from_preset("tiny", vocab_size=300).__dict__, future_field=1)
-    config = LlamaConfig.from_saved(saved, "ckpt/config.json", kernels="torch")
-    assert config.vocab_size == 300 and config.kernels == "torch"
-    assert "future_field" in caplog.text
+    saved.update(kernels="torch", checkpointing=True, dropout=0.1)  # what checkpoints before ModelOptions held
+    config = LlamaConfig.from_saved(saved, "ckpt/config.json", dim=128)
+    assert config.vocab_size == 300 and config.dim == 128
+    assert "future_field" in caplog.text and "kernels" not in caplog.text  # old run options: dropped quietly
     with pytest.raises(ValueError, match="ckpt/config.json holds no model config"):
         LlamaConfig.from_saved({}, "ckpt/config.json")
     with pytest.raises(ValueError, match="cannot build"):

@@ -70,12 +70,12 @@ class FixedTarget:
 
 def config(out_dir, steps):
     return TrainConfig(steps=steps, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, eval_every=4, log_every=1,
-                       save_every=2, keep_last=2, out_dir=out_dir, progress=False)
+                       save_every=2, keep_last=2, out_dir=out_dir, progress=False, dropout=0.1)
 
 
 if __name__ == "__main__":
     corpus, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, kernels="torch", dropout=0.1)
+    model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64)
     train(model, config(out_dir, steps), corpus, objective=FixedTarget(7))
 '''
 
@@ -99,7 +99,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def tiny() -> LlamaConfig:
-    return LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=64, kernels="torch")
+    return LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=64)
 
 
 def test_hidden_states_and_lm_head_give_the_models_loss():
@@ -144,9 +144,9 @@ def test_a_transform_runs_before_the_optimizer_is_built(corpus, tmp_path):
                             head=model.lm_head.weight.detach().clone(), model=model)
         return model
 
-    config = LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=64, kernels="torch", tie_embeddings=False)
+    config = LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=64, tie_embeddings=False)
     result = train(config, TrainConfig(steps=3, batch_size=4, seq_len=32, out_dir=str(tmp_path), progress=False,
-                                       eval_every=0), corpus, transforms=[freeze_embeddings])
+                                       kernels="torch", eval_every=0), corpus, transforms=[freeze_embeddings])
     assert at_transform["model"] is result.model
     assert torch.equal(result.model.model.embed_tokens.weight.detach(), at_transform["embed"])  # frozen: untouched
     assert not torch.equal(result.model.lm_head.weight.detach(), at_transform["head"])  # the rest trained
@@ -196,7 +196,7 @@ def test_the_loop_counts_the_tokens_the_objective_says_a_batch_has(corpus, tmp_p
             return batch["input_ids"].numel() // 2
 
     result = train(tiny(), TrainConfig(steps=3, batch_size=4, seq_len=32, out_dir=str(tmp_path), progress=False,
-                                       eval_every=0, log_every=1), corpus, objective=HalfTokens())
+                                       kernels="torch", eval_every=0, log_every=1), corpus, objective=HalfTokens())
     assert result.tokens == 3 * 4 * 32 // 2
     assert [r["tokens"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [64, 128, 192]
 
@@ -210,7 +210,7 @@ out_dir, corpus, toy_file, parallel = sys.argv[1:5]
 spec = importlib.util.spec_from_file_location("toy_objective", toy_file)
 toy = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(toy)
-model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, kernels="torch", tie_embeddings=True)
+model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, tie_embeddings=True)
 cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, lr=1e-2, warmup_steps=1, eval_every=2, eval_batches=2,
                   save_every=4, log_every=1, out_dir=out_dir, progress=False, parallel=parallel)
 result = train(model, cfg, corpus, objective=toy.FixedTarget(7))

@@ -114,7 +114,7 @@ def test_sample_continues_and_respects_eos():
     torch.manual_seed(0)
     from llama.model import Llama
 
-    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=50, dim=32, kernels="torch"))
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=50, dim=32))
     new = sample(model, [3, 4, 5], max_new_tokens=7, seed=1)
     assert len(new) == 7 and all(0 <= t < 50 for t in new)
     assert sample(model, [3, 4, 5], max_new_tokens=7, seed=1) == new, "sampling is seeded"

@@ -26,7 +26,7 @@ from engine.pack import PackConfig, pack_corpus
 from engine.sources import Corpus
 from llama import pretrain, sft
 from llama.checkpoint import find_checkpoint, load_model_weights, read_config
-from llama.model import Llama, LlamaConfig
+from llama.model import Llama, LlamaConfig, ModelOptions
 from llama.train import check_init
 
 SHAREGPT = "medicalgpt/sharegpt_zh_1K_format.jsonl"
@@ -135,7 +135,7 @@ def test_packed_conversations_never_attend_to_each_other(sharegpt):
     many = SFTDataset(sharegpt, 512, seed=3, pin_memory=False).next_batch(16)
     row = int(many["doc_ids"].amax(dim=1).argmax())  # the row holding the most conversations
     batch = {key: value[row : row + 1] for key, value in many.items()}
-    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=3000, dim=64, kernels="torch", max_seq_len=512)).eval()
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=3000, dim=64, max_seq_len=512)).eval()
     with torch.no_grad():
         packed = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"]).logits
         docs = batch["doc_ids"][0]
@@ -185,8 +185,8 @@ def test_think_template_is_what_gets_packed_and_learned(small_tokenizer, tmp_pat
 
 def validation_loss(checkpoint: Path, val_prefix: Path, seq_len: int) -> float:
     """Mean loss of the assistant tokens of every validation row under ``checkpoint``'s weights."""
-    config = LlamaConfig(**{**read_config(checkpoint)["model"], "kernels": "torch"})
-    model = Llama(config).eval()
+    config = LlamaConfig(**read_config(checkpoint)["model"])
+    model = Llama(config, ModelOptions(kernels="torch")).eval()
     load_model_weights(checkpoint, model)
     data = SFTDataset(val_prefix, seq_len, pin_memory=False)
     losses = []
@@ -286,8 +286,8 @@ def test_init_compares_the_architecture_not_how_it_was_spelled(pretrained, share
     checkpoint = find_checkpoint(pretrained)
     saved = read_config(checkpoint)
     same = LlamaConfig(**saved["model"])
-    spelled_out = dataclasses.replace(same, n_kv_heads=same.kv_heads, ffn_dim=same.ffn_hidden_dim, kernels="triton",
-                                      max_seq_len=512, dropout=0.1)  # runtime and context fields may change
+    spelled_out = dataclasses.replace(same, n_kv_heads=same.kv_heads, ffn_dim=same.ffn_hidden_dim,
+                                      max_seq_len=512)  # context fields may change
     check_init(checkpoint, saved, spelled_out, open_packed(sharegpt))
     with pytest.raises(ValueError, match="n_kv_heads=2, this run builds n_kv_heads=4"):
         check_init(checkpoint, saved, dataclasses.replace(same, n_kv_heads=4), open_packed(sharegpt))

@@ -24,7 +24,7 @@ from llama import objectives
 from llama.checkpoint import LATEST, find_checkpoint, list_checkpoints
 from llama.hardware import device_peak_tflops, lookup_peak_tflops, mfu
 from llama.metrics import read_metrics, summary_line
-from llama.model import LlamaConfig
+from llama.model import LlamaConfig, ModelOptions
 from llama.train import (
     NonFiniteLossError, TrainConfig, TrainingOOMError, learning_rate, run_from_args, train,
 )
@@ -45,12 +45,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and 
 
 
 def tiny_model() -> LlamaConfig:
-    return LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=64, kernels="torch")
+    return LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=64)
 
 
 def tiny_config(out_dir: Path, **overrides) -> TrainConfig:
     settings = dict(steps=6, batch_size=4, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=0,
-                    save_every=0, log_every=1, out_dir=str(out_dir), progress=False)
+                    save_every=0, log_every=1, out_dir=str(out_dir), progress=False, kernels="torch")
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -202,7 +202,7 @@ def test_out_of_memory_says_what_would_fit(corpus, tmp_path, monkeypatch):
 
 def test_resume_refuses_a_differently_shaped_model(corpus, tmp_path):
     train(tiny_model(), tiny_config(tmp_path, steps=2), corpus)
-    bigger = LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=128, kernels="torch")
+    bigger = LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=128)
     with pytest.raises(ValueError, match=r"dim=64, this run has dim=128"):
         train(bigger, tiny_config(tmp_path, steps=4), corpus)
     with pytest.raises(ValueError, match="holds no checkpoint"):
@@ -288,7 +288,7 @@ torch.set_num_threads(1)
 from llama.model import LlamaConfig
 from llama.train import TrainConfig, train
 out_dir, corpus, dump, parallel = sys.argv[1:5]
-model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, kernels="torch", tie_embeddings=True)
+model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, tie_embeddings=True)
 cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup_steps=1, eval_every=2, eval_batches=2,
                   save_every=2, log_every=1, out_dir=out_dir, progress=False, parallel=parallel)
 result = train(model, cfg, corpus)
@@ -349,3 +349,18 @@ def test_a_seq_len_beyond_the_context_names_what_fits(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"^--seq-len 512 is longer than the model's context of 256 tokens; "
                                          r"use --seq-len 256 or less \(or --model max_seq_len=512\)$"):
         train(tiny_model(), tiny_config(tmp_path, seq_len=512), corpus)
+
+
+def test_model_items_split_into_architecture_and_run_options():
+    """``--model kernels=torch`` keeps working: run options go to TrainConfig, the rest to LlamaConfig."""
+    from llama.train import build_parser, model_config_from_args, train_config_from_args
+
+    args = build_parser().parse_args(["--train", "x", "--vocab-size", "64", "--model", "dim=32", "--model",
+                                      "kernels=torch", "--model", "dropout=0.1", "--model", "checkpointing=true"])
+    config, cfg = model_config_from_args(args), train_config_from_args(args)
+    assert config.dim == 32 and not hasattr(config, "kernels")
+    assert cfg.model_options() == ModelOptions(kernels="torch", checkpointing=True, dropout=0.1)
+    with pytest.raises(ValueError, match="unknown field"):
+        model_config_from_args(build_parser().parse_args(["--train", "x", "--vocab-size", "64", "--model", "dims=3"]))
+    with pytest.raises(ValueError, match="dropout"):
+        TrainConfig(steps=1, dropout=1.5).validate()

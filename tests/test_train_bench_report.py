@@ -214,10 +214,11 @@ def test_search_reports_errors_and_full_fits() -> None:
 def test_step_spec_configs() -> None:
     spec = rehearse_6gb.StepSpec("seed002-120m", "hf", 32, 512)
     config = rehearse_6gb.model_config(spec)
-    assert config.vocab_size == rehearse_6gb.ASSUMED_VOCAB and config.kernels == "torch"
+    assert config.vocab_size == rehearse_6gb.ASSUMED_VOCAB and rehearse_6gb.model_options(spec).kernels == "torch"
     assert rehearse_6gb.vocab_assumed(spec)
-    own = rehearse_6gb.model_config(rehearse_6gb.StepSpec("seed003-92m", "triton", 4, 512, "fp16", True))
-    assert own.vocab_size == 35_023 and own.kernels == "triton" and own.checkpointing
+    own_spec = rehearse_6gb.StepSpec("seed003-92m", "triton", 4, 512, "fp16", True)
+    own, options = rehearse_6gb.model_config(own_spec), rehearse_6gb.model_options(own_spec)
+    assert own.vocab_size == 35_023 and options.kernels == "triton" and options.checkpointing
     assert not rehearse_6gb.vocab_assumed(rehearse_6gb.StepSpec("seed003-92m", "triton", 4, 512))
     numbers = rehearse_6gb.model_numbers(rehearse_6gb.model_config(rehearse_6gb.StepSpec("seed000-160m", "triton", 16, 1024)), 1024)
     assert numbers["flops_per_token"] == FLOPS_160M
