@@ -115,8 +115,9 @@ class Recorder:
 @functools.lru_cache(maxsize=2)
 def versions(on_gpu: bool) -> dict[str, Any]:
     """The device and the library versions, stamped on every GPU benchmark row."""
-    import torch
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     def get(name: str) -> str | None:
         try:

@@ -26,11 +26,20 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # the helper modules beside this file (pytest's rootdir-less import mode adds it too)
     sys.path.insert(0, str(BENCH))
 
-from benchlib import CHATGLM_MODEL, PYTHON, REPO, RESULTS_DIR, SHARED_DATA, TANG, Recorder, read_tang  # noqa: E402
-from report import loader_tables, pack_tables  # noqa: E402
-from kernel_report import kernel_tables, summarize_kernels  # noqa: E402
-from train_report import summarize_train, train_tables  # noqa: E402
+from benchlib import (  # noqa: E402
+    CHATGLM_MODEL,
+    PYTHON,
+    REPO,
+    RESULTS_DIR,
+    SHARED_DATA,
+    TANG,
+    Recorder,
+    read_tang,
+)
 from generate_report import generate_tables, summarize_generate  # noqa: E402
+from kernel_report import kernel_tables, summarize_kernels  # noqa: E402
+from report import loader_tables, pack_tables  # noqa: E402
+from train_report import summarize_train, train_tables  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

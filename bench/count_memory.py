@@ -4,7 +4,7 @@
     python bench/count_memory.py --preset seed003-92m --batch 32 --seq 512 --precision fp16
     python bench/count_memory.py --markdown                        # the table bench/RESULTS.md quotes
 
-What is counted is one optimizer step as ``llama.train`` runs it with one micro-batch per forward:
+What is counted is one optimizer step as ``llama.training`` runs it with one micro-batch per forward:
 the model built on ``meta`` (fp32 weights), AdamW's two fp32 moments per parameter already allocated
 (a step after the first), then ``min(accumulation, 2)`` micro-batches of forward under autocast and a
 loss-scaled backward (the second one runs with the first one's gradients live, which is the peak of
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import sys
@@ -52,11 +51,12 @@ for path in (REPO, REPO / "bench"):  # as a script bench/ is on sys.path, the ro
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from llama.model import PRESETS, Llama, LlamaConfig, ModelOptions  # noqa: E402
-from llama.profiles import CUDA_CONTEXT_GIB as PLANNER_CONTEXT_GIB  # noqa: E402
-from llama.hardware import GIB  # noqa: E402
-from llama.profiles import PROFILES, estimate_memory_gib, plan  # noqa: E402
 from rehearse_6gb import ASSUMED_VOCAB  # noqa: E402  (presets whose vocabulary is the tokenizer's)
+
+from llama.model import PRESETS, Llama, LlamaConfig, ModelOptions  # noqa: E402
+from llama.training.profiles import CUDA_CONTEXT_GIB as PLANNER_CONTEXT_GIB
+from llama.training.profiles import PROFILES, estimate_memory_gib, plan
+from llama.training.runtime import GIB
 from zhkernels import _dispatch  # noqa: E402
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ METHOD = (
     "Same weights (our `Llama` from a fixed seed; `transformers.LlamaForCausalLM(LlamaConfig(**config.to_hf_config()), "
     "attn_implementation=\"sdpa\")` loads its `state_dict`, as `llama.export` writes it; both cast to the precision, "
     "RoPE tables float32), same device, same random prompt ids (no padding), greedy, exactly the same number of new "
-    "tokens: *ours* = `llama.generate.generate(model, prompts, n)` with no stop ids; *HF* = `model.generate(ids, "
+    "tokens: *ours* = `llama.generation.generate.generate(model, prompts, n)` with no stop ids; *HF* = `model.generate(ids, "
     "attention_mask, generation_config=GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n))` with "
     "no EOS id in the model's generation config, its default DynamicCache, or `cache_implementation=\"static\"` "
     "(which transformers compiles with `torch.compile` on CUDA by default; the warm-up pays for it). Every row "

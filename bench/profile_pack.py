@@ -150,7 +150,7 @@ def stage_timings(folders: list[Path], tokenizer_path: str) -> dict[str, Any]:
     from engine import clean as engine_clean
     from engine import pack as engine_pack
     from engine import pack_workers
-    from engine.clean import CleanConfig, CleanStats, Cleaner, is_clean, warm_cleaner
+    from engine.clean import CleanConfig, Cleaner, CleanStats, is_clean, warm_cleaner
     from engine.format import DatasetPaths, token_dtype
     from engine.sources import Corpus, SourceOptions, SourceReport
     from engine.tokenizer import load_tokenizer

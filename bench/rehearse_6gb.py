@@ -4,13 +4,13 @@
     python bench/rehearse_6gb.py --preset seed003-92m --search 4,8,16,32,48,64         # each candidate in a subprocess
     python bench/rehearse_6gb.py --preset seed003-92m --batch 16 --impl hf --no-checkpointing
 
-A *step* is what ``llama.train`` does per optimizer step with one micro-batch: zero the gradients,
+A *step* is what ``llama.training`` does per optimizer step with one micro-batch: zero the gradients,
 forward under autocast, ``GradScaler.scale(loss).backward()``, AdamW step (fused on CUDA), scaler
 update; no clipping, no data loading (one fixed batch of random ids). ``bench/test_train_step.py``
 times :class:`Trainer` for the speed table and calls :func:`search` for the rehearsal.
 
 The rehearsal answers "what micro-batch trains on a 6 GB card": with one candidate per process,
-``torch.cuda.set_per_process_memory_fraction(cap / total)`` (``llama.hardware.cap_memory``), so neither
+``torch.cuda.set_per_process_memory_fraction(cap / total)`` (``llama.training.runtime.cap_memory``), so neither
 the cap nor the allocator state of an out-of-memory attempt leaks into the next. A candidate fits
 when ``--warmup`` + ``--steps`` steps complete. Exit status: 0 fits, 2 out of memory, 1 another error;
 the last stdout line is always one JSON object.
@@ -238,7 +238,7 @@ def is_oom(error: BaseException) -> bool:
 
 def attempt(spec: StepSpec, device: torch.device, cap_gib: float | None, warmup: int = 1, steps: int = 3) -> dict[str, Any]:
     """Train ``max(1, warmup) + steps`` steps of ``spec`` in this process under the memory cap; a result dict, never raises."""
-    from llama.hardware import cap_memory
+    from llama.training.runtime import cap_memory
 
     result: dict[str, Any] = {"batch": spec.batch, "ok": False, "oom": False}
     trainer = None

@@ -1,4 +1,4 @@
-"""Generation speed: our ``llama.generate.generate`` (Triton kernels / torch ops) vs ``transformers``' ``generate``.
+"""Generation speed: our ``llama.generation.generate.generate`` (Triton kernels / torch ops) vs ``transformers``' ``generate``.
 
     pytest bench/test_generate_speed.py --benchmark-only                     # GPU: every preset × precision × batch × impl
     pytest bench/test_generate_speed.py --benchmark-only -k "seed003 and bf16"
@@ -214,7 +214,7 @@ class Runner:
     def generate(self, n: int) -> tuple[list[list[int]], Any]:
         """(new tokens per row, ours' ``GenerationResult`` or None) of one greedy call for exactly ``n`` tokens."""
         if not self.spec.impl.startswith("hf"):
-            from llama.generate import generate
+            from llama.generation.generate import generate
 
             result = generate(self.model, self.prompts, n)
             return result.sequences, result
@@ -234,7 +234,7 @@ class Runner:
     def forward(self) -> Any:
         """One bare prefill forward with a fresh cache, the last position's logits only."""
         if not self.spec.impl.startswith("hf"):
-            from llama.kv_cache import KVCache
+            from llama.generation.kv_cache import KVCache
 
             cache = KVCache.for_model(self.model, self.spec.batch, self.spec.prompt_len)
             return self.model(self.ids, cache=cache, logits_to_keep=1).logits

@@ -35,10 +35,20 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.nn.functional as F
-
 from benchlib import Recorder, rounds
-from kernel_shapes import (DTYPES, IMPLS, MB, MEMORY_BOUND, PASSES, SHAPES, SMOKE_SHAPES, KernelShape, bytes_moved, flops,
-                           largest_tensor_mb)
+from kernel_shapes import (
+    DTYPES,
+    IMPLS,
+    MB,
+    MEMORY_BOUND,
+    PASSES,
+    SHAPES,
+    SMOKE_SHAPES,
+    KernelShape,
+    bytes_moved,
+    flops,
+    largest_tensor_mb,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from benchlib import PYTHON, REPO, Recorder, rounds
 
 SHAPES = [(32, 512), (16, 1024)]

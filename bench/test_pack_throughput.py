@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from benchlib import BENCH, PYTHON, REPO, Recorder, rounds
 from peak_rss import ProcessRun, run_measured
 

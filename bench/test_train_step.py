@@ -43,8 +43,19 @@ NO_GPU = ("needs a CUDA GPU: training-step speed and memory are GPU figures (the
 HAS_GPU_REASON = "a GPU is present: the GPU cases are the measurement (this CPU case is for machines without one)"
 
 from benchlib import Recorder, require_transformers, rounds, versions  # noqa: E402
-from rehearse_6gb import (CAP_GIB, IMPLS, SEARCH_BATCHES, SMOKE_BATCH, SMOKE_SEQ, StepSpec, Trainer, model_numbers,  # noqa: E402
-                          search, subprocess_attempt, vocab_assumed)
+from rehearse_6gb import (  # noqa: E402
+    CAP_GIB,
+    IMPLS,
+    SEARCH_BATCHES,
+    SMOKE_BATCH,
+    SMOKE_SEQ,
+    StepSpec,
+    Trainer,
+    model_numbers,
+    search,
+    subprocess_attempt,
+    vocab_assumed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +119,10 @@ def matmul_ms(dtype: torch.dtype) -> float:
 
 @pytest.fixture(scope="session")
 def train_peaks(recorder: Recorder) -> dict[str, Any]:
-    """Dense matmul peak (8192³) per autocast dtype, measured now, and the ``llama.hardware`` datasheet figure."""
+    """Dense matmul peak (8192³) per autocast dtype, measured now, and the ``llama.training.runtime`` datasheet figure."""
     if not ON_GPU:
         return {}
-    from llama.hardware import device_peak_tflops
+    from llama.training.runtime import device_peak_tflops
 
     table = device_peak_tflops(torch.device("cuda"))
     out: dict[str, Any] = {"matmul_tflops": {}, "table_tflops": table}
@@ -186,7 +197,7 @@ def test_train_step(benchmark: Any, recorder: Recorder, train_peaks: dict[str, A
     spec = StepSpec(preset, impl, batch, seq, precision, checkpointing, smoke=SMOKE)
     benchmark.group = f"train step {preset} {batch}x{seq} {precision}{' ckpt' if checkpointing else ''}"
     if ON_GPU:
-        torch.set_float32_matmul_precision("high")  # as llama.train does on CUDA
+        torch.set_float32_matmul_precision("high")  # as llama.training does on CUDA
     trainer = Trainer(spec, DEVICE)
     try:
         if impl == "triton":

@@ -39,14 +39,14 @@ METHOD = (
     "ms/step = median of per-step CUDA-event times (steps issued back to back, one synchronisation per batch of steps) "
     "after warm-up steps; tokens/s = batch × seq ÷ that median. MFU = `Llama.flops_per_token(seq)` (PaLM's 6·N + "
     "12·L·d·T, the same for all three) × tokens/s ÷ peak: once ÷ the dense matmul peak measured in this run "
-    "(8192³, the precision's dtype), once ÷ the `llama.hardware.PEAK_TFLOPS` datasheet figure. Peak memory = "
+    "(8192³, the precision's dtype), once ÷ the `llama.training.runtime.PEAK_TFLOPS` datasheet figure. Peak memory = "
     "`torch.cuda.max_memory_allocated()` over one steady step (weights, gradients, AdamW state and activations), GiB; "
     "resident = allocated before that step. ×HF and ×torch = ours-Triton's tokens/s ÷ theirs (above 1: ours is faster)."
 )
 
 REHEARSAL_METHOD = (
     "Each candidate micro-batch runs in a fresh process (`python bench/rehearse_6gb.py --preset … --batch …`) that "
-    "first calls `torch.cuda.set_per_process_memory_fraction(cap ÷ total)` (`llama.hardware.cap_memory`), then trains "
+    "first calls `torch.cuda.set_per_process_memory_fraction(cap ÷ total)` (`llama.training.runtime.cap_memory`), then trains "
     "1 untimed + 3 timed steps in fp16 with a GradScaler; candidates go up until the first failure. The cap limits "
     "what PyTorch's allocator may reserve; the CUDA context (~0.3–0.5 GiB, outside the allocator) is not counted, so "
     "a real 6 GB card has a little less room than this rehearsal. Peak = `max_memory_allocated`, reserved = "
@@ -184,7 +184,7 @@ def _peak_lines(p: dict[str, Any]) -> str:
     return "\n".join([
         f"- GPU: {p.get('device') or 'unknown'}; torch {p.get('torch') or '?'} (CUDA {p.get('cuda') or '?'}), "
         f"triton {p.get('triton') or '?'}, transformers {p.get('transformers') or 'not installed (no HF rows)'}",
-        f"- peaks: dense matmul measured in this run {matmul} ({n}×{n}×{n}); datasheet (`llama.hardware`) {table}",
+        f"- peaks: dense matmul measured in this run {matmul} ({n}×{n}×{n}); datasheet (`llama.training.runtime`) {table}",
     ])
 
 

@@ -4,7 +4,7 @@
 (each with ``--help``); in Python: :class:`Llama`, :class:`LlamaConfig`, :func:`generate`, :func:`generate_text`.
 """
 
-from .generate import generate, generate_text
-from .model import PRESETS, Llama, LlamaConfig, LlamaOutput
+from .generation.generate import generate, generate_text
+from .model import PRESETS, Llama, LlamaConfig, LlamaOutput, ModelOptions
 
-__all__ = ["PRESETS", "Llama", "LlamaConfig", "LlamaOutput", "generate", "generate_text"]
+__all__ = ["PRESETS", "Llama", "LlamaConfig", "LlamaOutput", "ModelOptions", "generate", "generate_text"]

@@ -32,9 +32,13 @@ from engine.chat_template import IM_START, render_text
 from engine.cli import run_cli, setup_logging
 from engine.tokenizer import Tokenizer
 
-from .sampling import SamplingOptions
-from .generate import generate, stop_token_ids
-from .load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
+from .generation.generate import generate, stop_token_ids
+from .generation.load import (
+    add_checkpoint_arguments,
+    add_runtime_arguments,
+    load_for_inference,
+)
+from .generation.sampling import SamplingOptions
 from .model import Llama
 
 log = logging.getLogger("llama.chat")

@@ -42,7 +42,11 @@ from engine.dataset.pretrain import document_positions
 from engine.format import DatasetError, open_packed, write_json_atomic
 from engine.tokenizer import Tokenizer
 
-from .load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
+from .generation.load import (
+    add_checkpoint_arguments,
+    add_runtime_arguments,
+    load_for_inference,
+)
 from .model import Llama
 
 log = logging.getLogger("llama.evaluate")

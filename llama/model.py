@@ -13,8 +13,8 @@ cross-entropy that never builds the ``[B, T, V]`` logits); ``"torch"`` calls :mo
 PyTorch's ``scaled_dot_product_attention`` and ``F.cross_entropy``; ``"auto"`` picks Triton for CUDA
 inputs when Triton is installed, decided at every forward call from the input's device.
 
-Generation passes a :class:`~llama.kv_cache.KVCache`: each forward appends its tokens' keys and values and
-attends over everything cached (``llama/generate.py`` drives it). Unpadded rows attend through the same op
+Generation passes a :class:`~llama.generation.kv_cache.KVCache`: each forward appends its tokens' keys and values and
+attends over everything cached (``llama/generation/generate.py`` drives it). Unpadded rows attend through the same op
 as training (flash attention on the Triton path); left-padded batches take PyTorch's attention with an
 explicit mask, since the flash kernel's only mask besides causal is ``doc_ids``, which needs ``Tq == Tk``.
 """
@@ -35,8 +35,13 @@ from torch.utils.checkpoint import checkpoint
 import zhkernels
 from zhkernels import _dispatch, reference
 
-from .kv_cache import KVCache
-from .rope_scaling import from_hf_rope_scaling, normalize_rope_scaling, rope_tables, to_hf_rope_scaling
+from .generation.kv_cache import KVCache
+from .rope_scaling import (
+    from_hf_rope_scaling,
+    normalize_rope_scaling,
+    rope_tables,
+    to_hf_rope_scaling,
+)
 
 KERNEL_CHOICES = ("triton", "torch", "auto")
 IGNORE_INDEX = -100
@@ -166,7 +171,7 @@ class LlamaConfig:
         """From the ``model`` dict a checkpoint's config.json holds; fields this code does not know are dropped
         with a warning, ``overrides`` replace fields; a one-line ``ValueError`` naming ``where`` otherwise."""
         if not isinstance(saved, dict) or not saved.get("vocab_size"):
-            raise ValueError(f"{where} holds no model config: it was not written by llama.train")
+            raise ValueError(f"{where} holds no model config: it was not written by llama.training")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(saved) - known - set(LEGACY_OPTION_FIELDS))
         if unknown:

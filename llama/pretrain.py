@@ -25,10 +25,16 @@ from engine.cli import setup_logging
 from engine.format import DatasetError, open_packed
 
 from .model import PRESETS, LlamaConfig
-from .profiles import PROFILES, Plan, Profile, get_profile, plan
-from .train import (
-    TrainConfig, add_train_arguments, check_seq_len, model_overrides, option_overrides, resolve_init, run_training, train,
+from .training.cli import (
+    add_train_arguments,
+    model_overrides,
+    option_overrides,
+    run_training,
 )
+from .training.config import TrainConfig, check_seq_len
+from .training.loop import train
+from .training.profiles import PROFILES, Plan, Profile, get_profile, plan
+from .training.resume import resolve_init
 
 logger = logging.getLogger("llama.pretrain")
 

@@ -20,18 +20,18 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from engine.cli import run_cli, setup_logging
 from engine.clean import CleanConfig, Cleaner, CleanStats, clean_texts
-from engine.inspect import format_summary, summarize
+from engine.cli import run_cli, setup_logging
 from engine.format import open_packed
+from engine.inspect import format_summary, summarize
 from engine.pack import PackConfig, pack_corpus
 from engine.sources import Corpus, SourceOptions
 from engine.tokenizer import train_tokenizer
 
+from .generation.sample import sample
 from .pretrain import build_parser as build_pretrain_parser
 from .pretrain import configure
-from .sample import sample
-from .train import train
+from .training.loop import train
 
 logger = logging.getLogger("llama.quickstart")
 

@@ -42,14 +42,15 @@ from engine.pack_cache import pack_cached
 from engine.reply_template import TEMPLATES, assistant_prefix
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
-from . import checkpoint as ckpt
-from . import objectives
 from .model import LlamaConfig
 from .pretrain import choose_seq_len, planned_values
-from .profiles import PROFILES, get_profile
-from .train import (
-    TrainConfig, add_train_arguments, model_overrides, resolve_init, resolve_resume, run_training, train,
-)
+from .training import checkpoint as ckpt
+from .training import objectives
+from .training.cli import add_train_arguments, model_overrides, run_training
+from .training.config import TrainConfig
+from .training.loop import train
+from .training.profiles import PROFILES, get_profile
+from .training.resume import resolve_init, resolve_resume
 
 logger = logging.getLogger("llama.sft")
 

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 import torch
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter; triton.jit reads this when zhkernels/ is imported.

@@ -1,4 +1,4 @@
-"""llama.chat and llama.load: turns, /system and /reset through stdin, one-shot --prompt, streaming that never
+"""llama.chat and llama.generation.load: turns, /system and /reset through stdin, one-shot --prompt, streaming that never
 shows a broken character, hidden reasoning, history cut to the context, and the one-line refusals.
 
 The model is tiny (2 layers, dim 64, kernels="torch") over the session's small tokenizer, saved as a checkpoint
@@ -21,13 +21,20 @@ import torch
 
 import llama.chat as chat_module
 from engine.chat_template import IM_END
-from llama.chat import ChatOptions, ChatSession, IncrementalDecoder, ThinkFilter, main, run_repl
-from llama.checkpoint import checkpoint_name, save_checkpoint, tied_parameters
-from llama.sampling import GenerationResult
-from llama.export import export_hf
-from llama.generate import generate
-from llama.load import LoadError, load_for_inference
+from llama.chat import (
+    ChatOptions,
+    ChatSession,
+    IncrementalDecoder,
+    ThinkFilter,
+    main,
+    run_repl,
+)
+from llama.formats.hf import export_hf
+from llama.generation.generate import generate
+from llama.generation.load import LoadError, load_for_inference
+from llama.generation.sampling import GenerationResult
 from llama.model import Llama, LlamaConfig
+from llama.training.checkpoint import checkpoint_name, save_checkpoint, tied_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 THINK_REPLY = "<think>\n推理过程\n</think>\n\n答案是好"
@@ -44,7 +51,7 @@ def tiny_config(vocab_size: int, max_seq_len: int = 128) -> LlamaConfig:
 
 def save_tiny_checkpoint(out_dir: Path, tokenizer, sha256: str | None = None, max_seq_len: int = 128,
                          task: dict | None = None) -> Path:
-    """A checkpoint as llama.train writes it, naming ``tokenizer`` (or a made-up ``sha256``) as its own."""
+    """A checkpoint as llama.training writes it, naming ``tokenizer`` (or a made-up ``sha256``) as its own."""
     torch.manual_seed(0)
     config = tiny_config(tokenizer.vocab_size, max_seq_len)
     model = Llama(config)
@@ -61,7 +68,7 @@ def chat_ckpt(tmp_path_factory, small_tokenizer) -> Path:
 
 
 def fake_generate(tokenizer, reply: str, prompts_seen: list[list[int]]):
-    """A stand-in for llama.generate.generate that streams ``reply`` then ``<|im_end|>``, recording each prompt."""
+    """A stand-in for llama.generation.generate.generate that streams ``reply`` then ``<|im_end|>``, recording each prompt."""
     ids = tokenizer.encode(reply) + [tokenizer.token_to_id(IM_END)]
 
     def fake(model, prompts, max_new_tokens, *, stream=None, **options) -> GenerationResult:

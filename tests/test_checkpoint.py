@@ -1,4 +1,4 @@
-"""llama.checkpoint: round trip with tied weights, atomic publish and pruning, RNG states, and refusing unsafe files."""
+"""llama.training.checkpoint: round trip with tied weights, atomic publish and pruning, RNG states, and refusing unsafe files."""
 
 from __future__ import annotations
 
@@ -11,11 +11,23 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from llama.checkpoint import (
-    LATEST, MODEL_FILE, TRAINER_FILE, CheckpointError, checkpoint_name, find_checkpoint, list_checkpoints,
-    load_model_weights, load_trainer_state, read_config, remove_temporaries, rng_state, save_checkpoint, set_rng_state,
-)
 from llama.model import Llama, LlamaConfig
+from llama.training.checkpoint import (
+    LATEST,
+    MODEL_FILE,
+    TRAINER_FILE,
+    CheckpointError,
+    checkpoint_name,
+    find_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    load_trainer_state,
+    read_config,
+    remove_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 
 def tiny(**overrides) -> Llama:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import count_memory as cm  # noqa: E402
 
 from llama.model import PRESETS, LlamaConfig  # noqa: E402
-from llama.profiles import FRAGMENTATION, PROFILES  # noqa: E402
+from llama.training.profiles import FRAGMENTATION, PROFILES
 from zhkernels import _dispatch  # noqa: E402
 from zhkernels.cross_entropy import padded_vocab  # noqa: E402
 

@@ -16,16 +16,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from engine.format import DatasetPaths
-from llama.checkpoint import checkpoint_name, save_checkpoint, tied_parameters
-from llama.evaluate import (
-    choice_log_likelihoods, evaluate_choices, main, parse_answer, perplexity, question_prompt, window_starts,
-)
-from llama.load import load_for_inference
-from llama.model import Llama, LlamaConfig, LlamaOutput
 from training_runs import write_packed
 
+from engine.format import DatasetPaths
+from llama.evaluate import (
+    choice_log_likelihoods,
+    evaluate_choices,
+    main,
+    parse_answer,
+    perplexity,
+    question_prompt,
+    window_starts,
+)
+from llama.generation.load import load_for_inference
+from llama.model import Llama, LlamaConfig, LlamaOutput
+from llama.training.checkpoint import checkpoint_name, save_checkpoint, tied_parameters
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and deterministic on CPU
 

@@ -11,12 +11,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import llama.export as export_module
+import llama.formats.hf as export_module
 from engine.chat_template import IM_END, render_text
-from llama.checkpoint import checkpoint_name, load_model_weights, read_config, save_checkpoint, tied_parameters
-from llama.export import ExportError, export_hf, import_hf, main
-from llama.hf_io import publish_directory
+from llama.export import main
+from llama.formats.hf import ExportError, export_hf, import_hf
+from llama.formats.hf_io import publish_directory
 from llama.model import Llama, LlamaConfig
+from llama.training.checkpoint import (
+    checkpoint_name,
+    load_model_weights,
+    read_config,
+    save_checkpoint,
+    tied_parameters,
+)
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev extra: pip install -e '.[dev]'")
 
@@ -36,7 +43,7 @@ def tiny_config(vocab_size: int, tie: bool, **overrides) -> LlamaConfig:
 
 def save_ours(out_dir: Path, config: LlamaConfig, tokenizer, sha256: str | None = None,
               big_weight: float | None = None) -> Path:
-    """A checkpoint as llama.train writes it: weights (norms perturbed so they matter), trainer state, configs."""
+    """A checkpoint as llama.training writes it: weights (norms perturbed so they matter), trainer state, configs."""
     torch.manual_seed(0)
     model = Llama(config)
     with torch.no_grad():

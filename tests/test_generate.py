@@ -1,4 +1,4 @@
-"""llama.generate: the KV cache equals recomputing, padded batches equal prompts alone, greedy/beam/sampling
+"""llama.generation.generate: the KV cache equals recomputing, padded batches equal prompts alone, greedy/beam/sampling
 rules, stopping, streaming, prompt truncation, and the same tokens as transformers' generate on the same weights.
 
 Models are tiny (2 layers, GQA 4/2 heads of 16 dims); the one kernels="triton" case runs the real Triton
@@ -11,16 +11,16 @@ import logging
 
 import pytest
 import torch
+from kernel_checks import DEVICE, requires_triton
 
 import zhkernels
-from kernel_checks import DEVICE, requires_triton
-from zhkernels import reference
-from llama.beam_search import beam_search
-from llama.sampling import penalize_repeats
 from engine.chat_template import IM_END
-from llama.generate import generate, generate_text
-from llama.kv_cache import KVCache
+from llama.generation.beam_search import beam_search
+from llama.generation.generate import generate, generate_text
+from llama.generation.kv_cache import KVCache
+from llama.generation.sampling import penalize_repeats
 from llama.model import Llama, LlamaConfig, LlamaOutput, ModelOptions
+from zhkernels import reference
 
 VOCAB = 61
 
@@ -251,7 +251,7 @@ def test_the_stream_gets_exactly_the_generated_tokens_in_order() -> None:
 def test_a_prompt_too_long_for_the_context_keeps_its_last_tokens(caplog: pytest.LogCaptureFixture) -> None:
     model = build()
     prompt = [(7 * i) % VOCAB for i in range(70)]
-    with caplog.at_level(logging.WARNING, logger="llama.sampling"):
+    with caplog.at_level(logging.WARNING, logger="llama.generation.sampling"):
         result = generate(model, [prompt, [1, 2]], 10)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "dropped 16 tokens" in warnings[0]

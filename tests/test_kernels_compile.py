@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_checks import DEVICE, assert_fp32_close, randn, requires_triton
 from torch import nn
 
 import zhkernels
 from zhkernels import reference
-from kernel_checks import DEVICE, assert_fp32_close, randn, requires_triton
 
 pytestmark = requires_triton
 

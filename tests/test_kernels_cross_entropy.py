@@ -6,13 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import (
+    DEVICE,
+    LOW_PRECISION,
+    ON_GPU,
+    assert_fp32_close,
+    assert_low_precision_close,
+    grads,
+    poisoned,
+    randn,
+    rel_err,
+    requires_triton,
+)
 
 import zhkernels.cross_entropy as ce
 from zhkernels import reference
-from kernel_checks import (
-    DEVICE, LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, grads, poisoned, randn, rel_err,
-    requires_triton,
-)
 
 pytestmark = [requires_triton, poisoned]
 

@@ -14,10 +14,10 @@ import logging
 
 import pytest
 import torch
+from kernel_checks import DEVICE, assert_fp32_close, poisoned, requires_triton
 
 import zhkernels
 import zhkernels.hf_llama as hf_llama
-from kernel_checks import DEVICE, assert_fp32_close, poisoned, requires_triton
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev extra: pip install -e '.[dev]'")
 

@@ -6,11 +6,18 @@ import importlib
 
 import pytest
 import torch
+from kernel_checks import (
+    LOW_PRECISION,
+    ON_GPU,
+    assert_fp32_close,
+    assert_low_precision_close,
+    grads,
+    poisoned,
+    randn,
+    requires_triton,
+)
 
 from zhkernels import reference
-from kernel_checks import (
-    LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, grads, poisoned, randn, requires_triton,
-)
 
 rn = importlib.import_module("zhkernels.rms_norm")  # the module (zhkernels.rms_norm is the function)
 pytestmark = [requires_triton, poisoned]

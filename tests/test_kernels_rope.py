@@ -6,12 +6,18 @@ import importlib
 
 import pytest
 import torch
-
-from zhkernels import reference
 from kernel_checks import (
-    DEVICE, LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, poisoned, randn,
+    DEVICE,
+    LOW_PRECISION,
+    ON_GPU,
+    assert_fp32_close,
+    assert_low_precision_close,
+    poisoned,
+    randn,
     requires_triton,
 )
+
+from zhkernels import reference
 
 rp = importlib.import_module("zhkernels.rope")  # the module (zhkernels.rope is the function)
 pytestmark = [requires_triton, poisoned]
@@ -130,7 +136,10 @@ def test_matches_transformers_llama():
     """Our rotation on Hugging Face's own cos/sin equals transformers' apply_rotary_pos_emb (weights interchange)."""
     try:
         from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+        from transformers.models.llama.modeling_llama import (
+            LlamaRotaryEmbedding,
+            apply_rotary_pos_emb,
+        )
     except Exception:  # transformers is optional
         pytest.skip("transformers is not importable")
     torch.manual_seed(4)

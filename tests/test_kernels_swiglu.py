@@ -5,12 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import (
+    LOW_PRECISION,
+    ON_GPU,
+    assert_fp32_close,
+    assert_low_precision_close,
+    grads,
+    poisoned,
+    randn,
+    requires_triton,
+)
 
 import zhkernels
 from zhkernels import reference
-from kernel_checks import (
-    LOW_PRECISION, ON_GPU, assert_fp32_close, assert_low_precision_close, grads, poisoned, randn, requires_triton,
-)
 
 pytestmark = [requires_triton, poisoned]
 

@@ -11,12 +11,12 @@ import math
 
 import pytest
 import torch
-
-from zhkernels import reference
 from kernel_checks import DEVICE, ON_GPU, assert_fp32_close, requires_triton
+
 from llama import model as model_module
 from llama.model import PRESETS, Llama, LlamaConfig, ModelOptions
 from llama.rope_scaling import inv_freq_and_attention_factor, rope_tables
+from zhkernels import reference
 
 VOCAB = 61
 KERNELS = ["torch", pytest.param("triton", marks=requires_triton)]

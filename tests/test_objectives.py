@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from llama import objectives
-from llama.metrics import read_metrics
-from llama.model import Llama, LlamaConfig
-from llama.train import TrainConfig, train
 from training_runs import REPO, VOCAB, start_run, wait_until_stalled, write_corpus
+
+from llama.model import Llama, LlamaConfig
+from llama.training import objectives
+from llama.training.config import TrainConfig
+from llama.training.loop import train
+from llama.training.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,7 +36,7 @@ import sys
 import torch
 import zhkernels
 from llama.model import LlamaConfig
-from llama.train import TrainConfig, train
+from llama.training import TrainConfig, train
 
 
 class FixedTarget:
@@ -205,7 +206,7 @@ HEAD_WORKER = """
 import importlib.util, os, sys, torch
 torch.set_num_threads(1)
 from llama.model import LlamaConfig
-from llama.train import TrainConfig, train
+from llama.training import TrainConfig, train
 out_dir, corpus, toy_file, parallel = sys.argv[1:5]
 spec = importlib.util.spec_from_file_location("toy_objective", toy_file)
 toy = importlib.util.module_from_spec(spec)

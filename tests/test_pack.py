@@ -215,7 +215,8 @@ def test_ten_megabyte_document(tmp_path, small_tokenizer):
 
 def test_vocab_over_65536_packs_as_uint32(tmp_path):
     """A tokenizer with more than 65,536 ids (here a tokenizer.json whose Chinese ids sit above 66,000) → uint32, no overflow."""
-    from tokenizers import Tokenizer as HFTokenizer, models, decoders
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
 
     from engine.tokenizer import load_tokenizer
 

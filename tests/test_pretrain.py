@@ -7,12 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import VOCAB, write_corpus
 
 from llama import pretrain
+from llama.generation.sample import sample
 from llama.model import LlamaConfig
-from llama.profiles import PROFILES, ProfileError, estimate_memory_gib, get_profile, plan
-from llama.sample import sample
-from test_train import VOCAB, write_corpus
+from llama.training.profiles import (
+    PROFILES,
+    ProfileError,
+    estimate_memory_gib,
+    get_profile,
+    plan,
+)
 
 SMALL = ["--profile", "cpu", "--kernels", "torch", "--model", "dim=64", "--batch-size", "2", "--seq-len", "32",
          "--eval-batches", "2", "--no-progress", "--log-every", "1"]
@@ -129,7 +135,7 @@ def test_sample_continues_and_respects_eos():
 def test_init_from_an_imported_hugging_face_llama_needs_no_preset(corpus, tmp_path, capsys, caplog):
     """--from-hf output as --init: the architecture comes from the checkpoint, training continues from its weights."""
     transformers = pytest.importorskip("transformers", reason="transformers is a dev extra")
-    from llama.export import import_to_checkpoint
+    from llama.formats.hf import import_to_checkpoint
 
     caplog.set_level(logging.INFO)
     torch.manual_seed(0)

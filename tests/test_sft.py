@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 import torch
 
+from engine import pack_cache, reply_template
 from engine.chat_template import IM_END, render_text
 from engine.conversations import parse_conversation
 from engine.dataset import SFTDataset
 from engine.format import DatasetPaths, open_packed
-from engine import pack_cache, reply_template
 from engine.pack import PackConfig, pack_corpus
 from engine.sources import Corpus
 from llama import pretrain, sft
-from llama.checkpoint import find_checkpoint, load_model_weights, read_config
 from llama.model import Llama, LlamaConfig, ModelOptions
-from llama.train import check_init
+from llama.training.checkpoint import find_checkpoint, load_model_weights, read_config
+from llama.training.resume import check_init
 
 SHAREGPT = "medicalgpt/sharegpt_zh_1K_format.jsonl"
 MEDICAL = "medicalgpt/medical_sft_1K_format.jsonl"

@@ -1,4 +1,4 @@
-"""llama.train: schedules, precision, accumulation, robustness, exact resume after SIGKILL, SIGTERM, DDP on gloo.
+"""llama.training: schedules, precision, accumulation, robustness, exact resume after SIGKILL, SIGTERM, DDP on gloo.
 
 Every run is the real loop on the real ``llama.model.Llama`` (tiny preset shrunk to dim 64, the
 ``kernels="torch"`` path, CPU, one thread) over a small packed corpus whose documents count upward,
@@ -19,16 +19,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from llama import objectives
-from llama.checkpoint import LATEST, find_checkpoint, list_checkpoints
-from llama.hardware import device_peak_tflops, lookup_peak_tflops, mfu
-from llama.metrics import read_metrics, summary_line
-from llama.model import LlamaConfig, ModelOptions
-from llama.train import (
-    NonFiniteLossError, TrainConfig, TrainingOOMError, learning_rate, run_from_args, train,
-)
 from training_runs import EOS, REPO, VOCAB, start_run, wait_until_stalled, write_corpus
+
+from llama.model import LlamaConfig, ModelOptions
+from llama.training import objectives
+from llama.training.checkpoint import LATEST, find_checkpoint, list_checkpoints
+from llama.training.cli import run_from_args
+from llama.training.config import TrainConfig
+from llama.training.errors import NonFiniteLossError, TrainingOOMError
+from llama.training.loop import train
+from llama.training.metrics import read_metrics, summary_line
+from llama.training.runtime import device_peak_tflops, lookup_peak_tflops, mfu
+from llama.training.step import learning_rate
 
 MODEL_ARGS = ["--model", "dim=64", "--model", "kernels=torch"]
 
@@ -286,7 +288,7 @@ DISTRIBUTED_WORKER = """
 import os, sys, torch
 torch.set_num_threads(1)
 from llama.model import LlamaConfig
-from llama.train import TrainConfig, train
+from llama.training import TrainConfig, train
 out_dir, corpus, dump, parallel = sys.argv[1:5]
 model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, tie_embeddings=True)
 cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup_steps=1, eval_every=2, eval_batches=2,
@@ -353,7 +355,11 @@ def test_a_seq_len_beyond_the_context_names_what_fits(corpus, tmp_path):
 
 def test_model_items_split_into_architecture_and_run_options():
     """``--model kernels=torch`` keeps working: run options go to TrainConfig, the rest to LlamaConfig."""
-    from llama.train import build_parser, model_config_from_args, train_config_from_args
+    from llama.training.cli import (
+        build_parser,
+        model_config_from_args,
+        train_config_from_args,
+    )
 
     args = build_parser().parse_args(["--train", "x", "--vocab-size", "64", "--model", "dim=32", "--model",
                                       "kernels=torch", "--model", "dropout=0.1", "--model", "checkpointing=true"])

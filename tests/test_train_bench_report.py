@@ -127,7 +127,7 @@ def test_mfu_target_uses_the_datasheet_peak(summary: dict[str, Any]) -> None:
 
 def test_mfu_target_falls_back_to_the_measured_peak() -> None:
     row = step("seed000-160m", "triton", 600_000.0)
-    row["mfu_table"] = None  # a GPU missing from llama.hardware.PEAK_TFLOPS
+    row["mfu_table"] = None  # a GPU missing from llama.training.runtime.PEAK_TFLOPS
     t = train_report.summarize_train([row])["targets"]
     assert len(t) == 1 and "measured matmul peak (no datasheet figure)" in t[0]["measured"]
     assert t[0]["met"] is (FLOPS_160M * 600_000 / 1e12 / MEASURED >= train_report.TARGET_MFU)

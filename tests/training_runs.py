@@ -47,9 +47,10 @@ def write_packed(prefix: Path, docs: list, vocab_size: int, *, bos_id: int, eos_
 STALLING_RUN = """
 import runpy, sys, time
 from pathlib import Path
-import llama.train as train
+import llama.training.loop as loop
+from llama.training.cli import run_from_args
 stall_at, marker, go, script = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
-real = train.learning_rate
+real = loop.learning_rate
 
 def learning_rate(step, cfg, total_steps):  # called once at the start of every step
     if step == stall_at:  # hold the run here, say so, and go on only when the test says so
@@ -60,9 +61,9 @@ def learning_rate(step, cfg, total_steps):  # called once at the start of every 
             time.sleep(0.01)
     return real(step, cfg, total_steps)
 
-train.learning_rate = learning_rate
+loop.learning_rate = learning_rate  # the name the loop calls
 if script == "-":  # the loop's own command line
-    raise SystemExit(train.run_from_args(sys.argv[5:]))
+    raise SystemExit(run_from_args(sys.argv[5:]))
 sys.argv = [script, *sys.argv[5:]]  # a script of the test's own that calls train()
 runpy.run_path(script, run_name="__main__")
 """

@@ -60,7 +60,7 @@ def device_peak_tflops(device: torch.device, override: float | None = None) -> f
     name = torch.cuda.get_device_name(device)
     peak = lookup_peak_tflops(name)
     if peak is None:
-        log.warning("%s is not in llama.hardware.PEAK_TFLOPS: MFU shows n/a (pass --peak-tflops to set it)", name)
+        log.warning("%s is not in llama.training.runtime.PEAK_TFLOPS: MFU shows n/a (pass --peak-tflops to set it)", name)
     return peak
 
 

@@ -22,13 +22,13 @@ import torch
 
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
-from . import checkpoint as ckpt
-from .export import import_hf, resolve_tokenizer
-from .hf_io import HF_CONFIG, not_llama, read_json
-from .model import KERNEL_CHOICES, Llama, LlamaConfig, ModelOptions
-from .precision import DTYPES, best_precision
+from ..formats.hf import import_hf, resolve_tokenizer
+from ..formats.hf_io import HF_CONFIG, not_llama, read_json
+from ..model import KERNEL_CHOICES, Llama, LlamaConfig, ModelOptions
+from ..precision import DTYPES, best_precision
+from ..training import checkpoint as ckpt
 
-log = logging.getLogger("llama.load")
+log = logging.getLogger("llama.generation.load")
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 

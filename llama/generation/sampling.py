@@ -17,13 +17,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GenerationResult:
-    """What :func:`llama.generate.generate` returns, one entry per prompt.
+    """What :func:`llama.generation.generate.generate` returns, one entry per prompt.
 
     ``sequences`` are the new ids only, the stop token included when one ended the row (as Hugging Face
     returns it); ``finished`` says whether a stop token ended it (False: it ran out of ``max_new_tokens``).
     Throughputs count real prompt tokens for prefill and generated tokens (every beam's) for decode; decode
     is 0.0 when no decode step ran. ``scores``: beam search's length-normalised log-probabilities.
-    ``texts``: the decoded sequences, stop token left out (:func:`llama.generate.generate_text` only).
+    ``texts``: the decoded sequences, stop token left out (:func:`llama.generation.generate.generate_text` only).
     """
 
     sequences: list[list[int]]

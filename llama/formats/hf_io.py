@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from engine import publish
 
-log = logging.getLogger("llama.hf_io")
+log = logging.getLogger("llama.formats.hf_io")
 
 HF_CONFIG, HF_GENERATION_CONFIG = "config.json", "generation_config.json"
 HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"

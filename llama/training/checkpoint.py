@@ -229,7 +229,11 @@ def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     """Full model and optimizer state dicts; ``sharded`` (FSDP2) gathers them to CPU on rank 0 (every rank must call)."""
     if not sharded:
         return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
@@ -242,7 +246,11 @@ def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, c
         load_model_weights(checkpoint, model)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, read_model_state(checkpoint), options=options)

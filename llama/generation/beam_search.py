@@ -15,11 +15,18 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .sampling import (
-    GenerationResult, Stopwatch, hold_back, left_pad, penalize_repeats, per_second, prompt_positions, tokens_seen,
-)
+from ..model import Llama
 from .kv_cache import KVCache
-from .model import Llama
+from .sampling import (
+    GenerationResult,
+    Stopwatch,
+    hold_back,
+    left_pad,
+    penalize_repeats,
+    per_second,
+    prompt_positions,
+    tokens_seen,
+)
 
 NO_BEAM = -1.0e9  # the score of a beam that must not be extended (HF's value)
 
@@ -47,7 +54,7 @@ def beam_search(
     repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (), min_new_tokens: int = 0, pad_id: int = 0,
     stream: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
-    """Beam search over prompts that already fit the context (see :func:`llama.generate.generate`).
+    """Beam search over prompts that already fit the context (see :func:`llama.generation.generate.generate`).
 
     The prompts are prefilled once and their cache rows repeated for the beams. ``stream`` receives each
     prompt's chosen tokens at the end (a beam's tokens are not final before then).

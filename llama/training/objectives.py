@@ -1,4 +1,4 @@
-"""What a task brings to the one training loop (:mod:`llama.train`): its loss, and what validation reports.
+"""What a task brings to the one training loop (:mod:`llama.training`): its loss, and what validation reports.
 
 An objective is any object with these members (:class:`Objective` spells them out):
 

@@ -2,7 +2,7 @@
 
 ``generate(model, prompts, max_new_tokens, ...)`` takes token ids, ``generate_text(model, tokenizer, texts, ...)``
 takes strings and stops at EOS or ``<|im_end|>``. One prefill forward writes every prompt's keys and values
-into a preallocated :class:`~llama.kv_cache.KVCache`; each decode step then feeds one token per row.
+into a preallocated :class:`~llama.generation.kv_cache.KVCache`; each decode step then feeds one token per row.
 Prompts of different lengths are padded on the left so that they end together; their rows attend through
 PyTorch's attention with a padding mask, while unpadded batches (one prompt, or equal lengths) go through
 the model's own attention op, flash attention on the Triton path (prefill and decode alike).
@@ -16,13 +16,21 @@ import torch
 
 from engine.chat_template import IM_END
 
+from ..model import Llama
 from .beam_search import beam_search
-from .sampling import (
-    GenerationResult, SamplingOptions, Stopwatch, fit_prompts, hold_back, left_pad, next_tokens, per_second,
-    prompt_positions, tokens_seen,
-)
 from .kv_cache import KVCache
-from .model import Llama
+from .sampling import (
+    GenerationResult,
+    SamplingOptions,
+    Stopwatch,
+    fit_prompts,
+    hold_back,
+    left_pad,
+    next_tokens,
+    per_second,
+    prompt_positions,
+    tokens_seen,
+)
 
 if TYPE_CHECKING:
     from engine.tokenizer import Tokenizer
@@ -44,7 +52,7 @@ def generate(
 
     ``do_sample=False`` is greedy (``temperature``/``top_k``/``top_p`` then do nothing, as in Hugging Face);
     ``num_beams`` > 1 is beam search (deterministic, length-normalised by ``length_penalty``, done when
-    ``num_beams`` hypotheses have finished; see :mod:`llama.beam_search`). ``pad_id`` fills the left padding
+    ``num_beams`` hypotheses have finished; see :mod:`llama.generation.beam_search`). ``pad_id`` fills the left padding
     and finished rows; any id works, it is never attended to. A prompt longer than ``max_seq_len -
     max_new_tokens`` is cut from the left, with one warning. ``seed`` makes sampling reproducible.
     ``vocab_limit`` forbids ids at or above it (a model whose vocabulary is padded past its tokenizer's).

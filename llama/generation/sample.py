@@ -1,13 +1,13 @@
 """Sampling from a :class:`~llama.model.Llama` (temperature and top-k), enough to see what a model learned.
 
-A one-prompt shortcut to :func:`llama.generate.generate` (KV cache, top-p, beam search, streaming), which
+A one-prompt shortcut to :func:`llama.generation.generate.generate` (KV cache, top-p, beam search, streaming), which
 the quick start uses.
 """
 
 from __future__ import annotations
 
+from ..model import Llama
 from .generate import generate
-from .model import Llama
 
 
 def sample(

@@ -21,9 +21,9 @@ import torch
 
 from zhkernels.cross_entropy import default_chunk_size, padded_vocab, stored_grad_dtype
 
-from .hardware import GIB
-from .model import LlamaConfig
-from .precision import DTYPES, best_precision
+from ..model import LlamaConfig
+from ..precision import DTYPES, best_precision
+from .runtime import GIB
 
 #: Below this many tokens per micro-batch, activation checkpointing (bigger micro-batches) wins.
 MIN_TOKENS_PER_MICRO_BATCH = 8192

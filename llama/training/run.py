@@ -1,0 +1,214 @@
+"""One training run's state, built once by :func:`setup` (data, model, transforms, optimizer, scaler, resume),
+and the symmetric :func:`save` / :func:`restore` over it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.format import DatasetPaths
+
+from ..model import Llama, LlamaConfig, ModelOptions
+from ..precision import DTYPES, resolve_precision
+from . import checkpoint as ckpt
+from .config import TrainConfig, check_seq_len
+from .data import BatchSource, DatasetFactory, load_val_batches
+from .objectives import Objective
+from .resume import check_init, check_model_config, resolve_init, resolve_resume
+from .runtime import (
+    Runtime,
+    cap_memory,
+    shard_fsdp,
+)
+
+log = logging.getLogger(__name__)
+
+
+AUTOCAST_DTYPES = {name: dtype for name, dtype in DTYPES.items() if name != "fp32"}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+#: A model transform (LoRA adapters, weight-only quantisation, freezing): runs on the built model, after --init's
+#: weights are loaded and before the optimizer is built (which skips frozen parameters); returns the model.
+ModelTransform = Callable[[Llama], Llama]
+
+
+@dataclass
+class TrainState:
+    """The counters a checkpoint holds beside the weights, optimizer, scaler, data position, objective and RNG."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0  # training time before this process started (resumed runs)
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, built once by :func:`setup`; the loop and :func:`save` read it."""
+
+    cfg: TrainConfig
+    model_config: LlamaConfig
+    runtime: Runtime
+    objective: Objective
+    model: Llama  # the weights that are saved
+    train_model: nn.Module  # what a training step calls: the model, compiled and/or data-parallel
+    eval_model: nn.Module  # what validation calls (compiled, never DDP-wrapped)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Any
+    params: list[nn.Parameter]
+    train_data: BatchSource
+    val_batches: list[dict[str, torch.Tensor]]
+    seq_len: int
+    precision: str
+    tokens_per_step: int
+    total_steps: int
+    sharded: bool  # FSDP
+    record: dict[str, Any]  # what every checkpoint's config.json says about the run besides the step
+    init_from: Path | None = None  # --init's checkpoint (a fresh run only)
+    resumed_from: Path | None = None
+    state: TrainState = field(default_factory=TrainState)
+    started: float = field(default_factory=time.perf_counter)  # when this process's training began
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    def elapsed(self) -> float:
+        return self.state.elapsed_s + time.perf_counter() - self.started
+
+
+def save(run: Run, name: str, update_latest: bool = True) -> Path:
+    """Checkpoint the run as it is now (every rank calls it; rank 0 writes): the inverse of :func:`restore`."""
+    model_state, optimizer_state = ckpt.gather_training_state(run.model, run.optimizer, sharded=run.sharded)
+    path = run.out_dir / name
+    if run.runtime.is_main:
+        state = {"step": run.state.step, "tokens": run.state.tokens, "elapsed_s": run.elapsed(),
+                 "optimizer": optimizer_state, "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                 "data": run.train_data.state_dict(), "objective": run.objective.state_dict(), "rng": ckpt.rng_state()}
+        config = {"model": dataclasses.asdict(run.model_config), "train": dataclasses.asdict(run.cfg), **run.record,
+                  "step": run.state.step, "tokens": run.state.tokens, "world_size": run.runtime.world_size}
+        ckpt.save_checkpoint(run.out_dir, name, model_state, state, config, keep_last=run.cfg.keep_last,
+                             update_latest=update_latest, tied=ckpt.tied_parameters(run.model))
+        log.info("saved checkpoint %s", path)
+    if run.runtime.distributed:
+        dist.barrier()
+    return path
+
+
+def restore(run: Run, path: Path) -> dict[str, Any]:
+    """Load what :func:`save` wrote into the run (the RNG state is returned, to be set right before the loop)."""
+    trainer_state = ckpt.load_trainer_state(path / ckpt.TRAINER_FILE)
+    check_model_config(ckpt.read_config(path).get("model", {}), run.model_config, path)
+    ckpt.restore_training_state(run.model, run.optimizer, path, trainer_state["optimizer"], sharded=run.sharded)
+    if trainer_state.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(trainer_state["scaler"])
+    run.train_data.load_state_dict(trainer_state["data"])
+    run.objective.load_state_dict(trainer_state.get("objective") or {})
+    run.state = TrainState(int(trainer_state["step"]), int(trainer_state["tokens"]), float(trainer_state["elapsed_s"]))
+    return trainer_state["rng"]
+
+
+def _prepare(model_config: LlamaConfig, cfg: TrainConfig, runtime: Runtime) -> tuple[str, int]:
+    """The run's precision and sequence length; device settings."""
+    device = runtime.device
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "fp16" and cfg.parallel == "fsdp" and runtime.distributed:
+        raise ValueError("--parallel fsdp supports fp32 and bf16, not fp16 (its loss scaler is per rank): use bf16")
+    seq_len = check_seq_len(cfg.seq_len or model_config.max_seq_len, model_config)
+    cap_memory(cfg.max_memory_gb, device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts
+        torch.cuda.reset_peak_memory_stats(device)
+    seed_everything(cfg.seed)
+    return precision, seq_len
+
+
+def _build_model(model_config: LlamaConfig, options: ModelOptions, runtime: Runtime, init_from: Path | None, init_config: dict[str, Any],
+                 transforms: Sequence[ModelTransform], sharded: bool) -> Llama:
+    """The model on its device: --init's weights, then the transforms, then FSDP's sharding."""
+    model = Llama(model_config, options).to(runtime.device)
+    if init_from is not None:  # weights only: optimizer, schedule and data start fresh
+        ckpt.load_model_weights(init_from, model)
+        if runtime.is_main:
+            log.info("initialised from %s (step %s)", init_from, init_config.get("step"))
+    for transform in transforms:
+        model = transform(model)
+    if sharded:  # before the optimizer is built: sharding replaces the parameters
+        shard_fsdp(model, model.model.layers)
+    return model
+
+
+def setup(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_path: str | Path | None,
+          tokenizer_sha256: str | None, runtime: Runtime, dataset_factory: DatasetFactory, task: dict[str, Any] | None,
+          objective: Objective, transforms: Sequence[ModelTransform] = ()) -> tuple[Run, Any]:
+    """Data, model, optimizer and scaler of a run, resumed when its ``out_dir`` holds a checkpoint; returns the run
+    and the RNG state to set right before the loop (None for a fresh run)."""
+    out_dir = Path(cfg.out_dir)
+    if runtime.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_temporaries(out_dir)
+    resume_from = resolve_resume(cfg.resume, out_dir)
+    precision, seq_len = _prepare(model_config, cfg, runtime)
+
+    # ---- data: this rank's part of the training stream, fixed validation batches
+    dataset_args = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size,
+                        tokenizer_sha256=tokenizer_sha256)
+    train_data = dataset_factory(train_path, validation=False, **dataset_args)
+    init_from, init_config = resolve_init(cfg.init) if cfg.init and resume_from is None else (None, {})
+    if init_from is not None:  # before the vocabulary check: a tokenizer mismatch is the likelier story
+        check_init(init_from, init_config, model_config, train_data.files)
+    if train_data.files.vocab_size > model_config.vocab_size:
+        raise ValueError(f"{train_path} holds ids up to {train_data.files.vocab_size - 1}, more than the model's "
+                         f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary")
+    if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
+        val_path = DatasetPaths.of(train_path).val().prefix
+    val_batches = (load_val_batches(dataset_factory(Path(val_path), validation=True, **dataset_args), cfg)
+                   if val_path and cfg.eval_every else [])
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
+
+    # ---- model, optimizer, loss scaler
+    sharded = cfg.parallel == "fsdp" and runtime.distributed
+    model = _build_model(model_config, cfg.model_options(), runtime, init_from, init_config, transforms, sharded)
+    device = runtime.device
+    optimizer = torch.optim.AdamW(model.configure_optimizer_groups(cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda" or None)
+    compiled = torch.compile(model) if cfg.compile else model
+    train_model = compiled
+    if runtime.distributed and not sharded:
+        train_model = nn.parallel.DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+    tokenizer_ref = {key: train_data.files.meta.get("tokenizer", {}).get(key) for key in ("path", "sha256")}
+    record = {"tokenizer": tokenizer_ref, "data": {"train": str(train_path), "val": str(val_path) if val_path else None},
+              "init": str(init_from) if init_from else None, "task": task, "objective": objective.name}
+    run = Run(cfg=cfg, model_config=model_config, runtime=runtime, objective=objective, model=model,
+              train_model=train_model, eval_model=compiled, optimizer=optimizer,
+              scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+              autocast=torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"),
+              params=[p for group in optimizer.param_groups for p in group["params"]], train_data=train_data,
+              val_batches=val_batches, seq_len=seq_len, precision=precision, tokens_per_step=tokens_per_step,
+              total_steps=cfg.total_steps(tokens_per_step), sharded=sharded, record=record, init_from=init_from,
+              resumed_from=resume_from)
+
+    # ---- resume: weights, optimizer, scaler, data position, objective, counters (the RNG comes back last)
+    rng = None
+    if resume_from is not None:
+        rng = restore(run, resume_from)
+        if runtime.is_main:
+            log.warning("RESUMING from %s: step %d, %s tokens seen; continuing to step %d", resume_from,
+                        run.state.step, f"{run.state.tokens:,}", run.total_steps)
+    return run, rng
