@@ -17,9 +17,8 @@ are installed. Running the same command again resumes from the last checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-from typing import Any, Sequence
+from typing import Sequence
 
 from engine.cli import setup_logging
 from engine.format import DatasetError, open_packed
@@ -27,13 +26,14 @@ from engine.format import DatasetError, open_packed
 from .model import PRESETS, LlamaConfig
 from .training.cli import (
     add_train_arguments,
+    choose_seq_len,
     model_overrides,
-    option_overrides,
+    planned_values,
     run_training,
 )
-from .training.config import TrainConfig, check_seq_len
+from .training.config import TrainConfig
 from .training.loop import train
-from .training.profiles import PROFILES, Plan, Profile, get_profile, plan
+from .training.profiles import PROFILES, get_profile
 from .training.resume import resolve_init
 
 logger = logging.getLogger("llama.pretrain")
@@ -75,28 +75,6 @@ def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> Ll
         raise ValueError(f"--vocab-size {vocab:,} is smaller than the corpus tokenizer's {corpus_vocab:,} ids; "
                          f"use --vocab-size {corpus_vocab}")
     return LlamaConfig.from_preset(preset, **{**overrides, "vocab_size": vocab})
-
-
-def choose_seq_len(requested: int | None, profile: Profile, config: LlamaConfig, whose: str) -> int:
-    """``--seq-len`` (checked against the model's context), else the profile's default within that context."""
-    return check_seq_len(requested or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len), config,
-                         whose)
-
-
-def planned_values(args: argparse.Namespace, profile: Profile, config: LlamaConfig, seq_len: int
-                   ) -> tuple[dict[str, Any], Plan]:
-    """TrainConfig values from the arguments, the profile's memory plan filling precision, micro-batch,
-    accumulation and activation checkpointing where they were not given (shared by every task CLI)."""
-    chosen = plan(dataclasses.replace(profile, precision=args.precision or profile.precision), config, seq_len)
-    values = {name: getattr(args, name) for name in (f.name for f in dataclasses.fields(TrainConfig))}
-    values["seq_len"] = seq_len
-    values["precision"] = args.precision or chosen.precision
-    values["batch_size"] = args.batch_size or chosen.micro_batch
-    values["grad_accum"] = args.grad_accum or (chosen.grad_accum if not args.batch_size else 1)
-    if args.activation_checkpointing is None:
-        values["activation_checkpointing"] = chosen.checkpointing
-    values.update(option_overrides(args.model))  # --model kernels=torch, checkpointing=true, dropout=0.1
-    return values, chosen
 
 
 def init_model_config(args: argparse.Namespace) -> LlamaConfig:

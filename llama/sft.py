@@ -43,10 +43,15 @@ from engine.reply_template import TEMPLATES, assistant_prefix
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
 from .model import LlamaConfig
-from .pretrain import choose_seq_len, planned_values
 from .training import checkpoint as ckpt
 from .training import objectives
-from .training.cli import add_train_arguments, model_overrides, run_training
+from .training.cli import (
+    add_train_arguments,
+    choose_seq_len,
+    model_overrides,
+    planned_values,
+    run_training,
+)
 from .training.config import TrainConfig
 from .training.loop import train
 from .training.profiles import PROFILES, get_profile

@@ -60,7 +60,7 @@ def beam_search(
     prompt's chosen tokens at the end (a beam's tokens are not final before then).
     """
     device = next(model.parameters()).device
-    vocab, batch = model.config.vocab_size, len(prompts)
+    batch = len(prompts)
     stop = set(eos_ids)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     n_candidates = max(2, 1 + len(stop)) * num_beams
@@ -82,9 +82,7 @@ def beam_search(
             log_probs = penalize_repeats(log_probs, seen, repetition_penalty)
         if step < min_new_tokens:
             log_probs = hold_back(log_probs, stop_ids)
-        totals = (log_probs.view(batch, num_beams, vocab) + beam_scores[..., None]).view(batch, -1)
-        top_scores, top_index = totals.topk(n_candidates, dim=1)
-        candidates = top_scores.tolist(), (top_index // vocab).tolist(), (top_index % vocab).tolist()
+        candidates = _candidates(log_probs, beam_scores, n_candidates)
         last = step + 1 == max_new_tokens
         keep_rows, keep_tokens, keep_scores = _select(candidates, num_beams, stop, last, (step + 1) ** length_penalty,
                                                       hypotheses, beam_tokens)
@@ -105,7 +103,22 @@ def beam_search(
                        logits_to_keep=1).logits[:, -1]
         decode_steps += 1
     decode_s = clock.lap()
+    return _result(hypotheses, stop, stream, per_second(int(mask.sum()), prefill_s),
+                   per_second(decode_steps * batch * num_beams, decode_s))
 
+
+def _candidates(log_probs: torch.Tensor, beam_scores: torch.Tensor, n: int) -> tuple[list, list, list]:
+    """The ``n`` best continuations of each prompt over all its beams: (scores, source beams, tokens), as lists."""
+    batch, num_beams = beam_scores.shape
+    vocab = log_probs.shape[-1]
+    totals = (log_probs.view(batch, num_beams, vocab) + beam_scores[..., None]).view(batch, -1)
+    top_scores, top_index = totals.topk(n, dim=1)
+    return top_scores.tolist(), (top_index // vocab).tolist(), (top_index % vocab).tolist()
+
+
+def _result(hypotheses: list[Hypotheses], stop: set[int], stream: Callable[[int, int], None] | None,
+            prefill_tokens_per_s: float, decode_tokens_per_s: float) -> GenerationResult:
+    """Each prompt's best hypothesis, streamed now that it is final."""
     sequences = [h.best[0][1] for h in hypotheses]
     if stream is not None:
         for b, seq in enumerate(sequences):
@@ -113,8 +126,7 @@ def beam_search(
                 stream(b, token)
     return GenerationResult(
         sequences=sequences, finished=[bool(seq) and seq[-1] in stop for seq in sequences],
-        prefill_tokens_per_s=per_second(int(mask.sum()), prefill_s),
-        decode_tokens_per_s=per_second(decode_steps * batch * num_beams, decode_s),
+        prefill_tokens_per_s=prefill_tokens_per_s, decode_tokens_per_s=decode_tokens_per_s,
         scores=[h.best[0][0] for h in hypotheses],
     )
 

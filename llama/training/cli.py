@@ -13,9 +13,10 @@ from typing import Any, Callable, Sequence
 from engine.format import open_packed
 
 from ..model import LlamaConfig
-from .config import OPTION_FIELDS, TrainConfig
+from .config import OPTION_FIELDS, TrainConfig, check_seq_len
 from .errors import TrainingError, TrainingInterrupted
 from .loop import train
+from .profiles import Plan, Profile, plan
 
 
 def _field_parser(hint: Any) -> tuple[type, bool]:
@@ -99,6 +100,28 @@ def _parse_model_items(items: Sequence[str]) -> dict[str, Any]:
 def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
     vocab_size = args.vocab_size or open_packed(args.train).vocab_size
     return LlamaConfig.from_preset(args.preset, **{"vocab_size": vocab_size, **model_overrides(args.model)})
+
+
+def choose_seq_len(requested: int | None, profile: Profile, config: LlamaConfig, whose: str) -> int:
+    """``--seq-len`` (checked against the model's context), else the profile's default within that context."""
+    return check_seq_len(requested or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len), config,
+                         whose)
+
+
+def planned_values(args: argparse.Namespace, profile: Profile, config: LlamaConfig, seq_len: int
+                   ) -> tuple[dict[str, Any], Plan]:
+    """TrainConfig values from the arguments, the profile's memory plan filling precision, micro-batch,
+    accumulation and activation checkpointing where they were not given (shared by every task CLI)."""
+    chosen = plan(dataclasses.replace(profile, precision=args.precision or profile.precision), config, seq_len)
+    values = {name: getattr(args, name) for name in (f.name for f in dataclasses.fields(TrainConfig))}
+    values["seq_len"] = seq_len
+    values["precision"] = args.precision or chosen.precision
+    values["batch_size"] = args.batch_size or chosen.micro_batch
+    values["grad_accum"] = args.grad_accum or (chosen.grad_accum if not args.batch_size else 1)
+    if args.activation_checkpointing is None:
+        values["activation_checkpointing"] = chosen.checkpointing
+    values.update(option_overrides(args.model))  # --model kernels=torch, checkpointing=true, dropout=0.1
+    return values, chosen
 
 
 def run_training(body: Callable[[], object]) -> int:
