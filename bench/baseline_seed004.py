@@ -58,8 +58,7 @@ def main() -> int:
     arr = np.array(all_ids, dtype=np.uint16)
     with open(args.out, "wb") as f:
         f.write(arr.tobytes())
-    print(json.dumps({"docs": docs, "tokens": int(arr.shape[0]),
-                      "seconds": time.perf_counter() - started}))
+    print(json.dumps({"docs": docs, "tokens": int(arr.shape[0]), "seconds": time.perf_counter() - started}))
     return 0
 
 

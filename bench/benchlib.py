@@ -74,16 +74,21 @@ def environment() -> dict[str, Any]:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         # no .git travels to a lent GPU machine: bench/gpu_check.sh is given the commit in ZHLLM_COMMIT
-        "commit": _git("rev-parse", "--short", "HEAD") if (REPO / ".git").exists() else os.environ.get("ZHLLM_COMMIT", "unknown"),
+        "commit": _git("rev-parse", "--short", "HEAD")
+        if (REPO / ".git").exists()
+        else os.environ.get("ZHLLM_COMMIT", "unknown"),
         # files of the measured code that differ from the commit (modified or not yet committed)
-        "uncommitted": [] if changed == "unknown" else [line.split(maxsplit=1)[-1] for line in changed.splitlines() if line.strip()],
+        "uncommitted": []
+        if changed == "unknown"
+        else [line.split(maxsplit=1)[-1] for line in changed.splitlines() if line.strip()],
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "sentencepiece": sentencepiece.__version__,
-        "command": "pytest " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name in ("pytest", "py.test", "__main__.py")
+        "command": "pytest " + shlex.join(sys.argv[1:])
+        if Path(sys.argv[0]).name in ("pytest", "py.test", "__main__.py")
         else shlex.join(sys.argv),
         "load_average": list(os.getloadavg()),
     }
@@ -126,8 +131,13 @@ def versions(on_gpu: bool) -> dict[str, Any]:
             return None
 
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
-    return {"device": device, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": get("triton"),
-            "transformers": get("transformers")}
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": get("triton"),
+        "transformers": get("transformers"),
+    }
 
 
 def require_transformers() -> None:

@@ -43,8 +43,18 @@ def main() -> int:
     encoded = sp.encode(texts, num_threads=args.threads)
     seconds = time.perf_counter() - started
     tokens = sum(len(ids) + 1 for ids in encoded)  # + EOS, as the packers write
-    print(json.dumps({"docs": len(texts), "tokens": tokens, "text_bytes": text_bytes, "seconds": seconds,
-                      "mb_per_s": text_bytes / 1e6 / seconds, "threads": args.threads}))
+    print(
+        json.dumps(
+            {
+                "docs": len(texts),
+                "tokens": tokens,
+                "text_bytes": text_bytes,
+                "seconds": seconds,
+                "mb_per_s": text_bytes / 1e6 / seconds,
+                "threads": args.threads,
+            }
+        )
+    )
     return 0
 
 

@@ -26,16 +26,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:  # the helper modules beside this file (pytest's rootdir-less import mode adds it too)
     sys.path.insert(0, str(BENCH))
 
-from benchlib import (  # noqa: E402
-    CHATGLM_MODEL,
-    PYTHON,
-    REPO,
-    RESULTS_DIR,
-    SHARED_DATA,
-    TANG,
-    Recorder,
-    read_tang,
-)
+from benchlib import CHATGLM_MODEL, PYTHON, REPO, RESULTS_DIR, SHARED_DATA, TANG, Recorder, read_tang  # noqa: E402
 from generate_report import generate_tables, summarize_generate  # noqa: E402
 from kernel_report import kernel_tables, summarize_kernels  # noqa: E402
 from report import loader_tables, pack_tables  # noqa: E402
@@ -58,7 +49,8 @@ def recorder() -> Recorder:
 
 
 def _summaries() -> dict[str, dict[str, Any]]:
-    """The recorder's summaries plus the kernel, training-step and generation benchmarks' (which the Recorder does not summarize)."""
+    """The recorder's summaries plus the kernel, training-step and generation benchmarks' (which the Recorder does not
+    summarize)."""
     summaries = _RECORDER.summaries()
     env = {**_RECORDER.started, "load_average_end": list(os.getloadavg())}
     kernel_rows = _RECORDER.rows.get("kernels")

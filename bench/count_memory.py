@@ -54,9 +54,9 @@ for path in (REPO, REPO / "bench"):  # as a script bench/ is on sys.path, the ro
 from rehearse_6gb import ASSUMED_VOCAB  # noqa: E402  (presets whose vocabulary is the tokenizer's)
 
 from llama.model import PRESETS, Llama, LlamaConfig, ModelOptions  # noqa: E402
-from llama.training.profiles import CUDA_CONTEXT_GIB as PLANNER_CONTEXT_GIB
-from llama.training.profiles import PROFILES, estimate_memory_gib, plan
-from llama.training.runtime import GIB
+from llama.training.profiles import CUDA_CONTEXT_GIB as PLANNER_CONTEXT_GIB  # noqa: E402
+from llama.training.profiles import PROFILES, estimate_memory_gib, plan  # noqa: E402
+from llama.training.runtime import GIB  # noqa: E402
 from zhkernels import _dispatch  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -176,8 +176,17 @@ def _no_kernel_launches() -> Iterator[None]:
             setattr(module, attr, value)
 
 
-def count_step(config: LlamaConfig, micro_batch: int, seq_len: int, precision: str, accumulation: int = 2,
-               packed: bool = True, preset: str = "", device: str = "meta", checkpointing: bool = False) -> Count:
+def count_step(
+    config: LlamaConfig,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    accumulation: int = 2,
+    packed: bool = True,
+    preset: str = "",
+    device: str = "meta",
+    checkpointing: bool = False,
+) -> Count:
     """Count one optimizer step's peak GPU memory on our Triton path (see the module doc). ``packed``: rows carry
     ``doc_ids``; ``checkpointing``: activation checkpointing.
 
@@ -199,8 +208,11 @@ def count_step(config: LlamaConfig, micro_batch: int, seq_len: int, precision: s
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=False)
     for p in params:  # the fused AdamW's state after its first step
-        optimizer.state[p] = {"step": torch.zeros((), device=meta), "exp_avg": torch.zeros_like(p),
-                              "exp_avg_sq": torch.zeros_like(p)}
+        optimizer.state[p] = {
+            "step": torch.zeros((), device=meta),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
     ids = torch.zeros(micro_batch, seq_len, dtype=torch.long, device=meta)
     batch = {"input_ids": ids, "labels": ids.clone()}
     if packed:
@@ -227,8 +239,7 @@ def count_step(config: LlamaConfig, micro_batch: int, seq_len: int, precision: s
         optimizer.zero_grad(set_to_none=True)
     peak = tracker.get_tracker_snapshot("peak")[meta]
     by_kind = {str(getattr(k, "value", k)): int(v) for k, v in peak.items() if k != "Total"}
-    return Count(preset, micro_batch, seq_len, precision, checkpointing, accumulation,
-                 int(peak["Total"]), by_kind)
+    return Count(preset, micro_batch, seq_len, precision, checkpointing, accumulation, int(peak["Total"]), by_kind)
 
 
 def count_planned(preset: str, profile_name: str) -> tuple[Count, float]:
@@ -237,36 +248,56 @@ def count_planned(preset: str, profile_name: str) -> tuple[Count, float]:
     config = preset_config(preset)
     seq_len = profile.default_seq_len or config.max_seq_len
     chosen = plan(profile, config, seq_len)
-    count = count_step(config, chosen.micro_batch, seq_len, chosen.precision, chosen.grad_accum, preset=preset,
-                       checkpointing=chosen.checkpointing)
+    count = count_step(
+        config,
+        chosen.micro_batch,
+        seq_len,
+        chosen.precision,
+        chosen.grad_accum,
+        preset=preset,
+        checkpointing=chosen.checkpointing,
+    )
     return count, float(chosen.estimated_gib)
 
 
 def _row(profile: str, count: Count, estimate: float, card: float | None) -> dict[str, Any]:
-    return {"profile": profile, "preset": count.preset, "micro_batch": count.micro_batch, "seq_len": count.seq_len,
-            "precision": count.precision, "checkpointing": count.checkpointing,
-            "counted_gib": round(count.peak_gib, 3), "with_context_gib": round(count.with_context_gib, 3),
-            "planner_estimate_gib": round(estimate + PLANNER_CONTEXT_GIB, 3), "card_gib": card,
-            "by_kind_gib": {k: round(v / GIB, 3) for k, v in count.by_kind.items()}}
+    return {
+        "profile": profile,
+        "preset": count.preset,
+        "micro_batch": count.micro_batch,
+        "seq_len": count.seq_len,
+        "precision": count.precision,
+        "checkpointing": count.checkpointing,
+        "counted_gib": round(count.peak_gib, 3),
+        "with_context_gib": round(count.with_context_gib, 3),
+        "planner_estimate_gib": round(estimate + PLANNER_CONTEXT_GIB, 3),
+        "card_gib": card,
+        "by_kind_gib": {k: round(v / GIB, 3) for k, v in count.by_kind.items()},
+    }
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table for bench/RESULTS.md."""
-    lines = ["| profile | preset | micro-batch x seq | precision | ckpt | counted | + context | planner estimate | card |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| profile | preset | micro-batch x seq | precision | ckpt | counted | + context | planner estimate | card |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['profile']} | {r['preset']} | {r['micro_batch']} x {r['seq_len']} | {r['precision']} | "
-                     f"{'on' if r['checkpointing'] else 'off'} | {r['counted_gib']:.2f} GiB | "
-                     f"{r['with_context_gib']:.2f} GiB | {r['planner_estimate_gib']:.2f} GiB | "
-                     f"{'-' if r['card_gib'] is None else format(r['card_gib'], '.0f') + ' GiB'} |")
+        lines.append(
+            f"| {r['profile']} | {r['preset']} | {r['micro_batch']} x {r['seq_len']} | {r['precision']} | "
+            f"{'on' if r['checkpointing'] else 'off'} | {r['counted_gib']:.2f} GiB | "
+            f"{r['with_context_gib']:.2f} GiB | {r['planner_estimate_gib']:.2f} GiB | "
+            f"{'-' if r['card_gib'] is None else format(r['card_gib'], '.0f') + ' GiB'} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Count a training step's peak GPU memory on meta tensors (no GPU needed): our kernels' real "
-                    "allocations, autocast emulated. Without --preset: every preset on every card profile, at the "
-                    "micro-batch the planner picks.")
+        "allocations, autocast emulated. Without --preset: every preset on every card profile, at the "
+        "micro-batch the planner picks."
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), help="one preset (then give --batch and --seq)")
     parser.add_argument("--batch", type=int, default=8, help="micro-batch (rows) for --preset")
     parser.add_argument("--seq", type=int, help="tokens per row for --preset (default: the preset's context)")
@@ -280,8 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset:
         config = preset_config(args.preset)
         seq = args.seq or config.max_seq_len
-        count = count_step(config, args.batch, seq, args.precision, args.accumulation, preset=args.preset,
-                           checkpointing=args.checkpointing)
+        count = count_step(
+            config,
+            args.batch,
+            seq,
+            args.precision,
+            args.accumulation,
+            preset=args.preset,
+            checkpointing=args.checkpointing,
+        )
         estimate = estimate_memory_gib(config, args.batch, seq, args.precision, args.checkpointing)
         rows.append(_row("-", count, estimate, None))
     else:

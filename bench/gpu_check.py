@@ -45,36 +45,86 @@ class Stage:
     always: bool = False  # runs even when the budget is spent (its box is kept aside for it)
 
 
-ENVIRONMENT = ("import json, torch, triton, numpy; import importlib.util as u; print(json.dumps({"
-               "'torch': torch.__version__, 'cuda': torch.version.cuda, 'triton': triton.__version__, "
-               "'numpy': numpy.__version__, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
-               "'missing': [m for m in ('transformers', 'liger_kernel', 'pytest_benchmark', 'snownlp', 'opencc') "
-               "if u.find_spec(m) is None]}))")
+ENVIRONMENT = (
+    "import json, torch, triton, numpy; import importlib.util as u; print(json.dumps({"
+    "'torch': torch.__version__, 'cuda': torch.version.cuda, 'triton': triton.__version__, "
+    "'numpy': numpy.__version__, 'device': torch.cuda.get_device_name() if torch.cuda.is_available() else None, "
+    "'missing': [m for m in ('transformers', 'liger_kernel', 'pytest_benchmark', 'snownlp', 'opencc') "
+    "if u.find_spec(m) is None]}))"
+)
 
 PLAN = [
     Stage("environment", 30, [PY, "-c", ENVIRONMENT], "versions, the GPU, which optional packages are missing"),
-    Stage("kernel-tests", 130, [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/",
-                                "-m", "triton or transformers",
-                                "-k", "not aot",  # ahead-of-time compiling proves nothing more where a GPU compiles
-                                ],
-          "every kernel and HF-interop test on CUDA: fp32/fp16/bf16, CI and large shapes"),
-    Stage("cuda-tests", 30, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_model.py::"
-                             "test_bf16_autocast_on_gpu_triton_close_to_torch", "tests/test_dataset.py::test_pinned_batches_match_unpinned"],
-          "the model and loader tests that run only with CUDA"),
-    Stage("profile", 60, [PY, "bench/profile_step.py", "--out", str(RESULTS / "profile_step.json")],
-          "a profiler kernel table and the GPU-busy share of one step per preset, ours vs transformers",
-          ["profile_step.json", "profile_step.md"]),
-    Stage("train-steps", 150, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_train_step.py",
-                               "--benchmark-only"],
-          "training step per preset, ours vs transformers (+ the 6 GiB rehearsal)", ["train.json"]),
-    Stage("kernel-bench", 120, [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_kernels.py",
-                                "--benchmark-only"],
-          "each kernel vs eager, torch.compile, SDPA and Liger-Kernel", ["kernels.json"]),
-    Stage("flash-tiles", 90, [PY, "bench/tune_flash.py", "--docs", "--out", str(RESULTS / "flash_tiles.json")],
-          "every candidate flash-attention tile timed at the presets' shapes: where the default table should change",
-          ["flash_tiles.json", "flash_tiles.md"]),
-    Stage("report", 30, [PY, "bench/report.py", "--out", str(RESULTS / "report.md")],
-          "the RESULTS.md sections of everything measured", ["report.md"], always=True),
+    Stage(
+        "kernel-tests",
+        130,
+        [
+            PY,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "tests/",
+            "-m",
+            "triton or transformers",
+            "-k",
+            "not aot",  # ahead-of-time compiling proves nothing more where a GPU compiles
+        ],
+        "every kernel and HF-interop test on CUDA: fp32/fp16/bf16, CI and large shapes",
+    ),
+    Stage(
+        "cuda-tests",
+        30,
+        [
+            PY,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_model.py::test_bf16_autocast_on_gpu_triton_close_to_torch",
+            "tests/test_dataset.py::test_pinned_batches_match_unpinned",
+        ],
+        "the model and loader tests that run only with CUDA",
+    ),
+    Stage(
+        "profile",
+        60,
+        [PY, "bench/profile_step.py", "--out", str(RESULTS / "profile_step.json")],
+        "a profiler kernel table and the GPU-busy share of one step per preset, ours vs transformers",
+        ["profile_step.json", "profile_step.md"],
+    ),
+    Stage(
+        "train-steps",
+        150,
+        [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_train_step.py", "--benchmark-only"],
+        "training step per preset, ours vs transformers (+ the 6 GiB rehearsal)",
+        ["train.json"],
+    ),
+    Stage(
+        "kernel-bench",
+        120,
+        [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_kernels.py", "--benchmark-only"],
+        "each kernel vs eager, torch.compile, SDPA and Liger-Kernel",
+        ["kernels.json"],
+    ),
+    Stage(
+        "flash-tiles",
+        90,
+        [PY, "bench/tune_flash.py", "--docs", "--out", str(RESULTS / "flash_tiles.json")],
+        "every candidate flash-attention tile timed at the presets' shapes: where the default table should change",
+        ["flash_tiles.json", "flash_tiles.md"],
+    ),
+    Stage(
+        "report",
+        30,
+        [PY, "bench/report.py", "--out", str(RESULTS / "report.md")],
+        "the RESULTS.md sections of everything measured",
+        ["report.md"],
+        always=True,
+    ),
 ]
 
 
@@ -99,8 +149,9 @@ def run_stage(stage: Stage, seconds: float, log) -> dict[str, Any]:
     start = time.monotonic()
     log.write(f"\n===== {stage.name} ({seconds:.0f} s box): {' '.join(stage.argv)}\n")
     log.flush()
-    proc = _running = subprocess.Popen(stage.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+    proc = _running = subprocess.Popen(
+        stage.argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     status = "passed"
     try:
         proc.wait(timeout=seconds)
@@ -111,8 +162,13 @@ def run_stage(stage: Stage, seconds: float, log) -> dict[str, Any]:
         _running = None
     if status == "passed" and proc.returncode != 0:
         status = "failed"
-    return {"stage": stage.name, "status": status, "returncode": proc.returncode,
-            "seconds": round(time.monotonic() - start, 1), "why": stage.why}
+    return {
+        "stage": stage.name,
+        "status": status,
+        "returncode": proc.returncode,
+        "seconds": round(time.monotonic() - start, 1),
+        "why": stage.why,
+    }
 
 
 def _collect(stage: Stage, out: Path) -> None:
@@ -124,9 +180,12 @@ def _collect(stage: Stage, out: Path) -> None:
 def run_check(plan: list[Stage], budget: float, out: Path) -> dict[str, Any]:
     """Every stage in order within ``budget`` seconds; the summary is rewritten to out/gpu_check.json after each."""
     out.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"budget_s": budget, "commit": os.environ.get("ZHLLM_COMMIT", "unknown"),
-                               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                               "stages": [{"stage": s.name, "status": "not run", "why": s.why} for s in plan]}
+    summary: dict[str, Any] = {
+        "budget_s": budget,
+        "commit": os.environ.get("ZHLLM_COMMIT", "unknown"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "stages": [{"stage": s.name, "status": "not run", "why": s.why} for s in plan],
+    }
     reserve = sum(s.seconds for s in plan if s.always)
     deadline = time.monotonic() + budget
 
@@ -163,8 +222,12 @@ def run_check(plan: list[Stage], budget: float, out: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/gpu_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=480, help="seconds for all stages together (default 480)")
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or RESULTS / "gpu_check"),
-                        help="where the summary, the log and the results go (default $OUT, else bench/.results/gpu_check)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT") or RESULTS / "gpu_check"),
+        help="where the summary, the log and the results go (default $OUT, else bench/.results/gpu_check)",
+    )
     parser.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (names from --list)")
     parser.add_argument("--list", action="store_true", help="print the plan and exit")
     args = parser.parse_args(argv)

@@ -44,9 +44,12 @@ METHOD = (
     "`torch.compile(eager, fullgraph=True, dynamic=False)`; *liger* = Liger-Kernel's op; *sdpa-flash* = "
     "`F.scaled_dot_product_attention` under `sdpa_kernel(SDPBackend.FLASH_ATTENTION)`; *sdpa* = its default "
     "backend choice (GQA through `enable_gqa=True`). *ours ÷ best other* = the fastest other implementation's "
-    "time ÷ ours (above 1: ours is faster). RoPE and attention inputs are `[B, H, T, D]` views of `[B, T, H, D]` buffers, "
-    "the layout a Llama block's projections produce; Liger's RoPE gets its `[1, T, D]` cos/sin in the activation dtype, "
-    "as Hugging Face passes them (ours and eager: the float32 table). Peak memory = `max_memory_allocated` during one call minus what was "
+    "time ÷ ours (above 1: ours is faster). RoPE and attention inputs are `[B, H, T, D]` views of `[B, T, H, D]` "
+    "buffers, "
+    "the layout a Llama block's projections produce; Liger's RoPE gets its `[1, T, D]` cos/sin in the activation "
+    "dtype, "
+    "as Hugging Face passes them (ours and eager: the float32 table). Peak memory = `max_memory_allocated` during "
+    "one call minus what was "
     "allocated before it (the inputs), in MB. *host* = the host's median time to issue one call (Python, autograd and "
     "the launches); **host-bound** marks a call whose host time exceeds its GPU time, where a loop of such calls "
     "would run at the host's pace unless captured in a CUDA graph."
@@ -65,9 +68,13 @@ def _order(rows: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
 
 
 def _key(order: dict[tuple[str, str], int], r: dict[str, Any]) -> tuple:
-    return (OP_ORDER.index(r["op"]) if r["op"] in OP_ORDER else 99, order[(r["op"], r["shape"])],
-            DTYPE_ORDER.get(r["dtype"], 9), PASSES.index(r["pass"]) if r["pass"] in PASSES else 9,
-            IMPL_ORDER.index(r["impl"]) if r["impl"] in IMPL_ORDER else 99)
+    return (
+        OP_ORDER.index(r["op"]) if r["op"] in OP_ORDER else 99,
+        order[(r["op"], r["shape"])],
+        DTYPE_ORDER.get(r["dtype"], 9),
+        PASSES.index(r["pass"]) if r["pass"] in PASSES else 9,
+        IMPL_ORDER.index(r["impl"]) if r["impl"] in IMPL_ORDER else 99,
+    )
 
 
 def peaks(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -99,9 +106,12 @@ def compare(impls: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ours = impls.get("ours")
     others = [r for name, r in impls.items() if name != "ours" and r.get("ms")]
     best = min(others, key=lambda r: r["ms"]) if others else None
-    return {"ours_ms": ours["ms"] if ours else None, "best_other": best["impl"] if best else None,
-            "best_other_ms": best["ms"] if best else None,
-            "speedup": best["ms"] / ours["ms"] if ours and best and ours.get("ms") else None}
+    return {
+        "ours_ms": ours["ms"] if ours else None,
+        "best_other": best["impl"] if best else None,
+        "best_other_ms": best["ms"] if best else None,
+        "speedup": best["ms"] / ours["ms"] if ours and best and ours.get("ms") else None,
+    }
 
 
 def _check(target: str, measured: str, met: bool | None) -> dict[str, Any]:
@@ -124,8 +134,13 @@ def targets_for(op: str, pass_: str, impls: dict[str, dict[str, Any]]) -> list[d
         if first.get("largest_tensor_mb", 0) >= TARGET_BANDWIDTH_MIN_MB:
             share = ours.get("share_of_peak") if ours else None
             target = f"≥ {TARGET_BANDWIDTH_SHARE:.0%} of copy bandwidth (tensors ≥ {TARGET_BANDWIDTH_MIN_MB:.0f} MB)"
-            out.append(_check(target, "–" if share is None else f"{share:.0%}",
-                              None if share is None else share >= TARGET_BANDWIDTH_SHARE))
+            out.append(
+                _check(
+                    target,
+                    "–" if share is None else f"{share:.0%}",
+                    None if share is None else share >= TARGET_BANDWIDTH_SHARE,
+                )
+            )
         if not first.get("probe"):  # model shapes: ours against every other implementation that ran
             rivals = {k: r for k, r in impls.items() if k in ("ours", "eager", "compile", "liger")}
             c = compare(rivals)
@@ -134,22 +149,41 @@ def targets_for(op: str, pass_: str, impls: dict[str, dict[str, Any]]) -> list[d
             out.append(_check(f"faster than {names}", measured, None if c["speedup"] is None else c["speedup"] >= 1.0))
     elif op == "flash_attention":
         lo, hi = TARGET_ATTENTION_SEQ
-        if (pass_ == "fwd+bwd" and dims.get("head_dim") == TARGET_ATTENTION_HEAD_DIM and dims.get("causal", True)
-                and lo <= dims.get("seq", 0) <= hi):
+        if (
+            pass_ == "fwd+bwd"
+            and dims.get("head_dim") == TARGET_ATTENTION_HEAD_DIM
+            and dims.get("causal", True)
+            and lo <= dims.get("seq", 0) <= hi
+        ):
             ratio = _ratio(impls.get("sdpa-flash"), ours, "ms")  # speed ratio: SDPA's time over ours
             measured = "–" if ratio is None else f"{ratio:.2f}×"
-            out.append(_check(f"≥ {TARGET_ATTENTION_VS_SDPA:.1f}× SDPA-flash speed", measured,
-                              None if ratio is None else ratio >= TARGET_ATTENTION_VS_SDPA))
+            out.append(
+                _check(
+                    f"≥ {TARGET_ATTENTION_VS_SDPA:.1f}× SDPA-flash speed",
+                    measured,
+                    None if ratio is None else ratio >= TARGET_ATTENTION_VS_SDPA,
+                )
+            )
     elif op == "fused_linear_cross_entropy":
         if dims.get("vocab") == TARGET_CE_VOCAB and dims.get("tokens", 0) >= TARGET_CE_TOKENS:
             eager = impls.get("eager")
             frac = _ratio(ours, eager, "peak_mb")
             measured = "–" if frac is None else f"{frac:.3f}× ({ours['peak_mb']:.0f} vs {eager['peak_mb']:.0f} MB)"
-            out.append(_check(f"peak memory ≤ {TARGET_CE_MEMORY_FRACTION:g} × eager's", measured,
-                              None if frac is None else frac <= TARGET_CE_MEMORY_FRACTION))
+            out.append(
+                _check(
+                    f"peak memory ≤ {TARGET_CE_MEMORY_FRACTION:g} × eager's",
+                    measured,
+                    None if frac is None else frac <= TARGET_CE_MEMORY_FRACTION,
+                )
+            )
             ratio = _ratio(eager, ours, "ms")
-            out.append(_check("no slower than eager", "–" if ratio is None else f"{ratio:.2f}× eager's speed",
-                              None if ratio is None else ratio >= 1.0))
+            out.append(
+                _check(
+                    "no slower than eager",
+                    "–" if ratio is None else f"{ratio:.2f}× eager's speed",
+                    None if ratio is None else ratio >= 1.0,
+                )
+            )
     return out
 
 
@@ -200,12 +234,14 @@ def _peak_lines(p: dict[str, Any]) -> str:
     copy = "not measured" if p["copy_gb_per_s"] is None else f"{p['copy_gb_per_s']:,.0f} GB/s"
     copy_size = f" on {p['copy_mb']:.0f} MB" if p.get("copy_mb") else ""
     n = p.get("matmul_n") or 8192
-    return "\n".join([
-        f"- GPU: {p.get('device') or 'unknown'}; torch {p.get('torch') or '?'} (CUDA {p.get('cuda') or '?'}), "
-        f"triton {p.get('triton') or '?'}, Liger-Kernel {p.get('liger') or 'not installed (no liger column)'}",
-        f"- peaks measured in this run: copy bandwidth {copy} (`dst.copy_(src)`{copy_size}, 2 × bytes / time); "
-        f"dense matmul {matmul} ({n}×{n}×{n})",
-    ])
+    return "\n".join(
+        [
+            f"- GPU: {p.get('device') or 'unknown'}; torch {p.get('torch') or '?'} (CUDA {p.get('cuda') or '?'}), "
+            f"triton {p.get('triton') or '?'}, Liger-Kernel {p.get('liger') or 'not installed (no liger column)'}",
+            f"- peaks measured in this run: copy bandwidth {copy} (`dst.copy_(src)`{copy_size}, 2 × bytes / time); "
+            f"dense matmul {matmul} ({n}×{n}×{n})",
+        ]
+    )
 
 
 def op_tables(op: str, summary: dict[str, Any]) -> str:
@@ -221,18 +257,29 @@ def op_tables(op: str, summary: dict[str, Any]) -> str:
     for (_, shape, dtype, pass_), by_impl in groups.items():
         c = comparisons[(shape, dtype, pass_)]
         ratio = "–" if c["speedup"] is None else f"{c['speedup']:.2f}× (vs {c['best_other']})"
-        target = "; ".join(f"{t['target']}: {t['measured']} {_mark(t['met'])}" for t in checks.get((shape, dtype, pass_), []))
+        target = "; ".join(
+            f"{t['target']}: {t['measured']} {_mark(t['met'])}" for t in checks.get((shape, dtype, pass_), [])
+        )
         speed_rows.append([shape, dtype, pass_] + [_cell(by_impl.get(i)) for i in impls] + [ratio, target or "–"])
-        memory_rows.append([shape, dtype, pass_] + [
-            "–" if by_impl.get(i, {}).get("peak_mb") is None else f"{by_impl[i]['peak_mb']:,.1f}" for i in impls])
-    return "\n\n".join([
-        f"#### {OP_TITLES.get(op, op)}",
-        FORMULAS.get(op, "") + ("; throughput share = GB/s ÷ copy bandwidth" if op in MEMORY_BOUND
-                                else "; throughput share = TFLOP/s ÷ matmul peak of the dtype") + ".",
-        _table(["shape", "dtype", "pass"] + impls + ["ours ÷ best other (speed)", "target"], speed_rows),
-        "Peak memory above the inputs (MB):",
-        _table(["shape", "dtype", "pass"] + impls, memory_rows),
-    ])
+        memory_rows.append(
+            [shape, dtype, pass_]
+            + ["–" if by_impl.get(i, {}).get("peak_mb") is None else f"{by_impl[i]['peak_mb']:,.1f}" for i in impls]
+        )
+    return "\n\n".join(
+        [
+            f"#### {OP_TITLES.get(op, op)}",
+            FORMULAS.get(op, "")
+            + (
+                "; throughput share = GB/s ÷ copy bandwidth"
+                if op in MEMORY_BOUND
+                else "; throughput share = TFLOP/s ÷ matmul peak of the dtype"
+            )
+            + ".",
+            _table(["shape", "dtype", "pass"] + impls + ["ours ÷ best other (speed)", "target"], speed_rows),
+            "Peak memory above the inputs (MB):",
+            _table(["shape", "dtype", "pass"] + impls, memory_rows),
+        ]
+    )
 
 
 def target_counts(targets: list[dict[str, Any]]) -> list[list[str]]:
@@ -241,8 +288,10 @@ def target_counts(targets: list[dict[str, Any]]) -> list[list[str]]:
     for t in targets:
         tally = counts.setdefault((t["op"], t["target"]), [0, 0, 0])
         tally[0 if t["met"] else 2 if t["met"] is None else 1] += 1
-    return [[op, target, str(met), f"**{missed}**" if missed else "0", str(unknown)]
-            for (op, target), (met, missed, unknown) in counts.items()]
+    return [
+        [op, target, str(met), f"**{missed}**" if missed else "0", str(unknown)]
+        for (op, target), (met, missed, unknown) in counts.items()
+    ]
 
 
 def kernel_tables(summary: dict[str, Any]) -> str:
@@ -254,8 +303,10 @@ def kernel_tables(summary: dict[str, Any]) -> str:
     parts.append("#### Kernel targets")
     if summary["targets"]:
         parts.append(_table(["op", "target", "met", "missed", "not measured"], target_counts(summary["targets"])))
-        rows = [[t["op"], t["shape"], t["dtype"], t["pass"], t["target"], t["measured"], _mark(t["met"])]
-                for t in summary["targets"]]
+        rows = [
+            [t["op"], t["shape"], t["dtype"], t["pass"], t["target"], t["measured"], _mark(t["met"])]
+            for t in summary["targets"]
+        ]
         parts.append(_table(["op", "shape", "dtype", "pass", "target", "measured", "met"], rows))
     else:
         parts.append("(no target could be checked: none of the target shapes ran)")

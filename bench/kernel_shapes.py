@@ -38,11 +38,12 @@ MEMORY_BOUND = ("rms_norm", "apply_rope", "swiglu")
 #: How each op's figure is counted, quoted under its table in the report.
 FORMULAS: dict[str, str] = {
     "rms_norm": "bytes: fwd 2·N·H·s + H·s (x read, out written, weight read); bwd 3·N·H·s + 2·H·s (x and dout read, "
-                "dx written, weight read, dweight written; the per-row rstd is not counted)",
+    "dx written, weight read, dweight written; the per-row rstd is not counted)",
     "apply_rope": "bytes: fwd 2·B·T·(Hq+Hk)·D·s + 2·T·D·4 (q, k read and written; cos/sin rows read); bwd the same",
     "swiglu": "bytes: fwd 3·N·F·s (gate, up read, out written); bwd 5·N·F·s (dout, gate, up read; dgate, dup written)",
     "flash_attention": "flops: fwd 4·B·Hq·T²·D, halved when causal; bwd 2.5× fwd (fwd+bwd = 3.5× fwd)",
-    "fused_linear_cross_entropy": "flops: fwd 2·N·H·V (the logits matmul); fwd+bwd 3× fwd (dhidden and dweight matmuls)",
+    "fused_linear_cross_entropy": "flops: fwd 2·N·H·V (the logits matmul); fwd+bwd 3× fwd (dhidden and dweight "
+    "matmuls)",
 }
 
 
@@ -65,9 +66,15 @@ def _rms(label: str, tokens: int, hidden: int, probe: bool = False) -> KernelSha
     return KernelShape("rms_norm", label, {"tokens": tokens, "hidden": hidden}, probe)
 
 
-def _rope(label: str, batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, probe: bool = False) -> KernelShape:
-    return KernelShape("apply_rope", label, {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads,
-                                             "head_dim": head_dim}, probe)
+def _rope(
+    label: str, batch: int, seq: int, heads: int, kv_heads: int, head_dim: int, probe: bool = False
+) -> KernelShape:
+    return KernelShape(
+        "apply_rope",
+        label,
+        {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim},
+        probe,
+    )
 
 
 def _swiglu(label: str, tokens: int, ffn: int, probe: bool = False) -> KernelShape:
@@ -75,15 +82,19 @@ def _swiglu(label: str, tokens: int, ffn: int, probe: bool = False) -> KernelSha
 
 
 def _attn(label: str, batch: int, seq: int, heads: int, kv_heads: int, head_dim: int) -> KernelShape:
-    return KernelShape("flash_attention", label, {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads,
-                                                  "head_dim": head_dim, "causal": True})
+    return KernelShape(
+        "flash_attention",
+        label,
+        {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "causal": True},
+    )
 
 
 def _ce(label: str, tokens: int, hidden: int, vocab: int) -> KernelShape:
     return KernelShape("fused_linear_cross_entropy", label, {"tokens": tokens, "hidden": hidden, "vocab": vocab})
 
 
-#: What the GPU run measures: 320 cases with the dtypes, passes and implementations (meant to take under ~8 minutes on an H100).
+#: What the GPU run measures: 320 cases with the dtypes, passes and implementations (meant to take under ~8 minutes on
+#: an H100).
 SHAPES: dict[str, list[KernelShape]] = {
     "rms_norm": [
         _rms("minimind 16x512 h512", 8192, 512),
@@ -116,7 +127,8 @@ SHAPES: dict[str, list[KernelShape]] = {
     ],
 }
 
-#: ``ZHLLM_BENCH_CPU_SMOKE=1``: one tiny, odd-sized shape per op, run once on CPU (Triton interpreter) to prove the code paths.
+#: ``ZHLLM_BENCH_CPU_SMOKE=1``: one tiny, odd-sized shape per op, run once on CPU (Triton interpreter) to prove the
+#: code paths.
 SMOKE_SHAPES: dict[str, list[KernelShape]] = {
     "rms_norm": [_rms("smoke 6-tok h40", 6, 40)],
     "apply_rope": [_rope("smoke 2x6 4/2h d16", 2, 6, 4, 2, 16)],
@@ -130,7 +142,8 @@ SMOKE_SHAPES: dict[str, list[KernelShape]] = {
 
 
 def bytes_moved(op: str, dims: dict[str, Any], dtype: str, pass_: str) -> int | None:
-    """Compulsory bytes read + written by a memory-bound op (``None`` for the compute-bound ones); see :data:`FORMULAS`."""
+    """Compulsory bytes read + written by a memory-bound op (``None`` for the compute-bound ones); see
+    :data:`FORMULAS`."""
     s = DTYPE_BYTES[dtype]
     if op == "rms_norm":
         n, h = dims["tokens"], dims["hidden"]

@@ -104,8 +104,9 @@ class _PeakSampler(threading.Thread):
         self.join()
 
 
-def run_measured(cmd: Sequence[str], *, interval: float = POLL_SECONDS, cwd: str | None = None,
-                 env: dict[str, str] | None = None) -> ProcessRun:
+def run_measured(
+    cmd: Sequence[str], *, interval: float = POLL_SECONDS, cwd: str | None = None, env: dict[str, str] | None = None
+) -> ProcessRun:
     """Start ``cmd``, sample its process tree until it exits, and return the figures."""
     started = time.perf_counter()
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)

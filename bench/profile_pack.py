@@ -45,8 +45,15 @@ from report import profile_tables, stage_tables  # noqa: E402
 # (stage, needles on "file:function") in priority order; a Python function's own time goes to the first match.
 # Built-ins (file "~") and numpy's Python wrappers have no stage of their own: their time follows their callers.
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("encode (SentencePiece)", ("sentencepiece/__init__.py:Encode", "sentencepiece/__init__.py:_EncodeAsIds",
-                                "sentencepiece/__init__.py:EncodeAsIds", "engine/tokenizer/core.py:encode_batch")),
+    (
+        "encode (SentencePiece)",
+        (
+            "sentencepiece/__init__.py:Encode",
+            "sentencepiece/__init__.py:_EncodeAsIds",
+            "sentencepiece/__init__.py:EncodeAsIds",
+            "engine/tokenizer/core.py:encode_batch",
+        ),
+    ),
     ("tokenizer load + sha256", ("engine/tokenizer", "sentencepiece", "google/protobuf")),
     ("read: JSON parsing", ("/json/",)),
     ("read: engine.sources (files, records, template, reports)", ("engine/sources", "codecs", "gzip", "bz2", "lzma")),
@@ -99,8 +106,10 @@ def summarize(stats: pstats.Stats, total: float, what: str, top: int = 15) -> di
         "what": what,
         "total_seconds": total,
         "stages": [{"stage": s, "seconds": t} for s, t in sorted(stages.items(), key=lambda kv: -kv[1])],
-        "top": [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "own": v[2], "cumulative": v[3], "calls": v[1]}
-                for k, v in ranked],
+        "top": [
+            {"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "own": v[2], "cumulative": v[3], "calls": v[1]}
+            for k, v in ranked
+        ],
     }
 
 
@@ -120,9 +129,12 @@ def profile_prepare(argv: list[str], what: str) -> dict[str, Any]:
     if code != 0:
         raise SystemExit(f"engine.prepare exited with {code}")
     summary = summarize(pstats.Stats(profiler), wall, what)
-    summary["main_cpu_seconds"] = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    summary["children_cpu_seconds"] = ((children_after.ru_utime + children_after.ru_stime)
-                                       - (children_before.ru_utime + children_before.ru_stime))
+    summary["main_cpu_seconds"] = (cpu_after.ru_utime + cpu_after.ru_stime) - (
+        cpu_before.ru_utime + cpu_before.ru_stime
+    )
+    summary["children_cpu_seconds"] = (children_after.ru_utime + children_after.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
     return summary
 
 
@@ -160,11 +172,21 @@ def stage_timings(folders: list[Path], tokenizer_path: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size)
     clean_config = CleanConfig(dedup=False)
-    config = pack_workers.WorkerConfig(tokenizer_path, "pretrain", clean_config, 0, dtype.name,
-                                       need_digests=clean_config.dedup, source_options=corpus.options)
+    config = pack_workers.WorkerConfig(
+        tokenizer_path,
+        "pretrain",
+        clean_config,
+        0,
+        dtype.name,
+        need_digests=clean_config.dedup,
+        source_options=corpus.options,
+    )
     workers = os.cpu_count() or 1
-    tasks = _timed(stages, f"main: pack._tasks for {workers} workers (lists the files, or reads and batches records)",
-                   lambda: list(engine_pack._tasks(corpus, "pretrain", engine_pack.PackConfig.batch_chars, workers)))
+    tasks = _timed(
+        stages,
+        f"main: pack._tasks for {workers} workers (lists the files, or reads and batches records)",
+        lambda: list(engine_pack._tasks(corpus, "pretrain", engine_pack.PackConfig.batch_chars, workers)),
+    )
 
     def read(task: tuple[str, Any]) -> list[Any]:  # what a worker's encode_file reads; a records task was read above
         what, payload = task
@@ -174,21 +196,31 @@ def stage_timings(folders: list[Path], tokenizer_path: str) -> dict[str, Any]:
         part.report = SourceReport(quiet=True)
         return [(d.text, d.source, d.lineno) for d in part.documents()]
 
-    records = _timed(stages, "read: engine.sources Corpus([file]).documents() (JSON, template, per-file report)",
-                     lambda: [read(t) for t in tasks])
+    records = _timed(
+        stages,
+        "read: engine.sources Corpus([file]).documents() (JSON, template, per-file report)",
+        lambda: [read(t) for t in tasks],
+    )
     _timed(stages, "  for reference: json.load + join, as the baseline reads", lambda: [read_tang(f) for f in folders])
 
     def rebuild_tables() -> None:
         engine_clean._changed_characters.cache_clear()
         engine_clean._invisible_characters.cache_clear()
 
-    _timed(stages, "clean: warm_cleaner() tables (once, in the main process before the fork)", warm_cleaner,
-           before=rebuild_tables)
+    _timed(
+        stages,
+        "clean: warm_cleaner() tables (once, in the main process before the fork)",
+        warm_cleaner,
+        before=rebuild_tables,
+    )
     cleaner = Cleaner(clean_config)
     documents = sum(len(batch) for batch in records)
     fast = sum(is_clean(r[0]) for batch in records for r in batch) / max(documents, 1)
-    texts = _timed(stages, f"clean: Cleaner.clean ({fast:.0%} of documents take the is_clean fast path)",
-                   lambda: [[c for c, _ in (cleaner.clean(r[0]) for r in batch) if c is not None] for batch in records])
+    texts = _timed(
+        stages,
+        f"clean: Cleaner.clean ({fast:.0%} of documents take the is_clean fast path)",
+        lambda: [[c for c, _ in (cleaner.clean(r[0]) for r in batch) if c is not None] for batch in records],
+    )
     _timed(stages, "tokenizer: load_tokenizer (once per worker)", lambda: load_tokenizer(tokenizer_path))
     _timed(stages, "tokenizer: sha256 of the vocabulary (main, once)", lambda: load_tokenizer(tokenizer_path).sha256)
     stages[-1]["seconds"] -= stages[-2]["seconds"]  # a fresh tokenizer each run (sha256 is cached): minus its load
@@ -207,18 +239,32 @@ def stage_timings(folders: list[Path], tokenizer_path: str) -> dict[str, Any]:
 
     runs = [encode_then_convert() for _ in range(REPEAT)]
     _add(stages, "encode: Tokenizer.encode_batch per task, 1 thread", [r[0] for r in runs])
-    _add(stages, f"ids → numpy: pack_workers._to_array (list → int64, range check, → {dtype.name})", [r[1] for r in runs])
+    _add(
+        stages, f"ids → numpy: pack_workers._to_array (list → int64, range check, → {dtype.name})", [r[1] for r in runs]
+    )
     if config.need_digests:
-        _timed(stages, "fingerprint: blake2b per document",
-               lambda: [pack_workers.fingerprint(t, 0) for batch in texts for t in batch])
+        _timed(
+            stages,
+            "fingerprint: blake2b per document",
+            lambda: [pack_workers.fingerprint(t, 0) for batch in texts for t in batch],
+        )
     else:
         _add(stages, "fingerprint: skipped (need_digests is False: no dedup, no validation split)", [])
-    results = _timed(stages, "worker total: pack._run_task per task (encode_file: read+clean+encode+ids→numpy)",
-                     lambda: [engine_pack._run_task(t) for t in tasks])
-    _timed(stages, "IPC: pickle + unpickle the tasks (to workers)",
-           lambda: [pickle.loads(pickle.dumps(t, pickle.HIGHEST_PROTOCOL)) for t in tasks])
-    _timed(stages, "IPC: pickle + unpickle the results (from workers)",
-           lambda: [pickle.loads(pickle.dumps(r, pickle.HIGHEST_PROTOCOL)) for r in results])
+    results = _timed(
+        stages,
+        "worker total: pack._run_task per task (encode_file: read+clean+encode+ids→numpy)",
+        lambda: [engine_pack._run_task(t) for t in tasks],
+    )
+    _timed(
+        stages,
+        "IPC: pickle + unpickle the tasks (to workers)",
+        lambda: [pickle.loads(pickle.dumps(t, pickle.HIGHEST_PROTOCOL)) for t in tasks],
+    )
+    _timed(
+        stages,
+        "IPC: pickle + unpickle the results (from workers)",
+        lambda: [pickle.loads(pickle.dumps(r, pickle.HIGHEST_PROTOCOL)) for r in results],
+    )
 
     def route_all() -> None:  # the main loop of pack_corpus, minus the pool and the progress bar
         with tempfile.TemporaryDirectory() as tmp:
@@ -231,13 +277,17 @@ def stage_timings(folders: list[Path], tokenizer_path: str) -> dict[str, Any]:
             writer.abort()
 
     _timed(stages, "main: merge reports + pack._route (one _SplitWriter.append per task)", route_all)
-    return {"stages": stages, "documents": documents, "batches": len(tasks),
-            "task_kinds": sorted({what for what, _ in tasks}),
-            "pickled_out_mb": sum(len(pickle.dumps(t, pickle.HIGHEST_PROTOCOL)) for t in tasks) / 1e6,
-            "pickled_back_mb": sum(len(pickle.dumps(r, pickle.HIGHEST_PROTOCOL)) for r in results) / 1e6,
-            "result_token_mb": sum(r.tokens.nbytes for r in results) / 1e6,
-            "result_token_dtype": str(results[0].tokens.dtype) if results else None,
-            "final_dtype": dtype.name}
+    return {
+        "stages": stages,
+        "documents": documents,
+        "batches": len(tasks),
+        "task_kinds": sorted({what for what, _ in tasks}),
+        "pickled_out_mb": sum(len(pickle.dumps(t, pickle.HIGHEST_PROTOCOL)) for t in tasks) / 1e6,
+        "pickled_back_mb": sum(len(pickle.dumps(r, pickle.HIGHEST_PROTOCOL)) for r in results) / 1e6,
+        "result_token_mb": sum(r.tokens.nbytes for r in results) / 1e6,
+        "result_token_dtype": str(results[0].tokens.dtype) if results else None,
+        "final_dtype": dtype.name,
+    }
 
 
 def process_cpu(argv: list[str]) -> dict[str, Any]:
@@ -247,8 +297,13 @@ def process_cpu(argv: list[str]) -> dict[str, Any]:
     import psutil
 
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.prepare", *argv], cwd=BENCH.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine.prepare", *argv],
+        cwd=BENCH.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     root = psutil.Process(proc.pid)
     last: dict[int, float] = {}
     while proc.poll() is None:
@@ -267,14 +322,20 @@ def process_cpu(argv: list[str]) -> dict[str, Any]:
     if proc.wait() != 0:
         raise SystemExit(f"engine.prepare failed: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
     main_cpu = last.pop(proc.pid, 0.0)
-    return {"wall_seconds": wall, "main_cpu_seconds": main_cpu, "worker_cpu_seconds": sorted(last.values()),
-            "note": "CPU read every 20 ms until exit: the last ~20 ms of each process are not counted"}
+    return {
+        "wall_seconds": wall,
+        "main_cpu_seconds": main_cpu,
+        "worker_cpu_seconds": sorted(last.values()),
+        "note": "CPU read every 20 ms until exit: the last ~20 ms of each process are not counted",
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="Profile engine.prepare on the Tang corpus, grouped by stage.")
     parser.add_argument("--tokenizer", required=True, help="what engine.prepare --tokenizer gets")
-    parser.add_argument("--scale", type=int, default=1, help="read the corpus this many times (distinct hard-linked copies)")
+    parser.add_argument(
+        "--scale", type=int, default=1, help="read the corpus this many times (distinct hard-linked copies)"
+    )
     parser.add_argument("--source", type=Path, default=TANG)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -289,22 +350,39 @@ def main() -> int:
                 os.link(src, folder / src.name)
             folders.append(folder)
         base = [a for f in folders for a in ("--source", str(f))]
-        base += ["--template", "{title}\\n{paragraphs}", "--tokenizer", args.tokenizer,
-                 "--no-dedup", "--no-progress", "--overwrite"]
+        base += [
+            "--template",
+            "{title}\\n{paragraphs}",
+            "--tokenizer",
+            args.tokenizer,
+            "--no-dedup",
+            "--no-progress",
+            "--overwrite",
+        ]
         stages = stage_timings(folders, args.tokenizer)
         cpu = process_cpu(base + ["--out", f"{tmp}/cpu", "--workers", "0"])
         cpu["what"] = f"--workers 0 ({cores} workers, each reading whole files), ×{args.scale}"
         profiles = [
-            profile_prepare(base + ["--out", f"{tmp}/w1", "--workers", "1"],
-                            f"--workers 1, whole pipeline in one process (the main process reads), ×{args.scale}"),
-            profile_prepare(base + ["--out", f"{tmp}/w0", "--workers", "0"],
-                            f"--workers 0 ({cores} workers read, clean and encode), main thread of the main process "
-                            f"only (the pool's result thread, which unpickles, is invisible to cProfile), ×{args.scale}"),
+            profile_prepare(
+                base + ["--out", f"{tmp}/w1", "--workers", "1"],
+                f"--workers 1, whole pipeline in one process (the main process reads), ×{args.scale}",
+            ),
+            profile_prepare(
+                base + ["--out", f"{tmp}/w0", "--workers", "0"],
+                f"--workers 0 ({cores} workers read, clean and encode), main thread of the main process "
+                f"only (the pool's result thread, which unpickles, is invisible to cProfile), ×{args.scale}",
+            ),
         ]
     env = environment()
-    result = {"command": "python bench/profile_pack.py " + " ".join(sys.argv[1:]), "date": env["date"],
-              "environment": env, "scale": args.scale, "stage_timings": stages, "process_cpu": cpu,
-              "profiles": profiles}
+    result = {
+        "command": "python bench/profile_pack.py " + " ".join(sys.argv[1:]),
+        "date": env["date"],
+        "environment": env,
+        "scale": args.scale,
+        "stage_timings": stages,
+        "process_cpu": cpu,
+        "profiles": profiles,
+    }
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "profile.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(stage_tables(stages, cpu), end="\n\n")

@@ -77,12 +77,18 @@ def profile_case(spec: StepSpec, device: torch.device) -> dict[str, Any]:
     timed.sort(key=lambda row: -row[1])
     busy_ms = sum(us for _, us, _ in timed) / 1e3 / PROFILED if on_gpu else None
     return {
-        "preset": spec.preset, "impl": spec.impl, "batch": spec.batch, "seq": spec.seq, "precision": spec.precision,
+        "preset": spec.preset,
+        "impl": spec.impl,
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "precision": spec.precision,
         "wall_ms_per_step": round(wall_ms, 3),
         "device_ms_per_step": None if busy_ms is None else round(busy_ms, 3),
         "gpu_busy_share": None if busy_ms is None else round(busy_ms / wall_ms, 3),
-        "top": [{"name": name[:120], "ms_per_step": round(us / 1e3 / PROFILED, 4), "calls_per_step": count // PROFILED}
-                for name, us, count in timed[:TOP]],
+        "top": [
+            {"name": name[:120], "ms_per_step": round(us / 1e3 / PROFILED, 4), "calls_per_step": count // PROFILED}
+            for name, us, count in timed[:TOP]
+        ],
         "measures": "CUDA kernels" if on_gpu else "CPU operators (smoke: no GPU speed)",
     }
 
@@ -91,9 +97,18 @@ def markdown(results: list[dict[str, Any]]) -> str:
     """One table per case, ready for bench/RESULTS.md."""
     parts = []
     for r in results:
-        busy = "" if r["gpu_busy_share"] is None else f", device {r['device_ms_per_step']:.2f} ms, GPU busy {r['gpu_busy_share']:.0%}"
-        parts += [f"#### {r['preset']} {r['impl']} {r['precision']} {r['batch']}×{r['seq']}: wall {r['wall_ms_per_step']:.2f} ms/step{busy}",
-                  "", f"| {r['measures']} | ms/step | calls/step |", "|---|---|---|"]
+        busy = (
+            ""
+            if r["gpu_busy_share"] is None
+            else f", device {r['device_ms_per_step']:.2f} ms, GPU busy {r['gpu_busy_share']:.0%}"
+        )
+        parts += [
+            f"#### {r['preset']} {r['impl']} {r['precision']} {r['batch']}×{r['seq']}: wall "
+            f"{r['wall_ms_per_step']:.2f} ms/step{busy}",
+            "",
+            f"| {r['measures']} | ms/step | calls/step |",
+            "|---|---|---|",
+        ]
         parts += [f"| `{t['name']}` | {t['ms_per_step']:.3f} | {t['calls_per_step']} |" for t in r["top"]]
         parts.append("")
     return "\n".join(parts)
@@ -104,9 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", help="one preset (default: the GPU cases, or tiny on --smoke)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch (with --preset)")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (with --preset)")
-    parser.add_argument("--impl", nargs="+", default=["triton", "hf"], choices=["triton", "torch", "hf"],
-                        help="implementations to profile (default: ours on Triton and transformers)")
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter: proves the code only")
+    parser.add_argument(
+        "--impl",
+        nargs="+",
+        default=["triton", "hf"],
+        choices=["triton", "torch", "hf"],
+        help="implementations to profile (default: ours on Triton and transformers)",
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny shapes, Triton interpreter: proves the code only"
+    )
     parser.add_argument("--out", type=Path, help="write the JSON here (and the markdown beside it, .md)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -127,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"environment": environment(), "runs": results}, indent=2) + "\n", encoding="utf-8")
+        args.out.write_text(
+            json.dumps({"environment": environment(), "runs": results}, indent=2) + "\n", encoding="utf-8"
+        )
         args.out.with_suffix(".md").write_text(text, encoding="utf-8")
     print(text)
     return 0

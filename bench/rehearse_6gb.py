@@ -85,8 +85,13 @@ def model_config(spec: StepSpec) -> Any:
     if spec.vocab is not None or base["vocab_size"] is None:
         fields["vocab_size"] = spec.vocab or ASSUMED_VOCAB
     if spec.smoke:
-        fields.update(dim=base["n_heads"] * SMOKE_HEAD_DIM, n_layers=SMOKE_LAYERS, ffn_dim=SMOKE_FFN,
-                      vocab_size=SMOKE_VOCAB, max_seq_len=max(spec.seq, SMOKE_SEQ))
+        fields.update(
+            dim=base["n_heads"] * SMOKE_HEAD_DIM,
+            n_layers=SMOKE_LAYERS,
+            ffn_dim=SMOKE_FFN,
+            vocab_size=SMOKE_VOCAB,
+            max_seq_len=max(spec.seq, SMOKE_SEQ),
+        )
     return LlamaConfig.from_preset(spec.preset, **fields)
 
 
@@ -132,8 +137,10 @@ def hf_model(config: Any, checkpointing: bool) -> torch.nn.Module:
 def decay_groups(model: torch.nn.Module, weight_decay: float = 0.1) -> list[dict[str, Any]]:
     """AdamW groups as ``Llama.configure_optimizer_groups`` makes them: decay on matrices, none on norms."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 class Trainer:
@@ -153,8 +160,13 @@ class Trainer:
 
                 self.model = Llama(self.config, model_options(spec))
         self.model.train()
-        self.optimizer = torch.optim.AdamW(decay_groups(self.model), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
-                                           fused=True if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.model),
+            lr=3e-4,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            fused=True if device.type == "cuda" else None,
+        )
         dtype = PRECISIONS[spec.precision]
         self.scaler = torch.amp.GradScaler(device.type, init_scale=self.INIT_SCALE, enabled=spec.precision == "fp16")
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -182,7 +194,8 @@ class Trainer:
         return self.model(self.inputs, labels=self.labels).loss
 
     def step(self) -> torch.Tensor:
-        """Zero grads, forward under autocast, scaled backward, AdamW step, scaler update; returns the loss (no sync)."""
+        """Zero grads, forward under autocast, scaled backward, AdamW step, scaler update; returns the loss (no
+        sync)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
             loss = self.loss()
@@ -232,12 +245,14 @@ def _wall_ms(fn: Callable[[], Any], repeats: int) -> list[float]:
 def is_oom(error: BaseException) -> bool:
     """An allocation refused under the cap: PyTorch's OOM, or a cuBLAS/cuDNN workspace that could not be allocated."""
     text = str(error).lower()
-    return (isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text
-            or "status_alloc_failed" in text)
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text or "status_alloc_failed" in text
 
 
-def attempt(spec: StepSpec, device: torch.device, cap_gib: float | None, warmup: int = 1, steps: int = 3) -> dict[str, Any]:
-    """Train ``max(1, warmup) + steps`` steps of ``spec`` in this process under the memory cap; a result dict, never raises."""
+def attempt(
+    spec: StepSpec, device: torch.device, cap_gib: float | None, warmup: int = 1, steps: int = 3
+) -> dict[str, Any]:
+    """Train ``max(1, warmup) + steps`` steps of ``spec`` in this process under the memory cap; a result dict, never
+    raises."""
     from llama.training.runtime import cap_memory
 
     result: dict[str, Any] = {"batch": spec.batch, "ok": False, "oom": False}
@@ -256,27 +271,58 @@ def attempt(spec: StepSpec, device: torch.device, cap_gib: float | None, warmup:
         timer = _cuda_ms if device.type == "cuda" else _wall_ms
         times = timer(trainer.step, steps)
         ms = statistics.median(times)
-        result.update(ok=True, ms=ms, tokens_per_s=trainer.tokens_per_step / (ms / 1e3), steps=trainer.steps_run,
-                      first_loss=first_loss, skipped_steps=trainer.skipped_steps())
+        result.update(
+            ok=True,
+            ms=ms,
+            tokens_per_s=trainer.tokens_per_step / (ms / 1e3),
+            steps=trainer.steps_run,
+            first_loss=first_loss,
+            skipped_steps=trainer.skipped_steps(),
+        )
     except Exception as e:  # an OOM is the expected way for a candidate to fail; anything else is reported too
         result.update(oom=is_oom(e), error=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     finally:
         if device.type == "cuda":
-            result.update(peak_mb=torch.cuda.max_memory_allocated(device) / 2**20,
-                          reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
-                          total_mb=torch.cuda.get_device_properties(device).total_memory / 2**20)
+            result.update(
+                peak_mb=torch.cuda.max_memory_allocated(device) / 2**20,
+                reserved_mb=torch.cuda.max_memory_reserved(device) / 2**20,
+                total_mb=torch.cuda.get_device_properties(device).total_memory / 2**20,
+            )
         if trainer is not None:
             trainer.close()
     return result
 
 
-def subprocess_attempt(spec: StepSpec, cap_gib: float | None, device: str = "cuda", warmup: int = 1, steps: int = 3,
-                       timeout_s: float = 300.0) -> dict[str, Any]:
+def subprocess_attempt(
+    spec: StepSpec,
+    cap_gib: float | None,
+    device: str = "cuda",
+    warmup: int = 1,
+    steps: int = 3,
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
     """:func:`attempt` in a fresh Python process (this file run as a script), so no cap or allocator state leaks."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--preset", spec.preset, "--impl", spec.impl,
-               "--batch", str(spec.batch), "--seq", str(spec.seq), "--precision", spec.precision,
-               "--checkpointing" if spec.checkpointing else "--no-checkpointing", "--device", device,
-               "--warmup", str(warmup), "--steps", str(steps)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--preset",
+        spec.preset,
+        "--impl",
+        spec.impl,
+        "--batch",
+        str(spec.batch),
+        "--seq",
+        str(spec.seq),
+        "--precision",
+        spec.precision,
+        "--checkpointing" if spec.checkpointing else "--no-checkpointing",
+        "--device",
+        device,
+        "--warmup",
+        str(warmup),
+        "--steps",
+        str(steps),
+    ]
     command += ["--cap-gib", str(cap_gib)] if cap_gib is not None else []
     command += ["--vocab", str(spec.vocab)] if spec.vocab is not None else []
     command += ["--smoke"] if spec.smoke else []
@@ -303,9 +349,13 @@ def search(candidates: Sequence[int], try_batch: Callable[[int], dict[str, Any]]
             break
     fits = [t for t in tried if t["ok"]]
     failed = tried[-1] if tried and not tried[-1]["ok"] else None
-    return {"tried": tried, "largest_batch": fits[-1]["batch"] if fits else None, "largest": fits[-1] if fits else None,
-            "stopped_by": None if failed is None else ("oom" if failed.get("oom") else "error"),
-            "candidates": sorted(candidates)}
+    return {
+        "tried": tried,
+        "largest_batch": fits[-1]["batch"] if fits else None,
+        "largest": fits[-1] if fits else None,
+        "stopped_by": None if failed is None else ("oom" if failed.get("oom") else "error"),
+        "candidates": sorted(candidates),
+    }
 
 
 # ---------------------------------------------------------------- command line
@@ -314,13 +364,22 @@ def search(candidates: Sequence[int], try_batch: Callable[[int], dict[str, Any]]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a few steps under a GPU memory cap; print one JSON line.")
     p.add_argument("--preset", default="seed003-92m", help="llama.model.PRESETS name (default: seed003-92m)")
-    p.add_argument("--impl", default="triton", choices=IMPLS, help="ours on zhkernels/ (triton), ours on torch ops, or hf")
+    p.add_argument(
+        "--impl", default="triton", choices=IMPLS, help="ours on zhkernels/ (triton), ours on torch ops, or hf"
+    )
     p.add_argument("--batch", type=int, default=32, help="micro-batch (sequences)")
-    p.add_argument("--search", default=None,
-                   help="comma-separated micro-batches: try each in a subprocess, stop at the first failure")
+    p.add_argument(
+        "--search",
+        default=None,
+        help="comma-separated micro-batches: try each in a subprocess, stop at the first failure",
+    )
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence")
-    p.add_argument("--precision", default="fp16", choices=tuple(PRECISIONS), help="autocast dtype (fp16 adds a GradScaler)")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing")
+    p.add_argument(
+        "--precision", default="fp16", choices=tuple(PRECISIONS), help="autocast dtype (fp16 adds a GradScaler)"
+    )
+    p.add_argument(
+        "--checkpointing", action=argparse.BooleanOptionalAction, default=True, help="activation checkpointing"
+    )
     p.add_argument("--cap-gib", type=float, default=CAP_GIB, help="memory cap in GiB (0: none)")
     p.add_argument("--vocab", type=int, default=None, help=f"vocabulary (default: the preset's, else {ASSUMED_VOCAB})")
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: no cap, wall-clock timing)")
@@ -334,17 +393,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cap = args.cap_gib or None
-    spec = StepSpec(args.preset, args.impl, args.batch, args.seq, args.precision, args.checkpointing, args.vocab, args.smoke)
+    spec = StepSpec(
+        args.preset, args.impl, args.batch, args.seq, args.precision, args.checkpointing, args.vocab, args.smoke
+    )
     if args.search:
         candidates = [int(b) for b in args.search.split(",") if b.strip()]
-        found = search(candidates, lambda b: subprocess_attempt(
-            StepSpec(spec.preset, spec.impl, b, spec.seq, spec.precision, spec.checkpointing, spec.vocab, spec.smoke),
-            cap, args.device, args.warmup, args.steps))
+        found = search(
+            candidates,
+            lambda b: subprocess_attempt(
+                StepSpec(
+                    spec.preset, spec.impl, b, spec.seq, spec.precision, spec.checkpointing, spec.vocab, spec.smoke
+                ),
+                cap,
+                args.device,
+                args.warmup,
+                args.steps,
+            ),
+        )
         print(json.dumps(found))
         return 0 if found["largest_batch"] is not None else 1
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(json.dumps({"batch": args.batch, "ok": False, "oom": False, "error": "CUDA is not available (use --device cpu)"}))
+        print(
+            json.dumps(
+                {"batch": args.batch, "ok": False, "oom": False, "error": "CUDA is not available (use --device cpu)"}
+            )
+        )
         return 1
     if device.type == "cpu" and args.impl == "triton":  # before zhkernels is imported: triton.jit reads it then
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -64,20 +64,23 @@ def pack_figures(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize_pack(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    figures = sorted((pack_figures(r) for r in runs),
-                     key=lambda f: (f["tokenizer"], f["scale"], METHOD_ORDER.get(f["method"], 9)))
+    figures = sorted(
+        (pack_figures(r) for r in runs), key=lambda f: (f["tokenizer"], f["scale"], METHOD_ORDER.get(f["method"], 9))
+    )
     by_key = {(f["tokenizer"], f["scale"], f["method"]): f for f in figures}
     ratios = []
     for tokenizer, scale in sorted({(f["tokenizer"], f["scale"]) for f in figures}):
         ours, base, ceil = (by_key.get((tokenizer, scale, m)) for m in ("ours", "baseline", "ceiling"))
-        ratios.append({
-            "tokenizer": tokenizer,
-            "scale": scale,
-            "ours_vs_baseline": ours["mb_per_s"] / base["mb_per_s"] if ours and base else None,
-            "ours_vs_ceiling": ours["mb_per_s"] / ceil["mb_per_s"] if ours and ceil else None,
-            "baseline_vs_ceiling": base["mb_per_s"] / ceil["mb_per_s"] if base and ceil else None,
-            "ours_rss_vs_baseline": ours["peak_rss_mb"] / base["peak_rss_mb"] if ours and base else None,
-        })
+        ratios.append(
+            {
+                "tokenizer": tokenizer,
+                "scale": scale,
+                "ours_vs_baseline": ours["mb_per_s"] / base["mb_per_s"] if ours and base else None,
+                "ours_vs_ceiling": ours["mb_per_s"] / ceil["mb_per_s"] if ours and ceil else None,
+                "baseline_vs_ceiling": base["mb_per_s"] / ceil["mb_per_s"] if base and ceil else None,
+                "ours_rss_vs_baseline": ours["peak_rss_mb"] / base["peak_rss_mb"] if ours and base else None,
+            }
+        )
     return {"figures": figures, "ratios": ratios, "targets": pack_targets(figures, ratios)}
 
 
@@ -87,45 +90,86 @@ def pack_targets(figures: list[dict[str, Any]], ratios: list[dict[str, Any]]) ->
     for tokenizer in sorted({f["tokenizer"] for f in figures}):
         at = next((r for r in ratios if r["tokenizer"] == tokenizer and r["scale"] == TARGET_SCALE), None)
         if at and at["ours_vs_baseline"] is not None:
-            out.append({"tokenizer": tokenizer, "target": f"×{TARGET_SCALE}: ≥ {TARGET_VS_BASELINE}× the baseline's MB/s",
-                        "measured": f"{at['ours_vs_baseline']:.2f}×", "met": at["ours_vs_baseline"] >= TARGET_VS_BASELINE})
+            out.append(
+                {
+                    "tokenizer": tokenizer,
+                    "target": f"×{TARGET_SCALE}: ≥ {TARGET_VS_BASELINE}× the baseline's MB/s",
+                    "measured": f"{at['ours_vs_baseline']:.2f}×",
+                    "met": at["ours_vs_baseline"] >= TARGET_VS_BASELINE,
+                }
+            )
         if at and at["ours_vs_ceiling"] is not None:
-            out.append({"tokenizer": tokenizer, "target": f"×{TARGET_SCALE}: ≥ {TARGET_VS_CEILING:.0%} of the ceiling",
-                        "measured": f"{at['ours_vs_ceiling']:.0%}", "met": at["ours_vs_ceiling"] >= TARGET_VS_CEILING})
-        ours = sorted((f for f in figures if f["tokenizer"] == tokenizer and f["method"] == "ours"), key=lambda f: f["scale"])
+            out.append(
+                {
+                    "tokenizer": tokenizer,
+                    "target": f"×{TARGET_SCALE}: ≥ {TARGET_VS_CEILING:.0%} of the ceiling",
+                    "measured": f"{at['ours_vs_ceiling']:.0%}",
+                    "met": at["ours_vs_ceiling"] >= TARGET_VS_CEILING,
+                }
+            )
+        ours = sorted(
+            (f for f in figures if f["tokenizer"] == tokenizer and f["method"] == "ours"), key=lambda f: f["scale"]
+        )
         if ours:
             worst = max(f["peak_rss_mb"] for f in ours)
-            out.append({"tokenizer": tokenizer, "target": f"peak RSS < {TARGET_RSS_MB:.0f} MB at every scale",
-                        "measured": f"max {worst:.0f} MB", "met": worst < TARGET_RSS_MB})
+            out.append(
+                {
+                    "tokenizer": tokenizer,
+                    "target": f"peak RSS < {TARGET_RSS_MB:.0f} MB at every scale",
+                    "measured": f"max {worst:.0f} MB",
+                    "met": worst < TARGET_RSS_MB,
+                }
+            )
         if len(ours) > 1:
             growth = ours[-1]["peak_rss_mb"] / ours[0]["peak_rss_mb"]
-            out.append({"tokenizer": tokenizer,
-                        "target": f"peak RSS flat ×{ours[0]['scale']}→×{ours[-1]['scale']} (≤ {TARGET_FLAT}×)",
-                        "measured": f"{ours[0]['peak_rss_mb']:.0f} → {ours[-1]['peak_rss_mb']:.0f} MB ({growth:.2f}×)",
-                        "met": growth <= TARGET_FLAT})
+            out.append(
+                {
+                    "tokenizer": tokenizer,
+                    "target": f"peak RSS flat ×{ours[0]['scale']}→×{ours[-1]['scale']} (≤ {TARGET_FLAT}×)",
+                    "measured": f"{ours[0]['peak_rss_mb']:.0f} → {ours[-1]['peak_rss_mb']:.0f} MB ({growth:.2f}×)",
+                    "met": growth <= TARGET_FLAT,
+                }
+            )
     return out
 
 
 def loader_figures(run: dict[str, Any]) -> dict[str, Any]:
     seconds = run["median_seconds"]
     tokens = run["batch_size"] * run["seq_len"]
-    return {"method": run["method"], "batch_size": run["batch_size"], "seq_len": run["seq_len"],
-            "median_us": seconds * 1e6, "tokens_per_s": tokens / seconds, "rounds": run.get("rounds")}
+    return {
+        "method": run["method"],
+        "batch_size": run["batch_size"],
+        "seq_len": run["seq_len"],
+        "median_us": seconds * 1e6,
+        "tokens_per_s": tokens / seconds,
+        "rounds": run.get("rounds"),
+    }
 
 
 def summarize_loader(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    figures = sorted((loader_figures(r) for r in runs),
-                     key=lambda f: (f["seq_len"], f["batch_size"], METHOD_ORDER.get(f["method"], 9)))
+    figures = sorted(
+        (loader_figures(r) for r in runs),
+        key=lambda f: (f["seq_len"], f["batch_size"], METHOD_ORDER.get(f["method"], 9)),
+    )
     by_key = {(f["batch_size"], f["seq_len"], f["method"]): f for f in figures}
     ratios, targets = [], []
     for batch, seq in sorted({(f["batch_size"], f["seq_len"]) for f in figures}, key=lambda k: (k[1], k[0])):
         ours, base = by_key.get((batch, seq, "ours")), by_key.get((batch, seq, "baseline"))
-        ratios.append({"batch_size": batch, "seq_len": seq,
-                       "ours_vs_baseline": ours["tokens_per_s"] / base["tokens_per_s"] if ours and base else None})
+        ratios.append(
+            {
+                "batch_size": batch,
+                "seq_len": seq,
+                "ours_vs_baseline": ours["tokens_per_s"] / base["tokens_per_s"] if ours and base else None,
+            }
+        )
         if ours:
-            targets.append({"target": f"{batch}×{seq}: ≥ {TARGET_LOADER_TOKENS_PER_S / 1e6:.0f} M tokens/s",
-                            "measured": f"{ours['tokens_per_s'] / 1e6:.0f} M tokens/s",
-                            "met": ours["tokens_per_s"] >= TARGET_LOADER_TOKENS_PER_S})
+            targets.append(
+                {
+                    "target": f"{batch}×{seq}: ≥ {TARGET_LOADER_TOKENS_PER_S / 1e6:.0f} M tokens/s",
+                    "measured": f"{ours['tokens_per_s'] / 1e6:.0f} M tokens/s",
+                    "met": ours["tokens_per_s"] >= TARGET_LOADER_TOKENS_PER_S,
+                }
+            )
     return {"figures": figures, "ratios": ratios, "targets": targets}
 
 
@@ -146,8 +190,10 @@ def _targets_table(targets: list[dict[str, Any]], with_tokenizer: bool) -> str:
     if not targets:
         return "(no target could be checked: our method did not run)"
     header = (["tokenizer"] if with_tokenizer else []) + ["target", "measured", "met"]
-    rows = [([t["tokenizer"]] if with_tokenizer else []) + [t["target"], t["measured"], "yes" if t["met"] else "**no**"]
-            for t in targets]
+    rows = [
+        ([t["tokenizer"]] if with_tokenizer else []) + [t["target"], t["measured"], "yes" if t["met"] else "**no**"]
+        for t in targets
+    ]
     return _table(header, rows)
 
 
@@ -159,38 +205,68 @@ def pack_tables(summary: dict[str, Any]) -> str:
         r = ratio[(f["tokenizer"], f["scale"])]
         vs_base = r["ours_vs_baseline"] if f["method"] == "ours" else (1.0 if f["method"] == "baseline" else None)
         share = {"ours": r["ours_vs_ceiling"], "baseline": r["baseline_vs_ceiling"], "ceiling": 1.0}.get(f["method"])
-        rows.append([
-            f["method"], f["tokenizer"], f"×{f['scale']}", f"{f['text_mb']:.1f}",
-            f"{f['seconds']:.2f}" + (" (encode only)" if f["method"] == "ceiling" else ""),
-            f"{f['seconds_min']:.2f}–{f['seconds_max']:.2f}",
-            f"{f['mb_per_s']:.1f}", f"{f['peak_rss_mb']:.0f}", f"{f['tokens']:,}" if f["tokens"] else "–",
-            _fmt(vs_base, ".2f"),
-            _fmt(None if share is None else share * 100, ".0f") + ("%" if share is not None else ""),
-            str(f["rounds"]),
-        ])
-    header = ["method", "tokenizer", "scale", "text MB", "seconds (median)", "min–max", "MB/s (median)", "peak RSS MB (tree, max)",
-              "tokens written", "× baseline", "share of ceiling", "rounds"]
-    return "\n\n".join([
-        "### Tokenize + pack throughput (Tang corpus)",
-        PACK_METHOD,
-        _table(header, rows),
-        "### Targets",
-        _targets_table(summary["targets"], with_tokenizer=True),
-    ])
+        rows.append(
+            [
+                f["method"],
+                f["tokenizer"],
+                f"×{f['scale']}",
+                f"{f['text_mb']:.1f}",
+                f"{f['seconds']:.2f}" + (" (encode only)" if f["method"] == "ceiling" else ""),
+                f"{f['seconds_min']:.2f}–{f['seconds_max']:.2f}",
+                f"{f['mb_per_s']:.1f}",
+                f"{f['peak_rss_mb']:.0f}",
+                f"{f['tokens']:,}" if f["tokens"] else "–",
+                _fmt(vs_base, ".2f"),
+                _fmt(None if share is None else share * 100, ".0f") + ("%" if share is not None else ""),
+                str(f["rounds"]),
+            ]
+        )
+    header = [
+        "method",
+        "tokenizer",
+        "scale",
+        "text MB",
+        "seconds (median)",
+        "min–max",
+        "MB/s (median)",
+        "peak RSS MB (tree, max)",
+        "tokens written",
+        "× baseline",
+        "share of ceiling",
+        "rounds",
+    ]
+    return "\n\n".join(
+        [
+            "### Tokenize + pack throughput (Tang corpus)",
+            PACK_METHOD,
+            _table(header, rows),
+            "### Targets",
+            _targets_table(summary["targets"], with_tokenizer=True),
+        ]
+    )
 
 
 def loader_tables(summary: dict[str, Any]) -> str:
     summary = summarize_loader(summary["runs"]) if "runs" in summary else summary
     ratio = {(r["batch_size"], r["seq_len"]): r["ours_vs_baseline"] for r in summary["ratios"]}
-    rows = [[f["method"], f"{f['batch_size']} × {f['seq_len']}", f"{f['median_us']:.0f}", f"{f['tokens_per_s'] / 1e6:.1f}",
-             _fmt(ratio[(f["batch_size"], f["seq_len"])] if f["method"] == "ours" else 1.0, ".1f")]
-            for f in summary["figures"]]
+    rows = [
+        [
+            f["method"],
+            f"{f['batch_size']} × {f['seq_len']}",
+            f"{f['median_us']:.0f}",
+            f"{f['tokens_per_s'] / 1e6:.1f}",
+            _fmt(ratio[(f["batch_size"], f["seq_len"])] if f["method"] == "ours" else 1.0, ".1f"),
+        ]
+        for f in summary["figures"]
+    ]
     header = ["method", "batch × seq", "µs per batch (median)", "M tokens/s", "× baseline"]
-    return "\n\n".join([
-        "### Loader throughput (random windows, input tokens served)",
-        _table(header, rows),
-        _targets_table(summary["targets"], with_tokenizer=False),
-    ])
+    return "\n\n".join(
+        [
+            "### Loader throughput (random windows, input tokens served)",
+            _table(header, rows),
+            _targets_table(summary["targets"], with_tokenizer=False),
+        ]
+    )
 
 
 def profile_tables(profile: dict[str, Any]) -> str:
@@ -200,30 +276,39 @@ def profile_tables(profile: dict[str, Any]) -> str:
     functions = [[f["function"], f"{f['cumulative']:.2f}", f"{f['own']:.2f}", str(f["calls"])] for f in profile["top"]]
     cpu = ""
     if "main_cpu_seconds" in profile:
-        cpu = (f"Wall {total:.2f} s under cProfile; CPU: main process {profile['main_cpu_seconds']:.2f} s, "
-               f"worker processes {profile['children_cpu_seconds']:.2f} s. Stages are cProfile own time of the main process.")
-    return "\n\n".join([
-        f"### Where the packer's time goes ({profile['what']})",
-        cpu,
-        _table(header, rows),
-        _table(["function", "cumulative s", "own s", "calls"], functions),
-    ])
+        cpu = (
+            f"Wall {total:.2f} s under cProfile; CPU: main process {profile['main_cpu_seconds']:.2f} s, "
+            f"worker processes {profile['children_cpu_seconds']:.2f} s. Stages are cProfile own time of the main "
+            f"process."
+        )
+    return "\n\n".join(
+        [
+            f"### Where the packer's time goes ({profile['what']})",
+            cpu,
+            _table(header, rows),
+            _table(["function", "cumulative s", "own s", "calls"], functions),
+        ]
+    )
 
 
 def stage_tables(stages: dict[str, Any], cpu: dict[str, Any]) -> str:
     rows = [[s["stage"], f"{s['seconds']:.3f}"] for s in stages["stages"]]
     workers = ", ".join(f"{c:.2f}" for c in cpu["worker_cpu_seconds"])
-    return "\n\n".join([
-        f"### Stage timings, single process, no profiler ({stages['documents']:,} documents in {stages['batches']} batches; "
-        "fastest of 3 runs of each stage)",
-        _table(["stage", "seconds"], rows),
-        f"Batches pickled to the workers: {stages['pickled_out_mb']:.1f} MB; results pickled back: "
-        f"{stages['pickled_back_mb']:.1f} MB, of which token arrays {stages['result_token_mb']:.1f} MB as "
-        f"{stages['result_token_dtype']} (the file stores {stages['final_dtype']}).",
-        f"### CPU per process ({cpu['what']})",
-        f"Wall {cpu['wall_seconds']:.2f} s; main process {cpu['main_cpu_seconds']:.2f} CPU s; workers {workers} CPU s "
-        f"({cpu['note']}).",
-    ])
+    return "\n\n".join(
+        [
+            f"### Stage timings, single process, no profiler ({stages['documents']:,} documents in "
+            f"{stages['batches']} batches; "
+            "fastest of 3 runs of each stage)",
+            _table(["stage", "seconds"], rows),
+            f"Batches pickled to the workers: {stages['pickled_out_mb']:.1f} MB; results pickled back: "
+            f"{stages['pickled_back_mb']:.1f} MB, of which token arrays {stages['result_token_mb']:.1f} MB as "
+            f"{stages['result_token_dtype']} (the file stores {stages['final_dtype']}).",
+            f"### CPU per process ({cpu['what']})",
+            f"Wall {cpu['wall_seconds']:.2f} s; main process {cpu['main_cpu_seconds']:.2f} CPU s; workers {workers} "
+            f"CPU s "
+            f"({cpu['note']}).",
+        ]
+    )
 
 
 def environment_lines(env: dict[str, Any]) -> str:
@@ -231,14 +316,17 @@ def environment_lines(env: dict[str, Any]) -> str:
     dirty = f" plus uncommitted engine/llama/zhkernels files: {', '.join(uncommitted)}" if uncommitted else ""
     if env.get("tracked_changes") and not uncommitted:
         dirty = " (with uncommitted changes)"
-    return "\n".join([
-        f"- machine: {env['cores']} cores, {env['cpu']}, {env['memory_gb']} GiB RAM; shared with other jobs "
-        f"(load average {env['load_average'][0]:.1f} at start, {env.get('load_average_end', [float('nan')])[0]:.1f} at end)",
-        f"- date: {env['date']}",
-        f"- commit: `{env['commit']}`{dirty}",
-        f"- Python {env['python']}, numpy {env['numpy']}, sentencepiece {env['sentencepiece']}",
-        f"- command: `{env['command']}`",
-    ])
+    return "\n".join(
+        [
+            f"- machine: {env['cores']} cores, {env['cpu']}, {env['memory_gb']} GiB RAM; shared with other jobs "
+            f"(load average {env['load_average'][0]:.1f} at start, "
+            f"{env.get('load_average_end', [float('nan')])[0]:.1f} at end)",
+            f"- date: {env['date']}",
+            f"- commit: `{env['commit']}`{dirty}",
+            f"- Python {env['python']}, numpy {env['numpy']}, sentencepiece {env['sentencepiece']}",
+            f"- command: `{env['command']}`",
+        ]
+    )
 
 
 def _kernel_tables(summary: dict[str, Any]) -> str:
@@ -262,7 +350,8 @@ def _train_tables(summary: dict[str, Any]) -> str:
 
 
 def _generate_tables(summary: dict[str, Any]) -> str:
-    """``generate_report.generate_tables``, imported only when there are generation results (it lives beside this file)."""
+    """``generate_report.generate_tables``, imported only when there are generation results (it lives beside this
+    file)."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
@@ -274,11 +363,20 @@ def _generate_tables(summary: dict[str, Any]) -> str:
 def render(results_dir: Path) -> str:
     notes = results_dir.parent / "NOTES.md"
     source = f"`{results_dir.name}/*.json`" + (" and `NOTES.md` (the last section)" if notes.is_file() else "")
-    parts = ["# Benchmark results", "",
-             f"Generated by `python bench/report.py --out bench/RESULTS.md` from {source}; do not edit by hand.", ""]
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Generated by `python bench/report.py --out bench/RESULTS.md` from {source}; do not edit by hand.",
+        "",
+    ]
     found = False
-    kinds = (("pack", "Tokenize + pack", pack_tables), ("loader", "Loader", loader_tables), ("kernels", "Kernels", _kernel_tables),
-             ("train", "Training step", _train_tables), ("generate", "Generation", _generate_tables))
+    kinds = (
+        ("pack", "Tokenize + pack", pack_tables),
+        ("loader", "Loader", loader_tables),
+        ("kernels", "Kernels", _kernel_tables),
+        ("train", "Training step", _train_tables),
+        ("generate", "Generation", _generate_tables),
+    )
     for kind, title, tables in kinds:
         path = results_dir / f"{kind}.json"
         if not path.is_file():
@@ -290,8 +388,13 @@ def render(results_dir: Path) -> str:
     if profile.is_file():
         found = True
         data = json.loads(profile.read_text(encoding="utf-8"))
-        parts += ["## Profile", "", f"- command: `{data['command']}`", f"- date: {data['date']}, commit "
-                  f"`{data['environment']['commit']}`", ""]
+        parts += [
+            "## Profile",
+            "",
+            f"- command: `{data['command']}`",
+            f"- date: {data['date']}, commit `{data['environment']['commit']}`",
+            "",
+        ]
         if "stage_timings" in data:
             parts += [stage_tables(data["stage_timings"], data["process_cpu"]) + "\n"]
         parts += [profile_tables(p) + "\n" for p in data["profiles"]]
@@ -304,7 +407,12 @@ def render(results_dir: Path) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="Render bench/.results/*.json as markdown (RESULTS.md).")
-    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of pack.json/loader.json/kernels.json/train.json/generate.json/profile.json")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS_DIR,
+        help="folder of pack.json/loader.json/kernels.json/train.json/generate.json/profile.json",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
     args = parser.parse_args()
     text = render(args.results)

@@ -1,9 +1,12 @@
-"""Generation speed: our ``llama.generation.generate.generate`` (Triton kernels / torch ops) vs ``transformers``' ``generate``.
+"""Generation speed: our ``llama.generation.generate.generate`` (Triton kernels / torch ops) vs ``transformers``'
+``generate``.
 
-    pytest bench/test_generate_speed.py --benchmark-only                     # GPU: every preset × precision × batch × impl
+    pytest bench/test_generate_speed.py --benchmark-only                     # GPU: every preset × precision × batch ×
+    impl
     pytest bench/test_generate_speed.py --benchmark-only -k "seed003 and bf16"
     pytest bench/test_generate_speed.py --benchmark-only -q                  # CPU: the small torch-path case only
-    ZHLLM_BENCH_CPU_SMOKE=1 pytest bench/test_generate_speed.py --benchmark-disable   # CPU: each GPU body once, tiny shapes
+    ZHLLM_BENCH_CPU_SMOKE=1 pytest bench/test_generate_speed.py --benchmark-disable   # CPU: each GPU body once, tiny
+    shapes
 
 What is compared. The same weights (our ``Llama`` built from a fixed seed with its own init; Hugging Face's
 ``LlamaForCausalLM(LlamaConfig(**config.to_hf_config()), attn_implementation="sdpa")`` loads our
@@ -71,8 +74,10 @@ if SMOKE:  # before ``kernels`` is imported (through llama.model): triton.jit re
     os.environ.setdefault("TRITON_INTERPRET", "1")
 ON_GPU = torch.cuda.is_available() and not SMOKE
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-NO_GPU = ("needs a CUDA GPU: generation tokens/s are GPU figures (the small CPU case below runs instead; "
-          "ZHLLM_BENCH_CPU_SMOKE=1 runs each GPU body once on tiny CPU shapes)")
+NO_GPU = (
+    "needs a CUDA GPU: generation tokens/s are GPU figures (the small CPU case below runs instead; "
+    "ZHLLM_BENCH_CPU_SMOKE=1 runs each GPU body once on tiny CPU shapes)"
+)
 HAS_GPU_REASON = "a GPU is present: the GPU cases are the measurement (this CPU case is for machines without one)"
 
 from benchlib import Recorder, require_transformers, rounds, versions  # noqa: E402
@@ -81,7 +86,12 @@ logger = logging.getLogger(__name__)
 
 gpu_only = pytest.mark.skipif(not ON_GPU and not SMOKE, reason=NO_GPU)
 
-IMPLS = ("triton", "torch", "hf", "hf-static")  # ours on zhkernels/, ours on torch ops, transformers (dynamic / static cache)
+IMPLS = (
+    "triton",
+    "torch",
+    "hf",
+    "hf-static",
+)  # ours on zhkernels/, ours on torch ops, transformers (dynamic / static cache)
 OURS = ("triton", "torch")
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROMPT_LEN, NEW_TOKENS, BATCHES = 256, 128, (1, 8)
@@ -122,8 +132,10 @@ class GenSpec:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch < 1 or self.prompt_len < 1 or self.new_tokens < 2:
-            raise ValueError(f"batch and prompt_len must be ≥ 1 and new_tokens ≥ 2, got {self.batch}, "
-                             f"{self.prompt_len}, {self.new_tokens}")
+            raise ValueError(
+                f"batch and prompt_len must be ≥ 1 and new_tokens ≥ 2, got {self.batch}, "
+                f"{self.prompt_len}, {self.new_tokens}"
+            )
 
     @property
     def group(self) -> tuple:
@@ -146,8 +158,13 @@ def model_config(spec: GenSpec) -> Any:
     if spec.vocab is not None:
         fields["vocab_size"] = spec.vocab
     if spec.smoke:
-        fields.update(dim=base["n_heads"] * SMOKE_HEAD_DIM, n_layers=SMOKE_LAYERS, ffn_dim=SMOKE_FFN,
-                      vocab_size=SMOKE_VOCAB, max_seq_len=spec.prompt_len + spec.new_tokens)
+        fields.update(
+            dim=base["n_heads"] * SMOKE_HEAD_DIM,
+            n_layers=SMOKE_LAYERS,
+            ffn_dim=SMOKE_FFN,
+            vocab_size=SMOKE_VOCAB,
+            max_seq_len=spec.prompt_len + spec.new_tokens,
+        )
     return LlamaConfig.from_preset(spec.preset, **fields)
 
 
@@ -221,10 +238,11 @@ class Runner:
         import transformers
 
         static = {"cache_implementation": "static"} if self.spec.impl == "hf-static" else {}
-        config = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD_ID,
-                                               **static)
+        config = transformers.GenerationConfig(
+            do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD_ID, **static
+        )
         out = self.model.generate(self.ids, attention_mask=self.mask, generation_config=config)
-        return out[:, self.spec.prompt_len:], None
+        return out[:, self.spec.prompt_len :], None
 
     def timed_generate(self, n: int) -> tuple[float, list[list[int]], Any]:
         ms, (tokens, result) = _timer(lambda: self.generate(n))
@@ -257,6 +275,7 @@ _TOKENS: dict[tuple, dict[str, tuple[list[list[int]], dict[str, Any] | None]]] =
 
 def common_prefix(a: list[list[int]], b: list[list[int]]) -> int:
     """Leading tokens two batches of sequences share, the fewest over rows."""
+
     def one(x: list[int], y: list[int]) -> int:
         return next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
 
@@ -266,11 +285,14 @@ def common_prefix(a: list[list[int]], b: list[list[int]]) -> int:
 def check_new_tokens(tokens: list[list[int]], spec: GenSpec, n: int) -> None:
     assert len(tokens) == spec.batch, f"{spec.impl}: {len(tokens)} rows came back, expected {spec.batch}"
     lengths = sorted({len(row) for row in tokens})
-    assert lengths == [n], f"{spec.impl}: rows of {lengths} new tokens, expected exactly {n} (did a stop token end one?)"
+    assert lengths == [n], (
+        f"{spec.impl}: rows of {lengths} new tokens, expected exactly {n} (did a stop token end one?)"
+    )
 
 
 def note_tokens(spec: GenSpec, tokens: list[list[int]], row: dict[str, Any] | None) -> dict[str, int]:
-    """Remember this impl's tokens; return (and write into the other rows) the shared-prefix length with each other impl.
+    """Remember this impl's tokens; return (and write into the other rows) the shared-prefix length with each other
+    impl.
 
     In fp32 ours and HF must agree to the end: when neither family's counterpart ran in this session,
     it is computed here, untimed (only fp32 runs are small enough: the CPU case and the smoke run).
@@ -295,7 +317,8 @@ def note_tokens(spec: GenSpec, tokens: list[list[int]], row: dict[str, Any] | No
             other_row.setdefault("matches", {})[spec.impl] = matches[other]
         if spec.precision == "fp32":
             assert matches[other] == spec.new_tokens, (
-                f"fp32 greedy tokens of {spec.impl} and {other} part after {matches[other]} of {spec.new_tokens}")
+                f"fp32 greedy tokens of {spec.impl} and {other} part after {matches[other]} of {spec.new_tokens}"
+            )
     if row is not None:
         row.setdefault("matches", {}).update(matches)
     return matches
@@ -337,19 +360,35 @@ def generation_row(runner: Runner, times: dict[str, list], tokens: list[list[int
     results = [r for r in times["results"] if r is not None]
     prompt_tokens = spec.batch * spec.prompt_len
     return {
-        "case": case, "preset": spec.preset, "impl": spec.impl, "precision": spec.precision, "batch": spec.batch,
-        "prompt_len": spec.prompt_len, "new_tokens": spec.new_tokens, "vocab": config.vocab_size, "dim": config.dim,
-        "n_layers": config.n_layers, "params": runner.params,
-        "prefill_ms": prefill_ms, "prefill_ms_min": min(times["prefill"]), "prefill_ms_max": max(times["prefill"]),
+        "case": case,
+        "preset": spec.preset,
+        "impl": spec.impl,
+        "precision": spec.precision,
+        "batch": spec.batch,
+        "prompt_len": spec.prompt_len,
+        "new_tokens": spec.new_tokens,
+        "vocab": config.vocab_size,
+        "dim": config.dim,
+        "n_layers": config.n_layers,
+        "params": runner.params,
+        "prefill_ms": prefill_ms,
+        "prefill_ms_min": min(times["prefill"]),
+        "prefill_ms_max": max(times["prefill"]),
         "prefill_tokens_per_s": prompt_tokens / (prefill_ms / 1e3),
-        "forward_ms": forward_ms, "forward_tokens_per_s": prompt_tokens / (forward_ms / 1e3) if forward_ms else None,
-        "full_ms": full_ms, "full_ms_min": min(times["full"]), "full_ms_max": max(times["full"]),
-        "decode_ms": decode_ms, "decode_ms_per_step": decode_ms / decode_steps,
+        "forward_ms": forward_ms,
+        "forward_tokens_per_s": prompt_tokens / (forward_ms / 1e3) if forward_ms else None,
+        "full_ms": full_ms,
+        "full_ms_min": min(times["full"]),
+        "full_ms_max": max(times["full"]),
+        "decode_ms": decode_ms,
+        "decode_ms_per_step": decode_ms / decode_steps,
         "decode_tokens_per_s": spec.batch * decode_steps / (decode_ms / 1e3) if decode_ms > 0 else None,
         "own_prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in results) if results else None,
         "own_decode_tokens_per_s": statistics.median(r.decode_tokens_per_s for r in results) if results else None,
-        "distinct_tokens": min(len(set(row)) for row in tokens), "prefill_calls": len(times["prefill"]),
-        "full_calls": len(times["full"]), **versions(ON_GPU),
+        "distinct_tokens": min(len(set(row)) for row in tokens),
+        "prefill_calls": len(times["prefill"]),
+        "full_calls": len(times["full"]),
+        **versions(ON_GPU),
     }
 
 
@@ -360,8 +399,12 @@ def run_case(benchmark: Any, recorder: Recorder, spec: GenSpec, case: str) -> No
     runner = Runner(spec, DEVICE)
     try:
         if spec.impl == "triton":
-            assert runner.uses_triton(), "kernels=triton did not reach the Triton kernels (TRITON_INTERPRET unset on CPU?)"
-        tokens = runner.timed_generate(spec.new_tokens)[1]  # warm-up: Triton/torch.compile compiles, the allocator settles
+            assert runner.uses_triton(), (
+                "kernels=triton did not reach the Triton kernels (TRITON_INTERPRET unset on CPU?)"
+            )
+        tokens = runner.timed_generate(spec.new_tokens)[
+            1
+        ]  # warm-up: Triton/torch.compile compiles, the allocator settles
         check_new_tokens(tokens, spec, spec.new_tokens)
         runner.timed_generate(1)
         if spec.impl != "hf-static":
@@ -379,11 +422,15 @@ def run_case(benchmark: Any, recorder: Recorder, spec: GenSpec, case: str) -> No
             row.update(device="cpu", cores=os.cpu_count(), threads=torch.get_num_threads())
         note_tokens(spec, tokens, row)
         recorder.add("generate", row)
-        benchmark.extra_info.update({
-            "prefill_tokens_per_s": round(row["prefill_tokens_per_s"]),
-            "decode_tokens_per_s": None if row["decode_tokens_per_s"] is None else round(row["decode_tokens_per_s"]),
-            "decode_ms_per_step": round(row["decode_ms_per_step"], 3),
-        })
+        benchmark.extra_info.update(
+            {
+                "prefill_tokens_per_s": round(row["prefill_tokens_per_s"]),
+                "decode_tokens_per_s": None
+                if row["decode_tokens_per_s"] is None
+                else round(row["decode_tokens_per_s"]),
+                "decode_ms_per_step": round(row["decode_ms_per_step"], 3),
+            }
+        )
     finally:
         runner.close()
 

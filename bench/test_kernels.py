@@ -57,8 +57,10 @@ if SMOKE:  # before ``kernels`` is imported (lazily, below): triton.jit reads it
     os.environ.setdefault("TRITON_INTERPRET", "1")
 ON_GPU = torch.cuda.is_available() and not SMOKE
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-NO_GPU = ("needs a CUDA GPU; the kernels are proven on CPU by tests/ through the Triton interpreter "
-          "(ZHLLM_BENCH_CPU_SMOKE=1 runs each benchmark body once on tiny CPU shapes)")
+NO_GPU = (
+    "needs a CUDA GPU; the kernels are proven on CPU by tests/ through the Triton interpreter "
+    "(ZHLLM_BENCH_CPU_SMOKE=1 runs each benchmark body once on tiny CPU shapes)"
+)
 pytestmark = pytest.mark.skipif(not ON_GPU and not SMOKE, reason=NO_GPU)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,12 +71,22 @@ WARMUP_BATCHES = 2
 SANITY_TOL = 3e-2  # forward vs the float32 reference: max |diff| / max |ref| (bf16/fp16 rounding is ~4e-3)
 
 # zhkernels.<name> → the module that defines it, for ops written but not yet exported from zhkernels/__init__.py
-OP_MODULES = {"rms_norm": "rms_norm", "apply_rope": "rope", "swiglu": "swiglu", "flash_attention": "flash_attention",
-              "fused_linear_cross_entropy": "cross_entropy"}
+OP_MODULES = {
+    "rms_norm": "rms_norm",
+    "apply_rope": "rope",
+    "swiglu": "swiglu",
+    "flash_attention": "flash_attention",
+    "fused_linear_cross_entropy": "cross_entropy",
+}
 
-CASES = [(shape, dtype, pass_, impl)
-         for op, shapes in (SMOKE_SHAPES if SMOKE else SHAPES).items() for shape in shapes
-         for dtype in DTYPES for pass_ in PASSES for impl in IMPLS[op]]
+CASES = [
+    (shape, dtype, pass_, impl)
+    for op, shapes in (SMOKE_SHAPES if SMOKE else SHAPES).items()
+    for shape in shapes
+    for dtype in DTYPES
+    for pass_ in PASSES
+    for impl in IMPLS[op]
+]
 
 
 def case_id(case: tuple[KernelShape, str, str, str]) -> str:
@@ -128,8 +140,9 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
         for limit in ("recompile_limit", "cache_size_limit"):  # default 8 would silently fall back to eager
             if hasattr(torch._dynamo.config, limit):
                 setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
-        _COMPILED[fn.__name__] = torch.compile(fn, fullgraph=True, dynamic=False,
-                                               backend="aot_eager" if SMOKE else "inductor")
+        _COMPILED[fn.__name__] = torch.compile(
+            fn, fullgraph=True, dynamic=False, backend="aot_eager" if SMOKE else "inductor"
+        )
     return _COMPILED[fn.__name__]
 
 
@@ -186,11 +199,15 @@ def make_case(shape: KernelShape, dtype_name: str, impl: str, needs_grad: bool) 
     if op == "rms_norm":
         x = _randn(d["tokens"], d["hidden"], dtype=dtype, grad=needs_grad)
         w = (1.0 + 0.1 * torch.randn(d["hidden"], device=DEVICE)).to(dtype).requires_grad_(needs_grad)
-        fn = {"ours": lambda: ours("rms_norm"), "eager": lambda: reference.rms_norm,
-              "compile": lambda: compiled(reference.rms_norm),
-              "liger": lambda: liger("ops.rms_norm:LigerRMSNormFunction").apply}[impl]()
-        return Case(lambda: fn(x, w, EPS), lambda: reference.rms_norm(x.float(), w.float(), EPS), [x, w],
-                    [torch.randn_like(x)])
+        fn = {
+            "ours": lambda: ours("rms_norm"),
+            "eager": lambda: reference.rms_norm,
+            "compile": lambda: compiled(reference.rms_norm),
+            "liger": lambda: liger("ops.rms_norm:LigerRMSNormFunction").apply,
+        }[impl]()
+        return Case(
+            lambda: fn(x, w, EPS), lambda: reference.rms_norm(x.float(), w.float(), EPS), [x, w], [torch.randn_like(x)]
+        )
     if op == "apply_rope":
         q = _heads_layout(d["batch"], d["seq"], d["heads"], d["head_dim"], dtype, needs_grad)
         k = _heads_layout(d["batch"], d["seq"], d["kv_heads"], d["head_dim"], dtype, needs_grad)
@@ -201,17 +218,27 @@ def make_case(shape: KernelShape, dtype_name: str, impl: str, needs_grad: bool) 
             fn = liger("ops.rope:LigerRopeFunction").apply
             cos_l, sin_l = cos[None].to(dtype), sin[None].to(dtype)
             return Case(lambda: tuple(fn(q, k, cos_l, sin_l)[:2]), ref, [q, k], grads)
-        fn = {"ours": lambda: ours("apply_rope"), "eager": lambda: reference.apply_rope,
-              "compile": lambda: compiled(reference.apply_rope)}[impl]()
+        fn = {
+            "ours": lambda: ours("apply_rope"),
+            "eager": lambda: reference.apply_rope,
+            "compile": lambda: compiled(reference.apply_rope),
+        }[impl]()
         return Case(lambda: fn(q, k, cos, sin), ref, [q, k], grads)
     if op == "swiglu":
         gate = _randn(d["tokens"], d["ffn"], dtype=dtype, grad=needs_grad)
         up = _randn(d["tokens"], d["ffn"], dtype=dtype, grad=needs_grad)
-        fn = {"ours": lambda: ours("swiglu"), "eager": lambda: reference.swiglu,
-              "compile": lambda: compiled(reference.swiglu),
-              "liger": lambda: liger("ops.swiglu:LigerSiLUMulFunction").apply}[impl]()
-        return Case(lambda: fn(gate, up), lambda: reference.swiglu(gate.float(), up.float()), [gate, up],
-                    [torch.randn_like(gate)])
+        fn = {
+            "ours": lambda: ours("swiglu"),
+            "eager": lambda: reference.swiglu,
+            "compile": lambda: compiled(reference.swiglu),
+            "liger": lambda: liger("ops.swiglu:LigerSiLUMulFunction").apply,
+        }[impl]()
+        return Case(
+            lambda: fn(gate, up),
+            lambda: reference.swiglu(gate.float(), up.float()),
+            [gate, up],
+            [torch.randn_like(gate)],
+        )
     if op == "flash_attention":
         b, t, hd = d["batch"], d["seq"], d["head_dim"]
         q = _heads_layout(b, t, d["heads"], hd, dtype, needs_grad)
@@ -220,27 +247,40 @@ def make_case(shape: KernelShape, dtype_name: str, impl: str, needs_grad: bool) 
         if impl == "sdpa-flash" and not ON_GPU:
             pytest.skip("the SDPA flash backend needs CUDA")
         if impl in ("ours", "eager", "compile"):
-            attend = {"ours": lambda: ours("flash_attention"), "eager": lambda: reference.flash_attention,
-                      "compile": lambda: compiled(reference.flash_attention)}[impl]()
+            attend = {
+                "ours": lambda: ours("flash_attention"),
+                "eager": lambda: reference.flash_attention,
+                "compile": lambda: compiled(reference.flash_attention),
+            }[impl]()
             fn = lambda q, k, v: attend(q, k, v, causal=True)  # noqa: E731
         else:
             fn = {"sdpa-flash": sdpa_flash, "sdpa": sdpa}[impl]
-        return Case(lambda: fn(q, k, v), lambda: reference.flash_attention(q.float(), k.float(), v.float(), causal=True),
-                    [q, k, v], [_heads_layout(b, t, d["heads"], hd, dtype, False)])
+        return Case(
+            lambda: fn(q, k, v),
+            lambda: reference.flash_attention(q.float(), k.float(), v.float(), causal=True),
+            [q, k, v],
+            [_heads_layout(b, t, d["heads"], hd, dtype, False)],
+        )
     if op == "fused_linear_cross_entropy":
         n, h, vocab = d["tokens"], d["hidden"], d["vocab"]
         hidden = _randn(n, h, dtype=dtype, grad=needs_grad)
-        weight = _randn(vocab, h, dtype=dtype, grad=needs_grad, scale=h ** -0.5)
+        weight = _randn(vocab, h, dtype=dtype, grad=needs_grad, scale=h**-0.5)
         targets = torch.randint(0, vocab, (n,), device=DEVICE)
         if impl == "liger":
             loss = liger("transformers:LigerFusedLinearCrossEntropyLoss")(ignore_index=-100)
             fn = lambda h_, w_, t_: _first(loss(w_, h_, t_))  # noqa: E731  (Liger takes the weight first)
         else:
-            fn = {"ours": lambda: ours("fused_linear_cross_entropy"), "eager": lambda: eager_cross_entropy,
-                  "compile": lambda: compiled(eager_cross_entropy)}[impl]()
-        return Case(lambda: fn(hidden, weight, targets),
-                    lambda: reference.fused_linear_cross_entropy(hidden.float(), weight.float(), targets),
-                    [hidden, weight], None)
+            fn = {
+                "ours": lambda: ours("fused_linear_cross_entropy"),
+                "eager": lambda: eager_cross_entropy,
+                "compile": lambda: compiled(eager_cross_entropy),
+            }[impl]()
+        return Case(
+            lambda: fn(hidden, weight, targets),
+            lambda: reference.fused_linear_cross_entropy(hidden.float(), weight.float(), targets),
+            [hidden, weight],
+            None,
+        )
     raise KeyError(op)
 
 
@@ -281,7 +321,9 @@ def sanity_check(case: Case, step: Callable[[], Any], pass_: str, impl: str) -> 
         for g, r in zip(got, expected):
             assert g.shape == r.shape, f"{impl}: output shape {tuple(g.shape)} != reference {tuple(r.shape)}"
             err = (g.detach().float() - r.float()).abs().max().item() / max(r.float().abs().max().item(), 1e-6)
-            assert err <= SANITY_TOL, f"{impl}: forward differs from zhkernels.reference by {err:.2e} (relative to its max)"
+            assert err <= SANITY_TOL, (
+                f"{impl}: forward differs from zhkernels.reference by {err:.2e} (relative to its max)"
+            )
     else:
         for t in case.leaves:
             assert t.grad is not None and torch.isfinite(t.grad).all(), f"{impl}: a gradient is missing or not finite"
@@ -317,8 +359,13 @@ def device_info() -> dict[str, Any]:
         liger_version = version("liger-kernel")
     except Exception:
         liger_version = None
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton.__version__, "liger": liger_version}
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "liger": liger_version,
+    }
 
 
 COPY_BYTES = 512 * 2**20
@@ -351,13 +398,33 @@ def gpu_peaks(recorder: Recorder) -> dict[str, Any]:
     info = device_info()
     ms = copy_ms()
     out = {"copy_gb_per_s": 2 * COPY_BYTES / (ms / 1e3) / 1e9, "matmul_tflops": {}, **info}
-    recorder.add("kernels", {"op": "peak", "impl": "copy", "dtype": "-", "mb": COPY_BYTES / MB, "ms": ms,
-                             "gb_per_s": out["copy_gb_per_s"], **info})
+    recorder.add(
+        "kernels",
+        {
+            "op": "peak",
+            "impl": "copy",
+            "dtype": "-",
+            "mb": COPY_BYTES / MB,
+            "ms": ms,
+            "gb_per_s": out["copy_gb_per_s"],
+            **info,
+        },
+    )
     for name, dtype in TORCH_DTYPES.items():
         ms = matmul_ms(dtype)
         out["matmul_tflops"][name] = 2 * MATMUL_N**3 / (ms / 1e3) / 1e12
-        recorder.add("kernels", {"op": "peak", "impl": "matmul", "dtype": name, "n": MATMUL_N, "ms": ms,
-                                 "tflops": out["matmul_tflops"][name], **info})
+        recorder.add(
+            "kernels",
+            {
+                "op": "peak",
+                "impl": "matmul",
+                "dtype": name,
+                "n": MATMUL_N,
+                "ms": ms,
+                "tflops": out["matmul_tflops"][name],
+                **info,
+            },
+        )
     torch.cuda.empty_cache()
     logger.info("peaks: copy %.0f GB/s, matmul %s TFLOP/s", out["copy_gb_per_s"], out["matmul_tflops"])
     return out
@@ -445,8 +512,16 @@ def peak_memory_mb(step: Callable[[], Any], leaves: list[torch.Tensor]) -> float
 
 
 @pytest.mark.parametrize(("shape", "dtype", "pass_", "impl"), CASES, ids=[case_id(c) for c in CASES])
-def test_kernel(benchmark: Any, recorder: Recorder, gpu_peaks: dict[str, Any], l2_flush: torch.Tensor | None,
-                shape: KernelShape, dtype: str, pass_: str, impl: str) -> None:
+def test_kernel(
+    benchmark: Any,
+    recorder: Recorder,
+    gpu_peaks: dict[str, Any],
+    l2_flush: torch.Tensor | None,
+    shape: KernelShape,
+    dtype: str,
+    pass_: str,
+    impl: str,
+) -> None:
     op = shape.op
     torch.manual_seed(0)
     case = make_case(shape, dtype, impl, needs_grad=pass_ != "fwd")
@@ -471,15 +546,36 @@ def test_kernel(benchmark: Any, recorder: Recorder, gpu_peaks: dict[str, Any], l
         share = tflops / gpu_peaks["matmul_tflops"][dtype]
     peak_mb = peak_memory_mb(step, case.leaves)
     row = {
-        "op": op, "impl": impl, "pass": pass_, "dtype": dtype, "shape": shape.label, "probe": shape.probe,
-        "dims": dict(shape.dims), "largest_tensor_mb": largest_tensor_mb(op, shape.dims, dtype),
-        "ms": ms, "ms_min": min(times), "ms_max": max(times), "batches": len(times),
-        "host_ms": host_ms, "host_bound": host_ms > ms,
-        "bytes": n_bytes, "gb_per_s": gb_per_s, "flops": n_flops, "tflops": tflops, "share_of_peak": share,
-        "peak_mb": peak_mb, **device_info(),
+        "op": op,
+        "impl": impl,
+        "pass": pass_,
+        "dtype": dtype,
+        "shape": shape.label,
+        "probe": shape.probe,
+        "dims": dict(shape.dims),
+        "largest_tensor_mb": largest_tensor_mb(op, shape.dims, dtype),
+        "ms": ms,
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "batches": len(times),
+        "host_ms": host_ms,
+        "host_bound": host_ms > ms,
+        "bytes": n_bytes,
+        "gb_per_s": gb_per_s,
+        "flops": n_flops,
+        "tflops": tflops,
+        "share_of_peak": share,
+        "peak_mb": peak_mb,
+        **device_info(),
     }
     recorder.add("kernels", row)
-    benchmark.extra_info.update({"ms_per_call": round(ms, 4), "host_ms_per_call": round(host_ms, 4),
-                                 "share_of_peak": round(share, 3), "peak_mb": round(peak_mb, 1),
-                                 **({"gb_per_s": round(gb_per_s)} if gb_per_s else {}),
-                                 **({"tflops": round(tflops, 1)} if tflops else {})})
+    benchmark.extra_info.update(
+        {
+            "ms_per_call": round(ms, 4),
+            "host_ms_per_call": round(host_ms, 4),
+            "share_of_peak": round(share, 3),
+            "peak_mb": round(peak_mb, 1),
+            **({"gb_per_s": round(gb_per_s)} if gb_per_s else {}),
+            **({"tflops": round(tflops, 1)} if tflops else {}),
+        }
+    )

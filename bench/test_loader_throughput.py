@@ -51,11 +51,26 @@ class RecipeLoader:
 
 
 @pytest.fixture(scope="session")
-def packed_tang(tang_dir: Path, chatglm_model: Path, engine_prepare: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def packed_tang(
+    tang_dir: Path, chatglm_model: Path, engine_prepare: None, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The Tang corpus packed once with the ChatGLM tokenizer (uint16)."""
     out = tmp_path_factory.mktemp("packed") / "tang"
-    cmd = [PYTHON, "-m", "engine.prepare", "--source", str(tang_dir), "--template", "{title}\\n{paragraphs}",
-           "--tokenizer", str(chatglm_model), "--out", str(out), "--no-dedup", "--no-progress"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "engine.prepare",
+        "--source",
+        str(tang_dir),
+        "--template",
+        "{title}\\n{paragraphs}",
+        "--tokenizer",
+        str(chatglm_model),
+        "--out",
+        str(out),
+        "--no-dedup",
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         pytest.fail(f"packing the Tang corpus failed:\n{done.stderr[-3000:]}")
@@ -73,8 +88,9 @@ def make_loader(method: str, prefix: Path, seq_len: int) -> Any:
 
 
 @pytest.mark.parametrize(("batch_size", "seq_len", "method"), CASES, ids=[f"{b}x{t}-{m}" for b, t, m in CASES])
-def test_loader_throughput(benchmark: Any, recorder: Recorder, packed_tang: Path,
-                           batch_size: int, seq_len: int, method: str) -> None:
+def test_loader_throughput(
+    benchmark: Any, recorder: Recorder, packed_tang: Path, batch_size: int, seq_len: int, method: str
+) -> None:
     loader = make_loader(method, packed_tang, seq_len)
     batch = loader.next_batch(batch_size)  # also the shape/dtype check both must pass
     assert batch["input_ids"].shape == (batch_size, seq_len) and batch["input_ids"].dtype == torch.int64
@@ -86,7 +102,15 @@ def test_loader_throughput(benchmark: Any, recorder: Recorder, packed_tang: Path
         return
     median = benchmark.stats.stats.median
     tokens_per_s = batch_size * seq_len / median
-    recorder.add("loader", {"method": method, "batch_size": batch_size, "seq_len": seq_len,
-                            "median_seconds": median, "min_seconds": benchmark.stats.stats.min,
-                            "rounds": benchmark.stats.stats.rounds * 10})
+    recorder.add(
+        "loader",
+        {
+            "method": method,
+            "batch_size": batch_size,
+            "seq_len": seq_len,
+            "median_seconds": median,
+            "min_seconds": benchmark.stats.stats.min,
+            "rounds": benchmark.stats.stats.rounds * 10,
+        },
+    )
     benchmark.extra_info["tokens_per_s"] = round(tokens_per_s)

@@ -33,12 +33,31 @@ CASES = [(tok, scale, method) for tok in TOKENIZERS for scale in SCALES for meth
 def command(method: str, folders: list[Path], engine_tokenizer: Path, sp_model: Path, out: Path) -> list[str]:
     if method == "ours":
         sources = [arg for folder in folders for arg in ("--source", str(folder))]
-        return [PYTHON, "-m", "engine.prepare", *sources, "--template", "{title}\\n{paragraphs}",
-                "--tokenizer", str(engine_tokenizer), "--out", str(out / "ours"),
-                "--no-dedup", "--no-progress", "--overwrite"]
+        return [
+            PYTHON,
+            "-m",
+            "engine.prepare",
+            *sources,
+            "--template",
+            "{title}\\n{paragraphs}",
+            "--tokenizer",
+            str(engine_tokenizer),
+            "--out",
+            str(out / "ours"),
+            "--no-dedup",
+            "--no-progress",
+            "--overwrite",
+        ]
     if method == "baseline":
-        return [PYTHON, str(BENCH / "baseline_seed004.py"), "--tokenizer", str(sp_model),
-                "--out", str(out / "baseline.bin"), *map(str, folders)]
+        return [
+            PYTHON,
+            str(BENCH / "baseline_seed004.py"),
+            "--tokenizer",
+            str(sp_model),
+            "--out",
+            str(out / "baseline.bin"),
+            *map(str, folders),
+        ]
     if method == "ceiling":
         return [PYTHON, str(BENCH / "ceiling_sentencepiece.py"), "--tokenizer", str(sp_model), *map(str, folders)]
     raise ValueError(method)
@@ -54,9 +73,19 @@ def output_counts(method: str, run: ProcessRun, out: Path) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("tokenizer", "scale", "method"), CASES, ids=[f"{t}-x{s}-{m}" for t, s, m in CASES])
-def test_pack_throughput(benchmark: Any, recorder: Recorder, tokenizers: Any, tang_copies: Any,
-                         tang_text_bytes: int, warm_imports: None, tmp_path: Path, request: pytest.FixtureRequest,
-                         tokenizer: str, scale: int, method: str) -> None:
+def test_pack_throughput(
+    benchmark: Any,
+    recorder: Recorder,
+    tokenizers: Any,
+    tang_copies: Any,
+    tang_text_bytes: int,
+    warm_imports: None,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    tokenizer: str,
+    scale: int,
+    method: str,
+) -> None:
     if method == "ours":
         request.getfixturevalue("engine_prepare")
     engine_tokenizer, sp_model = tokenizers(tokenizer)
@@ -82,16 +111,24 @@ def test_pack_throughput(benchmark: Any, recorder: Recorder, tokenizers: Any, ta
     else:
         seconds = [r.seconds for r in runs]
     row = {
-        "method": method, "tokenizer": tokenizer, "scale": scale, "text_bytes": text_bytes,
-        "seconds": seconds, "peak_rss_mb": [r.peak_rss_mb for r in runs],
-        "processes": max(r.peak_processes for r in runs), "rss_samples": [r.samples for r in runs],
-        "process_seconds": [r.seconds for r in runs], **counts,
+        "method": method,
+        "tokenizer": tokenizer,
+        "scale": scale,
+        "text_bytes": text_bytes,
+        "seconds": seconds,
+        "peak_rss_mb": [r.peak_rss_mb for r in runs],
+        "processes": max(r.peak_processes for r in runs),
+        "rss_samples": [r.samples for r in runs],
+        "process_seconds": [r.seconds for r in runs],
+        **counts,
     }
     recorder.add("pack", row)
-    benchmark.extra_info.update({
-        "mb_per_s": round(text_bytes / 1e6 / statistics.median(seconds), 2),
-        "peak_rss_mb": round(max(row["peak_rss_mb"]), 1),
-        "text_mb": round(text_bytes / 1e6, 2),
-        "tokens": counts["tokens"],
-        "docs": counts["docs"],
-    })
+    benchmark.extra_info.update(
+        {
+            "mb_per_s": round(text_bytes / 1e6 / statistics.median(seconds), 2),
+            "peak_rss_mb": round(max(row["peak_rss_mb"]), 1),
+            "text_mb": round(text_bytes / 1e6, 2),
+            "tokens": counts["tokens"],
+            "docs": counts["docs"],
+        }
+    )

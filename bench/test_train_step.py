@@ -1,4 +1,5 @@
-"""Training-step benchmarks: our Llama on the Triton kernels vs on torch ops vs ``transformers``' LlamaForCausalLM + SDPA.
+"""Training-step benchmarks: our Llama on the Triton kernels vs on torch ops vs ``transformers``' LlamaForCausalLM +
+SDPA.
 
     pytest bench/test_train_step.py --benchmark-only                         # GPU: speed table + 6 GiB rehearsal
     pytest bench/test_train_step.py --benchmark-only -k "bf16 and not rehearse"
@@ -38,8 +39,10 @@ if SMOKE:  # before ``kernels`` is imported (through llama.model): triton.jit re
     os.environ.setdefault("TRITON_INTERPRET", "1")
 ON_GPU = torch.cuda.is_available() and not SMOKE
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-NO_GPU = ("needs a CUDA GPU: training-step speed and memory are GPU figures (the CPU benchmark below runs instead; "
-          "ZHLLM_BENCH_CPU_SMOKE=1 runs each GPU body once on tiny CPU shapes)")
+NO_GPU = (
+    "needs a CUDA GPU: training-step speed and memory are GPU figures (the CPU benchmark below runs instead; "
+    "ZHLLM_BENCH_CPU_SMOKE=1 runs each GPU body once on tiny CPU shapes)"
+)
 HAS_GPU_REASON = "a GPU is present: the GPU cases are the measurement (this CPU case is for machines without one)"
 
 from benchlib import Recorder, require_transformers, rounds, versions  # noqa: E402
@@ -62,8 +65,13 @@ logger = logging.getLogger(__name__)
 gpu_only = pytest.mark.skipif(not ON_GPU and not SMOKE, reason=NO_GPU)
 
 #: (preset, seq, micro-batch): ~16k tokens per micro-batch at each preset's own context length
-PRESET_RUNS = [("seed000-160m", 1024, 16), ("seed003-92m", 512, 32), ("minimind-26m", 512, 32),
-               ("seed002-120m", 512, 32), ("seed004-baby", 256, 64)]
+PRESET_RUNS = [
+    ("seed000-160m", 1024, 16),
+    ("seed003-92m", 512, 32),
+    ("minimind-26m", 512, 32),
+    ("seed002-120m", 512, 32),
+    ("seed004-baby", 256, 64),
+]
 STEP_CASES = [(preset, seq, batch, "bf16", False, impl) for preset, seq, batch in PRESET_RUNS for impl in IMPLS]
 STEP_CASES += [("seed003-92m", 512, 32, "fp16", ckpt, impl) for ckpt in (False, True) for impl in IMPLS]
 REHEARSAL = ("seed003-92m", 512, "fp16")  # preset, seq, precision
@@ -119,7 +127,8 @@ def matmul_ms(dtype: torch.dtype) -> float:
 
 @pytest.fixture(scope="session")
 def train_peaks(recorder: Recorder) -> dict[str, Any]:
-    """Dense matmul peak (8192³) per autocast dtype, measured now, and the ``llama.training.runtime`` datasheet figure."""
+    """Dense matmul peak (8192³) per autocast dtype, measured now, and the ``llama.training.runtime`` datasheet
+    figure."""
     if not ON_GPU:
         return {}
     from llama.training.runtime import device_peak_tflops
@@ -129,8 +138,18 @@ def train_peaks(recorder: Recorder) -> dict[str, Any]:
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         ms = matmul_ms(dtype)
         out["matmul_tflops"][name] = 2 * MATMUL_N**3 / (ms / 1e3) / 1e12
-        recorder.add("train", {"case": "peak", "dtype": name, "n": MATMUL_N, "ms": ms, "tflops": out["matmul_tflops"][name],
-                               "table_tflops": table, **versions(ON_GPU)})
+        recorder.add(
+            "train",
+            {
+                "case": "peak",
+                "dtype": name,
+                "n": MATMUL_N,
+                "ms": ms,
+                "tflops": out["matmul_tflops"][name],
+                "table_tflops": table,
+                **versions(ON_GPU),
+            },
+        )
     torch.cuda.empty_cache()
     logger.info("matmul peaks %s TFLOP/s, datasheet %s", out["matmul_tflops"], table)
     return out
@@ -144,7 +163,9 @@ def sanity_step(trainer: Trainer) -> float:
     loss = float(trainer.step())
     expected = math.log(trainer.config.vocab_size)
     assert math.isfinite(loss), f"{trainer.spec.impl}: first loss is {loss}"
-    assert abs(loss - expected) < LOSS_SLACK, f"{trainer.spec.impl}: first loss {loss:.3f}, expected about ln(V) = {expected:.3f}"
+    assert abs(loss - expected) < LOSS_SLACK, (
+        f"{trainer.spec.impl}: first loss {loss:.3f}, expected about ln(V) = {expected:.3f}"
+    )
     return loss
 
 
@@ -154,7 +175,9 @@ def time_steps(benchmark: Any, trainer: Trainer, on_gpu: bool) -> list[float]:
     estimate = statistics.median(timer(trainer.step, 2))
     inner = max(1, min(MAX_INNER, math.ceil(BATCH_MS / max(estimate, 1e-3))))
     batches: list[list[float]] = []
-    benchmark.pedantic(lambda: batches.append(timer(trainer.step, inner)), rounds=rounds(5), iterations=1, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: batches.append(timer(trainer.step, inner)), rounds=rounds(5), iterations=1, warmup_rounds=1
+    )
     return [ms for b in batches[1:] for ms in b]  # pedantic's warm-up round is appended too: drop it
 
 
@@ -174,22 +197,49 @@ def step_row(trainer: Trainer, times: list[float], first_loss: float) -> dict[st
     ms = statistics.median(times)
     numbers = model_numbers(config, spec.seq)
     tokens_per_s = trainer.tokens_per_step / (ms / 1e3)
-    return {"preset": spec.preset, "impl": spec.impl, "batch": spec.batch, "seq": spec.seq, "precision": spec.precision,
-            "checkpointing": spec.checkpointing, "vocab": config.vocab_size, "vocab_assumed": vocab_assumed(spec),
-            "dim": config.dim, "n_layers": config.n_layers, **numbers, "tokens_per_step": trainer.tokens_per_step,
-            "ms": ms, "ms_min": min(times), "ms_max": max(times), "steps": len(times), "tokens_per_s": tokens_per_s,
-            "tflops": numbers["flops_per_token"] * tokens_per_s / 1e12, "first_loss": first_loss,
-            "skipped_steps": trainer.skipped_steps(), **versions(ON_GPU)}
+    return {
+        "preset": spec.preset,
+        "impl": spec.impl,
+        "batch": spec.batch,
+        "seq": spec.seq,
+        "precision": spec.precision,
+        "checkpointing": spec.checkpointing,
+        "vocab": config.vocab_size,
+        "vocab_assumed": vocab_assumed(spec),
+        "dim": config.dim,
+        "n_layers": config.n_layers,
+        **numbers,
+        "tokens_per_step": trainer.tokens_per_step,
+        "ms": ms,
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "steps": len(times),
+        "tokens_per_s": tokens_per_s,
+        "tflops": numbers["flops_per_token"] * tokens_per_s / 1e12,
+        "first_loss": first_loss,
+        "skipped_steps": trainer.skipped_steps(),
+        **versions(ON_GPU),
+    }
 
 
 # ---------------------------------------------------------------- the GPU speed table
 
 
 @gpu_only
-@pytest.mark.parametrize(("preset", "seq", "batch", "precision", "checkpointing", "impl"), STEP_CASES,
-                         ids=[case_id(c) for c in STEP_CASES])
-def test_train_step(benchmark: Any, recorder: Recorder, train_peaks: dict[str, Any], preset: str, seq: int, batch: int,
-                    precision: str, checkpointing: bool, impl: str) -> None:
+@pytest.mark.parametrize(
+    ("preset", "seq", "batch", "precision", "checkpointing", "impl"), STEP_CASES, ids=[case_id(c) for c in STEP_CASES]
+)
+def test_train_step(
+    benchmark: Any,
+    recorder: Recorder,
+    train_peaks: dict[str, Any],
+    preset: str,
+    seq: int,
+    batch: int,
+    precision: str,
+    checkpointing: bool,
+    impl: str,
+) -> None:
     if impl == "hf":
         require_transformers()
     if SMOKE:
@@ -201,7 +251,9 @@ def test_train_step(benchmark: Any, recorder: Recorder, train_peaks: dict[str, A
     trainer = Trainer(spec, DEVICE)
     try:
         if impl == "triton":
-            assert trainer.uses_triton(), "kernels=triton did not reach the Triton kernels (TRITON_INTERPRET unset on CPU?)"
+            assert trainer.uses_triton(), (
+                "kernels=triton did not reach the Triton kernels (TRITON_INTERPRET unset on CPU?)"
+            )
         first_loss = sanity_step(trainer)
         if SMOKE:  # the body once through pytest-benchmark's machinery; nothing is claimed or recorded
             benchmark.pedantic(trainer.step, rounds=1, iterations=1, warmup_rounds=0)
@@ -214,12 +266,22 @@ def test_train_step(benchmark: Any, recorder: Recorder, train_peaks: dict[str, A
         resident_mb, peak_mb = step_memory(trainer)
         row = step_row(trainer, times, first_loss)
         matmul, table = train_peaks["matmul_tflops"].get(precision), train_peaks.get("table_tflops")
-        row.update(case="step", resident_mb=resident_mb, peak_mb=peak_mb,
-                   mfu_measured=row["tflops"] / matmul if matmul else None, mfu_table=row["tflops"] / table if table else None)
+        row.update(
+            case="step",
+            resident_mb=resident_mb,
+            peak_mb=peak_mb,
+            mfu_measured=row["tflops"] / matmul if matmul else None,
+            mfu_table=row["tflops"] / table if table else None,
+        )
         recorder.add("train", row)
-        benchmark.extra_info.update({"ms_per_step": round(row["ms"], 2), "tokens_per_s": round(row["tokens_per_s"]),
-                                     "peak_gib": round(peak_mb / 1024, 2),
-                                     **({"mfu_table": round(row["mfu_table"], 3)} if row["mfu_table"] else {})})
+        benchmark.extra_info.update(
+            {
+                "ms_per_step": round(row["ms"], 2),
+                "tokens_per_s": round(row["tokens_per_s"]),
+                "peak_gib": round(peak_mb / 1024, 2),
+                **({"mfu_table": round(row["mfu_table"], 3)} if row["mfu_table"] else {}),
+            }
+        )
     finally:
         trainer.close()
 
@@ -228,8 +290,11 @@ def test_train_step(benchmark: Any, recorder: Recorder, train_peaks: dict[str, A
 
 
 @gpu_only
-@pytest.mark.parametrize(("impl", "checkpointing"), REHEARSAL_CASES,
-                         ids=[f"rehearse-{impl}-{'ckpt' if c else 'nockpt'}" for impl, c in REHEARSAL_CASES])
+@pytest.mark.parametrize(
+    ("impl", "checkpointing"),
+    REHEARSAL_CASES,
+    ids=[f"rehearse-{impl}-{'ckpt' if c else 'nockpt'}" for impl, c in REHEARSAL_CASES],
+)
 def test_rehearse_6gb(benchmark: Any, recorder: Recorder, impl: str, checkpointing: bool) -> None:
     """The largest micro-batch that trains 1 + 3 steps under the cap, each candidate in its own process."""
     if impl == "hf":
@@ -243,8 +308,14 @@ def test_rehearse_6gb(benchmark: Any, recorder: Recorder, impl: str, checkpointi
     found: dict[str, Any] = {}
 
     def run() -> None:
-        found.update(search(candidates, lambda b: subprocess_attempt(
-            StepSpec(preset, impl, b, seq, precision, checkpointing, smoke=SMOKE), cap, DEVICE.type, 1, steps)))
+        found.update(
+            search(
+                candidates,
+                lambda b: subprocess_attempt(
+                    StepSpec(preset, impl, b, seq, precision, checkpointing, smoke=SMOKE), cap, DEVICE.type, 1, steps
+                ),
+            )
+        )
 
     benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     errors = [t["error"] for t in found["tried"] if not t["ok"] and not t.get("oom")]
@@ -254,11 +325,27 @@ def test_rehearse_6gb(benchmark: Any, recorder: Recorder, impl: str, checkpointi
         return
     if benchmark.disabled:
         return
-    recorder.add("train", {"case": "rehearsal", "preset": preset, "seq": seq, "impl": impl, "precision": precision,
-                           "checkpointing": checkpointing, "cap_gib": CAP_GIB, **found, **versions(ON_GPU)})
+    recorder.add(
+        "train",
+        {
+            "case": "rehearsal",
+            "preset": preset,
+            "seq": seq,
+            "impl": impl,
+            "precision": precision,
+            "checkpointing": checkpointing,
+            "cap_gib": CAP_GIB,
+            **found,
+            **versions(ON_GPU),
+        },
+    )
     best = found["largest"] or {}
-    benchmark.extra_info.update({"largest_batch": found["largest_batch"],
-                                 **({"peak_gib": round(best["peak_mb"] / 1024, 2)} if best.get("peak_mb") else {})})
+    benchmark.extra_info.update(
+        {
+            "largest_batch": found["largest_batch"],
+            **({"peak_gib": round(best["peak_mb"] / 1024, 2)} if best.get("peak_mb") else {}),
+        }
+    )
 
 
 # ---------------------------------------------------------------- CPU: the torch paths at a small size

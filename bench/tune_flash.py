@@ -47,8 +47,10 @@ def run_shape(shape: KernelShape, dtype: torch.dtype, docs: bool, device: torch.
     """One forward + backward at ``shape`` (packed into 4 documents per row with ``docs``): tunes both passes."""
     d = shape.dims
     q = torch.randn(d["batch"], d["seq"], d["heads"], d["head_dim"], device=device, dtype=dtype).transpose(1, 2)
-    k, v = (torch.randn(d["batch"], d["seq"], d["kv_heads"], d["head_dim"], device=device, dtype=dtype)
-            .transpose(1, 2) for _ in range(2))
+    k, v = (
+        torch.randn(d["batch"], d["seq"], d["kv_heads"], d["head_dim"], device=device, dtype=dtype).transpose(1, 2)
+        for _ in range(2)
+    )
     for t in (q, k, v):
         t.requires_grad_()
     bounds = None
@@ -70,28 +72,48 @@ def summarize(log_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         default = tuple(fa.candidates(kind, block_d, getattr(torch, dtype), arch)[0])
         by_tile = {tuple(r["tile"]): r["ms"] for r in rows}
         fastest = min(by_tile, key=by_tile.get)
-        out.append({"pass": kind, "arch": arch, "dtype": dtype, "head_dim_tile": block_d, "causal": causal,
-                    "docs": docs, "seq_bucket": bucket, "shape": rows[0]["shape"], "default": list(default),
-                    "default_ms": by_tile.get(default), "fastest": list(fastest), "fastest_ms": by_tile[fastest],
-                    "default_over_fastest": by_tile[default] / by_tile[fastest] if default in by_tile else None,
-                    "timed": {"x".join(map(str, t)): ms for t, ms in by_tile.items()}})
+        out.append(
+            {
+                "pass": kind,
+                "arch": arch,
+                "dtype": dtype,
+                "head_dim_tile": block_d,
+                "causal": causal,
+                "docs": docs,
+                "seq_bucket": bucket,
+                "shape": rows[0]["shape"],
+                "default": list(default),
+                "default_ms": by_tile.get(default),
+                "fastest": list(fastest),
+                "fastest_ms": by_tile[fastest],
+                "default_over_fastest": by_tile[default] / by_tile[fastest] if default in by_tile else None,
+                "timed": {"x".join(map(str, t)): ms for t, ms in by_tile.items()},
+            }
+        )
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
-    lines = [f"Flash-attention tiles on {result['device']} ({env['date']}, commit {env['commit']}"
-             + (", **smoke: CPU interpreter, host clock, no GPU figure**" if result["smoke"] else "") + ")", "",
-             "Tile = resident × streamed × warps × stages. *default ÷ fastest* above 1 means the table's default "
-             "is not the fastest candidate at that shape.", "",
-             "| pass | shape [B, H, T, D] | dtype | docs | default | ms | fastest | ms | default ÷ fastest |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Flash-attention tiles on {result['device']} ({env['date']}, commit {env['commit']}"
+        + (", **smoke: CPU interpreter, host clock, no GPU figure**" if result["smoke"] else "")
+        + ")",
+        "",
+        "Tile = resident × streamed × warps × stages. *default ÷ fastest* above 1 means the table's default "
+        "is not the fastest candidate at that shape.",
+        "",
+        "| pass | shape [B, H, T, D] | dtype | docs | default | ms | fastest | ms | default ÷ fastest |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in result["summary"]:
         ratio = f"{s['default_over_fastest']:.2f}" if s["default_over_fastest"] else "–"
         default_ms = f"{s['default_ms']:.3f}" if s["default_ms"] is not None else "–"
-        lines.append(f"| {s['pass']} | {s['shape']} | {s['dtype']} | {'yes' if s['docs'] else 'no'} | "
-                     f"{'x'.join(map(str, s['default']))} | {default_ms} | {'x'.join(map(str, s['fastest']))} | "
-                     f"{s['fastest_ms']:.3f} | {ratio} |")
+        lines.append(
+            f"| {s['pass']} | {s['shape']} | {s['dtype']} | {'yes' if s['docs'] else 'no'} | "
+            f"{'x'.join(map(str, s['default']))} | {default_ms} | {'x'.join(map(str, s['fastest']))} | "
+            f"{s['fastest_ms']:.3f} | {ratio} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -103,10 +125,15 @@ def write(result: dict[str, Any], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=BENCH / ".results" / "flash_tiles.json",
-                        help="JSON file (the markdown table goes beside it, .md); default bench/.results/flash_tiles.json")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=BENCH / ".results" / "flash_tiles.json",
+        help="JSON file (the markdown table goes beside it, .md); default bench/.results/flash_tiles.json",
+    )
     parser.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bf16"], help="dtypes (default bf16)")
     parser.add_argument("--docs", action="store_true", help="also time packed rows (document masking)")
     parser.add_argument("--smoke", action="store_true", help="CPU: Triton's interpreter, one tiny shape, host clock")
@@ -127,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 
         fa._time_ms = host_clock_ms
     shapes = SMOKE_SHAPES["flash_attention"] if args.smoke else SHAPES["flash_attention"]
-    result: dict[str, Any] = {"environment": environment(), "smoke": args.smoke, "timings": fa.TUNING_LOG,
-                              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                              "torch": torch.__version__}
+    result: dict[str, Any] = {
+        "environment": environment(),
+        "smoke": args.smoke,
+        "timings": fa.TUNING_LOG,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     for shape in shapes:
         for name in args.dtype:
             for docs in (False, True) if args.docs else (False,):

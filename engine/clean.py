@@ -31,7 +31,9 @@ DROP_REASONS = ("empty", "too_short", "too_long", "duplicate")
 NEWLINES = re.compile("\r\n?|[\u0085\u2028\u2029]")
 MANY_NEWLINES = re.compile(r"\n{3,}")
 # Ａ-Ｚ, ａ-ｚ and ０-９ sit 0xFEE0 above their ASCII forms; full-width punctuation is left alone.
-FULLWIDTH_ALNUM = {code: code - 0xFEE0 for code in (*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B))}
+FULLWIDTH_ALNUM = {
+    code: code - 0xFEE0 for code in (*range(0xFF10, 0xFF1A), *range(0xFF21, 0xFF3B), *range(0xFF41, 0xFF5B))
+}
 
 
 class CleanConfigError(ValueError):
@@ -100,9 +102,7 @@ def _load_t2s() -> Any:
     try:
         from opencc import OpenCC
     except ImportError:
-        raise CleanConfigError(
-            "--t2s needs the opencc module: pip install opencc-python-reimplemented"
-        ) from None
+        raise CleanConfigError("--t2s needs the opencc module: pip install opencc-python-reimplemented") from None
     try:
         return OpenCC("t2s")
     except Exception:  # the C++ OpenCC binding names its configs "t2s.json"
@@ -236,12 +236,15 @@ def add_clean_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cleaning")
     group.add_argument("--nfkc", action="store_true", help="apply Unicode NFKC normalization")
     group.add_argument(
-        "--fullwidth-to-halfwidth", action="store_true",
+        "--fullwidth-to-halfwidth",
+        action="store_true",
         help="turn full-width ASCII letters and digits (Ａ１) into half-width (A1); Chinese punctuation stays",
     )
     group.add_argument(
-        "--t2s", action="store_true",
-        help="convert traditional to simplified Chinese with OpenCC t2s (pure Python: about 0.5 M characters/s per core)",
+        "--t2s",
+        action="store_true",
+        help="convert traditional to simplified Chinese with OpenCC t2s (pure Python: about 0.5 M characters/s per "
+        "core)",
     )
     group.add_argument("--min-chars", type=int, default=1, help="drop documents shorter than this after cleaning")
     group.add_argument("--max-chars", type=int, default=None, help="drop documents longer than this after cleaning")

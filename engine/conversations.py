@@ -87,9 +87,7 @@ def parse_conversation(fields: Mapping[str, Any], *, system: str | None = None) 
     return _with_default_system(messages, system)
 
 
-def parse_preference(
-    fields: Mapping[str, Any], *, system: str | None = None
-) -> tuple[list[Message], str, str]:
+def parse_preference(fields: Mapping[str, Any], *, system: str | None = None) -> tuple[list[Message], str, str]:
     """One DPO record -> (prompt messages ending with a user turn, chosen reply, rejected reply)."""
     if not isinstance(fields, Mapping):
         raise ChatFormatError(f"record is a {type(fields).__name__}, expected a JSON object; accepted: {ACCEPTED_DPO}")

@@ -113,9 +113,7 @@ class AtomicOutput:
     def __enter__(self) -> "AtomicOutput":
         existing = [p for p in self.paths.all() if p.exists()]
         if existing and not self.overwrite:
-            raise DatasetError(
-                f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out"
-            )
+            raise DatasetError(f"{existing[0]} already exists: pass --overwrite to replace it, or choose another --out")
         self.paths.prefix.parent.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -222,10 +220,14 @@ def open_packed(
         )
     if tokenizer_sha256 is not None:
         packed_with = meta.get("tokenizer") or {}
-        refusal = tokenizer_mismatch({"path": packed_with.get("path"), "sha256": packed_with.get("sha256") or "none"},
-                                     {"path": "the one given", "sha256": tokenizer_sha256}, owner=str(paths.prefix),
-                                     other="the tokenizer", verb="packed",
-                                     fix="re-pack with this tokenizer or pass the one it was packed with")
+        refusal = tokenizer_mismatch(
+            {"path": packed_with.get("path"), "sha256": packed_with.get("sha256") or "none"},
+            {"path": "the one given", "sha256": tokenizer_sha256},
+            owner=str(paths.prefix),
+            other="the tokenizer",
+            verb="packed",
+            fix="re-pack with this tokenizer or pass the one it was packed with",
+        )
         if refusal:
             raise DatasetError(refusal)
 

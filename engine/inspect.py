@@ -73,9 +73,16 @@ def summarize(files: PackedFiles) -> DatasetSummary:
         counts += np.bincount(block, minlength=files.vocab_size)[: files.vocab_size]
     share = float(np.asarray(files.mask).mean()) if files.mask is not None and files.n_tokens else None
     return DatasetSummary(
-        name=str(files.paths.prefix), kind=files.kind, dtype=str(files.tokens.dtype), n_tokens=files.n_tokens,
-        n_docs=files.n_docs, vocab_size=files.vocab_size, doc_length=stats,
-        distinct_ids=int(np.count_nonzero(counts)), loss_token_share=share, problems=verify(files),
+        name=str(files.paths.prefix),
+        kind=files.kind,
+        dtype=str(files.tokens.dtype),
+        n_tokens=files.n_tokens,
+        n_docs=files.n_docs,
+        vocab_size=files.vocab_size,
+        doc_length=stats,
+        distinct_ids=int(np.count_nonzero(counts)),
+        loss_token_share=share,
+        problems=verify(files),
     )
 
 
@@ -107,7 +114,9 @@ def format_summary(summary: DatasetSummary, meta: dict[str, Any]) -> str:
     lines = [
         f"dataset   {summary.name} ({summary.kind}, {summary.dtype}, vocab {summary.vocab_size:,})",
         f"tokens    {summary.n_tokens:,} in {summary.n_docs:,} documents; {summary.distinct_ids:,} distinct ids",
-        "doc len   mean {mean:.1f}, median {median:.0f}, p95 {p95:.0f}, max {max:.0f} tokens".format(**summary.doc_length),
+        "doc len   mean {mean:.1f}, median {median:.0f}, p95 {p95:.0f}, max {max:.0f} tokens".format(
+            **summary.doc_length
+        ),
     ]
     if summary.loss_token_share is not None:
         lines.append(f"loss mask {summary.loss_token_share:.1%} of tokens count for the loss")
@@ -115,18 +124,34 @@ def format_summary(summary: DatasetSummary, meta: dict[str, Any]) -> str:
         tok = meta.get("tokenizer", {})
         lines.append(f"tokenizer {tok.get('path')} (sha256 {str(tok.get('sha256'))[:12]})")
         if meta.get("n_chars"):
-            lines.append(f"text      {meta['n_chars']:,} characters packed, {meta['n_chars'] / max(summary.n_tokens - summary.n_docs, 1):.2f} chars/token")
+            lines.append(
+                f"text      {meta['n_chars']:,} characters packed, "
+                f"{meta['n_chars'] / max(summary.n_tokens - summary.n_docs, 1):.2f} chars/token"
+            )
         dropped = meta.get("dropped") or {}
         lines.append("dropped   " + (", ".join(f"{k} {v:,}" for k, v in sorted(dropped.items())) or "nothing"))
-    lines.append("check     " + ("OK: sizes, offsets, ids and EOS agree with the meta" if not summary.problems else "FAILED: " + "; ".join(summary.problems)))
+    lines.append(
+        "check     "
+        + (
+            "OK: sizes, offsets, ids and EOS agree with the meta"
+            if not summary.problems
+            else "FAILED: " + "; ".join(summary.problems)
+        )
+    )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine.inspect", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.inspect",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("dataset", help="dataset prefix or file: data/corpus, data/corpus.bin, data/corpus.meta.json")
-    parser.add_argument("--tokenizer", help="decode the sample with this tokenizer (default: the one named in the meta)")
+    parser.add_argument(
+        "--tokenizer", help="decode the sample with this tokenizer (default: the one named in the meta)"
+    )
     parser.add_argument("--sample", type=int, default=1, help="documents to decode (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=200, help="tokens decoded per sample document")
     parser.add_argument("--dtype", choices=["uint16", "uint32"], help="for a bare .bin without meta")

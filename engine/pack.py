@@ -26,8 +26,15 @@ from tqdm import tqdm
 from engine import __version__
 from engine.clean import CleanConfig, CleanStats, warm_cleaner
 from engine.format import FORMAT, KINDS, AtomicOutput, DatasetError, DatasetPaths, token_dtype
-from engine.pack_workers import (EncodedBatch, RawRecord, WorkerConfig, encode_batch, encode_file, init_worker,
-                                 small_files)
+from engine.pack_workers import (
+    EncodedBatch,
+    RawRecord,
+    WorkerConfig,
+    encode_batch,
+    encode_file,
+    init_worker,
+    small_files,
+)
 from engine.sources import Corpus
 from engine.tokenizer import Tokenizer
 
@@ -180,12 +187,19 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
         splits["val"] = train_paths.val()
     for paths in splits.values():  # refuse before doing any work
         if paths.exists() and not config.overwrite:
-            raise DatasetError(f"{paths.prefix}.* already exists: pass --overwrite to replace it, or choose another --out")
+            raise DatasetError(
+                f"{paths.prefix}.* already exists: pass --overwrite to replace it, or choose another --out"
+            )
 
     workers = config.workers or os.cpu_count() or 1
     worker_config = WorkerConfig(
-        str(tokenizer.path), config.kind, config.clean, config.split_seed, dtype.name,
-        need_digests=config.clean.dedup or config.val_fraction > 0, source_options=corpus.options,
+        str(tokenizer.path),
+        config.kind,
+        config.clean,
+        config.split_seed,
+        dtype.name,
+        need_digests=config.clean.dedup or config.val_fraction > 0,
+        source_options=corpus.options,
         system_prompt=config.system_prompt,
     )
     writers: dict[str, _SplitWriter] = {}
@@ -196,8 +210,12 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
     try:
         for name, paths in splits.items():
             writers[name] = _SplitWriter(paths, dtype, with_mask, config.overwrite)
-        bar = tqdm(desc=f"packing {train_paths.prefix.name}", unit=" docs", disable=not config.progress, mininterval=1.0)
-        for result in _ordered_results(worker_config, _tasks(corpus, config.kind, config.batch_chars, workers), workers):
+        bar = tqdm(
+            desc=f"packing {train_paths.prefix.name}", unit=" docs", disable=not config.progress, mininterval=1.0
+        )
+        for result in _ordered_results(
+            worker_config, _tasks(corpus, config.kind, config.batch_chars, workers), workers
+        ):
             if result.report is not None:
                 corpus.report.merge(result.report)
             chars += result.chars
@@ -209,7 +227,9 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
                 corpus.report.counts(source).documents += count
             _route(result, writers, seen, stats, config.val_fraction, 2 if config.kind == "dpo" else 1)
             bar.update(len(result.lengths) + sum(result.dropped.values()) + len(result.bad))
-            bar.set_postfix_str(f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} M chars/s", refresh=False)
+            bar.set_postfix_str(
+                f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} M chars/s", refresh=False
+            )
         bar.close()
         corpus.check()
         if writers["train"].n_tokens == 0:
@@ -227,15 +247,25 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
     train_meta = metas["train"]
     logger.info(
         "packed %s docs, %s tokens into %s (%s) in %.1f s, %.1f M characters/s%s",
-        f"{train_meta['n_docs']:,}", f"{train_meta['n_tokens']:,}", train_paths.bin, dtype.name, seconds,
+        f"{train_meta['n_docs']:,}",
+        f"{train_meta['n_tokens']:,}",
+        train_paths.bin,
+        dtype.name,
+        seconds,
         chars / 1e6 / max(seconds, 1e-9),
         f"; validation: {metas['val']['n_docs']:,} docs, {metas['val']['n_tokens']:,} tokens" if "val" in metas else "",
     )
     return train_meta
 
 
-def _route(result: EncodedBatch, writers: dict[str, _SplitWriter], seen: set[bytes] | None, stats: CleanStats,
-           val_fraction: float, group: int) -> None:
+def _route(
+    result: EncodedBatch,
+    writers: dict[str, _SplitWriter],
+    seen: set[bytes] | None,
+    stats: CleanStats,
+    val_fraction: float,
+    group: int,
+) -> None:
     """Append the documents of ``result`` (``group`` consecutive ones form a DPO pair) to their splits,
     dropping exact duplicates; one write per split and batch."""
     n = int(result.lengths.size)
@@ -260,12 +290,23 @@ def _route(result: EncodedBatch, writers: dict[str, _SplitWriter], seen: set[byt
         docs = split == code
         if name in writers and docs.any():
             tokens_in = per_token == code
-            writers[name].append(result.tokens[tokens_in], result.lengths[docs],
-                                 None if result.mask is None else result.mask[tokens_in], int(result.doc_chars[docs].sum()))
+            writers[name].append(
+                result.tokens[tokens_in],
+                result.lengths[docs],
+                None if result.mask is None else result.mask[tokens_in],
+                int(result.doc_chars[docs].sum()),
+            )
 
 
-def _meta(config: PackConfig, tokenizer: Tokenizer, dtype: np.dtype, corpus: Corpus, stats: CleanStats,
-          seconds: float, chars: int) -> dict[str, Any]:
+def _meta(
+    config: PackConfig,
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    corpus: Corpus,
+    stats: CleanStats,
+    seconds: float,
+    chars: int,
+) -> dict[str, Any]:
     report = corpus.report.as_dict()
     dropped = Counter({f"clean:{k}": v for k, v in stats.dropped.items()})
     for reason, count in report.get("bad", {}).items():

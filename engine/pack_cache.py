@@ -43,9 +43,18 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def pack_cached(source: str | os.PathLike[str], tokenizer: Tokenizer, *, template: str = "chatml",
-                drop_think: bool = False, system: str | None = None, val_fraction: float = 0.02,
-                cache_dir: str | os.PathLike[str] | None = None, workers: int = 0, progress: bool = True) -> Path:
+def pack_cached(
+    source: str | os.PathLike[str],
+    tokenizer: Tokenizer,
+    *,
+    template: str = "chatml",
+    drop_think: bool = False,
+    system: str | None = None,
+    val_fraction: float = 0.02,
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int = 0,
+    progress: bool = True,
+) -> Path:
     """Pack raw conversations into ``cache_dir`` (default: ``.SOURCE.zhllm-cache`` beside it) once; return the prefix.
 
     The cache is reused while every source file keeps its size and modification time, and the
@@ -55,8 +64,12 @@ def pack_cached(source: str | os.PathLike[str], tokenizer: Tokenizer, *, templat
     corpus = Corpus([str(source)])
     fingerprint = {
         "sources": [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in corpus.files],
-        "tokenizer_sha256": tokenizer.sha256, "template": template, "drop_think": drop_think, "system": system,
-        "val_fraction": val_fraction, "engine_version": engine_version,
+        "tokenizer_sha256": tokenizer.sha256,
+        "template": template,
+        "drop_think": drop_think,
+        "system": system,
+        "val_fraction": val_fraction,
+        "engine_version": engine_version,
     }
     folder = Path(cache_dir) if cache_dir else cache_folder(source)
     folder = folder / tokenizer.sha256[:12]
@@ -73,20 +86,30 @@ def pack_cached(source: str | os.PathLike[str], tokenizer: Tokenizer, *, templat
         if previous == fingerprint and DatasetPaths.of(prefix).meta.is_file():
             logger.info("using %s, packed before from %s (unchanged)", prefix, source)
             return prefix
-        changed = "no cache yet" if previous is None else "changed: " + ", ".join(
-            key for key in fingerprint if previous.get(key) != fingerprint[key])
+        changed = (
+            "no cache yet"
+            if previous is None
+            else "changed: " + ", ".join(key for key in fingerprint if previous.get(key) != fingerprint[key])
+        )
         logger.info("packing %s into %s (%s)", source, prefix, changed)
         for path in (stamp, *DatasetPaths.of(prefix).all(), *DatasetPaths.of(prefix).val().all()):
             path.unlink(missing_ok=True)  # a stale .val must never outlive its training split
         reader = corpus if template == "chatml" and not drop_think else TemplatedCorpus(corpus, template, drop_think)
-        config = PackConfig(out=str(prefix), kind="sft", val_fraction=val_fraction, workers=workers,
-                            system_prompt=system, progress=progress)
+        config = PackConfig(
+            out=str(prefix),
+            kind="sft",
+            val_fraction=val_fraction,
+            workers=workers,
+            system_prompt=system,
+            progress=progress,
+        )
         pack_corpus(reader, tokenizer, config)  # type: ignore[arg-type]  # TemplatedCorpus duck-types Corpus
         corpus.report.log_summary()
         val = DatasetPaths.of(prefix).val()
         if val.meta.is_file() and json.loads(val.meta.read_text(encoding="utf-8")).get("n_docs") == 0:
-            logger.warning("no conversation fell into the validation split (--val-fraction %s): training without one",
-                           val_fraction)
+            logger.warning(
+                "no conversation fell into the validation split (--val-fraction %s): training without one", val_fraction
+            )
             for path in val.all():
                 path.unlink(missing_ok=True)
         write_json_atomic(stamp, fingerprint)
@@ -94,6 +117,7 @@ def pack_cached(source: str | os.PathLike[str], tokenizer: Tokenizer, *, templat
 
 
 def cache_folder(source: str | os.PathLike[str]) -> Path:
-    """The default cache of raw data ``source``: hidden, beside it (``data/x.jsonl`` → ``data/.x.jsonl.zhllm-cache``)."""
+    """The default cache of raw data ``source``: hidden, beside it (``data/x.jsonl`` →
+    ``data/.x.jsonl.zhllm-cache``)."""
     source = Path(source).resolve()
     return source.with_name(f".{source.name}{CACHE_SUFFIX}")

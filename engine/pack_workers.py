@@ -76,7 +76,9 @@ def init_worker(config: WorkerConfig) -> None:
 
 def fingerprint(text: str, seed: int) -> bytes:
     """16-byte content hash: equal texts collide on purpose (dedup) and land in the same split."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16, salt=seed.to_bytes(8, "little")).digest()
+    return hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=16, salt=seed.to_bytes(8, "little")
+    ).digest()
 
 
 def encode_batch(records: list[RawRecord]) -> EncodedBatch:
@@ -167,8 +169,9 @@ def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
             doc_chars.append(len(key) // len(encoded))
     tokens, lengths = _to_array(docs, None)  # encode_conversation already ends each document with EOS
     mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
-    return EncodedBatch(tokens, lengths, digests, mask, chars, np.asarray(doc_chars, dtype=np.int64), {}, bad,
-                        parsed=parsed)
+    return EncodedBatch(
+        tokens, lengths, digests, mask, chars, np.asarray(doc_chars, dtype=np.int64), {}, bad, parsed=parsed
+    )
 
 
 def small_files(items: list[Path | str], max_bytes: int) -> list[str] | None:

@@ -15,8 +15,8 @@ import argparse
 import logging
 from typing import Sequence
 
-from engine.cli import run_cli, setup_logging
 from engine.clean import add_clean_arguments, clean_config_from_args
+from engine.cli import run_cli, setup_logging
 from engine.format import KINDS
 from engine.pack import PackConfig, pack_corpus
 from engine.sources import add_source_arguments, corpus_from_args
@@ -34,17 +34,34 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__,
     )
     add_source_arguments(parser)
-    parser.add_argument("--tokenizer", required=True,
-                        help="tokenizer directory (tokenizer.model and/or tokenizer.json), a SentencePiece .model, or a tokenizer.json")
-    parser.add_argument("--out", required=True, help="output prefix: data/corpus writes data/corpus.bin, data/corpus.idx.npy, ...")
-    parser.add_argument("--kind", choices=KINDS, default="pretrain",
-                        help="pretrain: plain documents; sft: conversations (MiniMind, ShareGPT, alpaca, medical CSV) with an "
-                        "assistant-only loss mask; dpo: chosen/rejected pairs (default: %(default)s)")
-    parser.add_argument("--val-fraction", type=float, default=0.0,
-                        help="share of documents held out into OUT.val.* (chosen by content hash, deterministic; default: %(default)s)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation split (default: %(default)s)")
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer directory (tokenizer.model and/or tokenizer.json), a SentencePiece .model, or a tokenizer.json",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output prefix: data/corpus writes data/corpus.bin, data/corpus.idx.npy, ..."
+    )
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="pretrain",
+        help="pretrain: plain documents; sft: conversations (MiniMind, ShareGPT, alpaca, medical CSV) with an "
+        "assistant-only loss mask; dpo: chosen/rejected pairs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of documents held out into OUT.val.* (chosen by content hash, deterministic; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--split-seed", type=int, default=0, help="seed of the train/validation split (default: %(default)s)"
+    )
     parser.add_argument("--system", default=None, help="SFT: system prompt added to conversations that have none")
-    parser.add_argument("--workers", type=int, default=0, help="tokenizing processes; 0 = one per CPU core, 1 = no subprocess")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="tokenizing processes; 0 = one per CPU core, 1 = no subprocess"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same name")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_clean_arguments(parser)

@@ -31,7 +31,7 @@ def format_reply(content: str, template: str, drop_think: bool = False) -> str:
     if template not in TEMPLATES:
         raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     match = LEADING_THINK.match(content)
-    reasoning, answer = (match.group(1).strip(), content[match.end():]) if match else ("", content)
+    reasoning, answer = (match.group(1).strip(), content[match.end() :]) if match else ("", content)
     if drop_think:
         reasoning = ""
     if template == "chatml":

@@ -33,11 +33,7 @@ from engine.cli import run_cli, setup_logging
 from engine.tokenizer import Tokenizer
 
 from .generation.generate import generate, stop_token_ids
-from .generation.load import (
-    add_checkpoint_arguments,
-    add_runtime_arguments,
-    load_for_inference,
-)
+from .generation.load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
 from .generation.sampling import SamplingOptions
 from .model import Llama
 
@@ -45,8 +41,10 @@ log = logging.getLogger("llama.chat")
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 REPLACEMENT = "\ufffd"  # what a decoder shows for bytes that do not (yet) form a character
-HELP = ("commands: /reset forgets the conversation; /system TEXT sets the system prompt and forgets the "
-        "conversation (/system alone removes it); /help; /exit or Ctrl-D quits")
+HELP = (
+    "commands: /reset forgets the conversation; /system TEXT sets the system prompt and forgets the "
+    "conversation (/system alone removes it); /help; /exit or Ctrl-D quits"
+)
 
 
 class IncrementalDecoder:
@@ -68,19 +66,19 @@ class IncrementalDecoder:
         """Add one id; return the new text that is now complete ("" while a character is unfinished)."""
         self.ids.append(int(token_id))
         # Invariant: decode(ids[:read_start]) has been returned in full, and read_start ends a whole character.
-        shown = self.tokenizer.decode(self.ids[self.prefix_start:self.read_start])
-        text = self.tokenizer.decode(self.ids[self.prefix_start:])
+        shown = self.tokenizer.decode(self.ids[self.prefix_start : self.read_start])
+        text = self.tokenizer.decode(self.ids[self.prefix_start :])
         if len(text) <= len(shown) or text.endswith(REPLACEMENT):
             return ""
         self.prefix_start, self.read_start = self.read_start, len(self.ids)
-        return text[len(shown):]
+        return text[len(shown) :]
 
     def flush(self) -> str:
         """The text still held back (a truly broken byte sequence shows as U+FFFD here, at the end)."""
-        shown = self.tokenizer.decode(self.ids[self.prefix_start:self.read_start])
-        text = self.tokenizer.decode(self.ids[self.prefix_start:])
+        shown = self.tokenizer.decode(self.ids[self.prefix_start : self.read_start])
+        text = self.tokenizer.decode(self.ids[self.prefix_start :])
         self.prefix_start = self.read_start = len(self.ids)
-        return text[len(shown):]
+        return text[len(shown) :]
 
 
 class ThinkFilter:
@@ -103,7 +101,7 @@ class ThinkFilter:
         if self.state == "start":
             head = self.pending.lstrip()
             if head.startswith(THINK_OPEN):
-                self.state, self.pending = "inside", head[len(THINK_OPEN):]
+                self.state, self.pending = "inside", head[len(THINK_OPEN) :]
             elif THINK_OPEN.startswith(head):  # whitespace, or a prefix of the marker: wait for more
                 return ""
             else:
@@ -112,9 +110,9 @@ class ThinkFilter:
         if self.state == "inside":
             end = self.pending.find(THINK_CLOSE)
             if end < 0:  # keep only what could be the start of a split closing marker
-                self.pending = self.pending[-(len(THINK_CLOSE) - 1):]
+                self.pending = self.pending[-(len(THINK_CLOSE) - 1) :]
                 return ""
-            self.state, self.pending = "after", self.pending[end + len(THINK_CLOSE):]
+            self.state, self.pending = "after", self.pending[end + len(THINK_CLOSE) :]
         shown = self.pending.lstrip()  # state "after": the blank lines between the block and the answer
         self.pending = ""
         if shown:
@@ -151,19 +149,33 @@ class ChatSession:
     block, as in training, and ``think=False`` puts it in the generation prompt.
     """
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer, options: ChatOptions, system: str | None = None,
-                 think_off_prefix: str = "", out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        options: ChatOptions,
+        system: str | None = None,
+        think_off_prefix: str = "",
+        out: TextIO | None = None,
+    ) -> None:
         context = model.config.max_seq_len
         if not 1 <= options.max_new_tokens < context:
-            raise ValueError(f"--max-new-tokens must be in 1..{context - 1} (the model's context is {context} "
-                             f"tokens and the prompt needs some), got {options.max_new_tokens}")
+            raise ValueError(
+                f"--max-new-tokens must be in 1..{context - 1} (the model's context is {context} "
+                f"tokens and the prompt needs some), got {options.max_new_tokens}"
+            )
         if options.num_beams < 1:
             raise ValueError(f"--num-beams must be ≥ 1, got {options.num_beams}")
-        SamplingOptions(not options.greedy, options.temperature, options.top_k, options.top_p,
-                        options.repetition_penalty)  # refuses a bad option now, not at the first message
+        SamplingOptions(
+            not options.greedy, options.temperature, options.top_k, options.top_p, options.repetition_penalty
+        )  # refuses a bad option now, not at the first message
         if tokenizer.token_to_id(IM_START) is None:
-            log.warning("tokenizer %s has no %s token: this model was not trained on ChatML chats and will "
-                        "likely not follow the conversation", tokenizer.path, IM_START)
+            log.warning(
+                "tokenizer %s has no %s token: this model was not trained on ChatML chats and will "
+                "likely not follow the conversation",
+                tokenizer.path,
+                IM_START,
+            )
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.system = system or None
         self.think_off_prefix = think_off_prefix
@@ -194,8 +206,13 @@ class ChatSession:
         room = self.model.config.max_seq_len - self.options.max_new_tokens
         kept = self.messages
         while True:
-            turns = [{"role": m["role"], "content": self._rendered_reply(m["content"]) if m["role"] == "assistant"
-                      else m["content"]} for m in kept]
+            turns = [
+                {
+                    "role": m["role"],
+                    "content": self._rendered_reply(m["content"]) if m["role"] == "assistant" else m["content"],
+                }
+                for m in kept
+            ]
             system = [{"role": "system", "content": self.system}] if self.system else []
             text = render_text([*system, *turns, {"role": "user", "content": user_text}], add_generation_prompt=True)
             if not self.options.think:
@@ -205,13 +222,19 @@ class ChatSession:
                 break
             kept = kept[2:]  # one user turn and its reply
         if len(ids) > room:  # the history stays as it was: the next message may fit with it
-            raise ValueError(f"this message needs {len(ids)} tokens with the chat template and system prompt, more "
-                             f"than the {room} the context of {self.model.config.max_seq_len} leaves beside "
-                             f"--max-new-tokens {self.options.max_new_tokens}: shorten it or lower --max-new-tokens")
+            raise ValueError(
+                f"this message needs {len(ids)} tokens with the chat template and system prompt, more "
+                f"than the {room} the context of {self.model.config.max_seq_len} leaves beside "
+                f"--max-new-tokens {self.options.max_new_tokens}: shorten it or lower --max-new-tokens"
+            )
         if len(kept) < len(self.messages):
-            log.warning("the conversation no longer fit the context of %d tokens with --max-new-tokens %d: "
-                        "dropped its %d oldest turn(s)", self.model.config.max_seq_len, self.options.max_new_tokens,
-                        (len(self.messages) - len(kept)) // 2)
+            log.warning(
+                "the conversation no longer fit the context of %d tokens with --max-new-tokens %d: "
+                "dropped its %d oldest turn(s)",
+                self.model.config.max_seq_len,
+                self.options.max_new_tokens,
+                (len(self.messages) - len(kept)) // 2,
+            )
             self.messages = kept
         return ids
 
@@ -237,16 +260,30 @@ class ChatSession:
 
         o = self.options
         sample = not o.greedy and o.num_beams == 1
-        result = generate(self.model, [prompt], o.max_new_tokens, temperature=o.temperature, top_k=o.top_k,
-                          top_p=o.top_p, repetition_penalty=o.repetition_penalty, do_sample=sample,
-                          num_beams=o.num_beams, eos_ids=self.stop_ids, pad_id=self.pad_id, stream=on_token,
-                          seed=o.seed + self.turns, vocab_limit=getattr(self.tokenizer, "vocab_size", None))
+        result = generate(
+            self.model,
+            [prompt],
+            o.max_new_tokens,
+            temperature=o.temperature,
+            top_k=o.top_k,
+            top_p=o.top_p,
+            repetition_penalty=o.repetition_penalty,
+            do_sample=sample,
+            num_beams=o.num_beams,
+            eos_ids=self.stop_ids,
+            pad_id=self.pad_id,
+            stream=on_token,
+            seed=o.seed + self.turns,
+            vocab_limit=getattr(self.tokenizer, "vocab_size", None),
+        )
         show(decoder.flush())
         if hide is not None:
             emit(hide.finish())
             if hide.unclosed:
-                log.warning("the reply ended inside its <think> block, before any answer: raise --max-new-tokens "
-                            "or use --think to see the reasoning")
+                log.warning(
+                    "the reply ended inside its <think> block, before any answer: raise --max-new-tokens "
+                    "or use --think to see the reasoning"
+                )
         self.out.write("\n")
         self.out.flush()
         self.turns += 1
@@ -302,31 +339,57 @@ def run_repl(session: ChatSession, stdin: TextIO, notices: TextIO) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama.chat", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+        prog="python -m llama.chat",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
     )
     add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", metavar="TEXT", help="answer this one message, print the answer and exit")
-    parser.add_argument("--system", metavar="TEXT",
-                        help="system prompt (default: the one the checkpoint was fine-tuned with, if any)")
-    parser.add_argument("--max-new-tokens", type=int, metavar="N", default=None,
-                        help="longest reply in tokens (default: half the model's context, at most 512)")
-    parser.add_argument("--temperature", type=float, metavar="T", default=0.7,
-                        help="sampling temperature (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, metavar="K", default=0,
-                        help="sample among the k likeliest tokens; 0 = off (default)")
-    parser.add_argument("--top-p", type=float, metavar="P", default=0.9,
-                        help="nucleus sampling mass; 1 = off (default: %(default)s)")
-    parser.add_argument("--repetition-penalty", type=float, metavar="R", default=1.0,
-                        help="> 1 makes tokens already in the conversation less likely; 1 = off (default)")
-    parser.add_argument("--num-beams", type=int, metavar="N", default=1,
-                        help="beam search with this many beams (deterministic; the reply shows when complete)")
+    parser.add_argument(
+        "--system", metavar="TEXT", help="system prompt (default: the one the checkpoint was fine-tuned with, if any)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        default=None,
+        help="longest reply in tokens (default: half the model's context, at most 512)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, metavar="T", default=0.7, help="sampling temperature (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, metavar="K", default=0, help="sample among the k likeliest tokens; 0 = off (default)"
+    )
+    parser.add_argument(
+        "--top-p", type=float, metavar="P", default=0.9, help="nucleus sampling mass; 1 = off (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        default=1.0,
+        help="> 1 makes tokens already in the conversation less likely; 1 = off (default)",
+    )
+    parser.add_argument(
+        "--num-beams",
+        type=int,
+        metavar="N",
+        default=1,
+        help="beam search with this many beams (deterministic; the reply shows when complete)",
+    )
     parser.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
-    parser.add_argument("--think", action=argparse.BooleanOptionalAction, default=True,
-                        help="show a reasoning model's <think>…</think> block (default); --no-think hides it, keeps "
-                        "it out of the history, and asks a think-template fine-tune to answer directly")
-    parser.add_argument("--seed", type=int, metavar="N", default=None,
-                        help="sampling seed, for reproducible replies (default: random)")
+    parser.add_argument(
+        "--think",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show a reasoning model's <think>…</think> block (default); --no-think hides it, keeps "
+        "it out of the history, and asks a think-template fine-tune to answer directly",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="N", default=None, help="sampling seed, for reproducible replies (default: random)"
+    )
     add_runtime_arguments(parser)
     return parser
 
@@ -337,9 +400,17 @@ def options_from(args: argparse.Namespace, context: int) -> ChatOptions:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     if args.num_beams > 1 and not args.greedy:
         log.info("--num-beams %d: beam search is deterministic, sampling options are not used", args.num_beams)
-    return ChatOptions(max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       repetition_penalty=args.repetition_penalty, num_beams=args.num_beams, greedy=args.greedy,
-                       think=args.think, seed=seed)
+    return ChatOptions(
+        max_new_tokens=max_new,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        num_beams=args.num_beams,
+        greedy=args.greedy,
+        think=args.think,
+        seed=seed,
+    )
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -350,8 +421,9 @@ def _run(argv: Sequence[str] | None) -> int:
     system = args.system if args.system is not None else info.task.get("system")
     if args.system is None and system:
         log.info("system prompt (the one %s was fine-tuned with; --system replaces it): %s", info.path, system)
-    session = ChatSession(model, tokenizer, options, system=system, think_off_prefix=info.think_off_prefix,
-                          out=sys.stdout)
+    session = ChatSession(
+        model, tokenizer, options, system=system, think_off_prefix=info.think_off_prefix, out=sys.stdout
+    )
     if args.prompt is not None:
         if not args.prompt.strip():
             raise ValueError("--prompt is empty: give the message to answer")

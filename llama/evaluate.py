@@ -42,11 +42,7 @@ from engine.dataset.pretrain import document_positions
 from engine.format import DatasetError, open_packed, write_json_atomic
 from engine.tokenizer import Tokenizer
 
-from .generation.load import (
-    add_checkpoint_arguments,
-    add_runtime_arguments,
-    load_for_inference,
-)
+from .generation.load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
 from .model import Llama
 
 log = logging.getLogger("llama.evaluate")
@@ -72,24 +68,35 @@ class PerplexityResult:
     doc_masking: bool = False
 
     def line(self) -> str:
-        return (f"perplexity {self.perplexity:.3f} (loss {self.loss:.4f} nats/token) over {self.tokens:,} tokens in "
-                f"{self.windows:,} windows of {self.seq_len} on {self.dataset}")
+        return (
+            f"perplexity {self.perplexity:.3f} (loss {self.loss:.4f} nats/token) over {self.tokens:,} tokens in "
+            f"{self.windows:,} windows of {self.seq_len} on {self.dataset}"
+        )
 
 
 def window_starts(n_tokens: int, seq_len: int, limit: int | None = None) -> np.ndarray:
     """Start offsets of the windows: ``seq_len`` targets each, back to back (``limit``: that many, spread evenly)."""
     count = (n_tokens - 1) // seq_len
     if count < 1:
-        raise ValueError(f"the dataset has {n_tokens:,} tokens, too few for one window of {seq_len} + 1: "
-                         "use a shorter --seq-len")
+        raise ValueError(
+            f"the dataset has {n_tokens:,} tokens, too few for one window of {seq_len} + 1: use a shorter --seq-len"
+        )
     chosen = np.arange(count) if limit is None or limit >= count else np.linspace(0, count - 1, limit).round()
     return chosen.astype(np.int64) * seq_len
 
 
 @torch.no_grad()
-def perplexity(model: Llama, path: str | os.PathLike[str], *, seq_len: int | None = None, batch_size: int = 8,
-               batches: int | None = None, tokenizer: Tokenizer | None = None, doc_masking: bool = False,
-               bin_dtype: str | None = None) -> PerplexityResult:
+def perplexity(
+    model: Llama,
+    path: str | os.PathLike[str],
+    *,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    batches: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    doc_masking: bool = False,
+    bin_dtype: str | None = None,
+) -> PerplexityResult:
     """Perplexity of ``model`` on the packed dataset ``path`` (see the module docstring).
 
     ``tokenizer``: refuse a dataset packed with another one. ``doc_masking``: attend only inside each document,
@@ -103,15 +110,21 @@ def perplexity(model: Llama, path: str | os.PathLike[str], *, seq_len: int | Non
     if batch_size < 1 or (batches is not None and batches < 1):
         raise ValueError("--batch-size and --batches must be ≥ 1")
     try:
-        files = open_packed(path, tokenizer_sha256=None if bin_dtype else (tokenizer.sha256 if tokenizer else None),
-                            dtype=bin_dtype, vocab_size=model.config.vocab_size if bin_dtype else None)
+        files = open_packed(
+            path,
+            tokenizer_sha256=None if bin_dtype else (tokenizer.sha256 if tokenizer else None),
+            dtype=bin_dtype,
+            vocab_size=model.config.vocab_size if bin_dtype else None,
+        )
     except DatasetError as e:
         raise ValueError(str(e)) from None
     if files.kind != "pretrain":
         log.warning("%s is a %s dataset: its perplexity counts every token, prompts included", path, files.kind)
     if files.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{path} holds ids up to {files.vocab_size - 1:,}, beyond the model's vocabulary of "
-                         f"{model.config.vocab_size:,}: it was packed for another model")
+        raise ValueError(
+            f"{path} holds ids up to {files.vocab_size - 1:,}, beyond the model's vocabulary of "
+            f"{model.config.vocab_size:,}: it was packed for another model"
+        )
     eos_id = files.meta.get("eos_id")
     if doc_masking and eos_id is None:
         raise ValueError(f"{path} records no eos_id: --doc-masking cannot find its documents")
@@ -126,13 +139,15 @@ def perplexity(model: Llama, path: str | os.PathLike[str], *, seq_len: int | Non
     try:
         # Invariant: total_loss sums -log p over the `counted` targets of the windows done so far.
         for first in range(0, len(starts), batch_size):
-            window = np.asarray(tokens[starts[first:first + batch_size, None] + offsets], dtype=np.int64)
+            window = np.asarray(tokens[starts[first : first + batch_size, None] + offsets], dtype=np.int64)
             ids = torch.from_numpy(window).to(device)
             extra: dict[str, torch.Tensor] = {}
             if doc_masking:
                 positions, doc_ids = document_positions(window[:, :-1], int(eos_id))
-                extra = {"position_ids": torch.from_numpy(positions).to(device),
-                         "doc_ids": torch.from_numpy(doc_ids).to(device)}
+                extra = {
+                    "position_ids": torch.from_numpy(positions).to(device),
+                    "doc_ids": torch.from_numpy(doc_ids).to(device),
+                }
             loss = model(ids[:, :-1], labels=ids[:, 1:], **extra).loss  # mean over every target of the batch
             n = ids.shape[0] * seq_len
             total_loss += float(loss) * n
@@ -179,16 +194,29 @@ class ChoiceResult:
 
     def line(self) -> str:
         bad = sum(self.bad.values())
-        skipped = (f"; {bad} bad record(s) skipped ({', '.join(f'{k}: {v}' for k, v in sorted(self.bad.items()))})"
-                   if bad else "")
+        skipped = (
+            f"; {bad} bad record(s) skipped ({', '.join(f'{k}: {v}' for k, v in sorted(self.bad.items()))})"
+            if bad
+            else ""
+        )
         cut = f"; {self.cut_questions} question(s) cut to fit the context" if self.cut_questions else ""
-        return (f"multiple choice: accuracy {self.accuracy:.1%} ({self.correct}/{self.scored}), length-normalised "
-                f"{self.accuracy_norm:.1%} ({self.correct_norm}/{self.scored}) on {self.file}{skipped}{cut}")
+        return (
+            f"multiple choice: accuracy {self.accuracy:.1%} ({self.correct}/{self.scored}), length-normalised "
+            f"{self.accuracy_norm:.1%} ({self.correct_norm}/{self.scored}) on {self.file}{skipped}{cut}"
+        )
 
     def summary(self) -> dict[str, Any]:
-        return {"file": self.file, "scored": self.scored, "accuracy": self.accuracy,
-                "accuracy_norm": self.accuracy_norm, "correct": self.correct, "correct_norm": self.correct_norm,
-                "bad": dict(self.bad), "bad_total": sum(self.bad.values()), "cut_questions": self.cut_questions}
+        return {
+            "file": self.file,
+            "scored": self.scored,
+            "accuracy": self.accuracy,
+            "accuracy_norm": self.accuracy_norm,
+            "correct": self.correct,
+            "correct_norm": self.correct_norm,
+            "bad": dict(self.bad),
+            "bad_total": sum(self.bad.values()),
+            "cut_questions": self.cut_questions,
+        }
 
 
 def parse_answer(value: Any, n_choices: int) -> int:
@@ -276,18 +304,25 @@ def choice_log_likelihoods(model: Llama, context: list[int], choices: list[list[
     device = next(model.parameters()).device
     ids = torch.zeros(len(choices), len(context) + longest, dtype=torch.long)
     for row, choice in enumerate(choices):
-        ids[row, :len(context) + len(choice)] = torch.tensor(context + choice)
+        ids[row, : len(context) + len(choice)] = torch.tensor(context + choice)
     # the last `longest` inputs are context[-1] and the choice tokens but the last: they predict every choice token
     logits = model(ids[:, :-1].to(device), logits_to_keep=longest).logits.float()
     scores = []
     for row, choice in enumerate(choices):
-        log_probs = logits[row, :len(choice)].log_softmax(-1)
+        log_probs = logits[row, : len(choice)].log_softmax(-1)
         scores.append(float(log_probs.gather(-1, torch.tensor(choice, device=device)[:, None]).sum()))
     return scores
 
 
-def evaluate_choices(model: Llama, tokenizer: Tokenizer, path: str | Path, *, template: str = DEFAULT_PROMPT,
-                     chat: bool = False, max_bad: float = DEFAULT_MAX_BAD) -> ChoiceResult:
+def evaluate_choices(
+    model: Llama,
+    tokenizer: Tokenizer,
+    path: str | Path,
+    *,
+    template: str = DEFAULT_PROMPT,
+    chat: bool = False,
+    max_bad: float = DEFAULT_MAX_BAD,
+) -> ChoiceResult:
     """Multiple-choice accuracy of ``model`` on the jsonl file ``path`` (see the module docstring)."""
     if "{question}" not in template:
         raise ValueError(f"--prompt-template must contain {{question}}, got {template!r}")
@@ -327,8 +362,10 @@ def evaluate_choices(model: Llama, tokenizer: Tokenizer, path: str | Path, *, te
         raise ValueError(f"{path} holds no records: expected one JSON object per line with question, choices, answer")
     if total_bad > max_bad * total:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(bad.items()))
-        raise ValueError(f"{path}: {total_bad} of {total} records are malformed ({reasons}), more than --max-bad "
-                         f"{max_bad:.0%}: fix the file or raise --max-bad")
+        raise ValueError(
+            f"{path}: {total_bad} of {total} records are malformed ({reasons}), more than --max-bad "
+            f"{max_bad:.0%}: fix the file or raise --max-bad"
+        )
     return result
 
 
@@ -337,30 +374,53 @@ def evaluate_choices(model: Llama, tokenizer: Tokenizer, path: str | Path, *, te
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama.evaluate", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+        prog="python -m llama.evaluate",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
     )
     add_checkpoint_arguments(parser)
     task = parser.add_argument_group("perplexity")
     task.add_argument("--ppl", metavar="DATA", help="a packed dataset (data/corpus.val, or its .bin)")
-    task.add_argument("--seq-len", type=int, metavar="N",
-                      help="predicted tokens per window (default: the model's context)")
-    task.add_argument("--batch-size", type=int, metavar="N", default=8,
-                      help="windows per forward (default: %(default)s)")
-    task.add_argument("--batches", type=int, metavar="N",
-                      help="evaluate this many batches, spread over the file (default: all)")
-    task.add_argument("--doc-masking", action="store_true",
-                      help="attend only inside each document, positions restarting after EOS (as training with it)")
-    task.add_argument("--bin-dtype", choices=("uint16", "uint32"),
-                      help="read a bare .bin without meta (someone else's) as this token type")
+    task.add_argument(
+        "--seq-len", type=int, metavar="N", help="predicted tokens per window (default: the model's context)"
+    )
+    task.add_argument(
+        "--batch-size", type=int, metavar="N", default=8, help="windows per forward (default: %(default)s)"
+    )
+    task.add_argument(
+        "--batches", type=int, metavar="N", help="evaluate this many batches, spread over the file (default: all)"
+    )
+    task.add_argument(
+        "--doc-masking",
+        action="store_true",
+        help="attend only inside each document, positions restarting after EOS (as training with it)",
+    )
+    task.add_argument(
+        "--bin-dtype",
+        choices=("uint16", "uint32"),
+        help="read a bare .bin without meta (someone else's) as this token type",
+    )
     choice = parser.add_argument_group("multiple choice")
     choice.add_argument("--choices", metavar="JSONL", help="questions {question, choices, answer}, one JSON per line")
-    choice.add_argument("--prompt-template", metavar="TEXT", default=DEFAULT_PROMPT,
-                        help="text each choice continues, {question} filled in, \\n a newline (default: %(default)r)")
-    choice.add_argument("--chat", action="store_true",
-                        help="put the question in a ChatML user turn and score the choices as the reply (chat models)")
-    choice.add_argument("--max-bad", type=float, metavar="SHARE", default=DEFAULT_MAX_BAD,
-                        help="fail when more than this share of records is malformed (default: %(default)s)")
+    choice.add_argument(
+        "--prompt-template",
+        metavar="TEXT",
+        default=DEFAULT_PROMPT,
+        help="text each choice continues, {question} filled in, \\n a newline (default: %(default)r)",
+    )
+    choice.add_argument(
+        "--chat",
+        action="store_true",
+        help="put the question in a ChatML user turn and score the choices as the reply (chat models)",
+    )
+    choice.add_argument(
+        "--max-bad",
+        type=float,
+        metavar="SHARE",
+        default=DEFAULT_MAX_BAD,
+        help="fail when more than this share of records is malformed (default: %(default)s)",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
     add_runtime_arguments(parser)
     return parser
@@ -372,17 +432,30 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.ppl is None and args.choices is None:
         raise ValueError("nothing to evaluate: give --ppl DATA (perplexity) and/or --choices FILE.jsonl")
     model, tokenizer, info = load_for_inference(args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels)
-    summary: dict[str, Any] = {"checkpoint": str(info.path), "step": info.saved.get("step"),
-                               "perplexity": None, "choices": None}
+    summary: dict[str, Any] = {
+        "checkpoint": str(info.path),
+        "step": info.saved.get("step"),
+        "perplexity": None,
+        "choices": None,
+    }
     if args.ppl is not None:
-        ppl = perplexity(model, args.ppl, seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches,
-                         tokenizer=tokenizer, doc_masking=args.doc_masking, bin_dtype=args.bin_dtype)
+        ppl = perplexity(
+            model,
+            args.ppl,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            batches=args.batches,
+            tokenizer=tokenizer,
+            doc_masking=args.doc_masking,
+            bin_dtype=args.bin_dtype,
+        )
         summary["perplexity"] = asdict(ppl)
         print(ppl.line(), flush=True)
     if args.choices is not None:
         template = args.prompt_template.replace("\\n", "\n")  # a newline typed in a shell argument
-        choices = evaluate_choices(model, tokenizer, args.choices, template=template, chat=args.chat,
-                                   max_bad=args.max_bad)
+        choices = evaluate_choices(
+            model, tokenizer, args.choices, template=template, chat=args.chat, max_bad=args.max_bad
+        )
         summary["choices"] = choices.summary()
         print(choices.line(), flush=True)
     if args.json:

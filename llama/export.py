@@ -30,19 +30,34 @@ from .precision import DTYPES
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama.export", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+        prog="python -m llama.export",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", metavar="DIR", help="export: a checkpoint (step_N folder) or a training --out-dir (its newest)")
-    source.add_argument("--from-hf", metavar="DIR",
-                        help="import: a Hugging Face LlamaForCausalLM folder (config.json + safetensors)")
-    parser.add_argument("--out", required=True,
-                        help="folder to write: the Hugging Face model (export) or a weights-only checkpoint (import)")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="export: the tokenizer to ship (default: the one the checkpoint names; its sha256 must match)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                        help=f"export: weight precision (default: {DEFAULT_DTYPE}, lossless; bf16 halves the files)")
+    source.add_argument(
+        "--ckpt", metavar="DIR", help="export: a checkpoint (step_N folder) or a training --out-dir (its newest)"
+    )
+    source.add_argument(
+        "--from-hf", metavar="DIR", help="import: a Hugging Face LlamaForCausalLM folder (config.json + safetensors)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="folder to write: the Hugging Face model (export) or a weights-only checkpoint (import)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="export: the tokenizer to ship (default: the one the checkpoint names; its sha256 must match)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default=None,
+        help=f"export: weight precision (default: {DEFAULT_DTYPE}, lossless; bf16 halves the files)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -53,8 +68,10 @@ def _run(argv: Sequence[str] | None) -> int:
     setup_logging(args.verbose)
     if args.from_hf is not None:
         if args.tokenizer or args.dtype:
-            raise ExportError("--tokenizer and --dtype apply to export (--ckpt); an import keeps the model's own "
-                              "tokenizer reference and float32 weights")
+            raise ExportError(
+                "--tokenizer and --dtype apply to export (--ckpt); an import keeps the model's own "
+                "tokenizer reference and float32 weights"
+            )
         import_to_checkpoint(args.from_hf, args.out, overwrite=args.overwrite)
     else:
         export_hf(args.ckpt, args.out, args.tokenizer, args.dtype or DEFAULT_DTYPE, overwrite=args.overwrite)

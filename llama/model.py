@@ -36,12 +36,7 @@ import zhkernels
 from zhkernels import _dispatch, reference
 
 from .generation.kv_cache import KVCache
-from .rope_scaling import (
-    from_hf_rope_scaling,
-    normalize_rope_scaling,
-    rope_tables,
-    to_hf_rope_scaling,
-)
+from .rope_scaling import from_hf_rope_scaling, normalize_rope_scaling, rope_tables, to_hf_rope_scaling
 
 KERNEL_CHOICES = ("triton", "torch", "auto")
 IGNORE_INDEX = -100
@@ -148,17 +143,29 @@ class LlamaConfig:
         dynamic = scaling is not None and scaling["type"] == "dynamic"
         max_positions = scaling["original_max_seq_len"] if dynamic else self.max_seq_len
         return {
-            "vocab_size": self.vocab_size, "hidden_size": self.dim, "intermediate_size": self.ffn_hidden_dim,
-            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": max_positions, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-            "rope_scaling": to_hf_rope_scaling(scaling), "tie_word_embeddings": self.tie_embeddings,
-            "initializer_range": self.init_std, "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_hidden_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": max_positions,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": to_hf_rope_scaling(scaling),
+            "tie_word_embeddings": self.tie_embeddings,
+            "initializer_range": self.init_std,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
         }
 
     def differences(self, other: "LlamaConfig", ignore: Sequence[str] = ()) -> list[tuple[str, Any, Any]]:
         """``(field, ours, theirs)`` for every field that differs from ``other``'s, derived values resolved
         (``n_kv_heads``, ``ffn_dim``; ``multiple_of`` only feeds the latter), except the fields in ``ignore``."""
+
         def resolved(config: LlamaConfig) -> dict[str, Any]:
             fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore and k != "multiple_of"}
             return {**fields, "n_kv_heads": config.kv_heads, "ffn_dim": config.ffn_hidden_dim}
@@ -175,8 +182,9 @@ class LlamaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(saved) - known - set(LEGACY_OPTION_FIELDS))
         if unknown:
-            logging.getLogger(__name__).warning("%s: ignoring model fields this code does not know: %s", where,
-                                                ", ".join(unknown))
+            logging.getLogger(__name__).warning(
+                "%s: ignoring model fields this code does not know: %s", where, ", ".join(unknown)
+            )
         try:
             return cls(**{**{k: v for k, v in saved.items() if k in known}, **overrides})
         except (TypeError, ValueError) as e:
@@ -188,8 +196,10 @@ class LlamaConfig:
         if isinstance(hf_config, dict):
             get = hf_config.get
         else:
+
             def get(key: str, default: Any = None) -> Any:
                 return getattr(hf_config, key, default)
+
         dim, n_heads = get("hidden_size"), get("num_attention_heads")
         if (get("head_dim") or dim // n_heads) != dim // n_heads:
             raise ValueError(f"head_dim {get('head_dim')} must be hidden_size / num_attention_heads for this Llama")
@@ -202,10 +212,17 @@ class LlamaConfig:
         if scaling and scaling["type"] == "dynamic":
             max_positions = int(scaling["original_max_seq_len"] * scaling["factor"])
         fields = dict(
-            dim=dim, n_layers=get("num_hidden_layers"), n_heads=n_heads,
-            n_kv_heads=get("num_key_value_heads") or n_heads, vocab_size=get("vocab_size"),
-            ffn_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps"), max_seq_len=max_positions,
-            rope_theta=float(theta), rope_scaling=scaling, tie_embeddings=bool(get("tie_word_embeddings", False)),
+            dim=dim,
+            n_layers=get("num_hidden_layers"),
+            n_heads=n_heads,
+            n_kv_heads=get("num_key_value_heads") or n_heads,
+            vocab_size=get("vocab_size"),
+            ffn_dim=get("intermediate_size"),
+            norm_eps=get("rms_norm_eps"),
+            max_seq_len=max_positions,
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_embeddings=bool(get("tie_word_embeddings", False)),
             init_std=get("initializer_range", 0.02),
         )
         return cls(**{**fields, **overrides})
@@ -213,16 +230,35 @@ class LlamaConfig:
 
 #: The seeds' own configurations (DESIGN.md, "Model"); ``vocab_size: None`` = the tokenizer's, given at build time.
 PRESETS: dict[str, dict[str, Any]] = {
-    "seed000-160m": dict(dim=896, n_layers=12, n_heads=14, n_kv_heads=2, ffn_dim=2560, vocab_size=10_000,
-                         max_seq_len=1024),
+    "seed000-160m": dict(
+        dim=896, n_layers=12, n_heads=14, n_kv_heads=2, ffn_dim=2560, vocab_size=10_000, max_seq_len=1024
+    ),
     "seed002-120m": dict(dim=512, n_layers=12, n_heads=8, n_kv_heads=8, ffn_dim=2048, vocab_size=None, max_seq_len=512),
     "seed003-92m": dict(dim=768, n_layers=6, n_heads=8, n_kv_heads=8, ffn_dim=1668, vocab_size=35_023, max_seq_len=512),
     # baby-llama2-chinese is llama2.c's model: tied embeddings, ffn rounded to multiple_of=32 (→ 1376)
-    "seed004-baby": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=None, multiple_of=32, vocab_size=None,
-                         max_seq_len=256, tie_embeddings=True),
+    "seed004-baby": dict(
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=8,
+        ffn_dim=None,
+        multiple_of=32,
+        vocab_size=None,
+        max_seq_len=256,
+        tie_embeddings=True,
+    ),
     # MiniMind2-small: tied embeddings, theta 1e6, ffn 1408
-    "minimind-26m": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=None, vocab_size=6_400, max_seq_len=512,
-                         rope_theta=1e6, tie_embeddings=True),
+    "minimind-26m": dict(
+        dim=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_dim=None,
+        vocab_size=6_400,
+        max_seq_len=512,
+        rope_theta=1e6,
+        tie_embeddings=True,
+    ),
     # for CPU runs and tests
     "tiny": dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=None, vocab_size=None, max_seq_len=256),
 }
@@ -281,10 +317,22 @@ class Ops:
     prepare_docs: Callable[[torch.Tensor], torch.Tensor]
 
 
-TRITON_OPS = Ops(zhkernels.rms_norm, zhkernels.apply_rope, _flash_attention, zhkernels.swiglu, fused_loss=True,
-                 prepare_docs=reference.doc_bounds)
-TORCH_OPS = Ops(reference.rms_norm, reference.apply_rope, _sdpa_attention, reference.swiglu, fused_loss=False,
-                prepare_docs=_sdpa_docs)
+TRITON_OPS = Ops(
+    zhkernels.rms_norm,
+    zhkernels.apply_rope,
+    _flash_attention,
+    zhkernels.swiglu,
+    fused_loss=True,
+    prepare_docs=reference.doc_bounds,
+)
+TORCH_OPS = Ops(
+    reference.rms_norm,
+    reference.apply_rope,
+    _sdpa_attention,
+    reference.swiglu,
+    fused_loss=False,
+    prepare_docs=_sdpa_docs,
+)
 
 
 @dataclass
@@ -425,7 +473,11 @@ class LlamaBackbone(nn.Module):
         self.rotary = RotaryTables(config)
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, doc_ids: torch.Tensor | None, ops: Ops,
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        doc_ids: torch.Tensor | None,
+        ops: Ops,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         past = 0 if cache is None else cache.length
@@ -484,8 +536,13 @@ class Llama(nn.Module):
         return self.options.kernels == "triton"
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-        doc_ids: torch.Tensor | None = None, cache: KVCache | None = None, logits_to_keep: int = 0,
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
         head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
     ) -> LlamaOutput:
         """``input_ids [B, T]``; ``labels [B, T]`` already shifted (``labels[t]`` is the target after token t,
@@ -514,15 +571,20 @@ class Llama(nn.Module):
         return LlamaOutput(loss=loss / (flat != IGNORE_INDEX).sum().clamp(min=1), logits=logits)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """The final (normed) hidden states ``[B, T, dim]``, what ``lm_head`` (weight ``[vocab, dim]``) maps to
         logits: for losses over ``hidden @ W.T`` that are computed in chunks instead of from whole logits."""
         total = input_ids.shape[1] + (0 if cache is None else cache.length)
         if total > self.config.max_seq_len:
-            raise ValueError(f"{total} tokens > max_seq_len {self.config.max_seq_len}; cut the input or "
-                             "raise max_seq_len (with rope_scaling past the trained length)")
+            raise ValueError(
+                f"{total} tokens > max_seq_len {self.config.max_seq_len}; cut the input or "
+                "raise max_seq_len (with rope_scaling past the trained length)"
+            )
         if cache is not None and doc_ids is not None:
             raise ValueError("doc_ids (packed documents) and a KV cache do not go together; generate one row each")
         ops = TRITON_OPS if self.uses_triton(input_ids) else TORCH_OPS

@@ -24,13 +24,7 @@ from engine.cli import setup_logging
 from engine.format import DatasetError, open_packed
 
 from .model import PRESETS, LlamaConfig
-from .training.cli import (
-    add_train_arguments,
-    choose_seq_len,
-    model_overrides,
-    planned_values,
-    run_training,
-)
+from .training.cli import add_train_arguments, choose_seq_len, model_overrides, planned_values, run_training
 from .training.config import TrainConfig
 from .training.loop import train
 from .training.profiles import PROFILES, get_profile
@@ -44,17 +38,32 @@ PLANNED = ("batch_size", "grad_accum", "precision", "activation_checkpointing", 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama.pretrain", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+        prog="python -m llama.pretrain",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--bin", required=True, help="packed training corpus: data/corpus.bin (or its prefix data/corpus)")
+    parser.add_argument(
+        "--bin", required=True, help="packed training corpus: data/corpus.bin (or its prefix data/corpus)"
+    )
     parser.add_argument("--val", help="packed validation corpus (default: corpus.val.bin beside --bin, when present)")
     parser.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)} (default: the profile's)")
-    parser.add_argument("--profile", default="auto", choices=("auto", *PROFILES),
-                        help="hardware profile that sizes the run to fit (default: auto, from this machine)")
-    parser.add_argument("--vocab-size", type=int, help="model vocabulary (default: the preset's, else the corpus's tokenizer)")
-    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model field, value as JSON (e.g. dim=640, rope_theta=1e6); repeatable")
+    parser.add_argument(
+        "--profile",
+        default="auto",
+        choices=("auto", *PROFILES),
+        help="hardware profile that sizes the run to fit (default: auto, from this machine)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, help="model vocabulary (default: the preset's, else the corpus's tokenizer)"
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model field, value as JSON (e.g. dim=640, rope_theta=1e6); repeatable",
+    )
     add_train_arguments(parser, defaults={name: None for name in PLANNED} | {"out_dir": "out/pretrain"})
     return parser
 
@@ -68,12 +77,15 @@ def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> Ll
     vocab = args.vocab_size or preset_vocab or corpus_vocab
     if preset_vocab and not args.vocab_size and preset_vocab != corpus_vocab:
         raise ValueError(
-            f"preset {preset} has a {preset_vocab:,}-id vocabulary but {args.bin} was packed with a {corpus_vocab:,}-id "
+            f"preset {preset} has a {preset_vocab:,}-id vocabulary but {args.bin} was packed with a "
+            f"{corpus_vocab:,}-id "
             f"tokenizer: pass --vocab-size {corpus_vocab} (or pack the corpus with the preset's tokenizer)"
         )
     if vocab < corpus_vocab:
-        raise ValueError(f"--vocab-size {vocab:,} is smaller than the corpus tokenizer's {corpus_vocab:,} ids; "
-                         f"use --vocab-size {corpus_vocab}")
+        raise ValueError(
+            f"--vocab-size {vocab:,} is smaller than the corpus tokenizer's {corpus_vocab:,} ids; "
+            f"use --vocab-size {corpus_vocab}"
+        )
     return LlamaConfig.from_preset(preset, **{**overrides, "vocab_size": vocab})
 
 
@@ -101,8 +113,10 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
     if args.steps is None and args.tokens is None:
         values["steps"] = profile.default_steps
     cfg = TrainConfig(**values)
-    summary = (f"profile {profile.name}: preset {preset} ({config.dim}d x {config.n_layers} layers, vocab "
-               f"{config.vocab_size:,}); {chosen.describe(seq_len)}")
+    summary = (
+        f"profile {profile.name}: preset {preset} ({config.dim}d x {config.n_layers} layers, vocab "
+        f"{config.vocab_size:,}); {chosen.describe(seq_len)}"
+    )
     return config, cfg, summary
 
 

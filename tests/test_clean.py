@@ -149,7 +149,22 @@ def test_fast_path_gives_what_the_full_cleaning_gives(monkeypatch):
 
     import engine.clean as clean_module
 
-    alphabet = ["a", "中", " ", "\n", "\t", "\u3000", "\u200b", "\r", "\x00", "\ufffd", "\u2028", "\x85", "\ue000", "。"]
+    alphabet = [
+        "a",
+        "中",
+        " ",
+        "\n",
+        "\t",
+        "\u3000",
+        "\u200b",
+        "\r",
+        "\x00",
+        "\ufffd",
+        "\u2028",
+        "\x85",
+        "\ue000",
+        "。",
+    ]
     rng = random.Random(0)
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(5000)]
     texts += ["春眠不觉晓\n处处闻啼鸟", "两行\n\n之间", "行尾 \n下一行"]

@@ -12,12 +12,7 @@ import numpy as np
 import pytest
 
 from engine.chat_template import IM_END, IM_START, ChatFormatError, render_text
-from engine.conversations import (
-    encode_conversation,
-    encode_preference,
-    parse_conversation,
-    parse_preference,
-)
+from engine.conversations import encode_conversation, encode_preference, parse_conversation, parse_preference
 
 SHAREGPT = "medicalgpt/sharegpt_zh_1K_format.jsonl"
 MEDICAL_SFT = "medicalgpt/medical_sft_1K_format.jsonl"
@@ -167,6 +162,7 @@ def test_tokenizer_that_splits_the_markers_is_refused() -> None:
 
         def token_to_id(self, token: str) -> int | None:
             return 4  # in the vocabulary, but not matched inside text
+
         def encode(self, text: str) -> list[int]:
             return [9] * len(text)
 
@@ -177,10 +173,14 @@ def test_tokenizer_that_splits_the_markers_is_refused() -> None:
 def test_encode_preference_masks_only_the_final_reply(tokenizer) -> None:
     tok, _ = tokenizer
     prompt = MULTI_TURN[:4]  # holds an earlier assistant turn: context, not counted in DPO
-    (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = encode_preference(tok, prompt, "好的回答。", "不好的回答")
+    (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = encode_preference(
+        tok, prompt, "好的回答。", "不好的回答"
+    )
     check_masks(tok, prompt + [{"role": "assistant", "content": "好的回答。"}], chosen_ids, chosen_mask, only_last=True)
-    check_masks(tok, prompt + [{"role": "assistant", "content": "不好的回答"}], rejected_ids, rejected_mask, only_last=True)
-    (start, _), = masked_spans(chosen_mask)
+    check_masks(
+        tok, prompt + [{"role": "assistant", "content": "不好的回答"}], rejected_ids, rejected_mask, only_last=True
+    )
+    ((start, _),) = masked_spans(chosen_mask)
     assert masked_spans(rejected_mask)[0][0] == start
     assert chosen_ids[:start].tolist() == rejected_ids[:start].tolist()
     sft_ids, sft_mask = encode_conversation(tok, prompt + [{"role": "assistant", "content": "好的回答。"}])
@@ -207,8 +207,13 @@ def test_real_sharegpt_and_medical_sft_masks(shared_data: Path, tokenizer) -> No
     tok, _ = tokenizer
     sharegpt, errors = _parse_all(read_jsonl(shared_data / SHAREGPT))
     # The file's own quirks: 7 conversations end with an unanswered user turn, 1 has empty user turns.
-    assert errors == Counter({"conversation ends with a user turn (no reply to learn from)": 6,
-                              "conversation has no assistant turn": 1, "turn 2 (user) has no text": 1})
+    assert errors == Counter(
+        {
+            "conversation ends with a user turn (no reply to learn from)": 6,
+            "conversation has no assistant turn": 1,
+            "turn 2 (user) has no text": 1,
+        }
+    )
     medical, medical_errors = _parse_all(read_jsonl(shared_data / MEDICAL_SFT))
     assert not medical_errors and len(medical) == 1000 and len(sharegpt) == 992
     assert max(len(m) for m in sharegpt) > 20  # truly multi-turn
@@ -299,7 +304,10 @@ def test_parse_minimind_and_openai_messages() -> None:
     turns = [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}]
     assert parse_conversation({"conversations": turns}) == turns
     assert parse_conversation({"messages": turns}) == turns
-    assert parse_conversation({"conversations": turns}, system="你是助手")[0] == {"role": "system", "content": "你是助手"}
+    assert parse_conversation({"conversations": turns}, system="你是助手")[0] == {
+        "role": "system",
+        "content": "你是助手",
+    }
     own = [{"role": "system", "content": "自带"}, *turns]
     assert parse_conversation({"conversations": own}, system="默认")[0]["content"] == "自带"
 
@@ -326,8 +334,13 @@ def test_parse_sharegpt_roles_and_system() -> None:
 
 
 def test_parse_alpaca_with_input_history_and_system() -> None:
-    record = {"instruction": "翻译成英文", "input": "你好", "output": "Hello", "system": "译者",
-              "history": [["早上好怎么说", "Good morning"]]}
+    record = {
+        "instruction": "翻译成英文",
+        "input": "你好",
+        "output": "Hello",
+        "system": "译者",
+        "history": [["早上好怎么说", "Good morning"]],
+    }
     assert parse_conversation(record) == [
         {"role": "system", "content": "译者"},
         {"role": "user", "content": "早上好怎么说"},
@@ -346,7 +359,9 @@ def test_parse_medical_row_title_rules() -> None:
     assert question("高血压可以补钙吗？", "高血压可以补钙吗？为什么？") == "高血压可以补钙吗？为什么？"
     assert question("高血压能喝黑茶吗？", "我爷爷喜欢喝茶，高血压能喝黑茶吗？") == "我爷爷喜欢喝茶，高血压能喝黑茶吗？"
     assert question("乙肝怎么治疗？？", "乙肝怎么治疗？有哪些症状？") == "乙肝怎么治疗？有哪些症状？"
-    assert question("高血压该治疗什么？", "我查出高血压，该怎样治疗？") == "高血压该治疗什么？\n我查出高血压，该怎样治疗？"
+    assert (
+        question("高血压该治疗什么？", "我查出高血压，该怎样治疗？") == "高血压该治疗什么？\n我查出高血压，该怎样治疗？"
+    )
     assert question("肾肿瘤", "无") == "肾肿瘤"
     assert question("", "只有正文") == "只有正文"
 
@@ -356,22 +371,50 @@ BAD_SFT = [
     ([1, 2], "expected a JSON object"),
     ({"conversations": "你好"}, "expected a list of turns"),
     ({"conversations": []}, "no turns"),
-    ({"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "  "}]},
-     r"turn 1 \(assistant\) has no text"),
-    ({"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "答"}]},
-     r"turn 0 \(user\) is NoneType, not text"),
+    (
+        {"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "  "}]},
+        r"turn 1 \(assistant\) has no text",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "答"}]},
+        r"turn 0 \(user\) is NoneType, not text",
+    ),
     ({"conversations": [{"from": "observation", "value": "x"}]}, "from 'observation'; accepted"),
     ({"conversations": [{"role": "tool", "content": "x"}]}, "role 'tool'"),
     ({"conversations": [{"speaker": "a", "text": "x"}]}, "expected role/content or from/value"),
     ({"conversations": [{"role": "user", "content": "问"}]}, "no assistant turn"),
     ({"conversations": [{"role": "system", "content": "S"}]}, "only a system prompt"),
-    ({"conversations": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "答"},
-                        {"role": "user", "content": "再问"}]}, "ends with a user turn"),
-    ({"conversations": [{"role": "user", "content": "问"}, {"role": "user", "content": "又问"},
-                        {"role": "assistant", "content": "答"}]}, "turn 1 is 'user' where 'assistant' was expected"),
+    (
+        {
+            "conversations": [
+                {"role": "user", "content": "问"},
+                {"role": "assistant", "content": "答"},
+                {"role": "user", "content": "再问"},
+            ]
+        },
+        "ends with a user turn",
+    ),
+    (
+        {
+            "conversations": [
+                {"role": "user", "content": "问"},
+                {"role": "user", "content": "又问"},
+                {"role": "assistant", "content": "答"},
+            ]
+        },
+        "turn 1 is 'user' where 'assistant' was expected",
+    ),
     ({"conversations": [{"role": "assistant", "content": "答"}]}, "turn 0 is 'assistant' where 'user' was expected"),
-    ({"conversations": [{"role": "user", "content": "问"}, {"role": "system", "content": "S"},
-                        {"role": "assistant", "content": "答"}]}, "system prompt may only be the first turn"),
+    (
+        {
+            "conversations": [
+                {"role": "user", "content": "问"},
+                {"role": "system", "content": "S"},
+                {"role": "assistant", "content": "答"},
+            ]
+        },
+        "system prompt may only be the first turn",
+    ),
     ({"instruction": "问", "input": "", "output": ""}, "alpaca output has no text"),
     ({"instruction": "", "input": "", "output": "答"}, "alpaca instruction/input has no text"),
     ({"instruction": "问", "output": ["a", "b"]}, "alpaca output is list, not text"),
@@ -407,28 +450,60 @@ def test_parse_real_medicalgpt_dpo(shared_data: Path, tokenizer) -> None:
 
 
 def test_parse_minimind_dpo_pair() -> None:
-    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "问"},
-              {"role": "assistant", "content": "答"}, {"role": "user", "content": "再问"}]
-    record = {"chosen": [*prompt, {"role": "assistant", "content": "好"}],
-              "rejected": [*prompt, {"role": "assistant", "content": "坏"}]}
+    prompt = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "问"},
+        {"role": "assistant", "content": "答"},
+        {"role": "user", "content": "再问"},
+    ]
+    record = {
+        "chosen": [*prompt, {"role": "assistant", "content": "好"}],
+        "rejected": [*prompt, {"role": "assistant", "content": "坏"}],
+    }
     assert parse_preference(record) == (prompt, "好", "坏")
     no_system = {"chosen": record["chosen"][1:], "rejected": record["rejected"][1:]}
     assert parse_preference(no_system, system="默认")[0][0] == {"role": "system", "content": "默认"}
     assert parse_preference({"prompt": "问", "chosen": "好", "rejected": "坏"}) == (
-        [{"role": "user", "content": "问"}], "好", "坏")
+        [{"role": "user", "content": "问"}],
+        "好",
+        "坏",
+    )
 
 
 BAD_DPO = [
-    ({"chosen": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "好"}],
-      "rejected": [{"role": "user", "content": "别的问题"}, {"role": "assistant", "content": "坏"}]},
-     r"differ before their last turn \(at turn 0\)"),
-    ({"chosen": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "好"}],
-      "rejected": [{"role": "user", "content": "问"}]}, "rejected conversation does not end with an assistant reply"),
-    ({"chosen": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "同"}],
-      "rejected": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "同"}]}, "identical"),
-    ({"conversations": [{"from": "human", "value": "问"}], "chosen": "好", "rejected": ""}, "rejected reply has no text"),
-    ({"conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}], "chosen": "好",
-      "rejected": "坏"}, "prompt ends with an assistant turn"),
+    (
+        {
+            "chosen": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "好"}],
+            "rejected": [{"role": "user", "content": "别的问题"}, {"role": "assistant", "content": "坏"}],
+        },
+        r"differ before their last turn \(at turn 0\)",
+    ),
+    (
+        {
+            "chosen": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "好"}],
+            "rejected": [{"role": "user", "content": "问"}],
+        },
+        "rejected conversation does not end with an assistant reply",
+    ),
+    (
+        {
+            "chosen": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "同"}],
+            "rejected": [{"role": "user", "content": "问"}, {"role": "assistant", "content": "同"}],
+        },
+        "identical",
+    ),
+    (
+        {"conversations": [{"from": "human", "value": "问"}], "chosen": "好", "rejected": ""},
+        "rejected reply has no text",
+    ),
+    (
+        {
+            "conversations": [{"from": "human", "value": "问"}, {"from": "gpt", "value": "答"}],
+            "chosen": "好",
+            "rejected": "坏",
+        },
+        "prompt ends with an assistant turn",
+    ),
     ({"chosen": "好", "rejected": "坏"}, "no prompt"),
     ({"conversations": [{"from": "human", "value": "问"}], "chosen": "好"}, "unknown DPO record format"),
 ]

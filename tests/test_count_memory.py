@@ -30,7 +30,8 @@ def test_every_planned_micro_batch_fits_its_card_by_the_count_and_the_planner_ag
     assert count.with_context_gib <= card, f"{preset} on {profile}: {count.with_context_gib:.2f} GiB > {card} GiB"
     raw = estimate / FRAGMENTATION
     assert abs(raw - count.peak_gib) <= 0.06 * count.peak_gib, (
-        f"{preset} on {profile}: planner {raw:.2f} GiB vs counted {count.peak_gib:.2f} GiB")
+        f"{preset} on {profile}: planner {raw:.2f} GiB vs counted {count.peak_gib:.2f} GiB"
+    )
 
 
 @requires_interpreter
@@ -84,7 +85,9 @@ def test_bad_arguments_get_one_line_errors():
 
 def test_the_command_prints_a_table_row(capsys):
     linear = torch.nn.functional.linear
-    assert cm.main(["--preset", "seed004-baby", "--batch", "2", "--seq", "64", "--precision", "bf16", "--markdown"]) == 0
+    assert (
+        cm.main(["--preset", "seed004-baby", "--batch", "2", "--seq", "64", "--precision", "bf16", "--markdown"]) == 0
+    )
     out = capsys.readouterr().out
     assert "| - | seed004-baby | 2 x 64 | bf16 | off |" in out
     # nothing leaked: meta tensors back on the reference path, F.linear and the kernels restored

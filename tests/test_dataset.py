@@ -38,8 +38,15 @@ def write_packed(
         if masks is not None:
             np.concatenate([np.asarray(m, dtype=np.uint8) for m in masks]).tofile(out.tmp(paths.mask))
         meta = {
-            "format": FORMAT, "kind": kind, "dtype": dtype.name, "n_tokens": int(offsets[-1]),
-            "n_docs": len(docs), "vocab_size": vocab_size, "bos_id": 1, "eos_id": EOS, "pad_id": pad_id,
+            "format": FORMAT,
+            "kind": kind,
+            "dtype": dtype.name,
+            "n_tokens": int(offsets[-1]),
+            "n_docs": len(docs),
+            "vocab_size": vocab_size,
+            "bos_id": 1,
+            "eos_id": EOS,
+            "pad_id": pad_id,
             "tokenizer": {"path": "tok/tokenizer.json", "sha256": SHA},
         }
         meta.update(extra_meta or {})
@@ -142,8 +149,9 @@ def test_pretrain_epoch_shards_cover_each_chunk_once(corpus, world_size):
     prefix, stream = corpus
     seq_len = 12
     n_chunks = stream.size // (seq_len + 1)
-    shards = [PretrainDataset(prefix, seq_len, mode="epoch", seed=2, rank=r, world_size=world_size)
-              for r in range(world_size)]
+    shards = [
+        PretrainDataset(prefix, seq_len, mode="epoch", seed=2, rank=r, world_size=world_size) for r in range(world_size)
+    ]
     per_rank = shards[0].samples_per_epoch
     assert per_rank == n_chunks // world_size and shards[0].leftover_chunks_per_epoch == n_chunks % world_size
     assert shards[0].tail_tokens == stream.size - n_chunks * (seq_len + 1)
@@ -316,8 +324,9 @@ def test_sft_counts_truncation_and_drops_label_free_conversations(tmp_path):
     long_mask = [0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0]  # cut at 6 keeps targets 2, 3; loses 6..9
     prompt_heavy = [50, 51, 52, 53, 54, 55, 56, EOS]
     prompt_mask = [0, 0, 0, 0, 0, 0, 0, 1]  # its only label lies beyond the cut
-    prefix = write_packed(tmp_path / "chat", [long_doc, prompt_heavy, [30, 31, EOS]],
-                          [long_mask, prompt_mask, [0, 1, 0]], kind="sft")
+    prefix = write_packed(
+        tmp_path / "chat", [long_doc, prompt_heavy, [30, 31, EOS]], [long_mask, prompt_mask, [0, 1, 0]], kind="sft"
+    )
     ds = SFTDataset(prefix, 6)
     assert ds.n_truncated == 2 and ds.n_label_tokens_truncated == 5
     assert ds.n_dropped_no_labels == 1 and ds.n_rows == 2
@@ -394,13 +403,21 @@ PAIRS = [
     ([60, 61, 62, 63, EOS], [0, 0, 1, 1, 0]),  # pair 0 chosen: prompt 60 61
     ([60, 61, 64, EOS], [0, 0, 1, 0]),  # pair 0 rejected
     ([70, 71, 72, 73, 74, 75, EOS], [0, 0, 0, 1, 1, 1, 0]),  # pair 1 chosen: prompt 70 71 72
-    ([70, 71, 72, 76, 77, 78, 79, 80, EOS], [0, 0, 0, 1, 1, 1, 1, 1, 0]),  # pair 1 rejected: cut at 6 loses targets 79, 80
+    (
+        [70, 71, 72, 76, 77, 78, 79, 80, EOS],
+        [0, 0, 0, 1, 1, 1, 1, 1, 0],
+    ),  # pair 1 rejected: cut at 6 loses targets 79, 80
 ]
 
 
 def write_dpo(tmp_path: Path, pairs=PAIRS) -> Path:
-    return write_packed(tmp_path / "prefs", [d for d, _ in pairs], [m for _, m in pairs], kind="dpo",
-                        extra_meta={"n_pairs": len(pairs) // 2})
+    return write_packed(
+        tmp_path / "prefs",
+        [d for d, _ in pairs],
+        [m for _, m in pairs],
+        kind="dpo",
+        extra_meta={"n_pairs": len(pairs) // 2},
+    )
 
 
 def test_dpo_pairs_token_by_token(tmp_path):

@@ -36,8 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and 
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
-    return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=64,
-                       )
+    return LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, max_seq_len=64)
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +58,15 @@ def run_dir(tmp_path_factory, small_tokenizer) -> Path:
 def pack(prefix: Path, tokenizer, texts: list[str], sha256: str | None = None) -> Path:
     """A pretrain dataset of ``texts``, each ending with EOS, as engine.prepare writes it."""
     docs = [tokenizer.encode(text) + [tokenizer.eos_id] for text in texts]
-    return write_packed(prefix, docs, tokenizer.vocab_size, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                        pad_id=tokenizer.pad_id,
-                        tokenizer={"path": str(tokenizer.path), "sha256": sha256 or tokenizer.sha256})
+    return write_packed(
+        prefix,
+        docs,
+        tokenizer.vocab_size,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+        tokenizer={"path": str(tokenizer.path), "sha256": sha256 or tokenizer.sha256},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +81,7 @@ def loss_on_windows(model: Llama, tokens: np.ndarray, starts: list[int], seq_len
     losses = []
     with torch.no_grad():
         for start in starts:
-            window = torch.tensor(tokens[start:start + seq_len + 1].astype(np.int64))[None]
+            window = torch.tensor(tokens[start : start + seq_len + 1].astype(np.int64))[None]
             logits = model(window[:, :-1]).logits[0]
             losses.append(F.cross_entropy(logits.float(), window[0, 1:], reduction="none"))
     return torch.cat(losses).mean().item()
@@ -87,8 +92,24 @@ def loss_on_windows(model: Llama, tokens: np.ndarray, starts: list[int], seq_len
 
 def test_perplexity_is_exp_of_the_mean_loss_over_back_to_back_windows(run_dir, corpus, tmp_path, capsys):
     out = tmp_path / "ppl.json"
-    code = main(["--ckpt", str(run_dir), "--ppl", str(corpus), "--seq-len", "16", "--batch-size", "3",
-                 "--json", str(out), "--kernels", "torch", "--device", "cpu"])
+    code = main(
+        [
+            "--ckpt",
+            str(run_dir),
+            "--ppl",
+            str(corpus),
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "3",
+            "--json",
+            str(out),
+            "--kernels",
+            "torch",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text(encoding="utf-8"))["perplexity"]
     tokens = np.fromfile(DatasetPaths.of(corpus).bin, dtype=np.uint16)
@@ -140,8 +161,10 @@ class FixedPreferences(nn.Module):
 
 
 def write_jsonl(path: Path, lines: list) -> Path:
-    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in lines) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        "\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False) for x in lines) + "\n",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -202,14 +225,32 @@ def test_choice_scores_equal_each_choice_scored_alone(run_dir, small_tokenizer):
 
 
 def test_choices_cli_writes_a_json_summary(run_dir, tmp_path, capsys):
-    path = write_jsonl(tmp_path / "mc.jsonl", [
-        {"question": "中国的首都是哪里？", "choices": ["北京", "上海", "广州", "深圳"], "answer": "A"},
-        {"question": "一加一等于几？", "choices": ["一", "二", "三"], "answer": 1},
-        {"question": "坏记录", "choices": [], "answer": 0},
-    ])
+    path = write_jsonl(
+        tmp_path / "mc.jsonl",
+        [
+            {"question": "中国的首都是哪里？", "choices": ["北京", "上海", "广州", "深圳"], "answer": "A"},
+            {"question": "一加一等于几？", "choices": ["一", "二", "三"], "answer": 1},
+            {"question": "坏记录", "choices": [], "answer": 0},
+        ],
+    )
     out = tmp_path / "mc.json"
-    code = main(["--ckpt", str(run_dir), "--choices", str(path), "--chat", "--max-bad", "0.4", "--json", str(out),
-                 "--kernels", "torch", "--device", "cpu"])
+    code = main(
+        [
+            "--ckpt",
+            str(run_dir),
+            "--choices",
+            str(path),
+            "--chat",
+            "--max-bad",
+            "0.4",
+            "--json",
+            str(out),
+            "--kernels",
+            "torch",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     summary = json.loads(out.read_text(encoding="utf-8"))
     assert summary["perplexity"] is None and summary["step"] == 1

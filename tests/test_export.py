@@ -17,13 +17,7 @@ from llama.export import main
 from llama.formats.hf import ExportError, export_hf, import_hf
 from llama.formats.hf_io import publish_directory
 from llama.model import Llama, LlamaConfig
-from llama.training.checkpoint import (
-    checkpoint_name,
-    load_model_weights,
-    read_config,
-    save_checkpoint,
-    tied_parameters,
-)
+from llama.training.checkpoint import checkpoint_name, load_model_weights, read_config, save_checkpoint, tied_parameters
 
 transformers = pytest.importorskip("transformers", reason="transformers is a dev extra: pip install -e '.[dev]'")
 
@@ -36,13 +30,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: quick and 
 
 def tiny_config(vocab_size: int, tie: bool, **overrides) -> LlamaConfig:
     """GQA 4/2, head_dim 16, an odd FFN; the tied one has MiniMind's theta 1e6 so config.json must carry it."""
-    fields = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=vocab_size, max_seq_len=64,
-                  rope_theta=1e6 if tie else 1e4, tie_embeddings=tie)
+    fields = dict(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=96,
+        vocab_size=vocab_size,
+        max_seq_len=64,
+        rope_theta=1e6 if tie else 1e4,
+        tie_embeddings=tie,
+    )
     return LlamaConfig(**{**fields, **overrides})
 
 
-def save_ours(out_dir: Path, config: LlamaConfig, tokenizer, sha256: str | None = None,
-              big_weight: float | None = None) -> Path:
+def save_ours(
+    out_dir: Path, config: LlamaConfig, tokenizer, sha256: str | None = None, big_weight: float | None = None
+) -> Path:
     """A checkpoint as llama.training writes it: weights (norms perturbed so they matter), trainer state, configs."""
     torch.manual_seed(0)
     model = Llama(config)
@@ -123,7 +127,9 @@ def test_tokenizer_chat_template_and_generation_config(exported, small_tokenizer
     _, hf_dir, _ = exported
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert hf_tok.encode(SENTENCE) == small_tokenizer.encode(SENTENCE)  # no BOS added: the packer adds its own
-    assert hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == render_text(MESSAGES, True)
+    assert hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == render_text(
+        MESSAGES, True
+    )
     assert hf_tok.model_max_length == 64
     im_end = small_tokenizer.token_to_id(IM_END)
     assert im_end is not None and im_end != small_tokenizer.eos_id
@@ -166,8 +172,9 @@ def test_fp16_export_refuses_out_of_range_weights(small_tokenizer, tmp_path):
         export_hf(run, tmp_path / "hf", dtype="fp16")
     assert not (tmp_path / "hf").exists()
     export_hf(run, tmp_path / "hf", dtype="bf16")
-    nan_run = save_ours(tmp_path / "nan", tiny_config(small_tokenizer.vocab_size, False), small_tokenizer,
-                        big_weight=float("nan"))
+    nan_run = save_ours(
+        tmp_path / "nan", tiny_config(small_tokenizer.vocab_size, False), small_tokenizer, big_weight=float("nan")
+    )
     with pytest.raises(ExportError, match="up_proj.weight holds NaN or inf: export an earlier checkpoint"):
         export_hf(nan_run, tmp_path / "hf-nan")
 
@@ -177,7 +184,9 @@ def test_fp16_export_refuses_out_of_range_weights(small_tokenizer, tmp_path):
 
 @pytest.fixture(scope="module")
 def run_dir(small_tokenizer, tmp_path_factory) -> Path:
-    return save_ours(tmp_path_factory.mktemp("run") / "run", tiny_config(small_tokenizer.vocab_size, False), small_tokenizer)
+    return save_ours(
+        tmp_path_factory.mktemp("run") / "run", tiny_config(small_tokenizer.vocab_size, False), small_tokenizer
+    )
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -260,8 +269,16 @@ def test_tokenizer_override_when_the_reference_moved(small_tokenizer, tmp_path):
 def hf_llama(folder: Path, tie: bool, **save_kwargs) -> "transformers.LlamaForCausalLM":
     torch.manual_seed(1)
     config = transformers.LlamaConfig(
-        vocab_size=211, hidden_size=64, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=5e5, tie_word_embeddings=tie,
+        vocab_size=211,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=5e5,
+        tie_word_embeddings=tie,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -272,8 +289,9 @@ def hf_llama(folder: Path, tie: bool, **save_kwargs) -> "transformers.LlamaForCa
     return model
 
 
-@pytest.mark.parametrize("tie,sharded", [(False, False), (True, False), (False, True)],
-                         ids=["untied", "tied", "sharded"])
+@pytest.mark.parametrize(
+    "tie,sharded", [(False, False), (True, False), (False, True)], ids=["untied", "tied", "sharded"]
+)
 def test_import_gives_the_same_logits(tmp_path, tie, sharded):
     theirs = hf_llama(tmp_path / "hf", tie, **({"max_shard_size": "40KB"} if sharded else {}))
     if sharded:
@@ -290,8 +308,9 @@ def test_non_llama_and_unsafe_folders_are_refused(tmp_path):
     hf_llama(tmp_path / "hf", False)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "qwen").mkdir()
-    (tmp_path / "qwen" / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"],
-                                                               "model_type": "qwen2"}))
+    (tmp_path / "qwen" / "config.json").write_text(
+        json.dumps({**config, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+    )
     with pytest.raises(ExportError, match="describes a Qwen2ForCausalLM .*, not a LlamaForCausalLM: only Llama models"):
         import_hf(tmp_path / "qwen")
     (tmp_path / "pickle").mkdir()

@@ -48,7 +48,7 @@ def greedy_by_recomputing(model: Llama, prompt: list[int], n: int) -> tuple[list
             logits = model(torch.tensor([ids], device=DEVICE)).logits[0, -1]
             steps.append(logits)
             ids.append(int(logits.argmax()))
-    return ids[len(prompt):], steps
+    return ids[len(prompt) :], steps
 
 
 def sequence_log_prob(model: Llama, prompt: list[int], new: list[int]) -> float:
@@ -62,6 +62,7 @@ def sequence_log_prob(model: Llama, prompt: list[int], new: list[int]) -> float:
 
 def scripted(model: Llama, logits_for: "callable") -> None:
     """Replace the model's forward: the logits after each row's last token are ``logits_for(last_ids) [B, V]``."""
+
     def forward(input_ids: torch.Tensor, **kwargs) -> LlamaOutput:
         return LlamaOutput(logits=logits_for(input_ids[:, -1])[:, None].float())
 
@@ -70,11 +71,13 @@ def scripted(model: Llama, logits_for: "callable") -> None:
 
 def successor_logits(successor: dict[int, int]):
     """Logits that make ``successor[last]`` certain (0 otherwise): a model that recites fixed chains."""
+
     def logits_for(last: torch.Tensor) -> torch.Tensor:
         out = torch.full((last.shape[0], VOCAB), -10.0, device=last.device)
         for row, token in enumerate(last.tolist()):
             out[row, successor.get(token, 0)] = 10.0
         return out
+
     return logits_for
 
 
@@ -96,8 +99,11 @@ def test_cached_decoding_equals_recomputing(kernels_path: str, monkeypatch: pyte
     shapes: list[tuple[int, int]] = []
     if kernels_path == "triton":  # prove the flash kernel, not a fallback, attends over the cache
         flash = zhkernels.flash_attention
-        monkeypatch.setattr(zhkernels, "flash_attention",
-                            lambda q, k, v, **kw: shapes.append((q.shape[2], k.shape[2])) or flash(q, k, v, **kw))
+        monkeypatch.setattr(
+            zhkernels,
+            "flash_attention",
+            lambda q, k, v, **kw: shapes.append((q.shape[2], k.shape[2])) or flash(q, k, v, **kw),
+        )
         monkeypatch.setattr(reference, "flash_attention", None)
     prompts, n = [[5, 17, 3, 44, 9], [60, 2, 2, 31, 7]], 4
     with torch.no_grad():
@@ -212,8 +218,9 @@ def test_eos_and_im_end_stop_their_row_while_others_continue() -> None:
     model = build()
     scripted(model, successor_logits({1: 2, 2: 3, 3: 59, 10: 11, 11: 12, 12: 10, 20: 21, 21: 60}))
     streamed: list[tuple[int, int]] = []
-    result = generate(model, [[1], [10], [20]], 6, eos_ids=(59, 60),
-                      stream=lambda row, tok: streamed.append((row, tok)))
+    result = generate(
+        model, [[1], [10], [20]], 6, eos_ids=(59, 60), stream=lambda row, tok: streamed.append((row, tok))
+    )
     assert result.sequences == [[2, 3, 59], [11, 12, 10, 11, 12, 10], [21, 60]]
     assert result.finished == [True, False, True]
     for row, seq in enumerate(result.sequences):
@@ -267,8 +274,10 @@ def test_throughputs_are_reported_and_bad_options_are_one_line_errors() -> None:
         assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0
     assert generate(model, [[1, 2, 3]], 1).decode_tokens_per_s == 0.0  # no decode step ran
     for options, message in [
-        ({"do_sample": True, "temperature": 0.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
-        ({"num_beams": 2, "do_sample": True}, "deterministic"), ({"repetition_penalty": -1.0}, "repetition_penalty"),
+        ({"do_sample": True, "temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"num_beams": 2, "do_sample": True}, "deterministic"),
+        ({"repetition_penalty": -1.0}, "repetition_penalty"),
     ]:
         with pytest.raises(ValueError, match=message) as error:
             generate(model, [[1]], 2, **options)
@@ -296,7 +305,7 @@ def hf_generate(model: Llama, prompts: list[list[int]], n: int, **options) -> li
     new = []
     for row in out[:, longest:].tolist():
         stops = [i for i, t in enumerate(row) if t == eos]
-        new.append(row[:stops[0] + 1] if stops else row)
+        new.append(row[: stops[0] + 1] if stops else row)
     return new
 
 
@@ -323,7 +332,7 @@ def test_vocab_limit_keeps_ids_a_smaller_tokenizer_can_decode():
     """A model padded past its tokenizer's vocabulary never emits the padded ids when told the limit."""
     model = build(seed=7)
     with torch.no_grad():  # make the padded ids the most likely ones
-        model.lm_head.weight[VOCAB - 8:] *= 50
+        model.lm_head.weight[VOCAB - 8 :] *= 50
     free = generate(model, [[3, 4, 5]], 6).sequences[0]
     assert max(free) >= VOCAB - 8, "the test needs a model that prefers the padded ids"
     for options in ({}, {"num_beams": 2}, {"do_sample": True, "top_k": 5}):

@@ -1,4 +1,5 @@
-"""The generation benchmark report (``bench/generate_report.py``) on a synthetic results set, and the bench's token checks.
+"""The generation benchmark report (``bench/generate_report.py``) on a synthetic results set, and the bench's token
+checks.
 
 No GPU and no benchmark run: the rows are written by hand the way ``bench/test_generate_speed.py`` records
 them. Rendering goes to a temporary folder; ``bench/RESULTS.md`` is never written.
@@ -20,30 +21,69 @@ if str(BENCH) not in sys.path:
 import generate_report  # noqa: E402
 
 GPU = {"device": "Test GPU 80GB HBM3", "torch": "2.11.0", "cuda": "12.8", "triton": "3.6.0", "transformers": "4.57.0"}
-ENV = {"date": "2025-01-01 00:00:00 UTC", "commit": "abc1234", "uncommitted": [], "cpu": "test cpu", "cores": 16,
-       "memory_gb": 128.0, "python": "3.11.0", "numpy": "2.0", "sentencepiece": "0.2",
-       "command": "pytest bench/test_generate_speed.py", "load_average": [1.0, 1.0, 1.0], "load_average_end": [1.0, 1.0, 1.0]}
+ENV = {
+    "date": "2025-01-01 00:00:00 UTC",
+    "commit": "abc1234",
+    "uncommitted": [],
+    "cpu": "test cpu",
+    "cores": 16,
+    "memory_gb": 128.0,
+    "python": "3.11.0",
+    "numpy": "2.0",
+    "sentencepiece": "0.2",
+    "command": "pytest bench/test_generate_speed.py",
+    "load_average": [1.0, 1.0, 1.0],
+    "load_average_end": [1.0, 1.0, 1.0],
+}
 VOCAB = {"seed003-92m": 35_023, "minimind-26m": 6_400, "seed000-160m": 10_000, "tiny": 8_000}
 
 
-def row(preset: str, impl: str, prefill_ms: float, decode_ms_per_step: float, batch: int = 1, precision: str = "bf16",
-        prompt_len: int = 256, new_tokens: int = 128, matches: dict[str, int] | None = None,
-        case: str = "generate") -> dict[str, Any]:
+def row(
+    preset: str,
+    impl: str,
+    prefill_ms: float,
+    decode_ms_per_step: float,
+    batch: int = 1,
+    precision: str = "bf16",
+    prompt_len: int = 256,
+    new_tokens: int = 128,
+    matches: dict[str, int] | None = None,
+    case: str = "generate",
+) -> dict[str, Any]:
     """A row as ``generation_row`` writes it, from the two medians that everything else derives from."""
     decode_ms = decode_ms_per_step * (new_tokens - 1)
     ours = impl in ("triton", "torch")
     out = {
-        "case": case, "preset": preset, "impl": impl, "precision": precision, "batch": batch, "prompt_len": prompt_len,
-        "new_tokens": new_tokens, "vocab": VOCAB[preset], "dim": 768, "n_layers": 6, "params": 92_000_000,
-        "prefill_ms": prefill_ms, "prefill_ms_min": prefill_ms, "prefill_ms_max": prefill_ms,
+        "case": case,
+        "preset": preset,
+        "impl": impl,
+        "precision": precision,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "vocab": VOCAB[preset],
+        "dim": 768,
+        "n_layers": 6,
+        "params": 92_000_000,
+        "prefill_ms": prefill_ms,
+        "prefill_ms_min": prefill_ms,
+        "prefill_ms_max": prefill_ms,
         "prefill_tokens_per_s": batch * prompt_len / (prefill_ms / 1e3),
         "forward_ms": None if impl == "hf-static" else prefill_ms / 2,
         "forward_tokens_per_s": None if impl == "hf-static" else batch * prompt_len / (prefill_ms / 2e3),
-        "full_ms": prefill_ms + decode_ms, "full_ms_min": prefill_ms + decode_ms, "full_ms_max": prefill_ms + decode_ms,
-        "decode_ms": decode_ms, "decode_ms_per_step": decode_ms_per_step,
+        "full_ms": prefill_ms + decode_ms,
+        "full_ms_min": prefill_ms + decode_ms,
+        "full_ms_max": prefill_ms + decode_ms,
+        "decode_ms": decode_ms,
+        "decode_ms_per_step": decode_ms_per_step,
         "decode_tokens_per_s": batch * (new_tokens - 1) / (decode_ms / 1e3),
-        "own_prefill_tokens_per_s": 123_456.0 if ours else None, "own_decode_tokens_per_s": 789.0 if ours else None,
-        "distinct_tokens": 3, "prefill_calls": 15, "full_calls": 3, "matches": matches or {}, **GPU,
+        "own_prefill_tokens_per_s": 123_456.0 if ours else None,
+        "own_decode_tokens_per_s": 789.0 if ours else None,
+        "distinct_tokens": 3,
+        "prefill_calls": 15,
+        "full_calls": 3,
+        "matches": matches or {},
+        **GPU,
     }
     return out
 
@@ -61,10 +101,30 @@ ROWS = [
     row("minimind-26m", "hf", 6.0, 6.0, precision="fp16"),
     row("seed003-92m", "triton", 9.0, 4.0, batch=8, precision="fp16"),
     # CPU figures
-    row("tiny", "torch", 2.0, 1.0, prompt_len=64, new_tokens=32, precision="fp32", case="cpu-generate",
-        matches={"hf": 32}) | {"cores": 2, "threads": 2, "device": "cpu"},
-    row("tiny", "hf", 3.0, 1.5, prompt_len=64, new_tokens=32, precision="fp32", case="cpu-generate",
-        matches={"torch": 32}) | {"cores": 2, "threads": 2, "device": "cpu"},
+    row(
+        "tiny",
+        "torch",
+        2.0,
+        1.0,
+        prompt_len=64,
+        new_tokens=32,
+        precision="fp32",
+        case="cpu-generate",
+        matches={"hf": 32},
+    )
+    | {"cores": 2, "threads": 2, "device": "cpu"},
+    row(
+        "tiny",
+        "hf",
+        3.0,
+        1.5,
+        prompt_len=64,
+        new_tokens=32,
+        precision="fp32",
+        case="cpu-generate",
+        matches={"torch": 32},
+    )
+    | {"cores": 2, "threads": 2, "device": "cpu"},
 ]
 
 
@@ -73,7 +133,9 @@ def summary() -> dict[str, Any]:
     return generate_report.summarize_generate(ROWS)
 
 
-def _group(summary: dict[str, Any], preset: str, precision: str, batch: int, key: str = "comparisons") -> dict[str, Any]:
+def _group(
+    summary: dict[str, Any], preset: str, precision: str, batch: int, key: str = "comparisons"
+) -> dict[str, Any]:
     found = [c for c in summary[key] if (c["preset"], c["precision"], c["batch"]) == (preset, precision, batch)]
     assert len(found) == 1, (preset, precision, batch, summary[key])
     return found[0]
@@ -83,10 +145,13 @@ def test_gpu_and_cpu_rows_are_separated_and_ordered(summary: dict[str, Any]) -> 
     order = [(r["preset"], r["precision"], r["batch"], r["impl"]) for r in summary["figures"]]
     assert order == [
         ("seed003-92m", "bf16", 1, "hf"),
-        ("seed003-92m", "bf16", 8, "triton"), ("seed003-92m", "bf16", 8, "torch"), ("seed003-92m", "bf16", 8, "hf"),
+        ("seed003-92m", "bf16", 8, "triton"),
+        ("seed003-92m", "bf16", 8, "torch"),
+        ("seed003-92m", "bf16", 8, "hf"),
         ("seed003-92m", "bf16", 8, "hf-static"),
         ("seed003-92m", "fp16", 8, "triton"),
-        ("minimind-26m", "fp16", 1, "triton"), ("minimind-26m", "fp16", 1, "hf"),
+        ("minimind-26m", "fp16", 1, "triton"),
+        ("minimind-26m", "fp16", 1, "hf"),
     ]
     assert [r["impl"] for r in summary["cpu"]] == ["torch", "hf"]
     assert summary["device"]["device"] == GPU["device"] and summary["device"]["transformers"] == "4.57.0"
@@ -120,12 +185,20 @@ def test_markdown_tables(summary: dict[str, Any]) -> None:
     text = generate_report.generate_tables(summary)
     assert "Test GPU 80GB HBM3" in text and "transformers 4.57.0" in text
     lines = text.splitlines()
-    triton = next(line for line in lines if line.startswith("| seed003-92m | 35,023 | bf16 | 8 | 256 + 128 | ours (Triton"))
+    triton = next(
+        line for line in lines if line.startswith("| seed003-92m | 35,023 | bf16 | 8 | 256 + 128 | ours (Triton")
+    )
     # prefill 10 ms → 2048 / 0.01 = 204,800 tok/s; decode 4 ms/step → 8 / 0.004 = 2,000 tok/s; 2.00× and 2.50× HF
     assert "| 10.00 | 204,800 | 409,600 | 4.00 | 2,000 | 123,456 / 789 | 2.00× | 2.50× | 128 of 128 |" in triton
-    hf = next(line for line in lines if line.startswith("| seed003-92m | 35,023 | bf16 | 8 | 256 + 128 | transformers + SDPA, Dyn"))
+    hf = next(
+        line
+        for line in lines
+        if line.startswith("| seed003-92m | 35,023 | bf16 | 8 | 256 + 128 | transformers + SDPA, Dyn")
+    )
     assert hf.endswith("| – | – | – | (reference) |")
-    static = next(line for line in lines if "static cache" in line and line.startswith("| seed003-92m | 35,023 | bf16 | 8"))
+    static = next(
+        line for line in lines if "static cache" in line and line.startswith("| seed003-92m | 35,023 | bf16 | 8")
+    )
     assert "| 25.00 | 81,920 | – |" in static and static.endswith("| 128 of 128 |")
     assert "| seed003-92m | bf16 | 8 | 2.00× | 2.50× | 2.50× | 0.50× | 1.25× | 2.00× |" in text
     assert "| minimind-26m | fp16 | 1 | 1.50× | 2.00× | – | – | – | – |" in text

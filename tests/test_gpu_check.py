@@ -44,7 +44,13 @@ def test_each_stage_gets_its_status_and_results_are_collected(tmp_path, monkeypa
     out = tmp_path / "out"
     summary = gpu_check.run_check(plan, budget=600, out=out)
     status = {s["stage"]: s["status"] for s in summary["stages"]}
-    assert status == {"writes": "passed", "fails": "failed", "hangs": "timed out", "deaf": "timed out", "after": "passed"}
+    assert status == {
+        "writes": "passed",
+        "fails": "failed",
+        "hangs": "timed out",
+        "deaf": "timed out",
+        "after": "passed",
+    }
     assert summary["stages"][1]["returncode"] == 3 and summary["stages"][3]["returncode"] == -signal.SIGKILL
     assert summary["ok"] is False
     assert (out / "train.json").read_text() == "{}" and not (out / "absent.json").exists()
@@ -55,8 +61,11 @@ def test_each_stage_gets_its_status_and_results_are_collected(tmp_path, monkeypa
 
 def test_a_spent_budget_skips_stages_but_keeps_the_report(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "GRACE_S", 1.0)
-    plan = [stage("long", FOREVER, seconds=600), stage("skipped", [PY, "-c", "pass"]),
-            stage("report", [PY, "-c", "print('report')"], seconds=30, always=True)]
+    plan = [
+        stage("long", FOREVER, seconds=600),
+        stage("skipped", [PY, "-c", "pass"]),
+        stage("report", [PY, "-c", "print('report')"], seconds=30, always=True),
+    ]
     summary = gpu_check.run_check(plan, budget=40, out=tmp_path)  # 30 s kept for the report: "long" gets 10
     status = [s["status"] for s in summary["stages"]]
     assert status == ["timed out", "not run (budget spent)", "passed"]
@@ -111,8 +120,13 @@ def test_profile_stage_runs_on_cpu_and_writes_its_table(tmp_path):
     """bench/profile_step.py --smoke: ours (Triton interpreter) and transformers, one tiny step each."""
     pytest.importorskip("transformers")
     out = tmp_path / "profile_step.json"
-    proc = subprocess.run([PY, "bench/profile_step.py", "--smoke", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [PY, "bench/profile_step.py", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(out.read_text())["runs"]
     assert [r["impl"] for r in runs] == ["triton", "hf"]

@@ -20,18 +20,58 @@ import kernel_report  # noqa: E402
 import kernel_shapes  # noqa: E402
 
 GPU = {"device": "Test GPU 80GB", "torch": "2.11.0", "cuda": "12.8", "triton": "3.6.0", "liger": None}
-ENV = {"date": "2025-01-01 00:00:00 UTC", "commit": "abc1234", "uncommitted": [], "cpu": "test cpu", "cores": 16,
-       "memory_gb": 128.0, "python": "3.11.0", "numpy": "2.0", "sentencepiece": "0.2", "command": "pytest bench/test_kernels.py",
-       "load_average": [1.0, 1.0, 1.0], "load_average_end": [1.0, 1.0, 1.0]}
+ENV = {
+    "date": "2025-01-01 00:00:00 UTC",
+    "commit": "abc1234",
+    "uncommitted": [],
+    "cpu": "test cpu",
+    "cores": 16,
+    "memory_gb": 128.0,
+    "python": "3.11.0",
+    "numpy": "2.0",
+    "sentencepiece": "0.2",
+    "command": "pytest bench/test_kernels.py",
+    "load_average": [1.0, 1.0, 1.0],
+    "load_average_end": [1.0, 1.0, 1.0],
+}
 
 
-def row(op: str, shape: str, impl: str, ms: float, dtype: str = "bf16", pass_: str = "fwd", dims: dict | None = None,
-        probe: bool = False, largest_mb: float = 10.0, gb_per_s: float | None = None, tflops: float | None = None,
-        share: float | None = None, peak_mb: float = 1.0, host_ms: float | None = None) -> dict:
-    return {"op": op, "impl": impl, "pass": pass_, "dtype": dtype, "shape": shape, "probe": probe, "dims": dims or {},
-            "largest_tensor_mb": largest_mb, "ms": ms, "ms_min": ms, "ms_max": ms, "batches": 3, "gb_per_s": gb_per_s,
-            "tflops": tflops, "share_of_peak": share, "peak_mb": peak_mb,
-            **({"host_ms": host_ms, "host_bound": host_ms > ms} if host_ms is not None else {}), **GPU}
+def row(
+    op: str,
+    shape: str,
+    impl: str,
+    ms: float,
+    dtype: str = "bf16",
+    pass_: str = "fwd",
+    dims: dict | None = None,
+    probe: bool = False,
+    largest_mb: float = 10.0,
+    gb_per_s: float | None = None,
+    tflops: float | None = None,
+    share: float | None = None,
+    peak_mb: float = 1.0,
+    host_ms: float | None = None,
+) -> dict:
+    return {
+        "op": op,
+        "impl": impl,
+        "pass": pass_,
+        "dtype": dtype,
+        "shape": shape,
+        "probe": probe,
+        "dims": dims or {},
+        "largest_tensor_mb": largest_mb,
+        "ms": ms,
+        "ms_min": ms,
+        "ms_max": ms,
+        "batches": 3,
+        "gb_per_s": gb_per_s,
+        "tflops": tflops,
+        "share_of_peak": share,
+        "peak_mb": peak_mb,
+        **({"host_ms": host_ms, "host_bound": host_ms > ms} if host_ms is not None else {}),
+        **GPU,
+    }
 
 
 ATTN = {"batch": 16, "seq": 1024, "heads": 14, "kv_heads": 2, "head_dim": 64, "causal": True}
@@ -58,9 +98,28 @@ ROWS = [
     row("flash_attention", "seed003", "ours", 0.5, pass_="fwd+bwd", dims=ATTN_D96, tflops=200.0, share=0.256),
     row("flash_attention", "seed003", "sdpa-flash", 0.4, pass_="fwd+bwd", dims=ATTN_D96, tflops=250.0, share=0.32),
     # cross-entropy at the target shape: ours 100 MB vs eager 2,000 MB (0.05×, met), 5 ms vs 6 ms (met)
-    row("fused_linear_cross_entropy", "seed003", "ours", 5.0, pass_="fwd+bwd", dims=CE, tflops=400.0, share=0.51, peak_mb=100.0),
-    row("fused_linear_cross_entropy", "seed003", "eager", 6.0, pass_="fwd+bwd", dims=CE, tflops=330.0, share=0.42,
-        peak_mb=2000.0),
+    row(
+        "fused_linear_cross_entropy",
+        "seed003",
+        "ours",
+        5.0,
+        pass_="fwd+bwd",
+        dims=CE,
+        tflops=400.0,
+        share=0.51,
+        peak_mb=100.0,
+    ),
+    row(
+        "fused_linear_cross_entropy",
+        "seed003",
+        "eager",
+        6.0,
+        pass_="fwd+bwd",
+        dims=CE,
+        tflops=330.0,
+        share=0.42,
+        peak_mb=2000.0,
+    ),
 ]
 
 
@@ -168,7 +227,9 @@ def test_byte_and_flop_counts() -> None:
     rope = {"batch": 2, "seq": 8, "heads": 4, "kv_heads": 2, "head_dim": 16}
     assert kernel_shapes.bytes_moved("apply_rope", rope, "bf16", "fwd") == 2 * 2 * 8 * 6 * 16 * 2 + 2 * 8 * 16 * 4
     assert kernel_shapes.flops("flash_attention", ATTN, "fwd") == 4 * 16 * 14 * 1024**2 * 64 / 2
-    assert kernel_shapes.flops("flash_attention", ATTN, "fwd+bwd") == 3.5 * kernel_shapes.flops("flash_attention", ATTN, "fwd")
+    assert kernel_shapes.flops("flash_attention", ATTN, "fwd+bwd") == 3.5 * kernel_shapes.flops(
+        "flash_attention", ATTN, "fwd"
+    )
     assert kernel_shapes.flops("fused_linear_cross_entropy", CE, "fwd+bwd") == 3 * 2 * 16384 * 768 * 35023
     assert kernel_shapes.bytes_moved("flash_attention", ATTN, "bf16", "fwd") is None
     assert kernel_shapes.flops("swiglu", {"tokens": 1, "ffn": 1}, "fwd") is None

@@ -32,8 +32,9 @@ def _toolchain_problem() -> str | None:
     return toolchain_problem()
 
 
-pytestmark = pytest.mark.skipif(_toolchain_problem() is not None,
-                                reason=f"no ahead-of-time CUDA compile here: {_toolchain_problem()}")
+pytestmark = pytest.mark.skipif(
+    _toolchain_problem() is not None, reason=f"no ahead-of-time CUDA compile here: {_toolchain_problem()}"
+)
 
 
 def _jit_functions() -> set[str]:
@@ -48,7 +49,10 @@ def _jit_functions() -> set[str]:
             fn = obj
             while hasattr(fn, "fn"):
                 fn = fn.fn
-            if isinstance(obj, (KernelInterface, InterpretedFunction)) and getattr(fn, "__module__", "") == module.__name__:
+            if (
+                isinstance(obj, (KernelInterface, InterpretedFunction))
+                and getattr(fn, "__module__", "") == module.__name__
+            ):
                 found.add(f"{module.__name__}.{name}")
     return found
 
@@ -56,8 +60,14 @@ def _jit_functions() -> set[str]:
 def _run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "zhkernels.aot_check", *args, "--json", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zhkernels.aot_check", *args, "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return proc, out
 
 
@@ -92,8 +102,14 @@ def test_report_lists_every_jit_function_in_kernels(quick_report):
 
 def test_refuses_to_run_under_the_interpreter(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "zhkernels.aot_check", "--quick"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "zhkernels.aot_check", "--quick"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "TRITON_INTERPRET" in lines[0]
@@ -152,7 +168,8 @@ from zhkernels import aot_check
 widths = {}
 for case in aot_check._swiglu_cases(86, quick=False):
     if case.label.startswith("bf16 ffn=1668"):
-        widths[case.kernel + " " + case.label] = sorted(set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*", aot_check.ptx(case, 86))))
+        found = re.findall(r"(?:ld|st)\\.global[.a-z0-9]*", aot_check.ptx(case, 86))
+        widths[case.kernel + " " + case.label] = sorted(set(found))
 print(json.dumps(widths))
 """
 

@@ -202,8 +202,9 @@ def test_fp16_gradients_under_a_loss_scaler_are_as_good_as_eager_fp16():
     w32 = torch.randn(v, h, device=DEVICE) * 0.02  # init-like logits: a flat softmax
     targets = torch.randint(0, v, (n,), device=DEVICE)
     targets[:100] = IGNORE
-    want = grads(reference.fused_linear_cross_entropy(h32.requires_grad_(), w32.requires_grad_(), targets),
-                 [h32, w32], ONE)
+    want = grads(
+        reference.fused_linear_cross_entropy(h32.requires_grad_(), w32.requires_grad_(), targets), [h32, w32], ONE
+    )
 
     def scaled_grads(loss_fn):
         h16, w16 = h32.detach().half().requires_grad_(), w32.detach().half().requires_grad_()
@@ -216,7 +217,9 @@ def test_fp16_gradients_under_a_loss_scaler_are_as_good_as_eager_fp16():
     ours = scaled_grads(lambda a, b: ce.fused_linear_cross_entropy(a, b, targets))
     for a, b, c, name in zip(ours, eager, want, ("hidden", "weight")):
         ours_err, eager_err = rel_err(a, c), rel_err(b, c)
-        assert ours_err <= 1.5 * eager_err + 1e-4, f"grad {name}: {ours_err:.2e} vs fp32; eager fp16 + scaler {eager_err:.2e}"
+        assert ours_err <= 1.5 * eager_err + 1e-4, (
+            f"grad {name}: {ours_err:.2e} vs fp32; eager fp16 + scaler {eager_err:.2e}"
+        )
 
 
 def test_out_of_range_targets():
@@ -247,8 +250,9 @@ def test_autocast_runs_in_the_autocast_dtype():
 def test_compiles_fullgraph():
     """torch.compile traces through the custom op (its fake implementation), forward and backward."""
     hidden, weight, targets = make_inputs((2, 77), 64, 6400, seed=16)
-    compiled = torch.compile(lambda h, w, t: ce.fused_linear_cross_entropy(h, w, t, chunk_size=64) * 2, fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda h, w, t: ce.fused_linear_cross_entropy(h, w, t, chunk_size=64) * 2, fullgraph=True, backend="aot_eager"
+    )
     loss = compiled(hidden, weight, targets)
     ref = reference.fused_linear_cross_entropy(hidden, weight, targets) * 2
     assert_fp32_close(loss, ref)
@@ -259,8 +263,10 @@ def test_compiles_fullgraph():
 def test_module():
     hidden, weight, targets = make_inputs((2, 77), 64, 6400, seed=11)
     loss_fn = ce.FusedLinearCrossEntropyLoss(reduction="sum", z_loss=1e-3, chunk_size=64)
-    assert_fp32_close(loss_fn(hidden, weight, targets), reference.fused_linear_cross_entropy(
-        hidden, weight, targets, reduction="sum", z_loss=1e-3))
+    assert_fp32_close(
+        loss_fn(hidden, weight, targets),
+        reference.fused_linear_cross_entropy(hidden, weight, targets, reduction="sum", z_loss=1e-3),
+    )
     with pytest.raises(ValueError, match="reduction must be one of"):
         ce.FusedLinearCrossEntropyLoss(reduction="avg")
 
@@ -309,7 +315,9 @@ def test_large_low_precision(dtype):
     fp32 = reference.fused_linear_cross_entropy(h32, w32, targets)
     _judge(ours, plain, fp32, dtype, "loss")
     for a, b, c, name in zip(
-        grads(ours, [hidden, weight], ONE), grads(plain, [hidden, weight], ONE.to(dtype)), grads(fp32, [h32, w32], ONE),
+        grads(ours, [hidden, weight], ONE),
+        grads(plain, [hidden, weight], ONE.to(dtype)),
+        grads(fp32, [h32, w32], ONE),
         ("hidden", "weight"),
     ):
         _judge(a, b, c, dtype, f"grad {name}")

@@ -22,8 +22,13 @@ OPS = [
 def custom_op_calls(monkeypatch):
     """Counts calls into torch.ops.zhllm.* (the Triton path) by wrapping each autograd Function's apply."""
     calls = []
-    for cls in (zhkernels.RMSNormFunction, zhkernels.SwiGLUFunction, zhkernels.RoPEFunction, zhkernels.FlashAttentionFunction,
-                zhkernels.FusedLinearCrossEntropyFunction):
+    for cls in (
+        zhkernels.RMSNormFunction,
+        zhkernels.SwiGLUFunction,
+        zhkernels.RoPEFunction,
+        zhkernels.FlashAttentionFunction,
+        zhkernels.FusedLinearCrossEntropyFunction,
+    ):
         original = cls.apply
         monkeypatch.setattr(cls, "apply", lambda *a, _o=original, _n=cls.__name__: calls.append(_n) or _o(*a))
     return calls

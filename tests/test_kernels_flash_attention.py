@@ -44,8 +44,11 @@ def case_id(c: tuple) -> str:
 
 
 def qkv(b: int, hq: int, hk: int, tq: int, tk: int, d: int, dtype: torch.dtype = torch.float32):
-    return randn(b, hq, tq, d, dtype=dtype, requires_grad=True), randn(b, hk, tk, d, dtype=dtype, requires_grad=True), \
-        randn(b, hk, tk, d, dtype=dtype, requires_grad=True)
+    return (
+        randn(b, hq, tq, d, dtype=dtype, requires_grad=True),
+        randn(b, hk, tk, d, dtype=dtype, requires_grad=True),
+        randn(b, hk, tk, d, dtype=dtype, requires_grad=True),
+    )
 
 
 def plain_attention(q, k, v, causal=True, doc_ids=None, scale=None):
@@ -119,7 +122,8 @@ DOC_LENGTHS = [[30, 1, 46], [77], [5, 60, 12]]
 def doc_ids_for(rows: list[list[int]], dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """Packed rows: document i of a row is a run of (arbitrary, increasing) id 3*i+1."""
     return torch.stack([torch.repeat_interleave(torch.arange(len(r)) * 3 + 1, torch.tensor(r)) for r in rows]).to(
-        dtype=dtype, device=randn(1).device)
+        dtype=dtype, device=randn(1).device
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -136,11 +140,11 @@ def test_documents_match_reference_and_separate_runs(causal):
         start = 0
         for n in lengths:
             part = slice(start, start + n)
-            qs, ks, vs = (t.detach()[b:b + 1, :, part].clone().requires_grad_() for t in (q, k, v))
+            qs, ks, vs = (t.detach()[b : b + 1, :, part].clone().requires_grad_() for t in (q, k, v))
             alone = fa.flash_attention(qs, ks, vs, causal=causal)
-            assert_fp32_close(out[b:b + 1, :, part], alone, what=f"row {b} document {part}")
-            for g_packed, g_alone, name in zip(packed_grads, grads(alone, [qs, ks, vs], d[b:b + 1, :, part]), "qkv"):
-                assert_fp32_close(g_packed[b:b + 1, :, part], g_alone, what=f"grad {name} row {b} document {part}")
+            assert_fp32_close(out[b : b + 1, :, part], alone, what=f"row {b} document {part}")
+            for g_packed, g_alone, name in zip(packed_grads, grads(alone, [qs, ks, vs], d[b : b + 1, :, part]), "qkv"):
+                assert_fp32_close(g_packed[b : b + 1, :, part], g_alone, what=f"grad {name} row {b} document {part}")
             start += n
 
 
@@ -274,8 +278,11 @@ def test_doc_bounds_once_equal_doc_ids_and_are_checked():
     assert torch.equal(with_ids, with_bounds)
     for a, b in zip(grads(with_ids, [q, k, v], d), grads(with_bounds, [q, k, v], d)):
         assert torch.equal(a, b)
-    assert_fp32_close(reference.flash_attention(q, k, v, doc_bounds=bounds),
-                      reference.flash_attention(q, k, v, doc_ids=doc_ids), what="reference with bounds")
+    assert_fp32_close(
+        reference.flash_attention(q, k, v, doc_bounds=bounds),
+        reference.flash_attention(q, k, v, doc_ids=doc_ids),
+        what="reference with bounds",
+    )
     with pytest.raises(ValueError, match="not both"):
         fa.flash_attention(q, k, v, doc_ids=doc_ids, doc_bounds=bounds)
     with pytest.raises(ValueError, match=r"int32 \[2, B, Tk\]"):
@@ -307,8 +314,13 @@ def test_split_dkdv_sums_to_the_unsplit_gradients(monkeypatch, dtype):
     assert torch.equal(whole[0], split[0]), "dq does not depend on the split"
     for a, b, name in zip(whole[1:], split[1:], "kv"):
         assert b.dtype == dtype and b.transpose(1, 2).is_contiguous()
-        torch.testing.assert_close(b, a, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5 if
-                                   dtype == torch.float32 else 1e-2, msg=f"grad {name}")
+        torch.testing.assert_close(
+            b,
+            a,
+            rtol=1e-5 if dtype == torch.float32 else 1e-2,
+            atol=1e-5 if dtype == torch.float32 else 1e-2,
+            msg=f"grad {name}",
+        )
 
 
 def test_autotune_times_every_candidate_once_and_keeps_the_fastest(monkeypatch):

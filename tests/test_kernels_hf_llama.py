@@ -31,9 +31,18 @@ TOL = 1e-5  # fp32, relative to the largest logit
 def tiny_config() -> "transformers.LlamaConfig":
     """GQA 4/2, head_dim 32, odd FFN and vocabulary."""
     return transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=200, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=200,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 

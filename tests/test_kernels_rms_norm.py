@@ -1,4 +1,5 @@
-"""RMSNorm: the Triton op against zhkernels.reference, forward and every gradient, with and without the fused residual."""
+"""RMSNorm: the Triton op against zhkernels.reference, forward and every gradient, with and without the fused
+residual."""
 
 from __future__ import annotations
 

@@ -87,9 +87,9 @@ def test_packed_documents_equal_each_document_alone():
     q_out, k_out = rp.apply_rope(q, k, cos, sin, packed_positions(2, lengths))
     start = 0
     for n in lengths:
-        q_doc, k_doc = rp.apply_rope(q[:, :, start:start + n], k[:, :, start:start + n], cos, sin)
-        assert_fp32_close(q_out[:, :, start:start + n], q_doc, tol=1e-6, what="q")
-        assert_fp32_close(k_out[:, :, start:start + n], k_doc, tol=1e-6, what="k")
+        q_doc, k_doc = rp.apply_rope(q[:, :, start : start + n], k[:, :, start : start + n], cos, sin)
+        assert_fp32_close(q_out[:, :, start : start + n], q_doc, tol=1e-6, what="q")
+        assert_fp32_close(k_out[:, :, start : start + n], k_doc, tol=1e-6, what="k")
         start += n
 
 
@@ -136,10 +136,7 @@ def test_matches_transformers_llama():
     """Our rotation on Hugging Face's own cos/sin equals transformers' apply_rotary_pos_emb (weights interchange)."""
     try:
         from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import (
-            LlamaRotaryEmbedding,
-            apply_rotary_pos_emb,
-        )
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
     except Exception:  # transformers is optional
         pytest.skip("transformers is not importable")
     torch.manual_seed(4)

@@ -88,7 +88,10 @@ def test_bad_input_errors():
     with pytest.raises(TypeError, match="cast"):
         zhkernels.swiglu(randn(2, 3), randn(2, 3, dtype=torch.float16))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
-        zhkernels.swiglu(torch.ones(2, 3, dtype=torch.int64, device=randn(1).device), torch.ones(2, 3, dtype=torch.int64, device=randn(1).device))
+        zhkernels.swiglu(
+            torch.ones(2, 3, dtype=torch.int64, device=randn(1).device),
+            torch.ones(2, 3, dtype=torch.int64, device=randn(1).device),
+        )
 
 
 def test_custom_ops_pass_opcheck():

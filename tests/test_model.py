@@ -45,6 +45,7 @@ def shifted(ids: torch.Tensor) -> torch.Tensor:
 
 def forbid_reference_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make kernels' fallback to zhkernels.reference raise, so a kernels="triton" test proves the Triton kernels ran."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("kernels fell back to zhkernels.reference on the Triton path")
 
@@ -194,7 +195,9 @@ def test_checkpointing_gives_the_same_loss_and_gradients(monkeypatch: pytest.Mon
     results, block_calls = {}, {}
     calls: list[int] = []
     attention_forward = model_module.Attention.forward
-    monkeypatch.setattr(model_module.Attention, "forward", lambda *a, **k: calls.append(1) or attention_forward(*a, **k))
+    monkeypatch.setattr(
+        model_module.Attention, "forward", lambda *a, **k: calls.append(1) or attention_forward(*a, **k)
+    )
     for on in (False, True):
         model = build(tiny(), checkpointing=on, dropout=0.1).train()
         calls.clear()
@@ -215,8 +218,14 @@ SCALINGS = {
     "linear": {"type": "linear", "factor": 4.0},
     "dynamic": {"type": "dynamic", "factor": 4.0, "original_max_seq_len": 128},
     "yarn": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 128},
-    "yarn-custom": {"type": "yarn", "factor": 8.0, "original_max_seq_len": 64, "beta_fast": 16.0, "beta_slow": 2.0,
-                    "attention_factor": 1.25},
+    "yarn-custom": {
+        "type": "yarn",
+        "factor": 8.0,
+        "original_max_seq_len": 64,
+        "beta_fast": 16.0,
+        "beta_slow": 2.0,
+        "attention_factor": 1.25,
+    },
 }
 
 
@@ -255,9 +264,14 @@ def test_scaled_model_past_its_trained_length_matches_transformers(name: str) ->
     assert round_trip.to_hf_config() == config.to_hf_config() and round_trip.max_seq_len == config.max_seq_len
 
 
-@pytest.mark.parametrize("scaling", [{"type": "linear", "factor": 1.0},
-                                     {"type": "yarn", "factor": 1.0, "original_max_seq_len": 16},
-                                     {"type": "ntk", "factor": 4.0, "original_max_seq_len": 64}])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"type": "linear", "factor": 1.0},
+        {"type": "yarn", "factor": 1.0, "original_max_seq_len": 16},
+        {"type": "ntk", "factor": 4.0, "original_max_seq_len": 64},
+    ],
+)
 def test_neutral_scaling_equals_plain_rope(scaling: dict) -> None:
     ids = torch.randint(0, VOCAB, (2, 30), device=DEVICE)
     with torch.no_grad():
@@ -289,27 +303,29 @@ def test_meta_model_materialises_with_to_empty_and_init_weights() -> None:
 # 7. config, counts, optimizer groups, small behaviours -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(dim=100, n_heads=8), "divisible by n_heads"),
-    (dict(n_heads=8, n_kv_heads=3), "multiple of n_kv_heads"),
-    (dict(dim=24, n_heads=8), "even"),
-    (dict(vocab_size=None), "vocab_size"),
-    (dict(rope_scaling={"type": "longrope", "factor": 2.0}), "unknown"),
-    (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_seq_len"),
-    (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0, "beta_fast": 3}), "takes keys"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(dim=100, n_heads=8), "divisible by n_heads"),
+        (dict(n_heads=8, n_kv_heads=3), "multiple of n_kv_heads"),
+        (dict(dim=24, n_heads=8), "even"),
+        (dict(vocab_size=None), "vocab_size"),
+        (dict(rope_scaling={"type": "longrope", "factor": 2.0}), "unknown"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "original_max_seq_len"),
+        (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor"),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0, "beta_fast": 3}), "takes keys"),
+    ],
+)
 def test_config_errors_are_one_line(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         LlamaConfig(**{"dim": 64, "n_heads": 4, "vocab_size": VOCAB, **fields})
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(kernels="cuda"), "kernels must be one of"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(dropout=-0.1), "dropout"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [(dict(kernels="cuda"), "kernels must be one of"), (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout")],
+)
 def test_option_errors_are_one_line(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message) as info:
         ModelOptions(**fields)

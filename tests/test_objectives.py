@@ -115,8 +115,9 @@ def test_hidden_states_and_lm_head_give_the_models_loss():
     out = model(ids, head=lambda h, w: (h, w))  # a head gets the same hidden states and the output weight
     torch.testing.assert_close(out.head[0], hidden)
     assert out.head[1] is model.lm_head.weight and out.loss is None and out.logits is None
-    torch.testing.assert_close(model(ids, labels=labels).loss,
-                               torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1)))
+    torch.testing.assert_close(
+        model(ids, labels=labels).loss, torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+    )
 
 
 def test_a_toy_objective_trains_validates_and_is_recorded(toy, corpus, tmp_path):
@@ -141,13 +142,22 @@ def test_a_transform_runs_before_the_optimizer_is_built(corpus, tmp_path):
 
     def freeze_embeddings(model):
         model.model.embed_tokens.weight.requires_grad_(False)
-        at_transform.update(embed=model.model.embed_tokens.weight.detach().clone(),
-                            head=model.lm_head.weight.detach().clone(), model=model)
+        at_transform.update(
+            embed=model.model.embed_tokens.weight.detach().clone(),
+            head=model.lm_head.weight.detach().clone(),
+            model=model,
+        )
         return model
 
     config = LlamaConfig.from_preset("tiny", vocab_size=VOCAB, dim=64, tie_embeddings=False)
-    result = train(config, TrainConfig(steps=3, batch_size=4, seq_len=32, out_dir=str(tmp_path), progress=False,
-                                       kernels="torch", eval_every=0), corpus, transforms=[freeze_embeddings])
+    result = train(
+        config,
+        TrainConfig(
+            steps=3, batch_size=4, seq_len=32, out_dir=str(tmp_path), progress=False, kernels="torch", eval_every=0
+        ),
+        corpus,
+        transforms=[freeze_embeddings],
+    )
     assert at_transform["model"] is result.model
     assert torch.equal(result.model.model.embed_tokens.weight.detach(), at_transform["embed"])  # frozen: untouched
     assert not torch.equal(result.model.lm_head.weight.detach(), at_transform["head"])  # the rest trained
@@ -196,8 +206,21 @@ def test_the_loop_counts_the_tokens_the_objective_says_a_batch_has(corpus, tmp_p
         def tokens(self, batch):
             return batch["input_ids"].numel() // 2
 
-    result = train(tiny(), TrainConfig(steps=3, batch_size=4, seq_len=32, out_dir=str(tmp_path), progress=False,
-                                       kernels="torch", eval_every=0, log_every=1), corpus, objective=HalfTokens())
+    result = train(
+        tiny(),
+        TrainConfig(
+            steps=3,
+            batch_size=4,
+            seq_len=32,
+            out_dir=str(tmp_path),
+            progress=False,
+            kernels="torch",
+            eval_every=0,
+            log_every=1,
+        ),
+        corpus,
+        objective=HalfTokens(),
+    )
     assert result.tokens == 3 * 4 * 32 // 2
     assert [r["tokens"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [64, 128, 192]
 
@@ -212,8 +235,8 @@ spec = importlib.util.spec_from_file_location("toy_objective", toy_file)
 toy = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(toy)
 model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, tie_embeddings=True)
-cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, lr=1e-2, warmup_steps=1, eval_every=2, eval_batches=2,
-                  save_every=4, log_every=1, out_dir=out_dir, progress=False, parallel=parallel)
+cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, lr=1e-2, warmup_steps=1, eval_every=2,
+                  eval_batches=2, save_every=4, log_every=1, out_dir=out_dir, progress=False, parallel=parallel)
 result = train(model, cfg, corpus, objective=toy.FixedTarget(7))
 state = result.model.state_dict() if parallel == "ddp" else {}
 torch.save({"state": state}, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
@@ -227,9 +250,25 @@ def test_a_head_objective_trains_data_parallel(toy, corpus, tmp_path, parallel):
     worker, out_dir = tmp_path / "worker.py", tmp_path / "out"
     worker.write_text(HEAD_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), str(out_dir), str(corpus), str(script), parallel],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            str(out_dir),
+            str(corpus),
+            str(script),
+            parallel,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(out_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["loss"] < records[0]["loss"]

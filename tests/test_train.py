@@ -51,8 +51,20 @@ def tiny_model() -> LlamaConfig:
 
 
 def tiny_config(out_dir: Path, **overrides) -> TrainConfig:
-    settings = dict(steps=6, batch_size=4, seq_len=32, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=0,
-                    save_every=0, log_every=1, out_dir=str(out_dir), progress=False, kernels="torch")
+    settings = dict(
+        steps=6,
+        batch_size=4,
+        seq_len=32,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=2,
+        eval_every=0,
+        save_every=0,
+        log_every=1,
+        out_dir=str(out_dir),
+        progress=False,
+        kernels="torch",
+    )
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -70,7 +82,9 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr():
 
 @pytest.mark.parametrize("shape", ["linear", "sqrt"])
 def test_wsd_schedule_is_flat_then_decays_over_the_last_fraction(shape):
-    cfg = TrainConfig(steps=100, lr=1.0, min_lr=0.0, warmup_steps=5, schedule="wsd", decay_fraction=0.2, decay_shape=shape)
+    cfg = TrainConfig(
+        steps=100, lr=1.0, min_lr=0.0, warmup_steps=5, schedule="wsd", decay_fraction=0.2, decay_shape=shape
+    )
     lrs = [learning_rate(s, cfg, 100) for s in range(100)]
     assert lrs[:5] == pytest.approx([(s + 1) / 6 for s in range(5)])
     assert lrs[5:80] == [1.0] * 75
@@ -101,8 +115,16 @@ def test_peak_tflops_table_matches_device_names():
     assert device_peak_tflops(torch.device("cpu")) is None
     assert device_peak_tflops(torch.device("cpu"), 2.0) == 2.0
     assert mfu(1e9, 1000.0, 2.0) == pytest.approx(0.5) and mfu(1e9, 1000.0, None) is None
-    line = summary_line(steps=10, tokens=2_000_000, seconds=75, tokens_per_s=1234.5, train_loss=2.0,
-                        val_loss=2.5, mfu=None, peak_memory_gib=None)
+    line = summary_line(
+        steps=10,
+        tokens=2_000_000,
+        seconds=75,
+        tokens_per_s=1234.5,
+        train_loss=2.0,
+        val_loss=2.5,
+        mfu=None,
+        peak_memory_gib=None,
+    )
     assert "10 steps" in line and "2.00M tokens" in line and "1m15s" in line and "MFU n/a" in line
 
 
@@ -122,16 +144,22 @@ def test_training_learns_logs_validates_and_keeps_last_checkpoints(corpus, tmp_p
     assert [step for step, _ in list_checkpoints(tmp_path)] == [9, 12]
     assert (tmp_path / LATEST).read_text().strip() == "step_000012" and result.checkpoint == tmp_path / "step_000012"
     config = json.loads((tmp_path / "step_000012" / "config.json").read_text())
-    assert config["model"]["dim"] == 64 and config["train"]["steps"] == 12 and config["tokenizer"]["sha256"] == "ab" * 32
+    assert (
+        config["model"]["dim"] == 64 and config["train"]["steps"] == 12 and config["tokenizer"]["sha256"] == "ab" * 32
+    )
     assert result.val_loss == records[-1]["val_loss"] and result.train_loss == records[-1]["loss"]
 
 
 def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
     # epoch mode hands out the same samples whether a step takes 4 at once or 2 + 2
     big = train(tiny_model(), tiny_config(tmp_path / "big", steps=3, data_mode="epoch"), corpus)
-    small = train(tiny_model(), tiny_config(tmp_path / "small", steps=3, data_mode="epoch", batch_size=2, grad_accum=2), corpus)
+    small = train(
+        tiny_model(), tiny_config(tmp_path / "small", steps=3, data_mode="epoch", batch_size=2, grad_accum=2), corpus
+    )
     assert small.tokens == big.tokens
-    losses = [[r["loss"] for r in read_metrics(run / "metrics.jsonl")] for run in (tmp_path / "big", tmp_path / "small")]
+    losses = [
+        [r["loss"] for r in read_metrics(run / "metrics.jsonl")] for run in (tmp_path / "big", tmp_path / "small")
+    ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
@@ -237,17 +265,40 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
 
 # ---------------------------------------------------------------- the loop, in subprocesses
 
+
 def run_args(corpus: Path, out_dir: Path, steps: int, *extra: str) -> list[str]:
-    return ["--train", str(corpus), *MODEL_ARGS, "--steps", str(steps), "--batch-size", "4", "--seq-len", "32",
-            "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "0", "--log-every", "1", "--no-progress",
-            "--out-dir", str(out_dir), *extra]
+    return [
+        "--train",
+        str(corpus),
+        *MODEL_ARGS,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "2",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--out-dir",
+        str(out_dir),
+        *extra,
+    ]
 
 
 def test_sigkill_at_a_random_step_then_resume_gives_bitwise_identical_losses(corpus, tmp_path):
     steps, kill_after = 16, random.Random(20240).randint(3, 9)  # the run stalls after that step and is killed there
     extra = ("--save-every", "2", "--keep-last", "2", "--model", "dropout=0.1")  # dropout: the torch RNG matters too
     reference = start_run(run_args(corpus, tmp_path / "reference", steps, *extra), tmp_path / "reference.log")
-    victim = start_run(run_args(corpus, tmp_path / "victim", steps, *extra), tmp_path / "victim.log", stall_at=kill_after)
+    victim = start_run(
+        run_args(corpus, tmp_path / "victim", steps, *extra), tmp_path / "victim.log", stall_at=kill_after
+    )
     assert wait_until_stalled(tmp_path / "victim.log", victim) == kill_after
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=60) == -signal.SIGKILL
@@ -268,7 +319,10 @@ def test_sigkill_at_a_random_step_then_resume_gives_bitwise_identical_losses(cor
     for record in before_kill + after:
         for key in ("loss", "grad_norm", "lr", "tokens"):
             assert record[key] == expected[record["step"]][key], (record["step"], key)
-    final = [load_file(str(run / f"step_{steps:06d}" / "model.safetensors")) for run in (tmp_path / "reference", tmp_path / "victim")]
+    final = [
+        load_file(str(run / f"step_{steps:06d}" / "model.safetensors"))
+        for run in (tmp_path / "reference", tmp_path / "victim")
+    ]
     assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
 
@@ -291,8 +345,8 @@ from llama.model import LlamaConfig
 from llama.training import TrainConfig, train
 out_dir, corpus, dump, parallel = sys.argv[1:5]
 model = LlamaConfig.from_preset("tiny", vocab_size=128, dim=64, tie_embeddings=True)
-cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup_steps=1, eval_every=2, eval_batches=2,
-                  save_every=2, log_every=1, out_dir=out_dir, progress=False, parallel=parallel)
+cfg = TrainConfig(steps=4, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, warmup_steps=1, eval_every=2,
+                  eval_batches=2, save_every=2, log_every=1, out_dir=out_dir, progress=False, parallel=parallel)
 result = train(model, cfg, corpus)
 state = result.model.state_dict() if parallel == "ddp" else {}  # FSDP holds shards; its checkpoint is compared instead
 torch.save({"state": state, "first_batch": result.first_batch_sha256, "tokens": result.tokens},
@@ -306,9 +360,25 @@ def torchrun_two_cpu_ranks(tmp_path: Path, corpus: Path, parallel: str) -> tuple
     worker.write_text(DISTRIBUTED_WORKER)
     dump.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), str(out_dir), str(corpus), str(dump), parallel],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            str(out_dir),
+            str(corpus),
+            str(dump),
+            parallel,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out_dir, [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
@@ -348,21 +418,34 @@ def test_fsdp_on_two_cpu_processes_trains_like_ddp(ddp_run, corpus, tmp_path):
 
 
 def test_a_seq_len_beyond_the_context_names_what_fits(corpus, tmp_path):
-    with pytest.raises(ValueError, match=r"^--seq-len 512 is longer than the model's context of 256 tokens; "
-                                         r"use --seq-len 256 or less \(or --model max_seq_len=512\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^--seq-len 512 is longer than the model's context of 256 tokens; "
+        r"use --seq-len 256 or less \(or --model max_seq_len=512\)$",
+    ):
         train(tiny_model(), tiny_config(tmp_path, seq_len=512), corpus)
 
 
 def test_model_items_split_into_architecture_and_run_options():
     """``--model kernels=torch`` keeps working: run options go to TrainConfig, the rest to LlamaConfig."""
-    from llama.training.cli import (
-        build_parser,
-        model_config_from_args,
-        train_config_from_args,
-    )
+    from llama.training.cli import build_parser, model_config_from_args, train_config_from_args
 
-    args = build_parser().parse_args(["--train", "x", "--vocab-size", "64", "--model", "dim=32", "--model",
-                                      "kernels=torch", "--model", "dropout=0.1", "--model", "checkpointing=true"])
+    args = build_parser().parse_args(
+        [
+            "--train",
+            "x",
+            "--vocab-size",
+            "64",
+            "--model",
+            "dim=32",
+            "--model",
+            "kernels=torch",
+            "--model",
+            "dropout=0.1",
+            "--model",
+            "checkpointing=true",
+        ]
+    )
     config, cfg = model_config_from_args(args), train_config_from_args(args)
     assert config.dim == 32 and not hasattr(config, "kernels")
     assert cfg.model_options() == ModelOptions(kernels="torch", checkpointing=True, dropout=0.1)

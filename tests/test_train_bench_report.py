@@ -1,4 +1,5 @@
-"""The training-step benchmark report (``bench/train_report.py``) on a synthetic results set, and the rehearsal's search.
+"""The training-step benchmark report (``bench/train_report.py``) on a synthetic results set, and the rehearsal's
+search.
 
 No GPU and no benchmark run: the rows are written by hand the way ``bench/test_train_step.py`` records
 them. Rendering goes to a temporary folder; ``bench/RESULTS.md`` is never written.
@@ -21,23 +22,67 @@ import rehearse_6gb  # noqa: E402
 import train_report  # noqa: E402
 
 GPU = {"device": "Test GPU 80GB HBM3", "torch": "2.11.0", "cuda": "12.8", "triton": "3.6.0", "transformers": "4.57.0"}
-ENV = {"date": "2025-01-01 00:00:00 UTC", "commit": "abc1234", "uncommitted": [], "cpu": "test cpu", "cores": 16,
-       "memory_gb": 128.0, "python": "3.11.0", "numpy": "2.0", "sentencepiece": "0.2",
-       "command": "pytest bench/test_train_step.py", "load_average": [1.0, 1.0, 1.0], "load_average_end": [1.0, 1.0, 1.0]}
+ENV = {
+    "date": "2025-01-01 00:00:00 UTC",
+    "commit": "abc1234",
+    "uncommitted": [],
+    "cpu": "test cpu",
+    "cores": 16,
+    "memory_gb": 128.0,
+    "python": "3.11.0",
+    "numpy": "2.0",
+    "sentencepiece": "0.2",
+    "command": "pytest bench/test_train_step.py",
+    "load_average": [1.0, 1.0, 1.0],
+    "load_average_end": [1.0, 1.0, 1.0],
+}
 FLOPS_160M = 813_453_312  # Llama.flops_per_token(1024) of seed000-160m
 TABLE, MEASURED = 989.4, 700.0
 
 
-def step(preset: str, impl: str, tokens_per_s: float, batch: int = 16, seq: int = 1024, precision: str = "bf16",
-         checkpointing: bool = False, vocab: int = 10_000, assumed: bool = False, peak_mb: float = 4096.0,
-         flops: int = FLOPS_160M, case: str = "step") -> dict[str, Any]:
+def step(
+    preset: str,
+    impl: str,
+    tokens_per_s: float,
+    batch: int = 16,
+    seq: int = 1024,
+    precision: str = "bf16",
+    checkpointing: bool = False,
+    vocab: int = 10_000,
+    assumed: bool = False,
+    peak_mb: float = 4096.0,
+    flops: int = FLOPS_160M,
+    case: str = "step",
+) -> dict[str, Any]:
     tflops = flops * tokens_per_s / 1e12
     ms = batch * seq / tokens_per_s * 1e3
-    row = {"case": case, "preset": preset, "impl": impl, "batch": batch, "seq": seq, "precision": precision,
-           "checkpointing": checkpointing, "vocab": vocab, "vocab_assumed": assumed, "dim": 896, "n_layers": 12,
-           "params": 122_537_856, "flops_per_token": flops, "tokens_per_step": batch * seq, "ms": ms, "ms_min": ms,
-           "ms_max": ms, "steps": 40, "tokens_per_s": tokens_per_s, "tflops": tflops, "first_loss": 9.3,
-           "skipped_steps": 0, "resident_mb": 1500.0, "peak_mb": peak_mb, **GPU}
+    row = {
+        "case": case,
+        "preset": preset,
+        "impl": impl,
+        "batch": batch,
+        "seq": seq,
+        "precision": precision,
+        "checkpointing": checkpointing,
+        "vocab": vocab,
+        "vocab_assumed": assumed,
+        "dim": 896,
+        "n_layers": 12,
+        "params": 122_537_856,
+        "flops_per_token": flops,
+        "tokens_per_step": batch * seq,
+        "ms": ms,
+        "ms_min": ms,
+        "ms_max": ms,
+        "steps": 40,
+        "tokens_per_s": tokens_per_s,
+        "tflops": tflops,
+        "first_loss": 9.3,
+        "skipped_steps": 0,
+        "resident_mb": 1500.0,
+        "peak_mb": peak_mb,
+        **GPU,
+    }
     if case == "step":
         row.update(mfu_measured=tflops / MEASURED, mfu_table=tflops / TABLE)
     return row
@@ -52,8 +97,17 @@ def attempt(batch: int, ok: bool = True, oom: bool = False, peak_mb: float = 300
 
 def rehearsal(impl: str, checkpointing: bool, tried: list[dict[str, Any]]) -> dict[str, Any]:
     found = rehearse_6gb.search(rehearse_6gb.SEARCH_BATCHES, lambda b: tried[[t["batch"] for t in tried].index(b)])
-    return {"case": "rehearsal", "preset": "seed003-92m", "seq": 512, "impl": impl, "precision": "fp16",
-            "checkpointing": checkpointing, "cap_gib": 6.0, **found, **GPU}
+    return {
+        "case": "rehearsal",
+        "preset": "seed003-92m",
+        "seq": 512,
+        "impl": impl,
+        "precision": "fp16",
+        "checkpointing": checkpointing,
+        "cap_gib": 6.0,
+        **found,
+        **GPU,
+    }
 
 
 ROWS = [
@@ -71,8 +125,10 @@ ROWS = [
     rehearsal("triton", True, [attempt(b) for b in rehearse_6gb.SEARCH_BATCHES]),
     rehearsal("hf", True, [attempt(4), attempt(8), attempt(16, ok=False, oom=True, peak_mb=6100.0)]),
     rehearsal("triton", False, [attempt(4), attempt(8), attempt(16), attempt(32, ok=False, oom=True)]),
-    step("tiny", "torch", 220.0, batch=4, seq=128, precision="fp32", vocab=8_000, case="cpu-step") | {"cores": 2, "threads": 2},
-    step("tiny", "hf", 200.0, batch=4, seq=128, precision="fp32", vocab=8_000, case="cpu-step") | {"cores": 2, "threads": 2},
+    step("tiny", "torch", 220.0, batch=4, seq=128, precision="fp32", vocab=8_000, case="cpu-step")
+    | {"cores": 2, "threads": 2},
+    step("tiny", "hf", 200.0, batch=4, seq=128, precision="fp32", vocab=8_000, case="cpu-step")
+    | {"cores": 2, "threads": 2},
 ]
 
 
@@ -136,7 +192,11 @@ def test_mfu_target_falls_back_to_the_measured_peak() -> None:
 def test_rehearsal_target_only_for_triton_with_checkpointing(summary: dict[str, Any]) -> None:
     t = _target(summary, "6 GiB cap", "micro-batch")
     assert t["met"] is True and t["measured"] == "64 × 512 (every candidate fit)"
-    assert [(r["impl"], r["checkpointing"]) for r in summary["rehearsals"]] == [("triton", True), ("triton", False), ("hf", True)]
+    assert [(r["impl"], r["checkpointing"]) for r in summary["rehearsals"]] == [
+        ("triton", True),
+        ("triton", False),
+        ("hf", True),
+    ]
     hf = summary["rehearsals"][2]
     assert hf["largest_batch"] == 8 and hf["stopped_by"] == "oom"
 
@@ -220,7 +280,9 @@ def test_step_spec_configs() -> None:
     own, options = rehearse_6gb.model_config(own_spec), rehearse_6gb.model_options(own_spec)
     assert own.vocab_size == 35_023 and options.kernels == "triton" and options.checkpointing
     assert not rehearse_6gb.vocab_assumed(rehearse_6gb.StepSpec("seed003-92m", "triton", 4, 512))
-    numbers = rehearse_6gb.model_numbers(rehearse_6gb.model_config(rehearse_6gb.StepSpec("seed000-160m", "triton", 16, 1024)), 1024)
+    numbers = rehearse_6gb.model_numbers(
+        rehearse_6gb.model_config(rehearse_6gb.StepSpec("seed000-160m", "triton", 16, 1024)), 1024
+    )
     assert numbers["flops_per_token"] == FLOPS_160M
     with pytest.raises(ValueError, match="impl must be one of"):
         rehearse_6gb.StepSpec("seed003-92m", "jax", 4, 512)

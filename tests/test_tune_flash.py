@@ -19,8 +19,14 @@ pytest.importorskip("triton")
 def test_smoke_run_times_every_candidate_and_writes_the_table(tmp_path: Path) -> None:
     out = tmp_path / "tiles.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "tune_flash.py"), "--smoke", "--docs", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "tune_flash.py"), "--smoke", "--docs", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["smoke"] is True
@@ -39,8 +45,16 @@ def test_smoke_run_times_every_candidate_and_writes_the_table(tmp_path: Path) ->
 def test_without_a_gpu_it_says_so_in_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "tune_flash.py"), "--out", str(tmp_path / "x.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "tune_flash.py"), "--out", str(tmp_path / "x.json")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: tune_flash needs a CUDA GPU (or --smoke to prove the script on CPU)"]
+    assert done.stderr.strip().splitlines() == [
+        "error: tune_flash needs a CUDA GPU (or --smoke to prove the script on CPU)"
+    ]
     assert not (tmp_path / "x.json").exists()

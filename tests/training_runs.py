@@ -25,12 +25,20 @@ def write_corpus(prefix: Path, n_docs: int, seed: int) -> Path:
     for _ in range(n_docs):
         start, length = int(rng.integers(0, VOCAB - 3)), int(rng.integers(10, 60))
         docs.append(np.append((start + np.arange(length)) % (VOCAB - 3) + 3, EOS))
-    return write_packed(prefix, docs, VOCAB, bos_id=1, eos_id=EOS, pad_id=0,
-                        tokenizer={"path": "tok/tokenizer.json", "sha256": "ab" * 32})
+    return write_packed(
+        prefix,
+        docs,
+        VOCAB,
+        bos_id=1,
+        eos_id=EOS,
+        pad_id=0,
+        tokenizer={"path": "tok/tokenizer.json", "sha256": "ab" * 32},
+    )
 
 
-def write_packed(prefix: Path, docs: list, vocab_size: int, *, bos_id: int, eos_id: int, pad_id: int,
-                 tokenizer: dict) -> Path:
+def write_packed(
+    prefix: Path, docs: list, vocab_size: int, *, bos_id: int, eos_id: int, pad_id: int, tokenizer: dict
+) -> Path:
     """A pretrain dataset of these token-id documents, written the way ``engine.prepare`` writes one."""
     paths, dtype = DatasetPaths.of(prefix), token_dtype(vocab_size)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
@@ -38,9 +46,20 @@ def write_packed(prefix: Path, docs: list, vocab_size: int, *, bos_id: int, eos_
         np.concatenate(docs).astype(dtype).tofile(out.tmp(paths.bin))
         with open(out.tmp(paths.idx), "wb") as f:
             np.save(f, offsets)
-        out.commit({"format": FORMAT, "kind": "pretrain", "dtype": dtype.name, "n_tokens": int(offsets[-1]),
-                    "n_docs": len(docs), "vocab_size": vocab_size, "bos_id": bos_id, "eos_id": eos_id,
-                    "pad_id": pad_id, "tokenizer": tokenizer})
+        out.commit(
+            {
+                "format": FORMAT,
+                "kind": "pretrain",
+                "dtype": dtype.name,
+                "n_tokens": int(offsets[-1]),
+                "n_docs": len(docs),
+                "vocab_size": vocab_size,
+                "bos_id": bos_id,
+                "eos_id": eos_id,
+                "pad_id": pad_id,
+                "tokenizer": tokenizer,
+            }
+        )
     return paths.prefix
 
 
@@ -75,8 +94,13 @@ def start_run(args: list[str], log_path: Path, stall_at: int = -1, script: str =
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     marker, go = log_path.with_suffix(".stalled"), log_path.with_suffix(".go")
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-c", STALLING_RUN, str(stall_at), str(marker), str(go), script, *args],
-                                cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STALLING_RUN, str(stall_at), str(marker), str(go), script, *args],
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     STARTED.append(proc)
     return proc
 
@@ -95,7 +119,9 @@ def wait_until_stalled(log_path: Path, proc: subprocess.Popen, timeout: float = 
     marker = log_path.with_suffix(".stalled")
     deadline = time.monotonic() + timeout
     while not marker.exists():
-        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before stalling: {log_path.read_text()[-2000:]}"
+        assert proc.poll() is None, (
+            f"the run ended (code {proc.returncode}) before stalling: {log_path.read_text()[-2000:]}"
+        )
         assert time.monotonic() < deadline, f"the run did not stall within {timeout:.0f} s"
         time.sleep(0.01)
     return int(marker.read_text())

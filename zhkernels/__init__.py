@@ -16,7 +16,22 @@ from .rope import RoPEFunction, RotaryEmbedding, apply_rope
 from .swiglu import SwiGLU, SwiGLUFunction, SwiGLUMLP, swiglu
 
 __all__ = [
-    "FlashAttention", "FlashAttentionFunction", "FusedLinearCrossEntropyFunction", "FusedLinearCrossEntropyLoss",
-    "RMSNorm", "RMSNormFunction", "RoPEFunction", "RotaryEmbedding", "SwiGLU", "SwiGLUFunction", "SwiGLUMLP",
-    "apply_rope", "flash_attention", "fused_linear_cross_entropy", "patch_hf_llama", "reference", "rms_norm", "swiglu",
+    "FlashAttention",
+    "FlashAttentionFunction",
+    "FusedLinearCrossEntropyFunction",
+    "FusedLinearCrossEntropyLoss",
+    "RMSNorm",
+    "RMSNormFunction",
+    "RoPEFunction",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "SwiGLUFunction",
+    "SwiGLUMLP",
+    "apply_rope",
+    "flash_attention",
+    "fused_linear_cross_entropy",
+    "patch_hf_llama",
+    "reference",
+    "rms_norm",
+    "swiglu",
 ]

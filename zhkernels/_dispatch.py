@@ -42,12 +42,14 @@ if HAS_TRITON and _INTERPRET_AT_IMPORT:
 
 
 def interpret_mode_at_import() -> bool:
-    """Whether the kernels were decorated for Triton's interpreter (``TRITON_INTERPRET=1`` before ``import zhkernels``)."""
+    """Whether the kernels were decorated for Triton's interpreter (``TRITON_INTERPRET=1`` before ``import
+    zhkernels``)."""
     return _INTERPRET_AT_IMPORT
 
 
 def interpret_mode() -> bool:
-    """True when Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET=1`` now and when kernels were imported."""
+    """True when Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET=1`` now and when kernels were
+    imported."""
     return _INTERPRET_AT_IMPORT and _interpret_env()
 
 

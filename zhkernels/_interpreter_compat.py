@@ -34,8 +34,11 @@ def apply() -> bool:
         return False
     original = getattr(interpreter, "_patch_lang_tensor", None)
     if original is None:  # a layout we do not know: leave it, the interpreter tests will say what fails
-        logger.warning("Triton %s's interpreter has no _patch_lang_tensor: loops may fail with numpy %s",
-                       triton.__version__, np.__version__)
+        logger.warning(
+            "Triton %s's interpreter has no _patch_lang_tensor: loops may fail with numpy %s",
+            triton.__version__,
+            np.__version__,
+        )
         return False
     if getattr(original, "_zhllm_index_fix", False):
         return True

@@ -109,6 +109,7 @@ def _op(name: str) -> Any:
 
 # ---- launch configurations, derived through the ops' own helpers ------------------------------------------
 
+
 def _rms_norm_cases(arch: int, quick: bool) -> list[Case]:
     rn = _op("rms_norm")
     widths = (1668,) if quick else HIDDEN + (rn.MAX_HIDDEN,)
@@ -121,15 +122,50 @@ def _rms_norm_cases(arch: int, quick: bool) -> list[Case]:
             for flag in (True,) if quick else (False, True):
                 label = f"h={h} x={x} w={w}" + (" residual" if flag else "")
                 common = dict(n_rows=TOKENS, n_cols=h, BLOCK_ROWS=block_rows, BLOCK_H=block_h)
-                cases.append(Case("rms_norm", "_rms_norm_forward_kernel", label, dict(
-                    common, x_ptr=Ptr(x), res_ptr=Ptr(x), w_ptr=Ptr(w), out_ptr=Ptr(x), new_res_ptr=Ptr(x),
-                    rstd_ptr=Ptr("fp32"), x_row_stride=h, res_row_stride=h, eps=1e-6, HAS_RESIDUAL=flag,
-                ), num_warps))
-                cases.append(Case("rms_norm", "_rms_norm_backward_kernel", label, dict(
-                    common, grad_out_ptr=Ptr(x), x_ptr=Ptr(x), w_ptr=Ptr(w), rstd_ptr=Ptr("fp32"), grad_res_ptr=Ptr(x),
-                    grad_x_ptr=Ptr(x), grad_w_partial_ptr=Ptr("fp32"), rows_per_program=rows_per_program,
-                    grad_out_row_stride=h, x_row_stride=h, grad_res_row_stride=h, HAS_GRAD_RESIDUAL=flag,
-                ), num_warps))
+                cases.append(
+                    Case(
+                        "rms_norm",
+                        "_rms_norm_forward_kernel",
+                        label,
+                        dict(
+                            common,
+                            x_ptr=Ptr(x),
+                            res_ptr=Ptr(x),
+                            w_ptr=Ptr(w),
+                            out_ptr=Ptr(x),
+                            new_res_ptr=Ptr(x),
+                            rstd_ptr=Ptr("fp32"),
+                            x_row_stride=h,
+                            res_row_stride=h,
+                            eps=1e-6,
+                            HAS_RESIDUAL=flag,
+                        ),
+                        num_warps,
+                    )
+                )
+                cases.append(
+                    Case(
+                        "rms_norm",
+                        "_rms_norm_backward_kernel",
+                        label,
+                        dict(
+                            common,
+                            grad_out_ptr=Ptr(x),
+                            x_ptr=Ptr(x),
+                            w_ptr=Ptr(w),
+                            rstd_ptr=Ptr("fp32"),
+                            grad_res_ptr=Ptr(x),
+                            grad_x_ptr=Ptr(x),
+                            grad_w_partial_ptr=Ptr("fp32"),
+                            rows_per_program=rows_per_program,
+                            grad_out_row_stride=h,
+                            x_row_stride=h,
+                            grad_res_row_stride=h,
+                            HAS_GRAD_RESIDUAL=flag,
+                        ),
+                        num_warps,
+                    )
+                )
     return cases
 
 
@@ -143,9 +179,15 @@ def _rope_cases(arch: int, quick: bool) -> list[Case]:
         block_heads, block_half, num_warps = rp.launch_config(d, hq, hk)
         for dt in ("bf16",) if quick else DTYPES:
             # (cos/sin layout, their dtype, position_ids): a table indexed by positions, a table, HF's per-token rows
-            tables = [("table", "fp32", True)] if quick else [
-                (kind, cdt, pos) for kind, pos in (("table", True), ("table", False), ("per-token", False))
-                for cdt in ("fp32", dt)]
+            tables = (
+                [("table", "fp32", True)]
+                if quick
+                else [
+                    (kind, cdt, pos)
+                    for kind, pos in (("table", True), ("table", False), ("per-token", False))
+                    for cdt in ("fp32", dt)
+                ]
+            )
             for kind, cdt, has_pos in tables:
                 for backward in (False,) if quick else (False, True):
                     # forward reads the model's [B, T, H, D] views; backward gets contiguous [B, H, T, D] gradients
@@ -154,15 +196,44 @@ def _rope_cases(arch: int, quick: bool) -> list[Case]:
                     cos_sb = t * d if kind == "per-token" else 0
                     label = f"{dt} Hq/Hk={hq}/{hk} D={d} cos {kind} {cdt}" + (" positions" if has_pos else "")
                     label += " backward" if backward else ""
-                    cases.append(Case("rope", "_rope_kernel", label, dict(
-                        q_ptr=Ptr(dt), k_ptr=Ptr(dt), cos_ptr=Ptr(cdt), sin_ptr=Ptr(cdt),
-                        pos_ptr=Ptr("i64") if has_pos else Ptr(cdt), q_out_ptr=Ptr(dt), k_out_ptr=Ptr(dt),
-                        seq_len=t, n_q_heads=hq, n_k_heads=hk, half=half, table_len=t if kind == "table" else batch,
-                        q_sb=q_s[0], q_sh=q_s[1], q_st=q_s[2], k_sb=k_s[0], k_sh=k_s[1], k_st=k_s[2],
-                        cos_sb=cos_sb, cos_st=d, sin_sb=cos_sb, sin_st=d,
-                        pos_sb=t if has_pos else 0, pos_st=1 if has_pos else 0,
-                        HAS_POSITIONS=has_pos, BACKWARD=backward, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
-                    ), num_warps))
+                    cases.append(
+                        Case(
+                            "rope",
+                            "_rope_kernel",
+                            label,
+                            dict(
+                                q_ptr=Ptr(dt),
+                                k_ptr=Ptr(dt),
+                                cos_ptr=Ptr(cdt),
+                                sin_ptr=Ptr(cdt),
+                                pos_ptr=Ptr("i64") if has_pos else Ptr(cdt),
+                                q_out_ptr=Ptr(dt),
+                                k_out_ptr=Ptr(dt),
+                                seq_len=t,
+                                n_q_heads=hq,
+                                n_k_heads=hk,
+                                half=half,
+                                table_len=t if kind == "table" else batch,
+                                q_sb=q_s[0],
+                                q_sh=q_s[1],
+                                q_st=q_s[2],
+                                k_sb=k_s[0],
+                                k_sh=k_s[1],
+                                k_st=k_s[2],
+                                cos_sb=cos_sb,
+                                cos_st=d,
+                                sin_sb=cos_sb,
+                                sin_st=d,
+                                pos_sb=t if has_pos else 0,
+                                pos_st=1 if has_pos else 0,
+                                HAS_POSITIONS=has_pos,
+                                BACKWARD=backward,
+                                BLOCK_HEADS=block_heads,
+                                BLOCK_HALF=block_half,
+                            ),
+                            num_warps,
+                        )
+                    )
     return cases
 
 
@@ -172,17 +243,51 @@ def _swiglu_cases(arch: int, quick: bool) -> list[Case]:
     for f in (1668,) if quick else FFN:
         _, block = sw._grid(TOKENS, f)
         # the model's contiguous inputs run flat; strided views (e.g. a fused gate/up projection) by rows
-        layouts = ((True, TOKENS * f, sw.FLAT_BLOCK),) if quick else ((True, TOKENS * f, sw.FLAT_BLOCK), (False, f, block))
+        layouts = (
+            ((True, TOKENS * f, sw.FLAT_BLOCK),) if quick else ((True, TOKENS * f, sw.FLAT_BLOCK), (False, f, block))
+        )
         for dt in ("bf16",) if quick else DTYPES:
             p = Ptr(dt)
             for flat, n, b in layouts:
                 what = f"{dt} ffn={f}{' flat' if flat else ' rows'}"
-                cases.append(Case("swiglu", "_swiglu_forward_kernel", what, dict(
-                    gate_ptr=p, up_ptr=p, out_ptr=p, n_cols=n, gate_row_stride=n, up_row_stride=n, out_row_stride=n,
-                    BLOCK=b, FLAT=flat)))
-                cases.append(Case("swiglu", "_swiglu_backward_kernel", what, dict(
-                    grad_out_ptr=p, gate_ptr=p, up_ptr=p, grad_gate_ptr=p, grad_up_ptr=p, n_cols=n,
-                    grad_out_row_stride=n, gate_row_stride=n, up_row_stride=n, BLOCK=b, FLAT=flat)))
+                cases.append(
+                    Case(
+                        "swiglu",
+                        "_swiglu_forward_kernel",
+                        what,
+                        dict(
+                            gate_ptr=p,
+                            up_ptr=p,
+                            out_ptr=p,
+                            n_cols=n,
+                            gate_row_stride=n,
+                            up_row_stride=n,
+                            out_row_stride=n,
+                            BLOCK=b,
+                            FLAT=flat,
+                        ),
+                    )
+                )
+                cases.append(
+                    Case(
+                        "swiglu",
+                        "_swiglu_backward_kernel",
+                        what,
+                        dict(
+                            grad_out_ptr=p,
+                            gate_ptr=p,
+                            up_ptr=p,
+                            grad_gate_ptr=p,
+                            grad_up_ptr=p,
+                            n_cols=n,
+                            grad_out_row_stride=n,
+                            gate_row_stride=n,
+                            up_row_stride=n,
+                            BLOCK=b,
+                            FLAT=flat,
+                        ),
+                    )
+                )
     return cases
 
 
@@ -204,13 +309,39 @@ def _flash_attention_cases(arch: int, quick: bool) -> list[Case]:
             cfg = fa._blocks(block_d, torch_dtype, torch.device("cuda"), arch)
             p, f32 = Ptr(dt), Ptr("fp32")
             values = dict(
-                Q=p, K=p, V=p, O=p, DO=p, DQ=p, DK=p, DV=p, LSE=f32, DELTA=f32,
-                DOC_START=Ptr("i32"), DOC_END=Ptr("i32"),
-                **_bthd("sq", hq, t, d), **_bthd("sk", hk, t, d), **_bthd("sv", hk, t, d), **_bthd("so", hq, t, d),
-                **_bthd("sdo", hq, t, d), **_bthd("sdq", hq, t, d), **_bthd("sdk", hk, t, d), **_bthd("sdv", hk, t, d),
-                n_q_heads=hq, n_kv_heads=hk, group=hq // hk, n_split=1, s_split=0,
-                q_len=t, k_len=t, head_dim=d, qk_scale=0.18, scale=0.125,
-                PRECISION="ieee", UPCAST=False, BLOCK_D=block_d,
+                Q=p,
+                K=p,
+                V=p,
+                O=p,
+                DO=p,
+                DQ=p,
+                DK=p,
+                DV=p,
+                LSE=f32,
+                DELTA=f32,
+                DOC_START=Ptr("i32"),
+                DOC_END=Ptr("i32"),
+                **_bthd("sq", hq, t, d),
+                **_bthd("sk", hk, t, d),
+                **_bthd("sv", hk, t, d),
+                **_bthd("so", hq, t, d),
+                **_bthd("sdo", hq, t, d),
+                **_bthd("sdq", hq, t, d),
+                **_bthd("sdk", hk, t, d),
+                **_bthd("sdv", hk, t, d),
+                n_q_heads=hq,
+                n_kv_heads=hk,
+                group=hq // hk,
+                n_split=1,
+                s_split=0,
+                q_len=t,
+                k_len=t,
+                head_dim=d,
+                qk_scale=0.18,
+                scale=0.125,
+                PRECISION="ieee",
+                UPCAST=False,
+                BLOCK_D=block_d,
             )
             shape = f"{dt} Hq/Hk={hq}/{hk} D={d} T={t}"
             variants = ((True, True),) if quick else ((True, False), (True, True), (False, False), (False, True))
@@ -220,22 +351,66 @@ def _flash_attention_cases(arch: int, quick: bool) -> list[Case]:
                 label = shape + (" causal" if causal else " full") + (" docs" if docs else "")
                 forward, backward = [cfg.forward], [cfg.backward]
                 if causal and docs and not quick:  # the autotuner's other candidates, at the training variant
-                    forward, backward = (fa.candidates(kind, block_d, torch_dtype, arch) for kind in ("forward", "backward"))
+                    forward, backward = (
+                        fa.candidates(kind, block_d, torch_dtype, arch) for kind in ("forward", "backward")
+                    )
                 for tile in forward:
-                    cases.append(Case("flash_attention", "_flash_forward_kernel", label,
-                                      dict(flags, BLOCK_M=tile.resident, BLOCK_N=tile.streamed), tile.warps, tile.stages))
+                    cases.append(
+                        Case(
+                            "flash_attention",
+                            "_flash_forward_kernel",
+                            label,
+                            dict(flags, BLOCK_M=tile.resident, BLOCK_N=tile.streamed),
+                            tile.warps,
+                            tile.stages,
+                        )
+                    )
                 for tile in backward:
                     tiles = dict(num_warps=tile.warps, num_stages=tile.stages)
-                    cases.append(Case("flash_attention", "_flash_backward_delta_kernel", shape,
-                                      dict(values, BLOCK_M=tile.resident)))
-                    cases.append(Case("flash_attention", "_flash_backward_dkdv_kernel", label,
-                                      dict(flags, BLOCK_M=tile.streamed, BLOCK_N=tile.resident), **tiles))
+                    cases.append(
+                        Case(
+                            "flash_attention",
+                            "_flash_backward_delta_kernel",
+                            shape,
+                            dict(values, BLOCK_M=tile.resident),
+                        )
+                    )
+                    cases.append(
+                        Case(
+                            "flash_attention",
+                            "_flash_backward_dkdv_kernel",
+                            label,
+                            dict(flags, BLOCK_M=tile.streamed, BLOCK_N=tile.resident),
+                            **tiles,
+                        )
+                    )
                     if hq > hk and not quick:  # a small grid splits the GQA group: fp32 dK/dV slices
-                        cases.append(Case("flash_attention", "_flash_backward_dkdv_kernel", label + " split", dict(
-                            flags, DK=f32, DV=f32, n_split=2, s_split=t * hk * d,
-                            BLOCK_M=tile.streamed, BLOCK_N=tile.resident), **tiles))
-                    cases.append(Case("flash_attention", "_flash_backward_dq_kernel", label,
-                                      dict(flags, BLOCK_M=tile.resident, BLOCK_N=tile.streamed), **tiles))
+                        cases.append(
+                            Case(
+                                "flash_attention",
+                                "_flash_backward_dkdv_kernel",
+                                label + " split",
+                                dict(
+                                    flags,
+                                    DK=f32,
+                                    DV=f32,
+                                    n_split=2,
+                                    s_split=t * hk * d,
+                                    BLOCK_M=tile.streamed,
+                                    BLOCK_N=tile.resident,
+                                ),
+                                **tiles,
+                            )
+                        )
+                    cases.append(
+                        Case(
+                            "flash_attention",
+                            "_flash_backward_dq_kernel",
+                            label,
+                            dict(flags, BLOCK_M=tile.resident, BLOCK_N=tile.streamed),
+                            **tiles,
+                        )
+                    )
     return cases
 
 
@@ -248,10 +423,26 @@ def _cross_entropy_cases(arch: int, quick: bool) -> list[Case]:
             for targets in ("i64",) if quick else ("i64", "i32"):
                 for write_grad in (True,) if quick else (False, True):
                     label = f"{dt} V={vocab} targets {targets}" + (" +grad" if write_grad else "")
-                    cases.append(Case("cross_entropy", "_cross_entropy_rows_kernel", label, dict(
-                        logits_ptr=Ptr(dt), targets_ptr=Ptr(targets), losses_ptr=Ptr("fp32"),
-                        grad_scale_ptr=Ptr("fp32"), row_stride=ce.padded_vocab(vocab), n_vocab=vocab, ignore_index=-100, z_loss=1e-4,
-                        WRITE_GRAD=write_grad, BLOCK=block), num_warps))
+                    cases.append(
+                        Case(
+                            "cross_entropy",
+                            "_cross_entropy_rows_kernel",
+                            label,
+                            dict(
+                                logits_ptr=Ptr(dt),
+                                targets_ptr=Ptr(targets),
+                                losses_ptr=Ptr("fp32"),
+                                grad_scale_ptr=Ptr("fp32"),
+                                row_stride=ce.padded_vocab(vocab),
+                                n_vocab=vocab,
+                                ignore_index=-100,
+                                z_loss=1e-4,
+                                WRITE_GRAD=write_grad,
+                                BLOCK=block,
+                            ),
+                            num_warps,
+                        )
+                    )
     return cases
 
 
@@ -259,6 +450,7 @@ CASE_BUILDERS = (_rms_norm_cases, _rope_cases, _swiglu_cases, _flash_attention_c
 
 
 # ---- environment, discovery ---------------------------------------------------------------------------------
+
 
 def toolchain_problem(archs: tuple[int, ...] = (80, 90)) -> str | None:
     """Why kernels cannot be compiled ahead of time here (no Triton, NVIDIA backend or ptxas; old Triton), or None."""
@@ -297,9 +489,10 @@ def _python_function(obj: Any) -> Any:
 
 def discover_jit_functions() -> dict[str, Any]:
     """Every ``@triton.jit`` object defined in a ``zhkernels.*`` module, keyed ``zhkernels.<module>.<name>``."""
-    import zhkernels
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import KernelInterface
+
+    import zhkernels
 
     kinds = (KernelInterface, InterpretedFunction)  # Triton 3.3's InterpretedFunction is no KernelInterface
     found = {}
@@ -340,13 +533,14 @@ def _callers(name: str, kernels: set[str], functions: dict[str, Any]) -> list[st
 
 # ---- compiling ----------------------------------------------------------------------------------------------
 
+
 def _int_specialization(value: int, specialize: bool, align: bool) -> tuple[str, Any]:
     """Triton's launcher rules for an int, written out (used when ``native_specialize_impl`` is not there)."""
     if isinstance(value, bool):
         return "u1", None
     if specialize and value == 1:
         return "constexpr", 1
-    kind = "i32" if -2**31 <= value < 2**31 else "u64" if value >= 2**63 else "i64"
+    kind = "i32" if -(2**31) <= value < 2**31 else "u64" if value >= 2**63 else "i64"
     if not specialize:
         return kind, None
     return kind, "D" if align and value % 16 == 0 else ""
@@ -375,8 +569,10 @@ def _job(case: Case, arch: int) -> tuple[tuple, dict]:
     names = list(kernel.arg_names)
     missing = [n for n in names if n not in case.args]
     if missing:
-        raise KeyError(f"zhkernels.aot_check has no value for {case.kernel}({', '.join(missing)}): "
-                       "the kernel's signature changed; update its case builder")
+        raise KeyError(
+            f"zhkernels.aot_check has no value for {case.kernel}({', '.join(missing)}): "
+            "the kernel's signature changed; update its case builder"
+        )
     signature, constexprs, attrs = {}, {}, {}
     for param, name in zip(kernel.params, names):
         value = case.args[name]
@@ -389,8 +585,15 @@ def _job(case: Case, arch: int) -> tuple[tuple, dict]:
         elif attr and "D" in attr:
             attrs[name] = True
     options = {k: v for k, v in (("num_warps", case.num_warps), ("num_stages", case.num_stages)) if v is not None}
-    spec = dict(module=case.module, kernel=case.kernel, arch=arch, signature=signature, constexprs=constexprs,
-                divisible=sorted(attrs), options=options)
+    spec = dict(
+        module=case.module,
+        kernel=case.kernel,
+        arch=arch,
+        signature=signature,
+        constexprs=constexprs,
+        divisible=sorted(attrs),
+        options=options,
+    )
     return (case.module, case.kernel, arch, json.dumps(spec, sort_keys=True, default=str)), spec
 
 
@@ -406,8 +609,11 @@ def _compile(spec: dict) -> Any:
     constexprs = {(index[n],): v for n, v in spec["constexprs"].items()}
     attrs = {(index[n],): [["tt.divisibility", 16]] for n in spec["divisible"]}
     with contextlib.redirect_stdout(io.StringIO()):  # a failing ptxas prints the whole PTX to stdout
-        return triton.compile(ASTSource(kernel, spec["signature"], constexprs, attrs),
-                              target=GPUTarget("cuda", spec["arch"], 32), options=spec["options"])
+        return triton.compile(
+            ASTSource(kernel, spec["signature"], constexprs, attrs),
+            target=GPUTarget("cuda", spec["arch"], 32),
+            options=spec["options"],
+        )
 
 
 def ptx(case: Case, arch: int) -> str:
@@ -428,8 +634,21 @@ def compile_one(spec: dict) -> dict:
             ptx = os.path.join(tmp, "kernel.ptx")
             with open(ptx, "w") as f:
                 f.write(compiled.asm["ptx"])
-            report = subprocess.run([_ptxas(arch), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch_name}",
-                                     ptx, "-o", ptx + ".o"], capture_output=True, text=True, check=True).stderr
+            report = subprocess.run(
+                [
+                    _ptxas(arch),
+                    "-lineinfo",
+                    "-v",
+                    "--regAllocOptLevel=2",
+                    f"--gpu-name={arch_name}",
+                    ptx,
+                    "-o",
+                    ptx + ".o",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stderr
         used, spill = _PTXAS_USED.search(report), _PTXAS_SPILL.search(report)
         out["registers"] = int(used.group(1)) if used else None
         if spill:
@@ -456,7 +675,7 @@ def _summary(error: str) -> str:
     if carets:  # CompilationError: "at L:C:", the source, a caret under the culprit, then the cause; an error
         # inside a @triton.jit helper nests another such block, so the cause follows the last caret
         first, last = carets[0], carets[-1]
-        return f"{lines[0].rstrip(':')} `{lines[first - 1]}`: {' '.join(lines[last + 1:])}"[:300]
+        return f"{lines[0].rstrip(':')} `{lines[first - 1]}`: {' '.join(lines[last + 1 :])}"[:300]
     errors = [line for line in lines[1:] if "error" in line.lower() and not line.startswith("Repro")]
     return "; ".join(lines[:1] + errors[:2])[:300]
 
@@ -481,21 +700,29 @@ def _plan(archs: list[int], quick: bool, only: str | None) -> tuple[dict, dict, 
                     continue
                 if key not in results:
                     specs[key] = spec
-                    results[key] = Result(name, arch, [], spec["constexprs"], spec["signature"],
-                                          case.num_warps, case.num_stages, shared_limit=SHARED_LIMIT[arch])
+                    results[key] = Result(
+                        name,
+                        arch,
+                        [],
+                        spec["constexprs"],
+                        spec["signature"],
+                        case.num_warps,
+                        case.num_stages,
+                        shared_limit=SHARED_LIMIT[arch],
+                    )
                 results[key].labels.append(case.label)
     return results, specs, problems, covered
 
 
-def run_check(archs: list[int], quick: bool, jobs: int, only: str | None = None,
-              fail_on_spills: bool = False) -> dict:
+def run_check(archs: list[int], quick: bool, jobs: int, only: str | None = None, fail_on_spills: bool = False) -> dict:
     """Compile every case; returns the report (``ok``, ``problems``, ``kernels``, ``helpers``, ``results``)."""
     import triton
 
     functions = discover_jit_functions()
     results, specs, problems, covered = _plan(archs, quick, only)
-    log.info("compiling %d kernel configurations for sm_%s with %d job(s)", len(specs),
-             ", sm_".join(map(str, archs)), jobs)
+    log.info(
+        "compiling %d kernel configurations for sm_%s with %d job(s)", len(specs), ", sm_".join(map(str, archs)), jobs
+    )
     keys = list(specs)
     if jobs > 1 and len(keys) > 1:
         worker = importlib.import_module("zhkernels.aot_check").compile_one  # picklable even when run as __main__
@@ -522,22 +749,35 @@ def run_check(archs: list[int], quick: bool, jobs: int, only: str | None = None,
     for name in functions:
         mine = [r for r in results.values() if r.kernel == name]
         if name in launched:
-            kernels[name] = dict(compiles=len(mine), failed=sum(not r.ok for r in mine),
-                                 spilling=sum(bool(r.spill_stores) for r in mine),
-                                 max_spill_bytes=max((r.spill_stores or 0 for r in mine), default=0),
-                                 max_shared_bytes=max((r.shared_bytes or 0 for r in mine), default=0))
+            kernels[name] = dict(
+                compiles=len(mine),
+                failed=sum(not r.ok for r in mine),
+                spilling=sum(bool(r.spill_stores) for r in mine),
+                max_spill_bytes=max((r.spill_stores or 0 for r in mine), default=0),
+                max_shared_bytes=max((r.shared_bytes or 0 for r in mine), default=0),
+            )
         elif callers := _callers(name, launched, functions):
             helpers[name] = dict(called_from=callers)
         else:
             problems.append(f"{name}: a @triton.jit function with no launch configuration in zhkernels/aot_check.py")
-    return dict(ok=not problems, problems=problems, triton=triton.__version__, archs=archs, quick=quick,
-                kernels=kernels, helpers=helpers, results=[asdict(r) for r in results.values()])
+    return dict(
+        ok=not problems,
+        problems=problems,
+        triton=triton.__version__,
+        archs=archs,
+        quick=quick,
+        kernels=kernels,
+        helpers=helpers,
+        results=[asdict(r) for r in results.values()],
+    )
 
 
 def _log_table(report: dict) -> None:
     """The readable table: one line per compiled configuration."""
-    header = f"{'kernel':<30} {'arch':<6} {'configuration':<44} {'constexpr blocks':<30} {'w/s':<5} " \
-             f"{'regs':>4} {'spill':>6} {'shared KB':>12}  status"
+    header = (
+        f"{'kernel':<30} {'arch':<6} {'configuration':<44} {'constexpr blocks':<30} {'w/s':<5} "
+        f"{'regs':>4} {'spill':>6} {'shared KB':>12}  status"
+    )
     log.info(header)
     log.info("-" * len(header))
     for r in sorted(report["results"], key=lambda r: (r["kernel"], r["arch"], r["labels"][0])):
@@ -548,8 +788,10 @@ def _log_table(report: dict) -> None:
         status = "OK" if not r["problems"] else "; ".join(r["problems"])
         if r["ok"] and r["spill_stores"] and not r["problems"]:
             status = f"spills {r['spill_stores']} B"
-        log.info(f"{r['kernel'].rsplit('.', 1)[1]:<30} sm_{r['arch']:<3} {label[:44]:<44} {blocks[:30]:<30} "
-                 f"{ws:<5} {r['registers'] or '-':>4} {r['spill_stores'] or 0:>6} {shared:>12}  {status}")
+        log.info(
+            f"{r['kernel'].rsplit('.', 1)[1]:<30} sm_{r['arch']:<3} {label[:44]:<44} {blocks[:30]:<30} "
+            f"{ws:<5} {r['registers'] or '-':>4} {r['spill_stores'] or 0:>6} {shared:>12}  {status}"
+        )
     for name, helper in report["helpers"].items():
         log.info("helper %s: compiled inside %s", name, ", ".join(helper["called_from"]))
 
@@ -558,22 +800,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m zhkernels.aot_check",
         description="Compile every Triton kernel in zhkernels/ for real CUDA GPUs (no GPU needed) at the launch "
-                    "configurations the ops use; report registers, spills and shared memory. Exit 1 on a failed "
-                    "compile, shared memory over the limit or an unchecked kernel; 2 when the check cannot run.")
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90], choices=sorted(SHARED_LIMIT),
-                        help="CUDA compute capabilities ×10 (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="one covering configuration per kernel (bf16; fp32 too "
-                        "for attention) instead of every preset shape, dtype and flag")
+        "configurations the ops use; report registers, spills and shared memory. Exit 1 on a failed "
+        "compile, shared memory over the limit or an unchecked kernel; 2 when the check cannot run.",
+    )
+    parser.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        default=[80, 86, 89, 90],
+        choices=sorted(SHARED_LIMIT),
+        help="CUDA compute capabilities ×10 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one covering configuration per kernel (bf16; fp32 too "
+        "for attention) instead of every preset shape, dtype and flag",
+    )
     parser.add_argument("--json", metavar="OUT", help="write the full report (every configuration) to this file")
-    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compiles "
-                        "(default: %(default)s)")
+    parser.add_argument(
+        "--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compiles (default: %(default)s)"
+    )
     parser.add_argument("--only", metavar="TEXT", help="compile only kernels whose name contains TEXT")
     parser.add_argument("--fail-on-spills", action="store_true", help="exit 1 when ptxas spills registers")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if _dispatch.interpret_mode_at_import():  # triton.jit built interpreter functions when kernels was imported
-        print("zhkernels.aot_check: TRITON_INTERPRET is set, so the kernels are interpreter functions that cannot be "
-              "compiled; run it without: env -u TRITON_INTERPRET python -m zhkernels.aot_check", file=sys.stderr)
+        print(
+            "zhkernels.aot_check: TRITON_INTERPRET is set, so the kernels are interpreter functions that cannot be "
+            "compiled; run it without: env -u TRITON_INTERPRET python -m zhkernels.aot_check",
+            file=sys.stderr,
+        )
         return 2
     if problem := toolchain_problem(tuple(args.arch)):
         print(f"zhkernels.aot_check: cannot compile ahead of time: {problem}", file=sys.stderr)
@@ -586,10 +843,20 @@ def main(argv: list[str] | None = None) -> int:
     spilling = [r for r in report["results"] if r["spill_stores"]]
     for name, entry in report["kernels"].items():
         if entry["spilling"]:
-            log.warning("%s: %d of %d configurations spill registers (up to %d B of spill stores per thread)",
-                        name, entry["spilling"], entry["compiles"], entry["max_spill_bytes"])
-    log.info("%d configurations, %d failed, %d spill registers; %s", len(report["results"]),
-             sum(not r["ok"] for r in report["results"]), len(spilling), "OK" if report["ok"] else "PROBLEMS:")
+            log.warning(
+                "%s: %d of %d configurations spill registers (up to %d B of spill stores per thread)",
+                name,
+                entry["spilling"],
+                entry["compiles"],
+                entry["max_spill_bytes"],
+            )
+    log.info(
+        "%d configurations, %d failed, %d spill registers; %s",
+        len(report["results"]),
+        sum(not r["ok"] for r in report["results"]),
+        len(spilling),
+        "OK" if report["ok"] else "PROBLEMS:",
+    )
     for problem in report["problems"]:
         log.error("  %s", problem)
     return 0 if report["ok"] else 1

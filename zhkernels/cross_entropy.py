@@ -58,8 +58,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _cross_entropy_rows_kernel(
-        logits_ptr, targets_ptr, losses_ptr, grad_scale_ptr, row_stride, n_vocab, ignore_index, z_loss,
-        WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+        logits_ptr,
+        targets_ptr,
+        losses_ptr,
+        grad_scale_ptr,
+        row_stride,
+        n_vocab,
+        ignore_index,
+        z_loss,
+        WRITE_GRAD: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """One row (token) per program: its fp32 loss and (WRITE_GRAD) its logits overwritten by d(loss)/d(logits).
 
@@ -149,7 +157,8 @@ def fp32_output_gemm(device: torch.device) -> bool:
 
 
 def mm_fp32_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = a @ b`` into an fp32 ``out`` from low-precision ``a``, ``b``, never rounding the product to their dtype."""
+    """``out = a @ b`` into an fp32 ``out`` from low-precision ``a``, ``b``, never rounding the product to their
+    dtype."""
     if fp32_output_gemm(out.device):
         torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
     else:
@@ -185,8 +194,15 @@ def _kernel_config(vocab: int) -> tuple[int, int]:
 
 @torch.library.custom_op("zhllm::fused_linear_cross_entropy_forward", mutates_args=())
 def fused_linear_cross_entropy_forward(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
-    z_loss: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    z_loss: float,
+    chunk_size: int,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``hidden [N, H]``, ``weight [V, H]``, ``targets [N]`` → (loss, grad_hidden, grad_weight) of that loss.
 
@@ -224,16 +240,26 @@ def fused_linear_cross_entropy_forward(
     block, num_warps = _kernel_config(vocab)
     # Rows padded to padded_vocab(V) elements: every row starts 128-byte aligned, for the kernel's vector
     # accesses and cuBLAS's aligned kernels (an odd vocabulary such as 35,023 would leave every row unaligned).
-    logits_buffer = torch.empty((min(chunk_size, n_tokens), padded_vocab(vocab)), dtype=hidden.dtype,
-                                device=hidden.device)[:, :vocab]
+    logits_buffer = torch.empty(
+        (min(chunk_size, n_tokens), padded_vocab(vocab)), dtype=hidden.dtype, device=hidden.device
+    )[:, :vocab]
     for start in starts:
         end = min(start + chunk_size, n_tokens)
         h_chunk = hidden[start:end]
         logits = logits_buffer[: end - start]
         torch.mm(h_chunk, weight.t(), out=logits)
         _cross_entropy_rows_kernel[(end - start,)](
-            logits, targets[start:end], losses[start:end], kernel_scale, logits.stride(0), vocab, ignore_index,
-            float(z_loss), WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps,
+            logits,
+            targets[start:end],
+            losses[start:end],
+            kernel_scale,
+            logits.stride(0),
+            vocab,
+            ignore_index,
+            float(z_loss),
+            WRITE_GRAD=write_grad,
+            BLOCK=block,
+            num_warps=num_warps,
         )
         # logits now holds d(loss)/d(logits) of this chunk (× FP16_GRAD_LIFT in fp16).
         if need_grad_hidden and lifted:
@@ -266,8 +292,15 @@ def fused_linear_cross_entropy_forward(
 
 @fused_linear_cross_entropy_forward.register_fake
 def _(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
-    z_loss: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    z_loss: float,
+    chunk_size: int,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     loss_shape = (hidden.shape[0],) if reduction == "none" else ()
     grad_dtype = stored_grad_dtype(hidden.dtype)
@@ -291,13 +324,28 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
-        z_loss: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int,
+        reduction: str,
+        z_loss: float,
+        chunk_size: int,
+        need_grad_hidden: bool,
+        need_grad_weight: bool,
     ) -> torch.Tensor:
         h2d = hidden.reshape(-1, hidden.shape[-1])
         loss, grad_hidden, grad_weight = torch.ops.zhllm.fused_linear_cross_entropy_forward(
-            h2d, weight, targets.reshape(-1), ignore_index, reduction, z_loss, chunk_size,
-            need_grad_hidden, need_grad_weight,
+            h2d,
+            weight,
+            targets.reshape(-1),
+            ignore_index,
+            reduction,
+            z_loss,
+            chunk_size,
+            need_grad_hidden,
+            need_grad_weight,
         )
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.hidden_shape, ctx.computed = hidden.shape, (need_grad_hidden, need_grad_weight)
@@ -316,7 +364,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _check_inputs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
     chunk_size: int | None,
 ) -> None:
     """One-line errors that say what to pass instead."""
@@ -351,8 +403,13 @@ def _check_inputs(
 
 
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-    reduction: str = "mean", z_loss: float = 0.0, chunk_size: int | None = None,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets`` (fp32 loss) without storing the logits.
 
@@ -379,8 +436,15 @@ def fused_linear_cross_entropy(
     if chunk_size is None:
         chunk_size = default_chunk_size(n_tokens, weight.shape[0], weight.shape[1])
     return FusedLinearCrossEntropyFunction.apply(
-        hidden, weight, targets, int(ignore_index), reduction, float(z_loss), int(chunk_size),
-        need_grad_hidden, need_grad_weight,
+        hidden,
+        weight,
+        targets,
+        int(ignore_index),
+        reduction,
+        float(z_loss),
+        int(chunk_size),
+        need_grad_hidden,
+        need_grad_weight,
     )
 
 

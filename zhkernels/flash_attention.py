@@ -70,8 +70,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _query_block_ranges(
-        start_m, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        start_m,
+        q_len,
+        k_len,
+        offset,
+        DOC_START,
+        DOC_END,
+        doc_row,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Key blocks a query block needs, ``[lo, hi)``, and the part ``[full_lo, full_hi)`` that every one of its
         rows sees whole (no mask to evaluate there). Doc starts and ends grow with the token index."""
@@ -95,8 +104,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _key_block_ranges(
-        start_n, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        start_n,
+        q_len,
+        k_len,
+        offset,
+        DOC_START,
+        DOC_END,
+        doc_row,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Query blocks that see a key block, ``[lo, hi)``, and the part ``[full_lo, full_hi)`` seeing all its keys."""
         lo = 0
@@ -118,8 +136,7 @@ if HAS_TRITON:
         return lo, full_lo, full_hi, hi
 
     @triton.jit
-    def _row_keep(rows, cols, row_ok, col_ok, doc_start, doc_end, offset, CAUSAL: tl.constexpr,
-                  HAS_DOCS: tl.constexpr):
+    def _row_keep(rows, cols, row_ok, col_ok, doc_start, doc_end, offset, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
         """Which (query row, key column) pairs attend, ``[rows, cols]``; doc bounds are per query row (under
         causal the start alone decides)."""
         keep = col_ok[None, :] & row_ok[:, None]
@@ -133,10 +150,33 @@ if HAS_TRITON:
 
     @triton.jit
     def _forward_keys(
-        acc, l_i, m_i, q, k_base, v_base, lo, hi, full_lo, full_hi, rows, cols0, dims, row_ok, dim_ok,
-        doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_base,
+        v_base,
+        lo,
+        hi,
+        full_lo,
+        full_hi,
+        rows,
+        cols0,
+        dims,
+        row_ok,
+        dim_ok,
+        doc_start,
+        doc_end,
+        skt,
+        svt,
+        k_len,
+        offset,
+        qk_scale,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """The online softmax over key blocks ``[lo, hi)``; only blocks outside ``[full_lo, full_hi)`` are masked."""
         for start_n in range(lo, hi, BLOCK_N):
@@ -160,11 +200,39 @@ if HAS_TRITON:
 
     @triton.jit
     def _flash_forward_kernel(
-        Q, K, V, O, LSE, DOC_START, DOC_END,
-        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot, s_doc,
-        n_q_heads, group, q_len, k_len, head_dim, qk_scale,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        O,  # noqa: E741 (the output tensor, named as in the paper)
+        LSE,
+        DOC_START,
+        DOC_END,
+        sqb,
+        sqh,
+        sqt,
+        skb,
+        skh,
+        skt,
+        svb,
+        svh,
+        svt,
+        sob,
+        soh,
+        sot,
+        s_doc,
+        n_q_heads,
+        group,
+        q_len,
+        k_len,
+        head_dim,
+        qk_scale,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # Heads on axis 0 (axis 1 is capped at 65535); the last query blocks, the most work under causal, start first.
         bh = tl.program_id(0)
@@ -179,8 +247,11 @@ if HAS_TRITON:
         dim_ok = dims < head_dim
         offset = k_len - q_len  # causal is aligned to the end: query i sees keys j <= i + offset
 
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqt + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q = tl.load(
+            Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqt + dims[None, :],
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
         k_base = K + b * skb + kv_h * skh
         v_base = V + b * svb + kv_h * svh
         doc_row = b * s_doc
@@ -190,8 +261,9 @@ if HAS_TRITON:
             doc_start = tl.load(DOC_START + doc_row + rows, mask=row_ok, other=0)
             if not CAUSAL:
                 doc_end = tl.load(DOC_END + doc_row + rows, mask=row_ok, other=0)
-        lo, full_lo, full_hi, hi = _query_block_ranges(start_m, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
-                                                       CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N)
+        lo, full_lo, full_hi, hi = _query_block_ranges(
+            start_m, q_len, k_len, offset, DOC_START, DOC_END, doc_row, CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N
+        )
 
         # Invariant: m_i is the running row max of the log2-scaled scores, l_i = sum exp2(s - m_i) and
         # acc = sum exp2(s - m_i) * v over the key blocks seen so far. m_i starts finite so that a row whose
@@ -200,22 +272,63 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc, l_i, m_i = _forward_keys(acc, l_i, m_i, q, k_base, v_base, lo, hi, full_lo, full_hi, rows, cols0, dims,
-                                      row_ok, dim_ok, doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
-                                      CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
+        acc, l_i, m_i = _forward_keys(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            v_base,
+            lo,
+            hi,
+            full_lo,
+            full_hi,
+            rows,
+            cols0,
+            dims,
+            row_ok,
+            dim_ok,
+            doc_start,
+            doc_end,
+            skt,
+            svt,
+            k_len,
+            offset,
+            qk_scale,
+            CAUSAL,
+            HAS_DOCS,
+            PRECISION,
+            UPCAST,
+            BLOCK_N,
+        )
 
         has_keys = l_i > 0.0  # false only for a row with no key at all (empty K): output 0, lse +inf
         l_safe = tl.where(has_keys, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(has_keys, m_i * 0.6931471805599453 + tl.log(l_safe), float("inf"))
-        tl.store(O + b * sob + h * soh + rows[:, None].to(tl.int64) * sot + dims[None, :],
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(
+            O + b * sob + h * soh + rows[:, None].to(tl.int64) * sot + dims[None, :],
+            out.to(O.dtype.element_ty),
+            mask=row_ok[:, None] & dim_ok[None, :],
+        )
         tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=row_ok)
 
     @triton.jit
     def _flash_backward_delta_kernel(
-        O, DO, DELTA, sob, soh, sot, sdob, sdoh, sdot, n_q_heads, q_len, head_dim,
-        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        O,  # noqa: E741 (the output tensor, named as in the paper)
+        DO,
+        DELTA,
+        sob,
+        soh,
+        sot,
+        sdob,
+        sdoh,
+        sdot,
+        n_q_heads,
+        q_len,
+        head_dim,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         bh = tl.program_id(0)
         rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,10 +343,36 @@ if HAS_TRITON:
 
     @triton.jit
     def _dkdv_queries(
-        dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, lo, hi, full_lo, full_hi, rows0, cols, dims, col_ok, dim_ok,
-        doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        LSE,
+        DELTA,
+        stats,
+        lo,
+        hi,
+        full_lo,
+        full_hi,
+        rows0,
+        cols,
+        dims,
+        col_ok,
+        dim_ok,
+        doc_start,
+        doc_end,
+        sqt,
+        sdot,
+        q_len,
+        offset,
+        qk_scale,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
     ):
         """dv += P^T dO and dk += dS^T Q over query blocks ``[lo, hi)``, dS = P * (dO V^T - delta) (unscaled); only
         blocks outside ``[full_lo, full_hi)`` are masked."""
@@ -263,12 +402,52 @@ if HAS_TRITON:
 
     @triton.jit
     def _flash_backward_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV, DOC_START, DOC_END,
-        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot,
-        sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, s_doc, s_split,
-        n_q_heads, n_kv_heads, group, n_split, q_len, k_len, head_dim, qk_scale, scale,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        DOC_START,
+        DOC_END,
+        sqb,
+        sqh,
+        sqt,
+        skb,
+        skh,
+        skt,
+        svb,
+        svh,
+        svt,
+        sdob,
+        sdoh,
+        sdot,
+        sdkb,
+        sdkh,
+        sdkt,
+        sdvb,
+        sdvh,
+        sdvt,
+        s_doc,
+        s_split,
+        n_q_heads,
+        n_kv_heads,
+        group,
+        n_split,
+        q_len,
+        k_len,
+        head_dim,
+        qk_scale,
+        scale,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         # Axis 0: (batch, KV head, split); a split sums group // n_split of the group's query heads into its own
         # slice of DK/DV (s_split apart; 0 when n_split == 1), so small grids still fill the GPU (no atomics).
@@ -294,8 +473,9 @@ if HAS_TRITON:
         if HAS_DOCS:
             doc_start = tl.load(DOC_START + doc_row + cols, mask=col_ok, other=0)
             doc_end = tl.load(DOC_END + doc_row + cols, mask=col_ok, other=0)
-        lo, full_lo, full_hi, hi = _key_block_ranges(start_n, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
-                                                     CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N)
+        lo, full_lo, full_hi, hi = _key_block_ranges(
+            start_n, q_len, k_len, offset, DOC_START, DOC_END, doc_row, CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N
+        )
 
         # Invariant: dk and dv hold the sums over every query of this split's heads seen so far; dk is scaled
         # once at the end. Only query blocks at the diagonal, a document edge or the ragged end are masked.
@@ -307,22 +487,79 @@ if HAS_TRITON:
             q_base = Q + b * sqb + h * sqh
             do_base = DO + b * sdob + h * sdoh
             stats = (b * n_q_heads + h) * q_len
-            dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, LSE, DELTA, stats, lo, hi, full_lo, full_hi, rows0,
-                                   cols, dims, col_ok, dim_ok, doc_start, doc_end, sqt, sdot, q_len, offset, qk_scale,
-                                   CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_M)
+            dk, dv = _dkdv_queries(
+                dk,
+                dv,
+                k,
+                v,
+                q_base,
+                do_base,
+                LSE,
+                DELTA,
+                stats,
+                lo,
+                hi,
+                full_lo,
+                full_hi,
+                rows0,
+                cols,
+                dims,
+                col_ok,
+                dim_ok,
+                doc_start,
+                doc_end,
+                sqt,
+                sdot,
+                q_len,
+                offset,
+                qk_scale,
+                CAUSAL,
+                HAS_DOCS,
+                PRECISION,
+                UPCAST,
+                BLOCK_M,
+            )
 
         part = split.to(tl.int64) * s_split
-        tl.store(DK + part + b * sdkb + kv_h * sdkh + c64 * sdkt + dims[None, :],
-                 (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + part + b * sdvb + kv_h * sdvh + c64 * sdvt + dims[None, :], dv.to(DV.dtype.element_ty),
-                 mask=kv_mask)
+        tl.store(
+            DK + part + b * sdkb + kv_h * sdkh + c64 * sdkt + dims[None, :],
+            (dk * scale).to(DK.dtype.element_ty),
+            mask=kv_mask,
+        )
+        tl.store(
+            DV + part + b * sdvb + kv_h * sdvh + c64 * sdvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask
+        )
 
     @triton.jit
     def _dq_keys(
-        dq, q, do, lse, delta, k_base, v_base, lo, hi, full_lo, full_hi, rows, cols0, dims, row_ok, dim_ok,
-        doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        lo,
+        hi,
+        full_lo,
+        full_hi,
+        rows,
+        cols0,
+        dims,
+        row_ok,
+        dim_ok,
+        doc_start,
+        doc_end,
+        skt,
+        svt,
+        k_len,
+        offset,
+        qk_scale,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """dq += dS K over key blocks ``[lo, hi)``, dS = P * (dO V^T - delta) (unscaled); only blocks outside
         ``[full_lo, full_hi)`` are masked."""
@@ -345,11 +582,45 @@ if HAS_TRITON:
 
     @triton.jit
     def _flash_backward_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DOC_START, DOC_END,
-        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sdqb, sdqh, sdqt, s_doc,
-        n_q_heads, group, q_len, k_len, head_dim, qk_scale, scale,
-        CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        Q,
+        K,
+        V,
+        DO,
+        LSE,
+        DELTA,
+        DQ,
+        DOC_START,
+        DOC_END,
+        sqb,
+        sqh,
+        sqt,
+        skb,
+        skh,
+        skt,
+        svb,
+        svh,
+        svt,
+        sdob,
+        sdoh,
+        sdot,
+        sdqb,
+        sdqh,
+        sdqt,
+        s_doc,
+        n_q_heads,
+        group,
+        q_len,
+        k_len,
+        head_dim,
+        qk_scale,
+        scale,
+        CAUSAL: tl.constexpr,
+        HAS_DOCS: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         bh = tl.program_id(0)
         start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
@@ -378,17 +649,48 @@ if HAS_TRITON:
             doc_start = tl.load(DOC_START + doc_row + rows, mask=row_ok, other=0)
             if not CAUSAL:
                 doc_end = tl.load(DOC_END + doc_row + rows, mask=row_ok, other=0)
-        lo, full_lo, full_hi, hi = _query_block_ranges(start_m, q_len, k_len, offset, DOC_START, DOC_END, doc_row,
-                                                       CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N)
+        lo, full_lo, full_hi, hi = _query_block_ranges(
+            start_m, q_len, k_len, offset, DOC_START, DOC_END, doc_row, CAUSAL, HAS_DOCS, BLOCK_M, BLOCK_N
+        )
 
         # Invariant: dq = sum over the key blocks seen so far of dS K; scaled at the end.
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        dq = _dq_keys(dq, q, do, lse, delta, k_base, v_base, lo, hi, full_lo, full_hi, rows, cols0, dims,
-                      row_ok, dim_ok, doc_start, doc_end, skt, svt, k_len, offset, qk_scale,
-                      CAUSAL, HAS_DOCS, PRECISION, UPCAST, BLOCK_N)
+        dq = _dq_keys(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            k_base,
+            v_base,
+            lo,
+            hi,
+            full_lo,
+            full_hi,
+            rows,
+            cols0,
+            dims,
+            row_ok,
+            dim_ok,
+            doc_start,
+            doc_end,
+            skt,
+            svt,
+            k_len,
+            offset,
+            qk_scale,
+            CAUSAL,
+            HAS_DOCS,
+            PRECISION,
+            UPCAST,
+            BLOCK_N,
+        )
 
-        tl.store(DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :],
-                 (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(
+            DQ + b * sdqb + h * sdqh + rows[:, None].to(tl.int64) * sdqt + dims[None, :],
+            (dq * scale).to(DQ.dtype.element_ty),
+            mask=q_mask,
+        )
 
 
 class Tile(NamedTuple):
@@ -430,20 +732,28 @@ class _Blocks(NamedTuple):
 #: "sm80" (A100, RTX 30xx/40xx: ~99 KB per block on the consumer cards, mma.sync) and "sm90" (H100/H200:
 #: 227 KB, warpgroup MMA, which wants 64 rows per 4 warps, so its backward owns 128-row tiles with 8 warps).
 FORWARD_TILES: dict[str, dict[int, list[Tile]]] = {
-    "sm80": {64: [Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 32, 8, 2)],  # 181, 179, 132 registers
-             128: [Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3)],  # 80 KB, 72 KB, 88 KB shared
-             256: [Tile(64, 32, 8, 2), Tile(64, 32, 4, 2)]},
-    "sm90": {64: [Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 3)],
-             128: [Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(128, 128, 8, 2)],
-             256: [Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2)]},
+    "sm80": {
+        64: [Tile(128, 64, 8, 3), Tile(64, 64, 4, 3), Tile(128, 32, 8, 2)],  # 181, 179, 132 registers
+        128: [Tile(128, 64, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3)],  # 80 KB, 72 KB, 88 KB shared
+        256: [Tile(64, 32, 8, 2), Tile(64, 32, 4, 2)],
+    },
+    "sm90": {
+        64: [Tile(128, 64, 8, 3), Tile(128, 128, 8, 3), Tile(64, 64, 4, 3)],
+        128: [Tile(128, 64, 8, 3), Tile(128, 64, 8, 2), Tile(128, 128, 8, 2)],
+        256: [Tile(64, 32, 8, 2), Tile(128, 32, 8, 2), Tile(64, 64, 8, 2)],
+    },
 }
 BACKWARD_TILES: dict[str, dict[int, list[Tile]]] = {
-    "sm80": {64: [Tile(64, 32, 8, 2)],  # 4 warps spill 44 B in dK/dV
-             128: [Tile(64, 32, 8, 2), Tile(64, 32, 8, 3), Tile(64, 16, 4, 2)],
-             256: [Tile(32, 32, 8, 1), Tile(64, 16, 8, 2)]},
-    "sm90": {64: [Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(64, 32, 4, 2)],
-             128: [Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(64, 32, 8, 2)],
-             256: [Tile(64, 16, 8, 2), Tile(32, 32, 8, 1)]},  # 32 × 32 falls back to mma.sync, unpipelined
+    "sm80": {
+        64: [Tile(64, 32, 8, 2)],  # 4 warps spill 44 B in dK/dV
+        128: [Tile(64, 32, 8, 2), Tile(64, 32, 8, 3), Tile(64, 16, 4, 2)],
+        256: [Tile(32, 32, 8, 1), Tile(64, 16, 8, 2)],
+    },
+    "sm90": {
+        64: [Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(64, 32, 4, 2)],
+        128: [Tile(128, 32, 8, 2), Tile(128, 32, 8, 3), Tile(64, 32, 8, 2)],
+        256: [Tile(64, 16, 8, 2), Tile(32, 32, 8, 1)],
+    },  # 32 × 32 falls back to mma.sync, unpipelined
 }
 #: float32 (tests): no tensor cores with input_precision="ieee", so the tiles stay small.
 _BLOCKS_FP32 = {
@@ -537,8 +847,7 @@ def _time_ms(fn: Callable[[], Any]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=25))
 
 
-def _pick(kind: str, default: Tile, q: torch.Tensor, causal: bool, has_docs: bool,
-          run: Callable[[Tile], Any]) -> Tile:
+def _pick(kind: str, default: Tile, q: torch.Tensor, causal: bool, has_docs: bool, run: Callable[[Tile], Any]) -> Tile:
     """The tile for one launch of ``kind``: the default, or with :data:`AUTOTUNE` the fastest candidate."""
     if not AUTOTUNE or q.device.type == "meta" or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return default
@@ -553,23 +862,57 @@ def _pick(kind: str, default: Tile, q: torch.Tensor, causal: bool, has_docs: boo
             except Exception as exc:  # e.g. out of shared memory on this card: not a candidate here
                 log.warning("flash attention %s tile %s does not run here: %s", kind, tuple(tile), exc)
                 continue
-            TUNING_LOG.append({"pass": kind, "arch": arch, "dtype": str(q.dtype).removeprefix("torch."),
-                               "head_dim_tile": block_d, "causal": causal, "docs": has_docs,
-                               "seq_bucket": key[-1], "shape": list(q.shape), "tile": list(tile), "ms": timed[tile]})
+            TUNING_LOG.append(
+                {
+                    "pass": kind,
+                    "arch": arch,
+                    "dtype": str(q.dtype).removeprefix("torch."),
+                    "head_dim_tile": block_d,
+                    "causal": causal,
+                    "docs": has_docs,
+                    "seq_bucket": key[-1],
+                    "shape": list(q.shape),
+                    "tile": list(tile),
+                    "ms": timed[tile],
+                }
+            )
         _TUNED[key] = min(timed, key=timed.get) if timed else default
         log.info("flash attention %s %s: tile %s", kind, key[1:], tuple(_TUNED[key]))
     return _TUNED[key]
 
 
-def _launch_forward(tile: Tile, q, k, v, out, lse, doc_start, doc_end, s_doc, flags, block_d, causal, has_docs,
-                    scale) -> None:
+def _launch_forward(
+    tile: Tile, q, k, v, out, lse, doc_start, doc_end, s_doc, flags, block_d, causal, has_docs, scale
+) -> None:
     batch, n_q_heads, q_len, head_dim = q.shape
     n_kv_heads, k_len = k.shape[1], k.shape[2]
     _flash_forward_kernel[(batch * n_q_heads, triton.cdiv(q_len, tile.resident))](
-        q, k, v, out, lse, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v), *_strides(out), s_doc,
-        n_q_heads, n_q_heads // n_kv_heads, q_len, k_len, head_dim, scale * 1.4426950408889634,
-        CAUSAL=causal, HAS_DOCS=has_docs, **flags,
-        BLOCK_M=tile.resident, BLOCK_N=tile.streamed, BLOCK_D=block_d, num_warps=tile.warps, num_stages=tile.stages,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        doc_start,
+        doc_end,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        s_doc,
+        n_q_heads,
+        n_q_heads // n_kv_heads,
+        q_len,
+        k_len,
+        head_dim,
+        scale * 1.4426950408889634,
+        CAUSAL=causal,
+        HAS_DOCS=has_docs,
+        **flags,
+        BLOCK_M=tile.resident,
+        BLOCK_N=tile.streamed,
+        BLOCK_D=block_d,
+        num_warps=tile.warps,
+        num_stages=tile.stages,
     )
 
 
@@ -615,48 +958,113 @@ def _dkdv_outputs(k: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tens
 def _sum_slices(first: torch.Tensor, split: int, dtype: torch.dtype) -> torch.Tensor:
     """The sum of the ``split`` fp32 slices that start at ``first`` (from :func:`_dkdv_outputs`), in ``dtype``."""
     batch, heads, seq, dim = first.shape
-    slices = first.transpose(1, 2).as_strided((split, batch, seq, heads, dim), (first.numel(), seq * heads * dim,
-                                                                                heads * dim, dim, 1))
+    slices = first.transpose(1, 2).as_strided(
+        (split, batch, seq, heads, dim), (first.numel(), seq * heads * dim, heads * dim, dim, 1)
+    )
     return slices.sum(0).to(dtype).transpose(1, 2)
 
 
-def _launch_backward(tile: Tile, grad_out, q, k, v, out, lse, dq, doc_start, doc_end, s_doc, flags, block_d,
-                     causal, has_docs, scale) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_backward(
+    tile: Tile, grad_out, q, k, v, out, lse, dq, doc_start, doc_end, s_doc, flags, block_d, causal, has_docs, scale
+) -> tuple[torch.Tensor, torch.Tensor]:
     """delta, then dK/dV (split over the GQA group when the grid is small), then dQ into ``dq``; returns (dk, dv)."""
     batch, n_q_heads, q_len, head_dim = q.shape
     n_kv_heads, k_len = k.shape[1], k.shape[2]
     group = n_q_heads // n_kv_heads
     delta = _dispatch.empty((batch, n_q_heads, q_len), torch.float32, q.device)
     _flash_backward_delta_kernel[(batch * n_q_heads, triton.cdiv(q_len, tile.resident))](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), n_q_heads, q_len, head_dim,
-        BLOCK_M=tile.resident, BLOCK_D=block_d,
+        out,
+        grad_out,
+        delta,
+        *_strides(out),
+        *_strides(grad_out),
+        n_q_heads,
+        q_len,
+        head_dim,
+        BLOCK_M=tile.resident,
+        BLOCK_D=block_d,
     )
-    shared = dict(CAUSAL=causal, HAS_DOCS=has_docs, BLOCK_D=block_d, **flags, num_warps=tile.warps,
-                  num_stages=tile.stages)
+    shared = dict(
+        CAUSAL=causal, HAS_DOCS=has_docs, BLOCK_D=block_d, **flags, num_warps=tile.warps, num_stages=tile.stages
+    )
     key_blocks = triton.cdiv(k_len, tile.resident)
     split = kv_split(batch * n_kv_heads * key_blocks, group, _dispatch.sm_count(q.device))
     dk, dv, s_split = _dkdv_outputs(k, split)
     _flash_backward_dkdv_kernel[(batch * n_kv_heads * split, key_blocks)](
-        q, k, v, grad_out, lse, delta, dk, dv, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
-        *_strides(grad_out), *_strides(dk), *_strides(dv), s_doc, s_split,
-        n_q_heads, n_kv_heads, group, split, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
-        BLOCK_M=tile.streamed, BLOCK_N=tile.resident, **shared,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        doc_start,
+        doc_end,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(grad_out),
+        *_strides(dk),
+        *_strides(dv),
+        s_doc,
+        s_split,
+        n_q_heads,
+        n_kv_heads,
+        group,
+        split,
+        q_len,
+        k_len,
+        head_dim,
+        scale * 1.4426950408889634,
+        scale,
+        BLOCK_M=tile.streamed,
+        BLOCK_N=tile.resident,
+        **shared,
     )
     if split > 1:
         dk, dv = _sum_slices(dk, split, k.dtype), _sum_slices(dv, split, v.dtype)
     _flash_backward_dq_kernel[(batch * n_q_heads, triton.cdiv(q_len, tile.resident))](
-        q, k, v, grad_out, lse, delta, dq, doc_start, doc_end, *_strides(q), *_strides(k), *_strides(v),
-        *_strides(grad_out), *_strides(dq), s_doc,
-        n_q_heads, group, q_len, k_len, head_dim, scale * 1.4426950408889634, scale,
-        BLOCK_M=tile.resident, BLOCK_N=tile.streamed, **shared,
+        q,
+        k,
+        v,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        doc_start,
+        doc_end,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(grad_out),
+        *_strides(dq),
+        s_doc,
+        n_q_heads,
+        group,
+        q_len,
+        k_len,
+        head_dim,
+        scale * 1.4426950408889634,
+        scale,
+        BLOCK_M=tile.resident,
+        BLOCK_N=tile.streamed,
+        **shared,
     )
     return dk, dv
 
 
 @torch.library.custom_op("zhllm::flash_attention_backward", mutates_args=())
 def flash_attention_backward(
-    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    doc_bounds: Optional[torch.Tensor], causal: bool, scale: float,
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    doc_bounds: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, q, k, v, out = (_unit_last(t) for t in (grad_out, q, k, v, out))
     lse = lse.contiguous()
@@ -664,14 +1072,18 @@ def flash_attention_backward(
     n_kv_heads, k_len = k.shape[1], k.shape[2]
     dq = _bthd(batch, n_q_heads, q_len, head_dim, q)
     if q.numel() == 0 or k.numel() == 0:  # nothing attended: every gradient is zero
-        return dq.zero_(), _bthd(batch, n_kv_heads, k_len, head_dim, k).zero_(), \
-            _bthd(batch, n_kv_heads, k_len, head_dim, v).zero_()
+        return (
+            dq.zero_(),
+            _bthd(batch, n_kv_heads, k_len, head_dim, k).zero_(),
+            _bthd(batch, n_kv_heads, k_len, head_dim, v).zero_(),
+        )
     doc_start, doc_end, s_doc, flags, block_d, cfg = _common(q, doc_bounds)
     has_docs = doc_bounds is not None
 
     def run(tile: Tile) -> tuple[torch.Tensor, torch.Tensor]:
-        return _launch_backward(tile, grad_out, q, k, v, out, lse, dq, doc_start, doc_end, s_doc, flags, block_d,
-                                causal, has_docs, scale)
+        return _launch_backward(
+            tile, grad_out, q, k, v, out, lse, dq, doc_start, doc_end, s_doc, flags, block_d, causal, has_docs, scale
+        )
 
     dk, dv = run(_pick("backward", cfg.backward, q, causal, has_docs, run))
     return dq, dk, dv
@@ -681,17 +1093,26 @@ def flash_attention_backward(
 def _(grad_out, q, k, v, out, lse, doc_bounds, causal, scale):
     batch, n_q_heads, q_len, head_dim = q.shape
     n_kv_heads, k_len = k.shape[1], k.shape[2]
-    return (_bthd(batch, n_q_heads, q_len, head_dim, q, fake=True),
-            _bthd(batch, n_kv_heads, k_len, head_dim, k, fake=True),
-            _bthd(batch, n_kv_heads, k_len, head_dim, v, fake=True))
+    return (
+        _bthd(batch, n_q_heads, q_len, head_dim, q, fake=True),
+        _bthd(batch, n_kv_heads, k_len, head_dim, k, fake=True),
+        _bthd(batch, n_kv_heads, k_len, head_dim, v, fake=True),
+    )
 
 
 class FlashAttentionFunction(torch.autograd.Function):
     """Autograd for the fused op: saves the inputs, the output and the log-sum-exp; backward recomputes P."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_bounds: torch.Tensor | None,
-                causal: bool, scale: float) -> torch.Tensor:
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        doc_bounds: torch.Tensor | None,
+        causal: bool,
+        scale: float,
+    ) -> torch.Tensor:
         out, lse = torch.ops.zhllm.flash_attention_forward(q, k, v, doc_bounds, causal, scale)
         ctx.save_for_backward(q, k, v, out, lse, doc_bounds)
         ctx.causal, ctx.scale = causal, scale
@@ -707,7 +1128,11 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 
 def _check_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, doc_ids: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    doc_ids: torch.Tensor | None,
     doc_bounds: torch.Tensor | None = None,
 ) -> None:
     """One-line errors for shapes, dtypes and devices the op does not take."""
@@ -738,15 +1163,22 @@ def _check_inputs(
         if doc_ids is not None:
             raise ValueError(f"{name}: pass doc_ids or doc_bounds (reference.doc_bounds of them), not both")
         if tuple(doc_bounds.shape) != (2, ks[0], ks[2]) or doc_bounds.dtype != torch.int32:
-            raise ValueError(f"{name}: doc_bounds must be int32 [2, B, Tk] = {(2, ks[0], ks[2])} from "
-                             f"zhkernels.reference.doc_bounds, got {doc_bounds.dtype} {tuple(doc_bounds.shape)}")
+            raise ValueError(
+                f"{name}: doc_bounds must be int32 [2, B, Tk] = {(2, ks[0], ks[2])} from "
+                f"zhkernels.reference.doc_bounds, got {doc_bounds.dtype} {tuple(doc_bounds.shape)}"
+            )
         if qs[2] != ks[2]:
             raise ValueError(f"{name}: doc_bounds needs Tq == Tk (got {qs[2]} and {ks[2]})")
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-    doc_ids: torch.Tensor | None = None, scale: float | None = None, doc_bounds: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    doc_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+    doc_bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention, ``q [B, Hq, Tq, D]`` against ``k``/``v`` ``[B, Hk, Tk, D]`` (GQA), in the inputs' dtype.
 
@@ -761,8 +1193,10 @@ def flash_attention(
     if not _dispatch.use_triton(q, k, v, doc_ids, doc_bounds):
         return reference.flash_attention(q, k, v, causal=causal, doc_ids=doc_ids, scale=scale, doc_bounds=doc_bounds)
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
-        raise ValueError(f"flash_attention: head_dim {q.shape[-1]} is outside the kernels' 1..{MAX_HEAD_DIM}; "
-                         "call zhkernels.reference.flash_attention instead")
+        raise ValueError(
+            f"flash_attention: head_dim {q.shape[-1]} is outside the kernels' 1..{MAX_HEAD_DIM}; "
+            "call zhkernels.reference.flash_attention instead"
+        )
     if doc_ids is not None:
         doc_bounds = reference.doc_bounds(doc_ids)
     return FlashAttentionFunction.apply(q, k, v, doc_bounds, causal, scale)
@@ -777,7 +1211,11 @@ class FlashAttention(nn.Module):
         self.scale = scale
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None = None,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
         doc_bounds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return flash_attention(q, k, v, causal=self.causal, doc_ids=doc_ids, scale=self.scale, doc_bounds=doc_bounds)

@@ -99,10 +99,17 @@ def _doc_ids_if_packed_causal(mask: torch.Tensor, query: torch.Tensor, key: torc
 
 
 def zhllm_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-    scaling: float | None = None, dropout: float = 0.0, **kwargs: Any,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """An ``AttentionInterface`` function: q ``[B, H, Tq, D]`` (RoPE applied), k/v ``[B, Hkv, Tk, D]`` → ``[B, Tq, H, D]``.
+    """An ``AttentionInterface`` function: q ``[B, H, Tq, D]`` (RoPE applied), k/v ``[B, Hkv, Tk, D]`` → ``[B, Tq, H,
+    D]``.
 
     Causal attention over the whole cache (Tq == Tk, or one decoding query) runs :func:`flash_attention`;
     everything else runs transformers' ``sdpa_attention_forward`` with the same arguments.
@@ -111,8 +118,12 @@ def zhllm_attention(
     # Without a mask transformers means SDPA's is_causal, which aligns to the *start* when Tq < Tk (a static
     # cache's unfilled tail stays masked) and attends to every key for one query. Our kernel aligns to the
     # end, the same thing only when Tq == Tk or Tq == 1; other shapes keep SDPA.
-    if (dropout == 0.0 and getattr(module, "is_causal", True) and not kwargs.get("output_attentions")
-            and (q_len == k_len or q_len == 1)):
+    if (
+        dropout == 0.0
+        and getattr(module, "is_causal", True)
+        and not kwargs.get("output_attentions")
+        and (q_len == k_len or q_len == 1)
+    ):
         doc_ids = None
         if attention_mask is not None:
             doc_ids = _doc_ids_if_packed_causal(attention_mask, query, key, kwargs.get("position_ids"))
@@ -147,8 +158,10 @@ def _use_our_attention(model: nn.Module) -> None:
     _own_config(model)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-        raise RuntimeError(f"transformers refused attn_implementation={ATTN_IMPLEMENTATION!r} for {type(model).__name__}; "
-                           "pass rope_and_attention=False to patch the other ops only")
+        raise RuntimeError(
+            f"transformers refused attn_implementation={ATTN_IMPLEMENTATION!r} for {type(model).__name__}; "
+            "pass rope_and_attention=False to patch the other ops only"
+        )
 
 
 def _signature_arguments(forward: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -185,8 +198,11 @@ def _causal_lm_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         loss = fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels, reduction="sum")
         loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype)
     return CausalLMOutputWithPast(
-        loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
-        hidden_states=getattr(outputs, "hidden_states", None), attentions=getattr(outputs, "attentions", None),
+        loss=loss,
+        logits=None,
+        past_key_values=getattr(outputs, "past_key_values", None),
+        hidden_states=getattr(outputs, "hidden_states", None),
+        attentions=getattr(outputs, "attentions", None),
     )
 
 
@@ -198,22 +214,31 @@ def _swap_forward(module: nn.Module, new_forward: Any) -> None:
 
 def _is_llama_attention(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Attention") and all(
-        hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+        hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+    )
 
 
 def patch_hf_llama(
-    model: nn.Module, *, rms_norm: bool = True, rope_and_attention: bool = True, swiglu: bool = True,
-    cross_entropy: bool = True, doc_mask_from_position_ids: bool | None = None,
+    model: nn.Module,
+    *,
+    rms_norm: bool = True,
+    rope_and_attention: bool = True,
+    swiglu: bool = True,
+    cross_entropy: bool = True,
+    doc_mask_from_position_ids: bool | None = None,
 ) -> nn.Module:
     """Swap our fused ops into a ``transformers`` Llama (``LlamaForCausalLM`` or ``LlamaModel``) in place; returns it.
 
     Packed rows (position ids restarting, no attention mask, ``use_cache=False``) are masked per document
-    exactly as transformers masks them for SDPA, and run our kernel with document ids; ``doc_mask_from_position_ids`` is accepted for older callers
+    exactly as transformers masks them for SDPA, and run our kernel with document ids; ``doc_mask_from_position_ids``
+    is accepted for older callers
     and changes nothing. Patching twice is harmless.
     """
     if doc_mask_from_position_ids is not None:
-        logger.warning("patch_hf_llama: doc_mask_from_position_ids is no longer needed and is ignored: packed rows "
-                       "are masked per document as transformers' own attention masks them")
+        logger.warning(
+            "patch_hf_llama: doc_mask_from_position_ids is no longer needed and is ignored: packed rows "
+            "are masked per document as transformers' own attention masks them"
+        )
     counts = {"rms_norm": 0, "mlp": 0, "attention": 0, "cross_entropy": 0}
     for module in model.modules():
         name = type(module).__name__
@@ -231,8 +256,10 @@ def patch_hf_llama(
             counts["attention"] += 1
     if counts["attention"]:
         if not hasattr(model, "set_attn_implementation"):
-            raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel: pass the LlamaForCausalLM "
-                             "or LlamaModel itself, or rope_and_attention=False")
+            raise ValueError(
+                f"{type(model).__name__} is not a transformers PreTrainedModel: pass the LlamaForCausalLM "
+                "or LlamaModel itself, or rope_and_attention=False"
+            )
         _use_our_attention(model)
     if cross_entropy and hasattr(model, "lm_head") and hasattr(model, "model"):
         if getattr(model.lm_head, "bias", None) is not None:
@@ -241,7 +268,9 @@ def patch_hf_llama(
             _swap_forward(model, _causal_lm_forward)
             counts["cross_entropy"] = 1
     if not any(counts.values()):
-        raise ValueError(f"patch_hf_llama found no Llama modules in {type(model).__name__}; pass a transformers Llama model")
+        raise ValueError(
+            f"patch_hf_llama found no Llama modules in {type(model).__name__}; pass a transformers Llama model"
+        )
     logger.info("patched %s: %s", type(model).__name__, ", ".join(f"{k} ×{v}" for k, v in counts.items()))
     model._zhllm_patched = counts
     return model

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``x / sqrt(mean(x**2) + eps) * weight`` over the last dimension, statistics in float32.
@@ -32,7 +35,10 @@ def rms_norm(
 
 
 def rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None,
+    seq_len: int,
+    head_dim: int,
+    theta: float = 10000.0,
+    device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``[seq_len, head_dim]`` cos and sin tables of Llama's RoPE (Hugging Face layout: both halves repeat)."""
@@ -59,7 +65,9 @@ def gather_cos_sin(
     """
     if cos.dim() == 3:
         if position_ids is not None:
-            raise ValueError("cos/sin are already per token ([B, T, D]); pass position_ids only with a [max_pos, D] table")
+            raise ValueError(
+                "cos/sin are already per token ([B, T, D]); pass position_ids only with a [max_pos, D] table"
+            )
         return cos[:, None], sin[:, None]
     if position_ids is None:
         return cos[:seq_len][None, None], sin[:seq_len][None, None]
@@ -100,10 +108,15 @@ def doc_bounds(doc_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attention_mask(
-    q_len: int, k_len: int, causal: bool, doc_ids: torch.Tensor | None, device: torch.device,
+    q_len: int,
+    k_len: int,
+    causal: bool,
+    doc_ids: torch.Tensor | None,
+    device: torch.device,
     doc_bounds: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean ``[B or 1, 1, Tq, Tk]`` mask (True = attend). Causal is aligned to the end when Tq < Tk (as with a KV cache).
+    """Boolean ``[B or 1, 1, Tq, Tk]`` mask (True = attend). Causal is aligned to the end when Tq < Tk (as with a KV
+    cache).
     Documents come as ``doc_ids [B, Tk]`` or as their :func:`doc_bounds` (then Tq == Tk)."""
     mask = None
     if causal:
@@ -123,8 +136,13 @@ def attention_mask(
 
 
 def flash_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-    doc_ids: torch.Tensor | None = None, scale: float | None = None, doc_bounds: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    doc_ids: torch.Tensor | None = None,
+    scale: float | None = None,
+    doc_bounds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention: ``q [B, Hq, Tq, D]``, ``k``/``v`` ``[B, Hk, Tk, D]`` with ``Hq % Hk == 0`` (GQA).
 
@@ -146,8 +164,12 @@ def flash_attention(
 
 
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-    reduction: str = "mean", z_loss: float = 0.0,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets``, logits in float32.
 

@@ -35,9 +35,20 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_forward_kernel(
-        x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr, rstd_ptr,
-        n_rows, n_cols, x_row_stride, res_row_stride, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+        x_ptr,
+        res_ptr,
+        w_ptr,
+        out_ptr,
+        new_res_ptr,
+        rstd_ptr,
+        n_rows,
+        n_cols,
+        x_row_stride,
+        res_row_stride,
+        eps,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
     ):
         rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
@@ -57,9 +68,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_norm_backward_kernel(
-        grad_out_ptr, x_ptr, w_ptr, rstd_ptr, grad_res_ptr, grad_x_ptr, grad_w_partial_ptr,
-        n_rows, n_cols, rows_per_program, grad_out_row_stride, x_row_stride, grad_res_row_stride,
-        HAS_GRAD_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_H: tl.constexpr,
+        grad_out_ptr,
+        x_ptr,
+        w_ptr,
+        rstd_ptr,
+        grad_res_ptr,
+        grad_x_ptr,
+        grad_w_partial_ptr,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        grad_out_row_stride,
+        x_row_stride,
+        grad_res_row_stride,
+        HAS_GRAD_RESIDUAL: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
     ):
         # dx = rstd * (dy*w - xhat * mean(dy*w*xhat)); dw = sum over rows of dy * xhat.
         program = tl.program_id(0)
@@ -128,9 +152,21 @@ def rms_norm_forward(
     if n_rows:
         block_rows, block_h, num_warps = _launch_shape(n_cols)
         _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
-            x2, r2, weight, out, new_res if residual is not None else out, rstd,
-            n_rows, n_cols, x2.stride(0), r2.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+            x2,
+            r2,
+            weight,
+            out,
+            new_res if residual is not None else out,
+            rstd,
+            n_rows,
+            n_cols,
+            x2.stride(0),
+            r2.stride(0),
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_ROWS=block_rows,
+            BLOCK_H=block_h,
+            num_warps=num_warps,
         )
     return out.view(x.shape), new_res.view(x.shape) if residual is not None else new_res, rstd
 
@@ -144,7 +180,10 @@ def _(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps:
 
 @torch.library.custom_op("zhllm::rms_norm_backward", mutates_args=())
 def rms_norm_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
     grad_residual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight); ``x`` is what was normalised (the new residual when one was added).
@@ -161,9 +200,23 @@ def rms_norm_backward(
     rows_per_program, n_programs = backward_split(n_rows, n_cols, _dispatch.sm_count(x.device))
     partial = _dispatch.empty((n_programs, n_cols), torch.float32, x.device)
     _rms_norm_backward_kernel[(n_programs,)](
-        d2, x2, weight, rstd, dr2, grad_x, partial,
-        n_rows, n_cols, rows_per_program, d2.stride(0), x2.stride(0), dr2.stride(0),
-        HAS_GRAD_RESIDUAL=grad_residual is not None, BLOCK_ROWS=block_rows, BLOCK_H=block_h, num_warps=num_warps,
+        d2,
+        x2,
+        weight,
+        rstd,
+        dr2,
+        grad_x,
+        partial,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        d2.stride(0),
+        x2.stride(0),
+        dr2.stride(0),
+        HAS_GRAD_RESIDUAL=grad_residual is not None,
+        BLOCK_ROWS=block_rows,
+        BLOCK_H=block_h,
+        num_warps=num_warps,
     )
     return grad_x.view(x.shape), partial.sum(0).to(weight.dtype)
 
@@ -177,8 +230,9 @@ class RMSNormFunction(torch.autograd.Function):
     """Autograd for the fused op: saves the normalised input and rstd; x and residual share one gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                out_dtype: torch.dtype):
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, out_dtype: torch.dtype
+    ):
         out, new_res, rstd = torch.ops.zhllm.rms_norm_forward(x, weight, residual, eps, out_dtype)
         ctx.has_residual = residual is not None
         ctx.save_for_backward(new_res if residual is not None else x, weight, rstd)
@@ -196,7 +250,10 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dimension; with ``residual`` returns ``(norm(x + residual), x + residual)``.
@@ -223,8 +280,10 @@ def rms_norm(
             raise ValueError(f"rms_norm: residual {tuple(residual.shape)} must have x's shape {tuple(x.shape)}")
         _dispatch.check_float("residual", residual)
         if residual.dtype.itemsize < x.dtype.itemsize or {residual.dtype, x.dtype} == {torch.float16, torch.bfloat16}:
-            raise TypeError(f"rms_norm: residual is {residual.dtype} but x is {x.dtype}; the residual stream must be "
-                            "x's dtype or float32 (cast one of them)")
+            raise TypeError(
+                f"rms_norm: residual is {residual.dtype} but x is {x.dtype}; the residual stream must be "
+                "x's dtype or float32 (cast one of them)"
+            )
     if out_dtype is not None and out_dtype not in _dispatch.SUPPORTED_FLOATS:
         raise TypeError(f"rms_norm: out_dtype {out_dtype} is not float32, float16 or bfloat16")
     _dispatch.check_same_device(x=x, weight=weight, residual=residual)

@@ -29,9 +29,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_heads(
-        x_ptr, out_ptr, b, t, heads, n_heads, seq_len, half, x_sb, x_sh, x_st, c1, c2, m1, m2, d,
-    ):
+    def _rotate_heads(x_ptr, out_ptr, b, t, heads, n_heads, seq_len, half, x_sb, x_sh, x_st, c1, c2, m1, m2, d):
         """``out1 = x1*c1 + x2*m1``, ``out2 = x2*c2 + x1*m2`` for a block of heads of one token."""
         inside = (heads[:, None] < n_heads) & (d[None, :] < half)
         src = x_ptr + b * x_sb + heads[:, None].to(tl.int64) * x_sh + t * x_st + d[None, :]
@@ -46,10 +44,34 @@ if HAS_TRITON:
 
     @triton.jit
     def _rope_kernel(
-        q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_out_ptr,
-        seq_len, n_q_heads, n_k_heads, half, table_len,
-        q_sb, q_sh, q_st, k_sb, k_sh, k_st, cos_sb, cos_st, sin_sb, sin_st, pos_sb, pos_st,
-        HAS_POSITIONS: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        cos_ptr,
+        sin_ptr,
+        pos_ptr,
+        q_out_ptr,
+        k_out_ptr,
+        seq_len,
+        n_q_heads,
+        n_k_heads,
+        half,
+        table_len,
+        q_sb,
+        q_sh,
+        q_st,
+        k_sb,
+        k_sh,
+        k_st,
+        cos_sb,
+        cos_st,
+        sin_sb,
+        sin_st,
+        pos_sb,
+        pos_st,
+        HAS_POSITIONS: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        BLOCK_HEADS: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,
     ):
         # grid: (B*T tokens, head blocks); each program rotates heads [hb*BLOCK_HEADS, ...) of q and of k.
         token = tl.program_id(0).to(tl.int64)
@@ -97,7 +119,11 @@ def launch_config(head_dim: int, n_q_heads: int, n_k_heads: int) -> tuple[int, i
 
 
 def _rotate(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: torch.Tensor | None,
     backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel: rotate (or, for ``backward``, rotate back) q and k into new ``[B, T, H, D]``-laid tensors."""
@@ -120,11 +146,34 @@ def _rotate(
     block_heads, block_half, num_warps = launch_config(head_dim, n_q_heads, n_k_heads)
     grid = (batch * seq_len, triton.cdiv(max(n_q_heads, n_k_heads), block_heads))
     _rope_kernel[grid](
-        q, k, cos, sin, position_ids if position_ids is not None else cos, q_out, k_out,
-        seq_len, n_q_heads, n_k_heads, half, cos.shape[0],
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        cos_sb, cos_st, sin_sb, sin_st, pos_sb, pos_st,
-        HAS_POSITIONS=position_ids is not None, BACKWARD=backward, BLOCK_HEADS=block_heads, BLOCK_HALF=block_half,
+        q,
+        k,
+        cos,
+        sin,
+        position_ids if position_ids is not None else cos,
+        q_out,
+        k_out,
+        seq_len,
+        n_q_heads,
+        n_k_heads,
+        half,
+        cos.shape[0],
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        cos_sb,
+        cos_st,
+        sin_sb,
+        sin_st,
+        pos_sb,
+        pos_st,
+        HAS_POSITIONS=position_ids is not None,
+        BACKWARD=backward,
+        BLOCK_HEADS=block_heads,
+        BLOCK_HALF=block_half,
         num_warps=num_warps,
     )
     return q_out, k_out
@@ -145,7 +194,10 @@ def _(q, k, cos, sin, position_ids):
 
 @torch.library.custom_op("zhllm::rope_backward", mutates_args=())
 def rope_backward(
-    grad_q_out: torch.Tensor, grad_k_out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    grad_q_out: torch.Tensor,
+    grad_k_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     position_ids: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_q, grad_k): the output gradients rotated back by the same angles."""

@@ -32,8 +32,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _swiglu_forward_kernel(
-        gate_ptr, up_ptr, out_ptr, n_cols, gate_row_stride, up_row_stride, out_row_stride,
-        BLOCK: tl.constexpr, FLAT: tl.constexpr,
+        gate_ptr,
+        up_ptr,
+        out_ptr,
+        n_cols,
+        gate_row_stride,
+        up_row_stride,
+        out_row_stride,
+        BLOCK: tl.constexpr,
+        FLAT: tl.constexpr,
     ):
         row, cols = _block(BLOCK, FLAT)
         inside = cols < n_cols
@@ -44,8 +51,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _swiglu_backward_kernel(
-        grad_out_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n_cols,
-        grad_out_row_stride, gate_row_stride, up_row_stride, BLOCK: tl.constexpr, FLAT: tl.constexpr,
+        grad_out_ptr,
+        gate_ptr,
+        up_ptr,
+        grad_gate_ptr,
+        grad_up_ptr,
+        n_cols,
+        grad_out_row_stride,
+        gate_row_stride,
+        up_row_stride,
+        BLOCK: tl.constexpr,
+        FLAT: tl.constexpr,
     ):
         # silu'(g) = s * (1 + g * (1 - s)) with s = sigmoid(g); the activation is recomputed, not stored.
         row, cols = _block(BLOCK, FLAT)
@@ -84,8 +100,9 @@ def swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     (g, u), grid, block, flat = _layout(gate, up)
     out = _dispatch.empty(g.shape, gate.dtype, gate.device)
     if out.numel():
-        _swiglu_forward_kernel[grid](g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0),
-                                     BLOCK=block, FLAT=flat)
+        _swiglu_forward_kernel[grid](
+            g, u, out, g.shape[1], g.stride(0), u.stride(0), out.stride(0), BLOCK=block, FLAT=flat
+        )
     return out.view(gate.shape)
 
 

@@ -13,7 +13,6 @@ import torch
 
 from .sampling import EpochOrder, RandomStarts, check_state
 
-
 IGNORE_INDEX = -100  # the label that ``torch.nn.functional.cross_entropy`` skips by default
 NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 

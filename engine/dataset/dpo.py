@@ -65,14 +65,26 @@ class DPODataset(ShardedBatches):
         if self.n_truncated:
             log.warning(
                 "%s: %d of %d pairs have a side longer than seq_len=%d, cut at its response end (%d label tokens lost)",
-                where, self.n_truncated, n_pairs, seq_len, self.n_label_tokens_truncated,
+                where,
+                self.n_truncated,
+                n_pairs,
+                seq_len,
+                self.n_label_tokens_truncated,
             )
         if self.n_dropped_no_labels:
-            log.warning("%s: %d pairs dropped: a side keeps no response token within seq_len=%d",
-                        where, self.n_dropped_no_labels, seq_len)
+            log.warning(
+                "%s: %d pairs dropped: a side keeps no response token within seq_len=%d",
+                where,
+                self.n_dropped_no_labels,
+                seq_len,
+            )
         if self.n_prompt_mismatch:
-            log.warning("%s: %d pairs whose chosen and rejected responses start at different offsets; "
-                        "prompt_length is the shorter", where, self.n_prompt_mismatch)
+            log.warning(
+                "%s: %d pairs whose chosen and rejected responses start at different offsets; "
+                "prompt_length is the shorter",
+                where,
+                self.n_prompt_mismatch,
+            )
         self._pair_index = np.flatnonzero(usable)  # served pair k is stored pair _pair_index[k]
         if self._pair_index.size == 0:
             raise DatasetError(f"{where} has no pair with response tokens on both sides within seq_len={seq_len}")
@@ -82,11 +94,22 @@ class DPODataset(ShardedBatches):
         self._order = EpochOrder(self._pair_index.size, seed=seed, rank=rank, world_size=world_size)
         self.samples_per_epoch = self._order.per_rank
         self._config = {
-            "kind": "dpo", "seq_len": seq_len, "seed": seed, "world_size": world_size,
-            "n_tokens": self.files.n_tokens, "n_pairs": int(self._pair_index.size),
+            "kind": "dpo",
+            "seq_len": seq_len,
+            "seed": seed,
+            "world_size": world_size,
+            "n_tokens": self.files.n_tokens,
+            "n_pairs": int(self._pair_index.size),
         }
-        log.info("%s: %d pairs, seq_len %d, rank %d/%d; %d pair(s) per epoch left out to keep ranks even",
-                 where, self._pair_index.size, seq_len, rank, world_size, self._order.leftover_per_epoch)
+        log.info(
+            "%s: %d pairs, seq_len %d, rank %d/%d; %d pair(s) per epoch left out to keep ranks even",
+            where,
+            self._pair_index.size,
+            seq_len,
+            rank,
+            world_size,
+            self._order.leftover_per_epoch,
+        )
 
     def _batch_from(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         pairs = self._pair_index[indices]
@@ -96,8 +119,15 @@ class DPODataset(ShardedBatches):
         width = int(lengths.max())
         zeros = np.zeros(2 * batch, dtype=np.int64)
         rows = fill_rows(
-            self.tokens, self.mask, self.files.offsets[docs], lengths,
-            np.arange(2 * batch), zeros, zeros, (2 * batch, width), self.pad_id,
+            self.tokens,
+            self.mask,
+            self.files.offsets[docs],
+            lengths,
+            np.arange(2 * batch),
+            zeros,
+            zeros,
+            (2 * batch, width),
+            self.pad_id,
         )
         input_ids, labels = rows.input_ids, rows.labels
         pin = self.pin_memory

@@ -109,18 +109,31 @@ class PretrainDataset(ShardedBatches):
                 log.info(
                     "%s: %d tail tokens never served (shorter than a chunk of %d); %d chunk(s) per epoch left "
                     "out to keep %d ranks even (a different one each epoch)",
-                    self.files.paths.prefix, self.tail_tokens, chunk, self.leftover_chunks_per_epoch, world_size,
+                    self.files.paths.prefix,
+                    self.tail_tokens,
+                    chunk,
+                    self.leftover_chunks_per_epoch,
+                    world_size,
                 )
         else:
             self._order = RandomStarts(self.n_tokens - seq_len, seed=seed, rank=rank, world_size=world_size)
             self.leftover_chunks_per_epoch = 0
         self._config = {
-            "kind": "pretrain", "mode": mode, "seq_len": seq_len, "seed": seed,
-            "world_size": world_size, "n_tokens": self.n_tokens,
+            "kind": "pretrain",
+            "mode": mode,
+            "seq_len": seq_len,
+            "seed": seed,
+            "world_size": world_size,
+            "n_tokens": self.n_tokens,
         }
         log.info(
             "%s: %s windows of %d tokens over %s tokens, rank %d/%d",
-            self.files.paths.prefix, mode, seq_len, f"{self.n_tokens:,}", rank, world_size,
+            self.files.paths.prefix,
+            mode,
+            seq_len,
+            f"{self.n_tokens:,}",
+            rank,
+            world_size,
         )
 
     def _batch_from(self, indices: np.ndarray) -> dict[str, torch.Tensor]:

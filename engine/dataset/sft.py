@@ -18,8 +18,18 @@ from .sampling import EpochOrder
 log = logging.getLogger(__name__)
 
 
-def open_masked(dataset: Any, kind: str, path: str | os.PathLike[str], seq_len: int, seed: int, rank: int,
-                world_size: int, pad_id: int | None, tokenizer_sha256: str | None, pin_memory: bool | None) -> None:
+def open_masked(
+    dataset: Any,
+    kind: str,
+    path: str | os.PathLike[str],
+    seq_len: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    pad_id: int | None,
+    tokenizer_sha256: str | None,
+    pin_memory: bool | None,
+) -> None:
     """What SFT and DPO datasets share at construction: open and check the files, keep the settings."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -81,12 +91,18 @@ class SFTDataset(ShardedBatches):
         if self.n_truncated:
             log.warning(
                 "%s: %d of %d conversations are longer than seq_len=%d and were cut to it, losing %d label tokens",
-                where, self.n_truncated, self.n_conversations, seq_len, self.n_label_tokens_truncated,
+                where,
+                self.n_truncated,
+                self.n_conversations,
+                seq_len,
+                self.n_label_tokens_truncated,
             )
         if self.n_dropped_no_labels:
             log.warning(
                 "%s: %d conversations dropped: no loss token left within seq_len=%d",
-                where, self.n_dropped_no_labels, seq_len,
+                where,
+                self.n_dropped_no_labels,
+                seq_len,
             )
         self._doc_index = np.flatnonzero(usable)  # packed item k is conversation _doc_index[k]
         if self._doc_index.size == 0:
@@ -105,14 +121,24 @@ class SFTDataset(ShardedBatches):
         self._order = EpochOrder(self.n_rows, seed=seed, rank=rank, world_size=world_size)
         self.samples_per_epoch = self._order.per_rank
         self._config = {
-            "kind": "sft", "seq_len": seq_len, "seed": seed, "world_size": world_size,
-            "n_tokens": self.files.n_tokens, "n_rows": self.n_rows,
+            "kind": "sft",
+            "seq_len": seq_len,
+            "seed": seed,
+            "world_size": world_size,
+            "n_tokens": self.files.n_tokens,
+            "n_rows": self.n_rows,
         }
         log.info(
             "%s: %d conversations in %d rows of %d (%.1f%% tokens, %.1f%% padding); %d row(s) per epoch left "
             "out to keep %d ranks even",
-            where, self._doc_index.size, self.n_rows, seq_len, 100 * self.packing_efficiency,
-            100 * (1 - self.packing_efficiency), self._order.leftover_per_epoch, world_size,
+            where,
+            self._doc_index.size,
+            self.n_rows,
+            seq_len,
+            100 * self.packing_efficiency,
+            100 * (1 - self.packing_efficiency),
+            self._order.leftover_per_epoch,
+            world_size,
         )
 
     def _batch_from(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
@@ -121,8 +147,15 @@ class SFTDataset(ShardedBatches):
         slot = self._row_offsets[indices][batch_row] + k  # index into the CSR arrays
         items = self._row_items[slot]
         rows = fill_rows(
-            self.tokens, self.mask, self.files.offsets[self._doc_index[items]], self._item_length[items],
-            batch_row, self._column[slot], self._slot_in_row[slot], (indices.shape[0], self.seq_len), self.pad_id,
+            self.tokens,
+            self.mask,
+            self.files.offsets[self._doc_index[items]],
+            self._item_length[items],
+            batch_row,
+            self._column[slot],
+            self._slot_in_row[slot],
+            (indices.shape[0], self.seq_len),
+            self.pad_id,
         )
         pin = self.pin_memory
         return {

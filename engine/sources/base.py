@@ -172,7 +172,10 @@ class SourceReport:
     def log_summary(self) -> None:
         logger.info(
             "read %s records from %d source files: %s documents, %s bad",
-            f"{self.total_records:,}", len(self.sources), f"{self.total_documents:,}", f"{self.total_bad:,}",
+            f"{self.total_records:,}",
+            len(self.sources),
+            f"{self.total_documents:,}",
+            f"{self.total_bad:,}",
         )
         for reason, count in self.bad_reasons.most_common():
             logger.info("  bad %s: %s (e.g. %s)", reason, f"{count:,}", self.examples[reason][0])

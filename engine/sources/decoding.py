@@ -159,4 +159,4 @@ def read_whole_text(path: Path, encoding: TextEncoding) -> tuple[str | None, int
         return raw.decode(encoding.name), 1, None
     except UnicodeDecodeError as e:
         lineno = raw.count(b"\n", 0, e.start) + 1
-        return None, lineno, f"bytes {raw[e.start:e.end].hex(' ')} are not valid {encoding.name} (try --encoding)"
+        return None, lineno, f"bytes {raw[e.start : e.end].hex(' ')} are not valid {encoding.name} (try --encoding)"

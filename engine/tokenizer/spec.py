@@ -23,8 +23,15 @@ class TokenizerError(ValueError):
     """A tokenizer cannot be loaded, trained, trimmed or saved (one-line message saying what to do)."""
 
 
-def tokenizer_mismatch(expected: dict[str, Any] | None, actual: dict[str, Any] | None, *, owner: str, other: str,
-                       fix: str, verb: str = "trained") -> str | None:
+def tokenizer_mismatch(
+    expected: dict[str, Any] | None,
+    actual: dict[str, Any] | None,
+    *,
+    owner: str,
+    other: str,
+    fix: str,
+    verb: str = "trained",
+) -> str | None:
     """The one-line refusal when two records of a tokenizer (``{"path", "sha256"}``) are different vocabularies:
     ``owner`` was ``verb`` with ``expected``, ``other`` is ``actual``, and ``fix`` says what to do. None when the
     sha256s agree or either side records none (there is nothing to compare; callers decide whether to warn)."""
@@ -32,5 +39,7 @@ def tokenizer_mismatch(expected: dict[str, Any] | None, actual: dict[str, Any] |
     theirs, ours = expected.get("sha256"), actual.get("sha256")
     if not theirs or not ours or theirs == ours:
         return None
-    return (f"{owner} was {verb} with tokenizer {expected.get('path')} (sha256 {theirs[:12]}), but {other} is "
-            f"{actual.get('path')} (sha256 {ours[:12]}), another vocabulary: {fix}")
+    return (
+        f"{owner} was {verb} with tokenizer {expected.get('path')} (sha256 {theirs[:12]}), but {other} is "
+        f"{actual.get('path')} (sha256 {ours[:12]}), another vocabulary: {fix}"
+    )

@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from engine.chat_template import CHATML_TEMPLATE
 
-from .core import (CHAT_TOKENS, SPECIAL_TOKENS, Tokenizer, TokenizerError, _sentencepiece_proto,
-                   tokenizer_from_proto)
+from .core import CHAT_TOKENS, SPECIAL_TOKENS, Tokenizer, TokenizerError, _sentencepiece_proto, tokenizer_from_proto
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +172,17 @@ def train_tokenizer(
     if out.exists() and not overwrite:
         raise TokenizerError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
     tok = fit_tokenizer(
-        texts, vocab_size, path=out, character_coverage=character_coverage, max_sentence_bytes=max_sentence_bytes,
-        input_sentence_size=input_sentence_size, seed=seed, num_threads=num_threads,
-        model_max_length=model_max_length, progress=progress, **more,
+        texts,
+        vocab_size,
+        path=out,
+        character_coverage=character_coverage,
+        max_sentence_bytes=max_sentence_bytes,
+        input_sentence_size=input_sentence_size,
+        seed=seed,
+        num_threads=num_threads,
+        model_max_length=model_max_length,
+        progress=progress,
+        **more,
     )
     tok.save_pretrained(out)
     return tok
@@ -214,9 +221,14 @@ def fit_tokenizer(
         vocab_size=vocab_size,
         character_coverage=character_coverage,
         byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece=SPECIAL_TOKENS[0], bos_piece=SPECIAL_TOKENS[1],
-        eos_piece=SPECIAL_TOKENS[2], pad_piece=SPECIAL_TOKENS[3],
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=SPECIAL_TOKENS[0],
+        bos_piece=SPECIAL_TOKENS[1],
+        eos_piece=SPECIAL_TOKENS[2],
+        pad_piece=SPECIAL_TOKENS[3],
         user_defined_symbols=list(CHAT_TOKENS),
         normalization_rule_name="identity",
         add_dummy_prefix=False,
@@ -247,12 +259,21 @@ def fit_tokenizer(
     logger.info(
         "fed SentencePiece %d sentences (%d chars) from %d documents; %d empty skipped; "
         "%d long documents split into %d pieces (%d hard cuts inside a sentence); trained in %.1f s",
-        stats.sentences_fed, stats.chars_fed, stats.documents, stats.empty_skipped,
-        stats.documents_split, stats.pieces_from_split, stats.hard_cuts, stats.seconds,
+        stats.sentences_fed,
+        stats.chars_fed,
+        stats.documents,
+        stats.empty_skipped,
+        stats.documents_split,
+        stats.pieces_from_split,
+        stats.hard_cuts,
+        stats.seconds,
     )
     if stats.sentences_fed > input_sentence_size:
-        logger.info("SentencePiece sampled %d of the %d sentences (input_sentence_size)",
-                    input_sentence_size, stats.sentences_fed)
+        logger.info(
+            "SentencePiece sampled %d of the %d sentences (input_sentence_size)",
+            input_sentence_size,
+            stats.sentences_fed,
+        )
 
     proto = _sentencepiece_proto(model.getvalue(), Path(path))
     facts = {
@@ -264,4 +285,3 @@ def fit_tokenizer(
     }
     config = {"chat_template": CHATML_TEMPLATE, "model_max_length": model_max_length}
     return tokenizer_from_proto(proto, Path(path), config, facts)
-

@@ -24,8 +24,14 @@ SPACE = "\u2581"
 IDEOGRAPHS = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F), (0x2E80, 0x2FDF))
 # CJK symbols and punctuation, full-width forms, vertical/compatibility forms, and the quotes, dashes,
 # ellipsis and middle dot Chinese text uses from general punctuation.
-CJK_PUNCTUATION = ((0x3000, 0x303F), (0xFF00, 0xFFEF), (0xFE10, 0xFE1F), (0xFE30, 0xFE4F), (0x2010, 0x2027),
-                   (0x00B7, 0x00B7))
+CJK_PUNCTUATION = (
+    (0x3000, 0x303F),
+    (0xFF00, 0xFFEF),
+    (0xFE10, 0xFE1F),
+    (0xFE30, 0xFE4F),
+    (0x2010, 0x2027),
+    (0x00B7, 0x00B7),
+)
 
 
 def _in(ranges: tuple[tuple[int, int], ...], ch: str) -> bool:
@@ -65,11 +71,13 @@ class TrimReport:
 
     def format(self) -> str:
         reasons = ", ".join(f"{k} {v:,}" for k, v in self.kept.items() if v)
-        return (f"trimmed {self.original_size:,} ids to {self.trimmed_size:,}: kept {reasons}; "
-                f"dropped {self.dropped:,} "
-                f"(of which {self.unreachable_dropped:,} unreachable in the original); "
-                f"added {', '.join(self.added_specials) or 'no specials'}; "
-                f"English words found {self.english_words_found:,} of {self.english_words_given:,}")
+        return (
+            f"trimmed {self.original_size:,} ids to {self.trimmed_size:,}: kept {reasons}; "
+            f"dropped {self.dropped:,} "
+            f"(of which {self.unreachable_dropped:,} unreachable in the original); "
+            f"added {', '.join(self.added_specials) or 'no specials'}; "
+            f"English words found {self.english_words_found:,} of {self.english_words_given:,}"
+        )
 
 
 def read_word_list(path: str | Path) -> frozenset[str]:
@@ -97,7 +105,7 @@ def derivation(piece: str, scores: dict[str, float]) -> list[str] | None:
                 best, at = score, i
         if best is None:
             break
-        symbols[at:at + 2] = [symbols[at] + symbols[at + 1]]
+        symbols[at : at + 2] = [symbols[at] + symbols[at + 1]]
         made.append(symbols[at])
     return made[:-1] if symbols == [piece] else None
 
@@ -131,8 +139,9 @@ def _reasons(pieces: list[Any], config: TrimConfig) -> list[str | None]:
     return reasons
 
 
-def trim_tokenizer(tok: Tokenizer, config: TrimConfig | None = None, path: str | Path | None = None
-                   ) -> tuple[Tokenizer, TrimReport]:
+def trim_tokenizer(
+    tok: Tokenizer, config: TrimConfig | None = None, path: str | Path | None = None
+) -> tuple[Tokenizer, TrimReport]:
     """A trimmed copy of SentencePiece BPE ``tok`` (unsaved; call ``save_pretrained``) and what was kept."""
     config = config or TrimConfig()
     source = tok.sentencepiece_proto
@@ -192,24 +201,53 @@ def trim_tokenizer(tok: Tokenizer, config: TrimConfig | None = None, path: str |
 
     proto = _rebuild(source, sorted(keep), new_specials)
     counts = Counter(keep.values())
-    order = ["control_or_user", "byte", "single_char", "cjk", "whitespace", "english_words", "english_top",
-             "reachability", "fill"]
+    order = [
+        "control_or_user",
+        "byte",
+        "single_char",
+        "cjk",
+        "whitespace",
+        "english_words",
+        "english_top",
+        "reachability",
+        "fill",
+    ]
     kept_words = {pieces[i].piece.lstrip(SPACE).lower() for i in keep if pieces[i].type == NORMAL}
     report = TrimReport(
-        original_size=len(pieces), trimmed_size=len(proto.pieces), kept={k: counts.get(k, 0) for k in order},
-        dropped=len(pieces) - len(keep), unreachable_dropped=unreachable, added_specials=new_specials,
+        original_size=len(pieces),
+        trimmed_size=len(proto.pieces),
+        kept={k: counts.get(k, 0) for k in order},
+        dropped=len(pieces) - len(keep),
+        unreachable_dropped=unreachable,
+        added_specials=new_specials,
         english_words_given=len(config.english_words),
         english_words_found=len(config.english_words & kept_words),
     )
     logger.debug(report.format())
-    facts = {"made_by": "trim", "trimmed_from": str(tok.path), "trimmed_from_sha256": tok.sha256,
-             **({"normalization_changed": tok.facts["normalization_changed"]}
-                if "normalization_changed" in tok.facts else {}),
-             "trim": {"config": {"english_top": config.english_top, "english_words": len(config.english_words),
-                                 "vocab_size": config.vocab_size}, "report": asdict(report)}}
-    trimmed = tokenizer_from_proto(proto, Path(path) if path is not None else tok.path,
-                                   {"chat_template": tok.chat_template, "model_max_length": tok.model_max_length},
-                                   facts)
+    facts = {
+        "made_by": "trim",
+        "trimmed_from": str(tok.path),
+        "trimmed_from_sha256": tok.sha256,
+        **(
+            {"normalization_changed": tok.facts["normalization_changed"]}
+            if "normalization_changed" in tok.facts
+            else {}
+        ),
+        "trim": {
+            "config": {
+                "english_top": config.english_top,
+                "english_words": len(config.english_words),
+                "vocab_size": config.vocab_size,
+            },
+            "report": asdict(report),
+        },
+    }
+    trimmed = tokenizer_from_proto(
+        proto,
+        Path(path) if path is not None else tok.path,
+        {"chat_template": tok.chat_template, "model_max_length": tok.model_max_length},
+        facts,
+    )
     return trimmed, report
 
 

@@ -16,12 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.chat_template import IM_END
-from engine.tokenizer import (
-    Tokenizer,
-    TokenizerError,
-    load_tokenizer,
-    tokenizer_mismatch,
-)
+from engine.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_mismatch
 
 from ..model import Llama, LlamaConfig, ModelOptions
 from ..precision import DTYPES
@@ -61,42 +56,60 @@ def _model_config(saved: dict[str, Any] | None, checkpoint: Path) -> LlamaConfig
         raise ExportError(str(e)) from None
 
 
-def resolve_tokenizer(reference: dict[str, Any] | None, tokenizer_dir: str | os.PathLike[str] | None,
-                      checkpoint: Path) -> Tokenizer:
+def resolve_tokenizer(
+    reference: dict[str, Any] | None, tokenizer_dir: str | os.PathLike[str] | None, checkpoint: Path
+) -> Tokenizer:
     """The checkpoint's tokenizer: ``tokenizer_dir`` or the path it names, refused if its sha256 differs."""
     reference = reference or {}
     ref_path, ref_sha = reference.get("path"), reference.get("sha256")
     if tokenizer_dir is None:
         if not ref_path:
-            raise ExportError(f"{checkpoint} names no tokenizer: pass --tokenizer DIR (the one its corpus was packed with)")
+            raise ExportError(
+                f"{checkpoint} names no tokenizer: pass --tokenizer DIR (the one its corpus was packed with)"
+            )
         if not Path(ref_path).exists():
-            raise ExportError(f"the tokenizer {ref_path} named by {checkpoint} is gone: pass --tokenizer DIR with the "
-                              f"same tokenizer (sha256 {ref_sha})")
+            raise ExportError(
+                f"the tokenizer {ref_path} named by {checkpoint} is gone: pass --tokenizer DIR with the "
+                f"same tokenizer (sha256 {ref_sha})"
+            )
         tokenizer_dir = ref_path
     tokenizer = load_tokenizer(tokenizer_dir)
-    refusal = tokenizer_mismatch(reference, {"path": tokenizer_dir, "sha256": tokenizer.sha256}, owner=str(checkpoint),
-                                 other="the tokenizer given", fix="pass the tokenizer its corpus was packed with")
+    refusal = tokenizer_mismatch(
+        reference,
+        {"path": tokenizer_dir, "sha256": tokenizer.sha256},
+        owner=str(checkpoint),
+        other="the tokenizer given",
+        fix="pass the tokenizer its corpus was packed with",
+    )
     if refusal:
         raise ExportError(refusal)
     if not ref_sha:
-        log.warning("%s records no tokenizer sha256: cannot check that %s is the one it was trained with",
-                    checkpoint, tokenizer_dir)
+        log.warning(
+            "%s records no tokenizer sha256: cannot check that %s is the one it was trained with",
+            checkpoint,
+            tokenizer_dir,
+        )
     return tokenizer
 
 
 def hf_state_dict(checkpoint: Path, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights under HF's names, checked against ``config``, cast to ``dtype``, tied lm_head dropped."""
+    """The checkpoint's weights under HF's names, checked against ``config``, cast to ``dtype``, tied lm_head
+    dropped."""
     with torch.device("meta"):  # names and shapes only: nothing is allocated or initialised
         expected = {name: tuple(t.shape) for name, t in Llama(config).state_dict().items()}
     state = ckpt.read_model_state(checkpoint)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ExportError(f"{checkpoint / ckpt.MODEL_FILE} does not fit its own config.json "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]}): the checkpoint is damaged")
+        raise ExportError(
+            f"{checkpoint / ckpt.MODEL_FILE} does not fit its own config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}): the checkpoint is damaged"
+        )
     wrong = next((n for n, shape in expected.items() if tuple(state[n].shape) != shape), None)
     if wrong is not None:
-        raise ExportError(f"{checkpoint / ckpt.MODEL_FILE}: {wrong} has shape {tuple(state[wrong].shape)}, its "
-                          f"config.json says {expected[wrong]}: the checkpoint is damaged")
+        raise ExportError(
+            f"{checkpoint / ckpt.MODEL_FILE}: {wrong} has shape {tuple(state[wrong].shape)}, its "
+            f"config.json says {expected[wrong]}: the checkpoint is damaged"
+        )
     if config.tie_embeddings:
         if not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
             raise ExportError(f"{checkpoint} says tie_embeddings but stores an lm_head unlike its embeddings")
@@ -106,29 +119,44 @@ def hf_state_dict(checkpoint: Path, config: LlamaConfig, dtype: torch.dtype) -> 
             raise ExportError(f"{checkpoint}: {name} holds NaN or inf: export an earlier checkpoint")
         biggest = tensor.abs().max().item() if tensor.numel() else 0.0
         if dtype == torch.float16 and biggest > FP16_MAX:
-            raise ExportError(f"{name} holds |w| = {biggest:.3g}, beyond fp16's range: export with --dtype bf16 or fp32")
+            raise ExportError(
+                f"{name} holds |w| = {biggest:.3g}, beyond fp16's range: export with --dtype bf16 or fp32"
+            )
     return {name: tensor.to(dtype).contiguous() for name, tensor in state.items()}
 
 
 def hf_config(config: LlamaConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, Any]:
     """``config.json`` for ``transformers.LlamaForCausalLM`` (v4 and v5 both read these keys)."""
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    return {"architectures": [LLAMA_ARCHITECTURE], "model_type": "llama", **config.to_hf_config(),
-            "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": pad_id,
-            "dtype": HF_DTYPE_NAMES[dtype], "use_cache": True}
+    return {
+        "architectures": [LLAMA_ARCHITECTURE],
+        "model_type": "llama",
+        **config.to_hf_config(),
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": pad_id,
+        "dtype": HF_DTYPE_NAMES[dtype],
+        "use_cache": True,
+    }
 
 
-def export_hf(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-              tokenizer_dir: str | os.PathLike[str] | None = None, dtype: str = DEFAULT_DTYPE,
-              overwrite: bool = False) -> Path:
+def export_hf(
+    checkpoint_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    dtype: str = DEFAULT_DTYPE,
+    overwrite: bool = False,
+) -> Path:
     """Write ``checkpoint_dir``'s model (a step folder, or a run's ``--out-dir`` for its newest) as a Hugging Face
     Llama folder ``out_dir`` with its tokenizer; return ``out_dir``. See the module docstring."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     checkpoint = ckpt.find_checkpoint(checkpoint_dir)
     if checkpoint is None:
-        raise ExportError(f"no checkpoint in {checkpoint_dir}: give a step_N folder, a training --out-dir, "
-                          "or a folder written by --from-hf")
+        raise ExportError(
+            f"no checkpoint in {checkpoint_dir}: give a step_N folder, a training --out-dir, "
+            "or a folder written by --from-hf"
+        )
     out = Path(out_dir)
     if out.resolve() == checkpoint.resolve() or out.resolve() in checkpoint.resolve().parents:
         raise ExportError(f"--out {out} holds the checkpoint {checkpoint} being exported: choose another folder")
@@ -140,8 +168,10 @@ def export_hf(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLike
     if out.resolve() == tokenizer_path or out.resolve() in tokenizer_path.parents:
         raise ExportError(f"--out {out} holds the tokenizer {tokenizer.path} being exported: choose another folder")
     if tokenizer.vocab_size > config.vocab_size:
-        raise ExportError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} ids, more than the model's "
-                          f"vocab_size {config.vocab_size:,}: it is not the tokenizer this model was trained with")
+        raise ExportError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} ids, more than the model's "
+            f"vocab_size {config.vocab_size:,}: it is not the tokenizer this model was trained with"
+        )
     torch_dtype = DTYPES[dtype]
     state = hf_state_dict(checkpoint, config, torch_dtype)
     im_end = tokenizer.token_to_id(IM_END)
@@ -155,8 +185,14 @@ def export_hf(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLike
         tokenizer_config = read_json(tmp / TOKENIZER_CONFIG)
         tokenizer_config["model_max_length"] = config.max_seq_len  # the model's context, not the tokenizer's default
         write_json(tmp / TOKENIZER_CONFIG, tokenizer_config)
-    log.info("exported %s (%s parameters, %s, vocab %s) to %s", checkpoint, f"{sum(t.numel() for t in state.values()):,}",
-             dtype, f"{config.vocab_size:,}", out)
+    log.info(
+        "exported %s (%s parameters, %s, vocab %s) to %s",
+        checkpoint,
+        f"{sum(t.numel() for t in state.values()):,}",
+        dtype,
+        f"{config.vocab_size:,}",
+        out,
+    )
     return out
 
 
@@ -176,20 +212,24 @@ def import_hf(hf_dir: str | os.PathLike[str], kernels: str = "auto") -> tuple[Ll
         head = state.pop("lm_head.weight", None)
         embed = state.get("model.embed_tokens.weight")
         if head is not None and embed is not None and not torch.equal(head, embed):
-            log.warning("%s: tie_word_embeddings is set, so the stored lm_head.weight is ignored (as transformers does)",
-                        hf_dir)
+            log.warning(
+                "%s: tie_word_embeddings is set, so the stored lm_head.weight is ignored (as transformers does)", hf_dir
+            )
         if embed is not None:
             state["lm_head.weight"] = embed
     model = Llama(config, ModelOptions(kernels=kernels))
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ExportError(f"the weights in {hf_dir} do not fit its {HF_CONFIG} (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]})")
+        raise ExportError(
+            f"the weights in {hf_dir} do not fit its {HF_CONFIG} (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     wrong = next((n for n, t in expected.items() if t.shape != state[n].shape), None)
     if wrong is not None:
-        raise ExportError(f"{hf_dir}: {wrong} has shape {tuple(state[wrong].shape)}, its {HF_CONFIG} says "
-                          f"{tuple(expected[wrong].shape)}")
+        raise ExportError(
+            f"{hf_dir}: {wrong} has shape {tuple(state[wrong].shape)}, its {HF_CONFIG} says "
+            f"{tuple(expected[wrong].shape)}"
+        )
     model.load_state_dict(state)  # copies, so bf16/fp16 weights become our float32 master weights
     return model.eval(), config
 
@@ -205,39 +245,68 @@ def _tokenizer_reference(hf_dir: Path, vocab_size: int) -> dict[str, Any]:
         log.warning("the tokenizer in %s cannot be read (%s); none recorded", hf_dir, e)
         return {"path": None, "sha256": None}
     if tokenizer.vocab_size > vocab_size:
-        log.warning("the tokenizer in %s has %d ids, more than the model's %d", hf_dir, tokenizer.vocab_size, vocab_size)
+        log.warning(
+            "the tokenizer in %s has %d ids, more than the model's %d", hf_dir, tokenizer.vocab_size, vocab_size
+        )
     return {"path": str(hf_dir.resolve()), "sha256": tokenizer.sha256}
 
 
-def save_init_checkpoint(model: Llama, config: LlamaConfig, out_dir: str | os.PathLike[str],
-                         extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+def save_init_checkpoint(
+    model: Llama,
+    config: LlamaConfig,
+    out_dir: str | os.PathLike[str],
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write ``model.safetensors`` + ``config.json`` in :mod:`llama.checkpoint`'s layout (no ``trainer.pt``): weights
     to start a run from, read by ``find_checkpoint``, ``read_config`` and ``load_model_weights``."""
     out = Path(out_dir)
     tensors, aliases = ckpt.unique_tensors(model.state_dict(), ckpt.tied_parameters(model))
-    meta = {"format": ckpt.FORMAT, "kind": "init", "model": dataclasses.asdict(config), "train": None,
-            "step": 0, "tokens": 0, **(extra or {})}
+    meta = {
+        "format": ckpt.FORMAT,
+        "kind": "init",
+        "model": dataclasses.asdict(config),
+        "train": None,
+        "step": 0,
+        "tokens": 0,
+        **(extra or {}),
+    }
     with publish_directory(out, overwrite) as tmp:
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / ckpt.MODEL_FILE),
-                  metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        save_file(
+            {k: v.cpu() for k, v in tensors.items()},
+            str(tmp / ckpt.MODEL_FILE),
+            metadata={"format": "pt", "aliases": json.dumps(aliases)},
+        )
         write_json(tmp / ckpt.CONFIG_FILE, meta)
     return out
 
 
-def import_to_checkpoint(hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-                         overwrite: bool = False) -> Path:
-    """Import ``hf_dir`` and save it as a weights-only checkpoint folder ``out_dir`` (see :func:`save_init_checkpoint`)."""
+def import_to_checkpoint(
+    hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], overwrite: bool = False
+) -> Path:
+    """Import ``hf_dir`` and save it as a weights-only checkpoint folder ``out_dir`` (see
+    :func:`save_init_checkpoint`)."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     if out.resolve() == hf_dir.resolve() or out.resolve() in hf_dir.resolve().parents:
         raise ExportError(f"--out {out} holds the model {hf_dir} being imported: choose another folder")
     check_output(out, overwrite)
     model, config = import_hf(hf_dir)
-    extra = {"tokenizer": _tokenizer_reference(hf_dir, config.vocab_size),
-             "source": {"hf_dir": str(hf_dir.resolve()), "architectures": [LLAMA_ARCHITECTURE]}}
+    extra = {
+        "tokenizer": _tokenizer_reference(hf_dir, config.vocab_size),
+        "source": {"hf_dir": str(hf_dir.resolve()), "architectures": [LLAMA_ARCHITECTURE]},
+    }
     save_init_checkpoint(model, config, out, extra, overwrite)
-    log.info("imported %s (%s parameters, %d layers x %d dim, vocab %s) to %s; train from it with "
-             "python -m llama.pretrain --init %s --out-dir NEW_DIR", hf_dir, f"{model.num_params():,}", config.n_layers,
-             config.dim, f"{config.vocab_size:,}", out, out)
+    log.info(
+        "imported %s (%s parameters, %d layers x %d dim, vocab %s) to %s; train from it with "
+        "python -m llama.pretrain --init %s --out-dir NEW_DIR",
+        hf_dir,
+        f"{model.num_params():,}",
+        config.n_layers,
+        config.dim,
+        f"{config.vocab_size:,}",
+        out,
+        out,
+    )
     return out
 
 

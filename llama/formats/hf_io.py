@@ -27,8 +27,13 @@ HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 #: transformers.LlamaConfig's defaults, for config.json files that leave a field out.
 HF_LLAMA_DEFAULTS: dict[str, Any] = {
-    "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-    "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+    "attention_bias": False,
+    "mlp_bias": False,
 }
 HF_LLAMA_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
@@ -91,11 +96,15 @@ def not_llama(config: dict[str, Any], path: Path) -> str | None:
     architectures = [architectures] if isinstance(architectures, str) else architectures
     model_type = config.get("model_type")
     if architectures and LLAMA_ARCHITECTURE not in architectures:
-        return (f"{path} describes a {', '.join(map(str, architectures))} (model_type {model_type!r}), not a "
-                f"{LLAMA_ARCHITECTURE}: only Llama models (zhllm checkpoints or Hugging Face Llama folders) work here")
+        return (
+            f"{path} describes a {', '.join(map(str, architectures))} (model_type {model_type!r}), not a "
+            f"{LLAMA_ARCHITECTURE}: only Llama models (zhllm checkpoints or Hugging Face Llama folders) work here"
+        )
     if not architectures and model_type != "llama":
-        return (f"{path} describes model_type {model_type!r}, not 'llama' ({LLAMA_ARCHITECTURE}): only Llama models "
-                "(zhllm checkpoints or Hugging Face Llama folders) work here")
+        return (
+            f"{path} describes model_type {model_type!r}, not 'llama' ({LLAMA_ARCHITECTURE}): only Llama models "
+            "(zhllm checkpoints or Hugging Face Llama folders) work here"
+        )
     return None
 
 
@@ -125,8 +134,10 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
             raise ExportError(f"{index} has no weight_map: re-save the model with save_pretrained")
         files = [hf_dir / name for name in dict.fromkeys(weight_map.values())]
     elif any(hf_dir.glob("pytorch_model*.bin")):
-        raise ExportError(f"{hf_dir} holds pytorch_model.bin (a pickle, which can run code when loaded): convert it "
-                          "with transformers, AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
+        raise ExportError(
+            f"{hf_dir} holds pytorch_model.bin (a pickle, which can run code when loaded): convert it "
+            "with transformers, AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)"
+        )
     else:
         raise ExportError(f"{hf_dir} holds neither {HF_WEIGHTS} nor {HF_INDEX}")
     state: dict[str, torch.Tensor] = {}
@@ -134,5 +145,7 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         try:
             state.update(load_file(str(file), device="cpu"))
         except Exception as e:  # safetensors raises its own error types for missing or torn files
-            raise ExportError(f"{file} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            raise ExportError(
+                f"{file} is unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            ) from None
     return state

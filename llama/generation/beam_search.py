@@ -41,7 +41,7 @@ class Hypotheses:
     def add(self, score: float, tokens: list[int]) -> None:
         self.best.append((score, tokens))
         self.best.sort(key=lambda hyp: hyp[0], reverse=True)
-        del self.best[self.num_beams:]
+        del self.best[self.num_beams :]
 
     @property
     def full(self) -> bool:
@@ -50,8 +50,16 @@ class Hypotheses:
 
 @torch.no_grad()
 def beam_search(
-    model: Llama, prompts: list[list[int]], max_new_tokens: int, num_beams: int, *, length_penalty: float = 1.0,
-    repetition_penalty: float = 1.0, eos_ids: Sequence[int] = (), min_new_tokens: int = 0, pad_id: int = 0,
+    model: Llama,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    num_beams: int,
+    *,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+    eos_ids: Sequence[int] = (),
+    min_new_tokens: int = 0,
+    pad_id: int = 0,
     stream: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """Beam search over prompts that already fit the context (see :func:`llama.generation.generate.generate`).
@@ -84,8 +92,9 @@ def beam_search(
             log_probs = hold_back(log_probs, stop_ids)
         candidates = _candidates(log_probs, beam_scores, n_candidates)
         last = step + 1 == max_new_tokens
-        keep_rows, keep_tokens, keep_scores = _select(candidates, num_beams, stop, last, (step + 1) ** length_penalty,
-                                                      hypotheses, beam_tokens)
+        keep_rows, keep_tokens, keep_scores = _select(
+            candidates, num_beams, stop, last, (step + 1) ** length_penalty, hypotheses, beam_tokens
+        )
         if step == 0:
             prefill_s = clock.lap()
         if last or all(h.full for h in hypotheses):
@@ -99,12 +108,18 @@ def beam_search(
             seen = seen[index]
             seen[torch.arange(len(keep_rows), device=device), token_ids] = True
         beam_scores = torch.tensor(keep_scores, device=device).view(batch, num_beams)
-        logits = model(token_ids[:, None], position_ids=(lengths + step)[:, None], cache=cache,
-                       logits_to_keep=1).logits[:, -1]
+        logits = model(
+            token_ids[:, None], position_ids=(lengths + step)[:, None], cache=cache, logits_to_keep=1
+        ).logits[:, -1]
         decode_steps += 1
     decode_s = clock.lap()
-    return _result(hypotheses, stop, stream, per_second(int(mask.sum()), prefill_s),
-                   per_second(decode_steps * batch * num_beams, decode_s))
+    return _result(
+        hypotheses,
+        stop,
+        stream,
+        per_second(int(mask.sum()), prefill_s),
+        per_second(decode_steps * batch * num_beams, decode_s),
+    )
 
 
 def _candidates(log_probs: torch.Tensor, beam_scores: torch.Tensor, n: int) -> tuple[list, list, list]:
@@ -116,8 +131,13 @@ def _candidates(log_probs: torch.Tensor, beam_scores: torch.Tensor, n: int) -> t
     return top_scores.tolist(), (top_index // vocab).tolist(), (top_index % vocab).tolist()
 
 
-def _result(hypotheses: list[Hypotheses], stop: set[int], stream: Callable[[int, int], None] | None,
-            prefill_tokens_per_s: float, decode_tokens_per_s: float) -> GenerationResult:
+def _result(
+    hypotheses: list[Hypotheses],
+    stop: set[int],
+    stream: Callable[[int, int], None] | None,
+    prefill_tokens_per_s: float,
+    decode_tokens_per_s: float,
+) -> GenerationResult:
     """Each prompt's best hypothesis, streamed now that it is final."""
     sequences = [h.best[0][1] for h in hypotheses]
     if stream is not None:
@@ -125,14 +145,16 @@ def _result(hypotheses: list[Hypotheses], stop: set[int], stream: Callable[[int,
             for token in seq:
                 stream(b, token)
     return GenerationResult(
-        sequences=sequences, finished=[bool(seq) and seq[-1] in stop for seq in sequences],
-        prefill_tokens_per_s=prefill_tokens_per_s, decode_tokens_per_s=decode_tokens_per_s,
+        sequences=sequences,
+        finished=[bool(seq) and seq[-1] in stop for seq in sequences],
+        prefill_tokens_per_s=prefill_tokens_per_s,
+        decode_tokens_per_s=decode_tokens_per_s,
         scores=[h.best[0][0] for h in hypotheses],
     )
 
 
 def _prefill(
-    model: Llama, prompts: list[list[int]], max_new_tokens: int, num_beams: int, pad_id: int, repetition_penalty: float,
+    model: Llama, prompts: list[list[int]], max_new_tokens: int, num_beams: int, pad_id: int, repetition_penalty: float
 ) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Prefill the left-padded prompts once, then give each prompt ``num_beams`` rows (row ``b * num_beams + k``
     is beam k of prompt b): the cache, the next-token logits per row, the padding mask (per prompt) and, with a
@@ -151,8 +173,13 @@ def _prefill(
 
 
 def _select(
-    candidates: tuple[list[list[float]], list[list[int]], list[list[int]]], num_beams: int, stop: set[int],
-    last: bool, length_norm: float, hypotheses: list[Hypotheses], beam_tokens: list[list[int]],
+    candidates: tuple[list[list[float]], list[list[int]], list[list[int]]],
+    num_beams: int,
+    stop: set[int],
+    last: bool,
+    length_norm: float,
+    hypotheses: list[Hypotheses],
+    beam_tokens: list[list[int]],
 ) -> tuple[list[int], list[int], list[float]]:
     """One step's choice per prompt from its ``(scores, source beams, tokens)`` candidates, best first: a stop token
     (or any token on the last step) ends a hypothesis (if among the top ``num_beams``), the first ``num_beams``

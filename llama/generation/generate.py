@@ -42,10 +42,23 @@ StreamCallback = Callable[[int, int], None]
 
 @torch.no_grad()
 def generate(
-    model: Llama, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
-    top_p: float = 1.0, repetition_penalty: float = 1.0, do_sample: bool = False, num_beams: int = 1,
-    length_penalty: float = 1.0, eos_ids: Sequence[int] = (), min_new_tokens: int = 0, pad_id: int = 0,
-    stream: StreamCallback | None = None, seed: int = 0, vocab_limit: int | None = None,
+    model: Llama,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    do_sample: bool = False,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    eos_ids: Sequence[int] = (),
+    min_new_tokens: int = 0,
+    pad_id: int = 0,
+    stream: StreamCallback | None = None,
+    seed: int = 0,
+    vocab_limit: int | None = None,
 ) -> GenerationResult:
     """Continue each prompt by up to ``max_new_tokens`` tokens; a row stops at any of ``eos_ids``, which cannot
     be chosen before ``min_new_tokens`` tokens (a barely trained model ends most texts at once).
@@ -69,9 +82,18 @@ def generate(
         model = _VocabLimited(model, vocab_limit)
     try:
         if num_beams > 1:
-            return beam_search(model, prompts, max_new_tokens, num_beams, length_penalty=length_penalty,
-                               repetition_penalty=repetition_penalty, eos_ids=eos_ids, min_new_tokens=min_new_tokens,
-                               pad_id=pad_id, stream=stream)
+            return beam_search(
+                model,
+                prompts,
+                max_new_tokens,
+                num_beams,
+                length_penalty=length_penalty,
+                repetition_penalty=repetition_penalty,
+                eos_ids=eos_ids,
+                min_new_tokens=min_new_tokens,
+                pad_id=pad_id,
+                stream=stream,
+            )
         return _sample(model, prompts, max_new_tokens, options, eos_ids, min_new_tokens, pad_id, stream, seed)
     finally:
         base.train(was_training)
@@ -85,7 +107,7 @@ class _VocabLimited:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.model(*args, **kwargs)
-        out.logits[..., self.limit:] = float("-inf")
+        out.logits[..., self.limit :] = float("-inf")
         return out
 
     def parameters(self) -> Any:
@@ -93,8 +115,15 @@ class _VocabLimited:
 
 
 def _sample(
-    model: Llama, prompts: list[list[int]], max_new_tokens: int, options: SamplingOptions, eos_ids: Sequence[int],
-    min_new_tokens: int, pad_id: int, stream: StreamCallback | None, seed: int,
+    model: Llama,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    options: SamplingOptions,
+    eos_ids: Sequence[int],
+    min_new_tokens: int,
+    pad_id: int,
+    stream: StreamCallback | None,
+    seed: int,
 ) -> GenerationResult:
     """Greedy or sampled decoding of every row at once; finished rows ride along on ``pad_id`` until all stop."""
     device = next(model.parameters()).device
@@ -163,7 +192,5 @@ def generate_text(
     options.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))  # ids past it could not be decoded
     ids = [tokenizer.encode(text) for text in prompts]
     result = generate(model, ids, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, **options)
-    result.texts = [
-        tokenizer.decode(seq[:-1] if done else seq) for seq, done in zip(result.sequences, result.finished)
-    ]
+    result.texts = [tokenizer.decode(seq[:-1] if done else seq) for seq, done in zip(result.sequences, result.finished)]
     return result

@@ -20,8 +20,14 @@ class KVCache:
     """Keys and values of ``length`` tokens for every layer; a forward with ``cache=`` appends its tokens."""
 
     def __init__(
-        self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -30,9 +36,11 @@ class KVCache:
         self.key_mask: torch.Tensor | None = None  # [B, max_len] bool, False at left padding; None = no padding
 
     @classmethod
-    def for_model(cls, model: "Llama", batch_size: int, max_len: int | None = None,
-                  dtype: torch.dtype | None = None) -> "KVCache":
-        """An empty cache shaped for ``model`` on its device, in the dtype its keys will have; ``max_len`` ≤ max_seq_len."""
+    def for_model(
+        cls, model: "Llama", batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> "KVCache":
+        """An empty cache shaped for ``model`` on its device, in the dtype its keys will have; ``max_len`` ≤
+        max_seq_len."""
         config = model.config
         max_len = config.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= config.max_seq_len:
@@ -41,8 +49,9 @@ class KVCache:
         if dtype is None:  # the dtype the keys will have: autocast's when it is on, else the weights'
             on = torch.is_autocast_enabled(weight.device.type)
             dtype = torch.get_autocast_dtype(weight.device.type) if on else weight.dtype
-        return cls(config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim,
-                   dtype=dtype, device=weight.device)
+        return cls(
+            config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim, dtype=dtype, device=weight.device
+        )
 
     @property
     def batch_size(self) -> int:
@@ -56,8 +65,10 @@ class KVCache:
         """Mark the prompt's padding (``prompt_mask [B, T]``, False at pads) so attention skips those slots."""
         batch, seq = prompt_mask.shape
         if batch != self.batch_size or seq > self.max_len:
-            raise ValueError(f"KVCache: prompt mask {tuple(prompt_mask.shape)} does not fit a cache of "
-                             f"{self.batch_size} rows × {self.max_len} slots")
+            raise ValueError(
+                f"KVCache: prompt mask {tuple(prompt_mask.shape)} does not fit a cache of "
+                f"{self.batch_size} rows × {self.max_len} slots"
+            )
         mask = torch.ones(batch, self.max_len, dtype=torch.bool, device=self.k.device)
         mask[:, :seq] = prompt_mask.to(device=mask.device, dtype=torch.bool)
         self.key_mask = mask
@@ -68,10 +79,12 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KVCache: {end} tokens do not fit its {self.max_len} slots; build a longer cache")
         if k.dtype != self.k.dtype:
-            raise TypeError(f"KVCache: keys are {k.dtype} but the cache holds {self.k.dtype}; "
-                            "build it with dtype= the model's compute dtype")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
+            raise TypeError(
+                f"KVCache: keys are {k.dtype} but the cache holds {self.k.dtype}; "
+                "build it with dtype= the model's compute dtype"
+            )
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, n_tokens: int) -> None:

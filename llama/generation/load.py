@@ -35,21 +35,35 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """``--ckpt`` and ``--tokenizer``, as every inference command (chat, evaluate) takes them."""
-    parser.add_argument("--ckpt", required=True, metavar="DIR",
-                        help="a checkpoint (step_N folder or a training --out-dir, its newest) or a Hugging Face "
-                        "Llama folder (llama.export's output)")
-    parser.add_argument("--tokenizer", metavar="DIR",
-                        help="the tokenizer (default: the checkpoint's; same sha256 required)")
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        metavar="DIR",
+        help="a checkpoint (step_N folder or a training --out-dir, its newest) or a Hugging Face "
+        "Llama folder (llama.export's output)",
+    )
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="the tokenizer (default: the checkpoint's; same sha256 required)"
+    )
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device``, ``--dtype``, ``--kernels`` and ``-v``, as every inference command takes them."""
-    parser.add_argument("--device", metavar="DEVICE", default="auto",
-                        help="cpu, cuda or cuda:N (default: CUDA when present)")
-    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
-                        help="weights and compute precision (default: bf16 on a GPU that has it, fp32 on CPU)")
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, default="auto",
-                        help="Triton kernels or plain PyTorch (default: Triton on CUDA)")
+    parser.add_argument(
+        "--device", metavar="DEVICE", default="auto", help="cpu, cuda or cuda:N (default: CUDA when present)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="weights and compute precision (default: bf16 on a GPU that has it, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--kernels",
+        choices=KERNEL_CHOICES,
+        default="auto",
+        help="Triton kernels or plain PyTorch (default: Triton on CUDA)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -94,8 +108,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except RuntimeError as e:
         raise LoadError(f"--device {device!r} is not a device ({e}): use cpu, cuda or cuda:N") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise LoadError(f"--device {device} asked for CUDA, but this machine has none (or torch was built without it): "
-                        "use --device cpu")
+        raise LoadError(
+            f"--device {device} asked for CUDA, but this machine has none (or torch was built without it): "
+            "use --device cpu"
+        )
     return resolved
 
 
@@ -126,13 +142,19 @@ def _check_architecture(config: dict[str, Any], config_path: Path) -> None:
         raise LoadError(problem)
 
 
-def _tokenizer(reference: dict[str, Any], tokenizer: str | os.PathLike[str] | Tokenizer | None,
-               where: Path) -> Tokenizer:
+def _tokenizer(
+    reference: dict[str, Any], tokenizer: str | os.PathLike[str] | Tokenizer | None, where: Path
+) -> Tokenizer:
     """The checkpoint's tokenizer or ``tokenizer``, refused when its sha256 is not ``reference``'s."""
     if not isinstance(tokenizer, Tokenizer):
         return resolve_tokenizer(reference, tokenizer, where)  # names both sha256s when they differ
-    refusal = tokenizer_mismatch(reference, {"path": tokenizer.path, "sha256": tokenizer.sha256}, owner=str(where),
-                                 other="the tokenizer given", fix="pass the tokenizer it was trained with")
+    refusal = tokenizer_mismatch(
+        reference,
+        {"path": tokenizer.path, "sha256": tokenizer.sha256},
+        owner=str(where),
+        other="the tokenizer given",
+        fix="pass the tokenizer it was trained with",
+    )
     if refusal:
         raise LoadError(refusal)
     return tokenizer
@@ -146,8 +168,11 @@ def _hf_tokenizer_reference(hf_dir: Path) -> dict[str, Any]:
 
 
 def load_for_inference(
-    ckpt_or_hf_dir: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
-    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, kernels: str = "auto",
+    ckpt_or_hf_dir: str | os.PathLike[str],
+    tokenizer: str | os.PathLike[str] | Tokenizer | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    kernels: str = "auto",
 ) -> tuple[Llama, Tokenizer, InferenceInfo]:
     """``(model in eval mode on device/dtype, its tokenizer, what was loaded)`` from a checkpoint or an HF folder.
 
@@ -159,8 +184,10 @@ def load_for_inference(
         raise LoadError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
     path = Path(ckpt_or_hf_dir)
     if not path.exists():
-        raise LoadError(f"{path} does not exist: give a checkpoint (step_N folder or a training --out-dir) "
-                        "or a Hugging Face Llama folder")
+        raise LoadError(
+            f"{path} does not exist: give a checkpoint (step_N folder or a training --out-dir) "
+            "or a Hugging Face Llama folder"
+        )
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     found = ckpt.find_checkpoint(path)
@@ -179,11 +206,15 @@ def load_for_inference(
         model, config = import_hf(hf_dir, kernels=kernels)
         info = InferenceInfo(hf_dir, "hf", config, hf)
     else:
-        raise LoadError(f"no checkpoint in {path}: give a step_N folder, a training --out-dir, or a Hugging Face "
-                        "Llama folder (config.json + model.safetensors)")
+        raise LoadError(
+            f"no checkpoint in {path}: give a step_N folder, a training --out-dir, or a Hugging Face "
+            "Llama folder (config.json + model.safetensors)"
+        )
     if tok.vocab_size > config.vocab_size:
-        raise LoadError(f"tokenizer {tok.path} has {tok.vocab_size:,} ids, more than the model's vocab_size "
-                        f"{config.vocab_size:,}: it is not the tokenizer {info.path} was trained with")
+        raise LoadError(
+            f"tokenizer {tok.path} has {tok.vocab_size:,} ids, more than the model's vocab_size "
+            f"{config.vocab_size:,}: it is not the tokenizer {info.path} was trained with"
+        )
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
     log.info("loaded %s on %s (%s)", info.describe(), torch_device, str(torch_dtype).removeprefix("torch."))
     return model, tok, info

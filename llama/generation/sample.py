@@ -11,8 +11,14 @@ from .generate import generate
 
 
 def sample(
-    model: Llama, prompt_ids: list[int], max_new_tokens: int = 48, temperature: float = 0.8, top_k: int = 40,
-    eos_id: int | None = None, min_new_tokens: int = 0, seed: int = 0,
+    model: Llama,
+    prompt_ids: list[int],
+    max_new_tokens: int = 48,
+    temperature: float = 0.8,
+    top_k: int = 40,
+    eos_id: int | None = None,
+    min_new_tokens: int = 0,
+    seed: int = 0,
 ) -> list[int]:
     """Continue ``prompt_ids`` by up to ``max_new_tokens`` sampled tokens; returns the new ids, EOS left out.
 
@@ -24,8 +30,15 @@ def sample(
     if temperature <= 0:
         raise ValueError(f"sample: temperature must be > 0, got {temperature}")
     result = generate(
-        model, [list(prompt_ids)], max_new_tokens, do_sample=True, temperature=temperature, top_k=top_k,
-        eos_ids=() if eos_id is None else (eos_id,), min_new_tokens=min_new_tokens, seed=seed,
+        model,
+        [list(prompt_ids)],
+        max_new_tokens,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        eos_ids=() if eos_id is None else (eos_id,),
+        min_new_tokens=min_new_tokens,
+        seed=seed,
     )
     new = result.sequences[0]
     return new[:-1] if result.finished[0] else new

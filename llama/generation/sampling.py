@@ -63,8 +63,10 @@ def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int)
         raise ValueError(f"generate: max_new_tokens must be ≥ 1, got {max_new_tokens}")
     room = max_seq_len - max_new_tokens
     if room < 1:
-        raise ValueError(f"generate: max_new_tokens {max_new_tokens} leaves no room for a prompt in max_seq_len "
-                         f"{max_seq_len}; ask for at most {max_seq_len - 1}")
+        raise ValueError(
+            f"generate: max_new_tokens {max_new_tokens} leaves no room for a prompt in max_seq_len "
+            f"{max_seq_len}; ask for at most {max_seq_len - 1}"
+        )
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ValueError(f"generate: prompt {empty[0]} is empty; give at least one token (e.g. BOS)")
@@ -72,8 +74,15 @@ def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int)
     dropped = sum(len(p) - len(f) for p, f in zip(prompts, fitted))
     if dropped:
         cut = sum(len(p) > room for p in prompts)
-        logger.warning("generate: %d prompt(s) longer than max_seq_len %d - max_new_tokens %d = %d tokens: dropped "
-                       "%d tokens from their start", cut, max_seq_len, max_new_tokens, room, dropped)
+        logger.warning(
+            "generate: %d prompt(s) longer than max_seq_len %d - max_new_tokens %d = %d tokens: dropped "
+            "%d tokens from their start",
+            cut,
+            max_seq_len,
+            max_new_tokens,
+            room,
+            dropped,
+        )
     return fitted
 
 
@@ -83,8 +92,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
     for row, prompt in enumerate(prompts):
-        ids[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, longest - len(prompt):] = True
+        ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, longest - len(prompt) :] = True
     return ids.to(device), mask.to(device)
 
 
@@ -131,8 +140,9 @@ def hold_back(logits: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
     return logits.index_fill(-1, stop_ids, float("-inf")) if stop_ids.numel() else logits
 
 
-def next_tokens(logits: torch.Tensor, seen: torch.Tensor | None, options: SamplingOptions,
-                generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, seen: torch.Tensor | None, options: SamplingOptions, generator: torch.Generator | None
+) -> torch.Tensor:
     """One token per row ``[B]`` from float32 logits ``[B, V]``."""
     if seen is not None and options.repetition_penalty != 1.0:
         logits = penalize_repeats(logits, seen, options.repetition_penalty)

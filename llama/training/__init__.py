@@ -12,17 +12,22 @@ resume and DDP/FSDP for all of them. Modules: ``config`` (TrainConfig), ``run`` 
 """
 
 from .config import TrainConfig
-from .errors import (
-    NonFiniteLossError,
-    TrainingError,
-    TrainingInterrupted,
-    TrainingOOMError,
-)
+from .errors import NonFiniteLossError, TrainingError, TrainingInterrupted, TrainingOOMError
 from .loop import TrainResult, train
 from .objectives import SFT, NextToken, Objective, Pretrain
 from .run import ModelTransform
 
 __all__ = [
-    "SFT", "ModelTransform", "NextToken", "NonFiniteLossError", "Objective", "Pretrain", "TrainConfig", "TrainResult",
-    "TrainingError", "TrainingInterrupted", "TrainingOOMError", "train",
+    "SFT",
+    "ModelTransform",
+    "NextToken",
+    "NonFiniteLossError",
+    "Objective",
+    "Pretrain",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "TrainingInterrupted",
+    "TrainingOOMError",
+    "train",
 ]

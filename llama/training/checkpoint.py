@@ -72,7 +72,9 @@ def find_checkpoint(path: str | os.PathLike[str]) -> Path | None:
         target = path / pointer.read_text(encoding="utf-8").strip()
         if (target / MODEL_FILE).is_file() and (target / TRAINER_FILE).is_file():
             return target
-        log.warning("%s names %s, which is missing or incomplete; using the newest complete checkpoint", pointer, target)
+        log.warning(
+            "%s names %s, which is missing or incomplete; using the newest complete checkpoint", pointer, target
+        )
     existing = list_checkpoints(path)
     return existing[-1][1] if existing else None
 
@@ -108,8 +110,9 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def unique_tensors(state: dict[str, torch.Tensor], tied: dict[str, str] | None = None
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def unique_tensors(
+    state: dict[str, torch.Tensor], tied: dict[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop names whose tensor shares storage with an earlier name, or that ``tied`` names as an alias (the
     gathered copies of FSDP share no storage); return ``(kept, alias → kept name)``."""
     kept: dict[str, torch.Tensor] = {}
@@ -149,11 +152,15 @@ def save_checkpoint(
     final = out_dir / name
     with publish.publish_directory(final) as tmp:  # re-saving a step (a resumed run passing it again) replaces it
         tensors, aliases = unique_tensors(model_state, tied)
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / MODEL_FILE),
-                  metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        save_file(
+            {k: v.cpu() for k, v in tensors.items()},
+            str(tmp / MODEL_FILE),
+            metadata={"format": "pt", "aliases": json.dumps(aliases)},
+        )
         torch.save(trainer_state, tmp / TRAINER_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, **config}, indent=2, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
+        (tmp / CONFIG_FILE).write_text(
+            json.dumps({"format": FORMAT, **config}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     if update_latest:
         publish.write_text_atomic(out_dir / LATEST, name + "\n")
     if keep_last > 0:
@@ -221,36 +228,36 @@ def load_model_weights(checkpoint: Path, model: nn.Module) -> None:
     except RuntimeError as e:
         first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e).splitlines()[0])
         raise CheckpointError(
-            f"{checkpoint / MODEL_FILE} does not fit this model ({first}): resume with the model config it was saved with"
+            f"{checkpoint / MODEL_FILE} does not fit this model ({first}): resume with the model config it was "
+            f"saved with"
         ) from None
 
 
 def gather_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, sharded: bool) -> tuple[dict, dict]:
-    """Full model and optimizer state dicts; ``sharded`` (FSDP2) gathers them to CPU on rank 0 (every rank must call)."""
+    """Full model and optimizer state dicts; ``sharded`` (FSDP2) gathers them to CPU on rank 0 (every rank must
+    call)."""
     if not sharded:
         return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def restore_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path,
-                           optimizer_state: dict[str, Any], *, sharded: bool) -> None:
+def restore_training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    checkpoint: Path,
+    optimizer_state: dict[str, Any],
+    *,
+    sharded: bool,
+) -> None:
     """Load ``checkpoint``'s weights and ``optimizer_state``; ``sharded`` (FSDP2): each rank keeps its shard."""
     if not sharded:
         load_model_weights(checkpoint, model)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, read_model_state(checkpoint), options=options)
@@ -263,8 +270,12 @@ def rng_state() -> dict[str, Any]:
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": {"version": version, "keys": torch.tensor(keys, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "numpy": {
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
     }

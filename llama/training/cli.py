@@ -30,8 +30,9 @@ def parse_resume(text: str) -> bool | str | None:
     return {"auto": None, "true": True, "yes": True, "false": False, "no": False}.get(lowered, text)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
-                        exclude: Sequence[str] = ()) -> None:
+def add_train_arguments(
+    parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None, exclude: Sequence[str] = ()
+) -> None:
     """One ``--flag`` per :class:`TrainConfig` field, its help from the field's metadata; ``defaults`` override;
     ``exclude`` names fields a task fixes itself (they keep their default, or ``defaults``'s value)."""
     hints = typing.get_type_hints(TrainConfig)
@@ -63,9 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val", help="packed validation corpus (default: the .val beside --train, if any)")
     parser.add_argument("--preset", default="tiny", help="model preset from llama.model.PRESETS (default: tiny)")
     parser.add_argument("--vocab-size", type=int, help="model vocabulary (default: the corpus meta's)")
-    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a LlamaConfig field, value as JSON (e.g. dim=64), or a run option "
-                        "(kernels, checkpointing, dropout); repeatable")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a LlamaConfig field, value as JSON (e.g. dim=64), or a run option "
+        "(kernels, checkpointing, dropout); repeatable",
+    )
     parser.add_argument("--tokenizer-sha256", help="refuse data packed with a tokenizer of another sha256")
     add_train_arguments(parser)
     return parser
@@ -104,12 +110,14 @@ def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
 
 def choose_seq_len(requested: int | None, profile: Profile, config: LlamaConfig, whose: str) -> int:
     """``--seq-len`` (checked against the model's context), else the profile's default within that context."""
-    return check_seq_len(requested or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len), config,
-                         whose)
+    return check_seq_len(
+        requested or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len), config, whose
+    )
 
 
-def planned_values(args: argparse.Namespace, profile: Profile, config: LlamaConfig, seq_len: int
-                   ) -> tuple[dict[str, Any], Plan]:
+def planned_values(
+    args: argparse.Namespace, profile: Profile, config: LlamaConfig, seq_len: int
+) -> tuple[dict[str, Any], Plan]:
     """TrainConfig values from the arguments, the profile's memory plan filling precision, micro-batch,
     accumulation and activation checkpointing where they were not given (shared by every task CLI)."""
     chosen = plan(dataclasses.replace(profile, precision=args.precision or profile.precision), config, seq_len)

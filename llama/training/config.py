@@ -53,15 +53,20 @@ class TrainConfig:
     beta2: float = _opt(0.95, "AdamW beta2")
     eps: float = _opt(1e-8, "AdamW epsilon")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 = no clipping; the norm is logged)")
-    precision: str = _opt("auto", "'fp32', 'fp16' (loss scaling), 'bf16', or 'auto' (bf16/fp16 on GPU, fp32 on CPU)",
-                          choices=PRECISIONS)
+    precision: str = _opt(
+        "auto", "'fp32', 'fp16' (loss scaling), 'bf16', or 'auto' (bf16/fp16 on GPU, fp32 on CPU)", choices=PRECISIONS
+    )
     compile: bool = _opt(False, "torch.compile the model")
-    kernels: str = _opt("auto", "'triton' (fused kernels), 'torch' (plain PyTorch) or 'auto' (Triton on CUDA)",
-                        choices=KERNEL_CHOICES)
-    activation_checkpointing: bool | None = _opt(None, "recompute activations in backward to save memory (default: "
-                                                       "off; pretrain and sft: the profile's plan)")
+    kernels: str = _opt(
+        "auto", "'triton' (fused kernels), 'torch' (plain PyTorch) or 'auto' (Triton on CUDA)", choices=KERNEL_CHOICES
+    )
+    activation_checkpointing: bool | None = _opt(
+        None, "recompute activations in backward to save memory (default: off; pretrain and sft: the profile's plan)"
+    )
     dropout: float = _opt(0.0, "dropout on the embeddings and each sub-layer's output (0 = none)")
-    parallel: str = _opt("ddp", "multi-GPU under torchrun: 'ddp' (replicate) or 'fsdp' (shard, FSDP2)", choices=PARALLEL)
+    parallel: str = _opt(
+        "ddp", "multi-GPU under torchrun: 'ddp' (replicate) or 'fsdp' (shard, FSDP2)", choices=PARALLEL
+    )
     device: str | None = _opt(None, "'cuda', 'cuda:1' or 'cpu' (default: the GPU when there is one)")
     max_memory_gb: float | None = _opt(None, "cap GPU memory to this many GiB (rehearse a smaller card)")
     eval_every: int = _opt(500, "validate every N steps and at the end (0 = never)")
@@ -71,9 +76,14 @@ class TrainConfig:
     log_every: int = _opt(10, "log metrics every N steps")
     seed: int = _opt(1337, "seed of the model init, the data order and every RNG")
     out_dir: str = _opt("out/train", "where checkpoints, metrics.jsonl and plots go")
-    resume: bool | str | None = _opt(None, "auto (default: resume if --out-dir holds a checkpoint), true, false, or a checkpoint path")
-    init: str | None = _opt(None, "start from the weights of this checkpoint (a step_N folder or an --out-dir holding one); "
-                                  "optimizer and schedule start fresh; ignored when resuming")
+    resume: bool | str | None = _opt(
+        None, "auto (default: resume if --out-dir holds a checkpoint), true, false, or a checkpoint path"
+    )
+    init: str | None = _opt(
+        None,
+        "start from the weights of this checkpoint (a step_N folder or an --out-dir holding one); "
+        "optimizer and schedule start fresh; ignored when resuming",
+    )
     peak_tflops: float | None = _opt(None, "the GPU's peak TFLOPS for MFU (default: looked up by name)")
     nan_patience: int = _opt(5, "stop after this many non-finite losses in a row (0 = never)")
     progress: bool = _opt(True, "show a progress bar")
@@ -85,17 +95,29 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES),
-                              ("parallel", PARALLEL), ("data_mode", DATA_MODES)):
+        for name, choices in (
+            ("precision", PRECISIONS),
+            ("schedule", SCHEDULES),
+            ("decay_shape", DECAY_SHAPES),
+            ("parallel", PARALLEL),
+            ("data_mode", DATA_MODES),
+        ):
             if getattr(self, name) not in choices:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ValueError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
         self.model_options()  # kernels and dropout in range
-        if min(self.warmup_steps, self.eval_every, self.save_every, self.keep_last, self.nan_patience) < 0 or self.log_every < 1:
-            raise ValueError("--warmup-steps, --eval-every, --save-every, --keep-last, --nan-patience must be >= 0, --log-every >= 1")
+        if (
+            min(self.warmup_steps, self.eval_every, self.save_every, self.keep_last, self.nan_patience) < 0
+            or self.log_every < 1
+        ):
+            raise ValueError(
+                "--warmup-steps, --eval-every, --save-every, --keep-last, --nan-patience must be >= 0, --log-every >= 1"
+            )
 
     def model_options(self) -> ModelOptions:
         """How the model runs in this run: kernels, activation checkpointing, dropout."""
@@ -108,6 +130,8 @@ class TrainConfig:
 def check_seq_len(seq_len: int, config: LlamaConfig, whose: str = "the model's") -> int:
     """``seq_len`` when it fits ``config``'s context, else a one-line error naming what does."""
     if seq_len > config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} is longer than {whose} context of {config.max_seq_len} tokens; "
-                         f"use --seq-len {config.max_seq_len} or less (or --model max_seq_len={seq_len})")
+        raise ValueError(
+            f"--seq-len {seq_len} is longer than {whose} context of {config.max_seq_len} tokens; "
+            f"use --seq-len {config.max_seq_len} or less (or --model max_seq_len={seq_len})"
+        )
     return seq_len

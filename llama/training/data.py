@@ -29,16 +29,40 @@ class BatchSource(Protocol):
 class DatasetFactory(Protocol):
     """Builds the training stream (``validation=False``) or the validation set of one rank; each task passes its own."""
 
-    def __call__(self, path: Path, seq_len: int, *, validation: bool, cfg: TrainConfig, rank: int, world_size: int,
-                 tokenizer_sha256: str | None) -> BatchSource: ...
+    def __call__(
+        self,
+        path: Path,
+        seq_len: int,
+        *,
+        validation: bool,
+        cfg: TrainConfig,
+        rank: int,
+        world_size: int,
+        tokenizer_sha256: str | None,
+    ) -> BatchSource: ...
 
 
-def pretrain_dataset(path: Path, seq_len: int, *, validation: bool, cfg: TrainConfig, rank: int, world_size: int,
-                     tokenizer_sha256: str | None) -> PretrainDataset:
+def pretrain_dataset(
+    path: Path,
+    seq_len: int,
+    *,
+    validation: bool,
+    cfg: TrainConfig,
+    rank: int,
+    world_size: int,
+    tokenizer_sha256: str | None,
+) -> PretrainDataset:
     """The default factory: ``--data-mode`` windows for training, seed-0 epoch chunks for validation."""
-    return PretrainDataset(path, seq_len, mode="epoch" if validation else cfg.data_mode, seed=0 if validation else cfg.seed,
-                           rank=rank, world_size=world_size, return_doc_ids=cfg.doc_masking,
-                           tokenizer_sha256=tokenizer_sha256)
+    return PretrainDataset(
+        path,
+        seq_len,
+        mode="epoch" if validation else cfg.data_mode,
+        seed=0 if validation else cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        return_doc_ids=cfg.doc_masking,
+        tokenizer_sha256=tokenizer_sha256,
+    )
 
 
 def load_val_batches(data: BatchSource, cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:

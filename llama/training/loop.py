@@ -43,13 +43,7 @@ from .errors import NonFiniteLossError, TrainingInterrupted
 from .metrics import MetricsLogger, summary_line
 from .objectives import Objective
 from .run import ModelTransform, Run, save, setup
-from .runtime import (
-    device_peak_tflops,
-    mfu,
-    peak_memory_gib,
-    setup_runtime,
-    teardown_runtime,
-)
+from .runtime import device_peak_tflops, mfu, peak_memory_gib, setup_runtime, teardown_runtime
 from .step import StepResult, evaluate, learning_rate, train_step
 
 log = logging.getLogger(__name__)
@@ -71,13 +65,22 @@ class TrainResult:
     checkpoint: Path | None
     resumed_from: Path | None
     first_batch_sha256: str | None  # this rank's first micro-batch: shows ranks read different shards
-    initial_val_loss: float | None = None  # before the first step of a run started from --init (the fine-tune's baseline)
+    initial_val_loss: float | None = (
+        None  # before the first step of a run started from --init (the fine-tune's baseline)
+    )
     model: nn.Module | None = field(default=None, repr=False)
 
     def summary(self) -> str:
-        return summary_line(steps=self.steps, tokens=self.tokens, seconds=self.seconds, tokens_per_s=self.tokens_per_s,
-                            train_loss=self.train_loss, val_loss=self.val_loss, mfu=self.mfu,
-                            peak_memory_gib=self.peak_memory_gib)
+        return summary_line(
+            steps=self.steps,
+            tokens=self.tokens,
+            seconds=self.seconds,
+            tokens_per_s=self.tokens_per_s,
+            train_loss=self.train_loss,
+            val_loss=self.val_loss,
+            mfu=self.mfu,
+            peak_memory_gib=self.peak_memory_gib,
+        )
 
 
 class StopSignals:
@@ -103,10 +106,18 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-def train(model_config: LlamaConfig, cfg: TrainConfig, train_path: str | Path, val_path: str | Path | None = None,
-          tokenizer_sha256: str | None = None, *, dataset_factory: DatasetFactory = pretrain_dataset,
-          task: dict[str, Any] | None = None, objective: Objective | None = None,
-          transforms: Sequence[ModelTransform] = ()) -> TrainResult:
+def train(
+    model_config: LlamaConfig,
+    cfg: TrainConfig,
+    train_path: str | Path,
+    val_path: str | Path | None = None,
+    tokenizer_sha256: str | None = None,
+    *,
+    dataset_factory: DatasetFactory = pretrain_dataset,
+    task: dict[str, Any] | None = None,
+    objective: Objective | None = None,
+    transforms: Sequence[ModelTransform] = (),
+) -> TrainResult:
     """Train a :class:`Llama` built from ``model_config`` on the packed data ``train_path``; see the module doc.
 
     ``val_path=None`` uses ``train_path``'s ``.val`` sibling when it exists. ``tokenizer_sha256``
@@ -122,19 +133,40 @@ def train(model_config: LlamaConfig, cfg: TrainConfig, train_path: str | Path, v
     cfg.validate()
     runtime = setup_runtime(cfg.device)
     try:
-        run, rng = setup(model_config, cfg, Path(train_path), val_path, tokenizer_sha256, runtime, dataset_factory,
-                         task, objective or objectives.Pretrain(), transforms)
+        run, rng = setup(
+            model_config,
+            cfg,
+            Path(train_path),
+            val_path,
+            tokenizer_sha256,
+            runtime,
+            dataset_factory,
+            task,
+            objective or objectives.Pretrain(),
+            transforms,
+        )
         return _loop(run, rng)
     finally:
         teardown_runtime(runtime)
 
 
-def _log_record(run: Run, step: StepResult, lr: float, tokens_per_s: float, mfu_now: float | None,
-                val: dict[str, float] | None) -> dict[str, Any]:
+def _log_record(
+    run: Run, step: StepResult, lr: float, tokens_per_s: float, mfu_now: float | None, val: dict[str, float] | None
+) -> dict[str, Any]:
     """One metrics-log line: the step's figures, the objective's metrics and, after an evaluation, its metrics."""
-    record = {"step": run.state.step, "tokens": run.state.tokens, "loss": step.loss, "lr": lr,
-              "grad_norm": step.grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu_now, "scale": step.scale,
-              "peak_memory_gib": peak_memory_gib(run.runtime.device), "time": run.elapsed(), **step.metrics}
+    record = {
+        "step": run.state.step,
+        "tokens": run.state.tokens,
+        "loss": step.loss,
+        "lr": lr,
+        "grad_norm": step.grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu_now,
+        "scale": step.scale,
+        "peak_memory_gib": peak_memory_gib(run.runtime.device),
+        "time": run.elapsed(),
+        **step.metrics,
+    }
     if val is not None:
         record.update({f"val_{name}": value for name, value in val.items()})
         if "loss" in val:
@@ -165,8 +197,9 @@ def _loop(run: Run, rng: Any) -> TrainResult:
     peak = device_peak_tflops(run.runtime.device, cfg.peak_tflops)
     if is_main:
         _log_start(run, flops_per_token)
-    metrics = MetricsLogger(run.out_dir, enabled=is_main, start_step=state.step, total_steps=run.total_steps,
-                            progress=cfg.progress)
+    metrics = MetricsLogger(
+        run.out_dir, enabled=is_main, start_step=state.step, total_steps=run.total_steps, progress=cfg.progress
+    )
     if rng is not None:
         ckpt.set_rng_state(rng)
     p = _Progress(start_tokens=state.tokens, saved_at=run.resumed_from)
@@ -180,8 +213,9 @@ def _loop(run: Run, rng: Any) -> TrainResult:
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 batches = [run.train_data.next_batch(cfg.batch_size) for _ in range(cfg.grad_accum)]
-                p.first_batch_sha256 = p.first_batch_sha256 or hashlib.sha256(
-                    batches[0]["input_ids"].numpy().tobytes()).hexdigest()
+                p.first_batch_sha256 = (
+                    p.first_batch_sha256 or hashlib.sha256(batches[0]["input_ids"].numpy().tobytes()).hexdigest()
+                )
                 p.last = train_step(run, batches, signals.received or 0)
                 step_tokens = sum(run.objective.tokens(b) for b in batches) * run.runtime.world_size
                 state.step, state.tokens = state.step + 1, state.tokens + step_tokens
@@ -224,11 +258,19 @@ def _initial_validation(run: Run) -> float | None:
 def _result(run: Run, p: _Progress) -> TrainResult:
     seconds, state = time.perf_counter() - run.started, run.state
     result = TrainResult(
-        steps=state.step, tokens=state.tokens, seconds=state.elapsed_s + seconds,
+        steps=state.step,
+        tokens=state.tokens,
+        seconds=state.elapsed_s + seconds,
         tokens_per_s=(state.tokens - p.start_tokens) / max(seconds, 1e-9),
-        train_loss=p.last.loss if p.last else None, val_loss=p.val_loss, mfu=p.mfu,
-        peak_memory_gib=peak_memory_gib(run.runtime.device), out_dir=run.out_dir, checkpoint=p.saved_at,
-        resumed_from=run.resumed_from, first_batch_sha256=p.first_batch_sha256, initial_val_loss=p.initial_val_loss,
+        train_loss=p.last.loss if p.last else None,
+        val_loss=p.val_loss,
+        mfu=p.mfu,
+        peak_memory_gib=peak_memory_gib(run.runtime.device),
+        out_dir=run.out_dir,
+        checkpoint=p.saved_at,
+        resumed_from=run.resumed_from,
+        first_batch_sha256=p.first_batch_sha256,
+        initial_val_loss=p.initial_val_loss,
         model=run.model,
     )
     if run.runtime.is_main:
@@ -238,20 +280,35 @@ def _result(run: Run, p: _Progress) -> TrainResult:
 
 def _log_start(run: Run, flops_per_token: int) -> None:
     cfg = run.cfg
-    log.info("model: %s parameters, %s FLOPs/token; %d steps of %s tokens (%d x %d x %d x %d ranks), %s, %s",
-             f"{run.model.num_params():,}", f"{flops_per_token:,}", run.total_steps, f"{run.tokens_per_step:,}",
-             cfg.batch_size, cfg.grad_accum, run.seq_len, run.runtime.world_size, run.precision, run.runtime.device)
+    log.info(
+        "model: %s parameters, %s FLOPs/token; %d steps of %s tokens (%d x %d x %d x %d ranks), %s, %s",
+        f"{run.model.num_params():,}",
+        f"{flops_per_token:,}",
+        run.total_steps,
+        f"{run.tokens_per_step:,}",
+        cfg.batch_size,
+        cfg.grad_accum,
+        run.seq_len,
+        run.runtime.world_size,
+        run.precision,
+        run.runtime.device,
+    )
 
 
 def _check_finite(run: Run, step: StepResult, bad_steps: int) -> int:
     """Warn of a skipped update; count non-finite losses in a row and stop with a saved state at ``nan_patience``."""
     if not math.isfinite(step.grad_norm):
-        log.log(logging.DEBUG if run.scaler.is_enabled() else logging.WARNING,
-                "step %d: gradient norm is %s, update skipped", run.state.step, step.grad_norm)
+        log.log(
+            logging.DEBUG if run.scaler.is_enabled() else logging.WARNING,
+            "step %d: gradient norm is %s, update skipped",
+            run.state.step,
+            step.grad_norm,
+        )
     bad_steps = bad_steps + 1 if not math.isfinite(step.loss) else 0
     if run.cfg.nan_patience and bad_steps >= run.cfg.nan_patience:
         path = save(run, f"{ckpt.checkpoint_name(run.state.step)}-nonfinite", update_latest=False)
         raise NonFiniteLossError(
             f"loss was NaN/inf for {bad_steps} steps in a row, the last at step {run.state.step}; state saved in "
-            f"{path} for inspection (resume continues from {ckpt.find_checkpoint(run.out_dir)}): lower --lr or use bf16")
+            f"{path} for inspection (resume continues from {ckpt.find_checkpoint(run.out_dir)}): lower --lr or use bf16"
+        )
     return bad_steps

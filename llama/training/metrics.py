@@ -23,9 +23,17 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-TB_SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "perf/tokens_per_s",
-              "mfu": "perf/mfu", "peak_memory_gib": "perf/peak_memory_gib", "scale": "amp/scale",
-              "val_loss": "val/loss", "val_ppl": "val/ppl"}
+TB_SCALARS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_s": "perf/tokens_per_s",
+    "mfu": "perf/mfu",
+    "peak_memory_gib": "perf/peak_memory_gib",
+    "scale": "amp/scale",
+    "val_loss": "val/loss",
+    "val_ppl": "val/ppl",
+}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -47,7 +55,9 @@ class MetricsLogger:
     died) are dropped from ``metrics.jsonl`` and TensorBoard, so the history reads as one run.
     """
 
-    def __init__(self, out_dir: Path, *, enabled: bool, start_step: int, total_steps: int, progress: bool = True) -> None:
+    def __init__(
+        self, out_dir: Path, *, enabled: bool, start_step: int, total_steps: int, progress: bool = True
+    ) -> None:
         self.enabled, self.out_dir = enabled, out_dir
         self.path = out_dir / METRICS_FILE
         self._file = None
@@ -76,7 +86,11 @@ class MetricsLogger:
             for key, tag in TB_SCALARS.items():
                 if record.get(key) is not None:
                     self._tb.add_scalar(tag, record[key], global_step=record["step"])
-        shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        shown = {
+            "loss": f"{record['loss']:.4f}",
+            "lr": f"{record['lr']:.2e}",
+            "tok/s": f"{record['tokens_per_s']:,.0f}",
+        }
         if record.get("mfu") is not None:
             shown["mfu"] = f"{100 * record['mfu']:.1f}%"
         if record.get("peak_memory_gib") is not None:
@@ -144,12 +158,21 @@ def format_count(n: float) -> str:
 
 
 def summary_line(
-    *, steps: int, tokens: int, seconds: float, tokens_per_s: float, train_loss: float | None,
-    val_loss: float | None, mfu: float | None, peak_memory_gib: float | None,
+    *,
+    steps: int,
+    tokens: int,
+    seconds: float,
+    tokens_per_s: float,
+    train_loss: float | None,
+    val_loss: float | None,
+    mfu: float | None,
+    peak_memory_gib: float | None,
 ) -> str:
     """One line that says what the run did: steps, tokens, time, speed, final losses, MFU, peak memory."""
-    parts = [f"{steps:,} steps, {format_count(tokens)} tokens in {format_duration(seconds)}",
-             f"{tokens_per_s:,.0f} tokens/s"]
+    parts = [
+        f"{steps:,} steps, {format_count(tokens)} tokens in {format_duration(seconds)}",
+        f"{tokens_per_s:,.0f} tokens/s",
+    ]
     if train_loss is not None:
         parts.append(f"train loss {train_loss:.4f}")
     if val_loss is not None:

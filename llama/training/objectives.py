@@ -48,8 +48,9 @@ class Objective(Protocol):
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's mean next-token loss on one batch (labels already shifted by the dataset, -100 ignored)."""
-    return model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                 doc_ids=batch.get("doc_ids")).loss
+    return model(
+        batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids")
+    ).loss
 
 
 class NextToken:

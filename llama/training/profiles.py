@@ -65,7 +65,9 @@ def auto_profile() -> Profile:
     memory = props.total_memory / GIB
     precision = best_precision(torch.device("cuda"))
     base = PROFILES["3060-6gb"] if memory <= 8 else PROFILES["4090-24gb"]
-    return dataclasses.replace(base, name=f"auto ({props.name}, {memory:.0f} GiB)", memory_gib=memory, precision=precision)
+    return dataclasses.replace(
+        base, name=f"auto ({props.name}, {memory:.0f} GiB)", memory_gib=memory, precision=precision
+    )
 
 
 def get_profile(name: str) -> Profile:
@@ -76,7 +78,9 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
-def estimate_memory_gib(config: LlamaConfig, micro_batch: int, seq_len: int, precision: str, checkpointing: bool) -> float:
+def estimate_memory_gib(
+    config: LlamaConfig, micro_batch: int, seq_len: int, precision: str, checkpointing: bool
+) -> float:
     """Estimated peak training memory (GiB) of one rank: weights, optimizer, activations, loss buffers."""
     n_params = sum(_param_counts(config))
     act = 4 if precision == "fp32" else 2
@@ -116,8 +120,10 @@ class Plan:
 
     def describe(self, seq_len: int) -> str:
         memory = f", ~{self.estimated_gib:.1f} GiB estimated" if self.estimated_gib is not None else ""
-        return (f"micro-batch {self.micro_batch} x {seq_len} tokens, accumulation {self.grad_accum}, "
-                f"{self.precision}, activation checkpointing {'on' if self.checkpointing else 'off'}{memory}")
+        return (
+            f"micro-batch {self.micro_batch} x {seq_len} tokens, accumulation {self.grad_accum}, "
+            f"{self.precision}, activation checkpointing {'on' if self.checkpointing else 'off'}{memory}"
+        )
 
 
 def plan(profile: Profile, config: LlamaConfig, seq_len: int) -> Plan:
@@ -125,7 +131,9 @@ def plan(profile: Profile, config: LlamaConfig, seq_len: int) -> Plan:
     candidates = [b for b in MICRO_BATCHES if b <= profile.max_micro_batch]
     if profile.memory_gib is None:
         micro = candidates[0]
-        return Plan(micro, max(1, math.ceil(profile.tokens_per_step / (micro * seq_len))), False, profile.precision, None)
+        return Plan(
+            micro, max(1, math.ceil(profile.tokens_per_step / (micro * seq_len))), False, profile.precision, None
+        )
     budget = profile.memory_gib - CUDA_CONTEXT_GIB
     chosen: tuple[int, bool, float] | None = None
     for checkpointing in (False, True):

@@ -55,7 +55,9 @@ def resolve_init(init: str | Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``--init`` names and its config; a one-line error when there is none."""
     found = ckpt.find_checkpoint(init)
     if found is None:
-        raise ckpt.CheckpointError(f"--init {init}: no checkpoint there (give a step_N folder or an --out-dir holding one)")
+        raise ckpt.CheckpointError(
+            f"--init {init}: no checkpoint there (give a step_N folder or an --out-dir holding one)"
+        )
     return found, ckpt.read_config(found)
 
 
@@ -63,13 +65,19 @@ def check_init(init: Path, saved: dict[str, Any], model_config: LlamaConfig, dat
     """Refuse an --init checkpoint of another architecture or tokenizer than this run's, naming both sides."""
     theirs = saved.get("tokenizer") or {}
     ours = data.meta.get("tokenizer") or {}
-    refusal = tokenizer_mismatch(theirs, ours, owner=f"--init {init}", other=f"{data.paths.prefix}'s tokenizer",
-                                 fix="re-pack the data with the checkpoint's tokenizer")
+    refusal = tokenizer_mismatch(
+        theirs,
+        ours,
+        owner=f"--init {init}",
+        other=f"{data.paths.prefix}'s tokenizer",
+        fix="re-pack the data with the checkpoint's tokenizer",
+    )
     if refusal:
         raise ckpt.CheckpointError(refusal)
     if not (theirs.get("sha256") and ours.get("sha256")):
-        log.warning("cannot check that --init %s and %s share a tokenizer: one of them records none", init,
-                    data.paths.prefix)
+        log.warning(
+            "cannot check that --init %s and %s share a tokenizer: one of them records none", init, data.paths.prefix
+        )
     try:
         theirs_config = LlamaConfig.from_saved(saved.get("model"), f"--init {init}")
     except ValueError as e:
@@ -79,7 +87,10 @@ def check_init(init: Path, saved: dict[str, Any], model_config: LlamaConfig, dat
             f"--init {init} holds a model with {key}={theirs!r}, this run builds {key}={ours!r}: "
             "build the same architecture (its config.json lists it), or start from another checkpoint"
         )
-    changed = {key: getattr(model_config, key) for key in ("max_seq_len", "rope_scaling")
-               if getattr(theirs_config, key) != getattr(model_config, key)}
+    changed = {
+        key: getattr(model_config, key)
+        for key in ("max_seq_len", "rope_scaling")
+        if getattr(theirs_config, key) != getattr(model_config, key)
+    }
     if changed:
         log.warning("--init %s: this run changes %s from the checkpoint's", init, changed)

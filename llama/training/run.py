@@ -25,11 +25,7 @@ from .config import TrainConfig, check_seq_len
 from .data import BatchSource, DatasetFactory, load_val_batches
 from .objectives import Objective
 from .resume import check_init, check_model_config, resolve_init, resolve_resume
-from .runtime import (
-    Runtime,
-    cap_memory,
-    shard_fsdp,
-)
+from .runtime import Runtime, cap_memory, shard_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +94,34 @@ def save(run: Run, name: str, update_latest: bool = True) -> Path:
     model_state, optimizer_state = ckpt.gather_training_state(run.model, run.optimizer, sharded=run.sharded)
     path = run.out_dir / name
     if run.runtime.is_main:
-        state = {"step": run.state.step, "tokens": run.state.tokens, "elapsed_s": run.elapsed(),
-                 "optimizer": optimizer_state, "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-                 "data": run.train_data.state_dict(), "objective": run.objective.state_dict(), "rng": ckpt.rng_state()}
-        config = {"model": dataclasses.asdict(run.model_config), "train": dataclasses.asdict(run.cfg), **run.record,
-                  "step": run.state.step, "tokens": run.state.tokens, "world_size": run.runtime.world_size}
-        ckpt.save_checkpoint(run.out_dir, name, model_state, state, config, keep_last=run.cfg.keep_last,
-                             update_latest=update_latest, tied=ckpt.tied_parameters(run.model))
+        state = {
+            "step": run.state.step,
+            "tokens": run.state.tokens,
+            "elapsed_s": run.elapsed(),
+            "optimizer": optimizer_state,
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            "data": run.train_data.state_dict(),
+            "objective": run.objective.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+        config = {
+            "model": dataclasses.asdict(run.model_config),
+            "train": dataclasses.asdict(run.cfg),
+            **run.record,
+            "step": run.state.step,
+            "tokens": run.state.tokens,
+            "world_size": run.runtime.world_size,
+        }
+        ckpt.save_checkpoint(
+            run.out_dir,
+            name,
+            model_state,
+            state,
+            config,
+            keep_last=run.cfg.keep_last,
+            update_latest=update_latest,
+            tied=ckpt.tied_parameters(run.model),
+        )
         log.info("saved checkpoint %s", path)
     if run.runtime.distributed:
         dist.barrier()
@@ -139,8 +156,15 @@ def _prepare(model_config: LlamaConfig, cfg: TrainConfig, runtime: Runtime) -> t
     return precision, seq_len
 
 
-def _build_model(model_config: LlamaConfig, options: ModelOptions, runtime: Runtime, init_from: Path | None, init_config: dict[str, Any],
-                 transforms: Sequence[ModelTransform], sharded: bool) -> Llama:
+def _build_model(
+    model_config: LlamaConfig,
+    options: ModelOptions,
+    runtime: Runtime,
+    init_from: Path | None,
+    init_config: dict[str, Any],
+    transforms: Sequence[ModelTransform],
+    sharded: bool,
+) -> Llama:
     """The model on its device: --init's weights, then the transforms, then FSDP's sharding."""
     model = Llama(model_config, options).to(runtime.device)
     if init_from is not None:  # weights only: optimizer, schedule and data start fresh
@@ -154,9 +178,18 @@ def _build_model(model_config: LlamaConfig, options: ModelOptions, runtime: Runt
     return model
 
 
-def setup(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_path: str | Path | None,
-          tokenizer_sha256: str | None, runtime: Runtime, dataset_factory: DatasetFactory, task: dict[str, Any] | None,
-          objective: Objective, transforms: Sequence[ModelTransform] = ()) -> tuple[Run, Any]:
+def setup(
+    model_config: LlamaConfig,
+    cfg: TrainConfig,
+    train_path: Path,
+    val_path: str | Path | None,
+    tokenizer_sha256: str | None,
+    runtime: Runtime,
+    dataset_factory: DatasetFactory,
+    task: dict[str, Any] | None,
+    objective: Objective,
+    transforms: Sequence[ModelTransform] = (),
+) -> tuple[Run, Any]:
     """Data, model, optimizer and scaler of a run, resumed when its ``out_dir`` holds a checkpoint; returns the run
     and the RNG state to set right before the loop (None for a fresh run)."""
     out_dir = Path(cfg.out_dir)
@@ -167,48 +200,86 @@ def setup(model_config: LlamaConfig, cfg: TrainConfig, train_path: Path, val_pat
     precision, seq_len = _prepare(model_config, cfg, runtime)
 
     # ---- data: this rank's part of the training stream, fixed validation batches
-    dataset_args = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size,
-                        tokenizer_sha256=tokenizer_sha256)
+    dataset_args = dict(
+        seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size, tokenizer_sha256=tokenizer_sha256
+    )
     train_data = dataset_factory(train_path, validation=False, **dataset_args)
     init_from, init_config = resolve_init(cfg.init) if cfg.init and resume_from is None else (None, {})
     if init_from is not None:  # before the vocabulary check: a tokenizer mismatch is the likelier story
         check_init(init_from, init_config, model_config, train_data.files)
     if train_data.files.vocab_size > model_config.vocab_size:
-        raise ValueError(f"{train_path} holds ids up to {train_data.files.vocab_size - 1}, more than the model's "
-                         f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary")
+        raise ValueError(
+            f"{train_path} holds ids up to {train_data.files.vocab_size - 1}, more than the model's "
+            f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary"
+        )
     if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
         val_path = DatasetPaths.of(train_path).val().prefix
-    val_batches = (load_val_batches(dataset_factory(Path(val_path), validation=True, **dataset_args), cfg)
-                   if val_path and cfg.eval_every else [])
+    val_batches = (
+        load_val_batches(dataset_factory(Path(val_path), validation=True, **dataset_args), cfg)
+        if val_path and cfg.eval_every
+        else []
+    )
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
 
     # ---- model, optimizer, loss scaler
     sharded = cfg.parallel == "fsdp" and runtime.distributed
     model = _build_model(model_config, cfg.model_options(), runtime, init_from, init_config, transforms, sharded)
     device = runtime.device
-    optimizer = torch.optim.AdamW(model.configure_optimizer_groups(cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda" or None)
+    optimizer = torch.optim.AdamW(
+        model.configure_optimizer_groups(cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=device.type == "cuda" or None,
+    )
     compiled = torch.compile(model) if cfg.compile else model
     train_model = compiled
     if runtime.distributed and not sharded:
-        train_model = nn.parallel.DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = nn.parallel.DistributedDataParallel(
+            compiled, device_ids=[device.index] if device.type == "cuda" else None
+        )
     tokenizer_ref = {key: train_data.files.meta.get("tokenizer", {}).get(key) for key in ("path", "sha256")}
-    record = {"tokenizer": tokenizer_ref, "data": {"train": str(train_path), "val": str(val_path) if val_path else None},
-              "init": str(init_from) if init_from else None, "task": task, "objective": objective.name}
-    run = Run(cfg=cfg, model_config=model_config, runtime=runtime, objective=objective, model=model,
-              train_model=train_model, eval_model=compiled, optimizer=optimizer,
-              scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-              autocast=torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"),
-              params=[p for group in optimizer.param_groups for p in group["params"]], train_data=train_data,
-              val_batches=val_batches, seq_len=seq_len, precision=precision, tokens_per_step=tokens_per_step,
-              total_steps=cfg.total_steps(tokens_per_step), sharded=sharded, record=record, init_from=init_from,
-              resumed_from=resume_from)
+    record = {
+        "tokenizer": tokenizer_ref,
+        "data": {"train": str(train_path), "val": str(val_path) if val_path else None},
+        "init": str(init_from) if init_from else None,
+        "task": task,
+        "objective": objective.name,
+    }
+    run = Run(
+        cfg=cfg,
+        model_config=model_config,
+        runtime=runtime,
+        objective=objective,
+        model=model,
+        train_model=train_model,
+        eval_model=compiled,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        autocast=torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"),
+        params=[p for group in optimizer.param_groups for p in group["params"]],
+        train_data=train_data,
+        val_batches=val_batches,
+        seq_len=seq_len,
+        precision=precision,
+        tokens_per_step=tokens_per_step,
+        total_steps=cfg.total_steps(tokens_per_step),
+        sharded=sharded,
+        record=record,
+        init_from=init_from,
+        resumed_from=resume_from,
+    )
 
     # ---- resume: weights, optimizer, scaler, data position, objective, counters (the RNG comes back last)
     rng = None
     if resume_from is not None:
         rng = restore(run, resume_from)
         if runtime.is_main:
-            log.warning("RESUMING from %s: step %d, %s tokens seen; continuing to step %d", resume_from,
-                        run.state.step, f"{run.state.tokens:,}", run.total_steps)
+            log.warning(
+                "RESUMING from %s: step %d, %s tokens seen; continuing to step %d",
+                resume_from,
+                run.state.step,
+                f"{run.state.tokens:,}",
+                run.total_steps,
+            )
     return run, rng

@@ -25,21 +25,56 @@ GIB = 2**30
 
 PEAK_TFLOPS: dict[str, float] = {
     # Hopper / Blackwell datacenter
-    "B200": 2250.0, "B100": 1750.0, "GH200": 989.4,
-    "H200 NVL": 835.0, "H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.4,  # "H100 80GB HBM3" is SXM
-    "H800 PCIe": 756.0, "H800": 989.4, "H20": 148.0,
+    "B200": 2250.0,
+    "B100": 1750.0,
+    "GH200": 989.4,
+    "H200 NVL": 835.0,
+    "H200": 989.4,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.4,  # "H100 80GB HBM3" is SXM
+    "H800 PCIe": 756.0,
+    "H800": 989.4,
+    "H20": 148.0,
     # Ampere / Ada datacenter and workstation (fp32 accumulation at full rate)
-    "A100": 312.0, "A800": 312.0, "A30": 165.0, "A40": 149.7, "A10": 125.0,
-    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "RTX 6000 Ada": 364.2,
-    "RTX A6000": 154.8, "RTX A5000": 111.1, "RTX A4000": 76.7,
+    "A100": 312.0,
+    "A800": 312.0,
+    "A30": 165.0,
+    "A40": 149.7,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "RTX 6000 Ada": 364.2,
+    "RTX A6000": 154.8,
+    "RTX A5000": 111.1,
+    "RTX A4000": 76.7,
     # Volta / Turing (fp16 only, no bf16)
-    "V100": 125.0, "T4": 65.0, "RTX 2080 Ti": 53.8,
+    "V100": 125.0,
+    "T4": 65.0,
+    "RTX 2080 Ti": 53.8,
     # GeForce Ampere, Ada, Blackwell: fp16/bf16 with fp32 accumulation (half the fp16-accumulate rate)
-    "RTX 3050": 18.2, "RTX 3060": 25.5, "RTX 3060 Ti": 32.4, "RTX 3070": 40.6, "RTX 3070 Ti": 43.5,
-    "RTX 3080": 59.5, "RTX 3080 Ti": 68.2, "RTX 3090": 71.2, "RTX 3090 Ti": 80.0,
-    "RTX 4060": 30.2, "RTX 4060 Ti": 44.1, "RTX 4070": 58.3, "RTX 4070 SUPER": 71.0, "RTX 4070 Ti": 80.2,
-    "RTX 4070 Ti SUPER": 88.2, "RTX 4080": 97.5, "RTX 4080 SUPER": 104.4, "RTX 4090 D": 147.1, "RTX 4090": 165.2,
-    "RTX 5080": 112.7, "RTX 5090": 209.5,
+    "RTX 3050": 18.2,
+    "RTX 3060": 25.5,
+    "RTX 3060 Ti": 32.4,
+    "RTX 3070": 40.6,
+    "RTX 3070 Ti": 43.5,
+    "RTX 3080": 59.5,
+    "RTX 3080 Ti": 68.2,
+    "RTX 3090": 71.2,
+    "RTX 3090 Ti": 80.0,
+    "RTX 4060": 30.2,
+    "RTX 4060 Ti": 44.1,
+    "RTX 4070": 58.3,
+    "RTX 4070 SUPER": 71.0,
+    "RTX 4070 Ti": 80.2,
+    "RTX 4070 Ti SUPER": 88.2,
+    "RTX 4080": 97.5,
+    "RTX 4080 SUPER": 104.4,
+    "RTX 4090 D": 147.1,
+    "RTX 4090": 165.2,
+    "RTX 5080": 112.7,
+    "RTX 5090": 209.5,
 }
 
 
@@ -60,7 +95,9 @@ def device_peak_tflops(device: torch.device, override: float | None = None) -> f
     name = torch.cuda.get_device_name(device)
     peak = lookup_peak_tflops(name)
     if peak is None:
-        log.warning("%s is not in llama.training.runtime.PEAK_TFLOPS: MFU shows n/a (pass --peak-tflops to set it)", name)
+        log.warning(
+            "%s is not in llama.training.runtime.PEAK_TFLOPS: MFU shows n/a (pass --peak-tflops to set it)", name
+        )
     return peak
 
 

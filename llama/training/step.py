@@ -14,9 +14,7 @@ from .config import TrainConfig
 from .data import to_device
 from .errors import TrainingOOMError
 from .run import Run
-from .runtime import (
-    memory_report,
-)
+from .runtime import memory_report
 
 
 def learning_rate(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -41,8 +39,10 @@ def oom_advice(cfg: TrainConfig, device: torch.device, step: int, micro: int) ->
     """A one-line account of an out-of-memory error with the change most likely to fit."""
     where = f"out of GPU memory at step {step + 1}, micro-batch {micro + 1}/{cfg.grad_accum} ({memory_report(device)})"
     if cfg.batch_size > 1:
-        fix = (f"halve --batch-size to {cfg.batch_size // 2} and double --grad-accum to {cfg.grad_accum * 2} "
-               "(same tokens per step)")
+        fix = (
+            f"halve --batch-size to {cfg.batch_size // 2} and double --grad-accum to {cfg.grad_accum * 2} "
+            "(same tokens per step)"
+        )
     elif not cfg.activation_checkpointing:
         fix = "turn on activation checkpointing (--activation-checkpointing)"
     else:
@@ -52,8 +52,9 @@ def oom_advice(cfg: TrainConfig, device: torch.device, step: int, micro: int) ->
     return f"{where}: {fix}"
 
 
-def clip_and_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter],
-                  grad_clip: float) -> torch.Tensor:
+def clip_and_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[nn.Parameter], grad_clip: float
+) -> torch.Tensor:
     """Unscale, clip to ``grad_clip`` (0 = measure only), step unless a gradient is inf/NaN, clear; returns the norm."""
     scaler.unscale_(optimizer)  # a no-op when the scaler is disabled
     grad_norm = nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
@@ -123,5 +124,10 @@ def train_step(run: Run, batches: list[dict[str, torch.Tensor]], signal_received
         dist.all_reduce(reduced)
         reduced[:-1] /= run.runtime.world_size
     values = torch.cat([reduced, grad_norm.detach().float().reshape(1)]).tolist()
-    return StepResult(loss=values[0], grad_norm=values[-1], metrics=dict(zip(names, values[1:-2])),
-                      signalled=values[-2] > 0, scale=scale)
+    return StepResult(
+        loss=values[0],
+        grad_norm=values[-1],
+        metrics=dict(zip(names, values[1:-2])),
+        signalled=values[-2] > 0,
+        scale=scale,
+    )
