@@ -39,7 +39,7 @@ import torch
 from engine.chat_template import render_text
 from engine.cli import run_cli, setup_logging
 from engine.dataset.pretrain import document_positions
-from engine.format import DatasetError, open_packed, write_json_atomic
+from engine.format import DatasetError, PackedFiles, open_packed, write_json_atomic
 from engine.tokenizer import Tokenizer
 
 from .generation.load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
@@ -85,6 +85,60 @@ def window_starts(n_tokens: int, seq_len: int, limit: int | None = None) -> np.n
     return chosen.astype(np.int64) * seq_len
 
 
+def _open_scored(
+    model: Llama, path: str | os.PathLike[str], tokenizer: Tokenizer | None, bin_dtype: str | None
+) -> PackedFiles:
+    """The packed dataset to score, refused in one line when it does not fit ``model`` or ``tokenizer``."""
+    try:
+        files = open_packed(
+            path,
+            tokenizer_sha256=None if bin_dtype else (tokenizer.sha256 if tokenizer else None),
+            dtype=bin_dtype,
+            vocab_size=model.config.vocab_size if bin_dtype else None,
+        )
+    except DatasetError as e:
+        raise ValueError(str(e)) from None
+    if files.kind != "pretrain":
+        log.warning("%s is a %s dataset: its perplexity counts every token, prompts included", path, files.kind)
+    if files.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"{path} holds ids up to {files.vocab_size - 1:,}, beyond the model's vocabulary of "
+            f"{model.config.vocab_size:,}: it was packed for another model"
+        )
+    return files
+
+
+@torch.no_grad()
+def _summed_loss(
+    model: Llama, tokens: np.ndarray, starts: np.ndarray, seq_len: int, batch_size: int, eos_id: int | None
+) -> tuple[float, int]:
+    """(sum of -log p, targets counted) over the windows at ``starts``; ``eos_id``: mask per document."""
+    device = next(model.parameters()).device
+    offsets = np.arange(seq_len + 1)
+    total_loss, counted = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        # Invariant: total_loss sums -log p over the `counted` targets of the windows done so far.
+        for first in range(0, len(starts), batch_size):
+            window = np.asarray(tokens[starts[first : first + batch_size, None] + offsets], dtype=np.int64)
+            ids = torch.from_numpy(window).to(device)
+            extra: dict[str, torch.Tensor] = {}
+            if eos_id is not None:
+                positions, doc_ids = document_positions(window[:, :-1], int(eos_id))
+                extra = {
+                    "position_ids": torch.from_numpy(positions).to(device),
+                    "doc_ids": torch.from_numpy(doc_ids).to(device),
+                }
+            loss = model(ids[:, :-1], labels=ids[:, 1:], **extra).loss  # mean over every target of the batch
+            n = ids.shape[0] * seq_len
+            total_loss += float(loss) * n
+            counted += n
+    finally:
+        model.train(was_training)
+    return total_loss, counted
+
+
 @torch.no_grad()
 def perplexity(
     model: Llama,
@@ -109,51 +163,15 @@ def perplexity(
         raise ValueError(f"--seq-len must be in 1..{context} (the model's context), got {seq_len}")
     if batch_size < 1 or (batches is not None and batches < 1):
         raise ValueError("--batch-size and --batches must be ≥ 1")
-    try:
-        files = open_packed(
-            path,
-            tokenizer_sha256=None if bin_dtype else (tokenizer.sha256 if tokenizer else None),
-            dtype=bin_dtype,
-            vocab_size=model.config.vocab_size if bin_dtype else None,
-        )
-    except DatasetError as e:
-        raise ValueError(str(e)) from None
-    if files.kind != "pretrain":
-        log.warning("%s is a %s dataset: its perplexity counts every token, prompts included", path, files.kind)
-    if files.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"{path} holds ids up to {files.vocab_size - 1:,}, beyond the model's vocabulary of "
-            f"{model.config.vocab_size:,}: it was packed for another model"
-        )
+    files = _open_scored(model, path, tokenizer, bin_dtype)
     eos_id = files.meta.get("eos_id")
     if doc_masking and eos_id is None:
         raise ValueError(f"{path} records no eos_id: --doc-masking cannot find its documents")
     starts = window_starts(files.n_tokens, seq_len, None if batches is None else batches * batch_size)
     log.info("perplexity on %s: %d windows of %d tokens in batches of %d", path, len(starts), seq_len, batch_size)
-    tokens = files.tokens
-    device = next(model.parameters()).device
-    offsets = np.arange(seq_len + 1)
-    total_loss, counted = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        # Invariant: total_loss sums -log p over the `counted` targets of the windows done so far.
-        for first in range(0, len(starts), batch_size):
-            window = np.asarray(tokens[starts[first : first + batch_size, None] + offsets], dtype=np.int64)
-            ids = torch.from_numpy(window).to(device)
-            extra: dict[str, torch.Tensor] = {}
-            if doc_masking:
-                positions, doc_ids = document_positions(window[:, :-1], int(eos_id))
-                extra = {
-                    "position_ids": torch.from_numpy(positions).to(device),
-                    "doc_ids": torch.from_numpy(doc_ids).to(device),
-                }
-            loss = model(ids[:, :-1], labels=ids[:, 1:], **extra).loss  # mean over every target of the batch
-            n = ids.shape[0] * seq_len
-            total_loss += float(loss) * n
-            counted += n
-    finally:
-        model.train(was_training)
+    total_loss, counted = _summed_loss(
+        model, files.tokens, starts, seq_len, batch_size, eos_id if doc_masking else None
+    )
     mean = total_loss / counted
     return PerplexityResult(str(path), seq_len, len(starts), counted, mean, math.exp(min(mean, 700.0)), doc_masking)
 

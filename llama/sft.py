@@ -224,35 +224,38 @@ def data_tokenizer(args: argparse.Namespace, checkpoint: Path, saved: dict[str, 
     return tokenizer
 
 
-def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, dict[str, Any], str]:
-    """Model and training configs, the packed training prefix, the task record and a summary line."""
-    checkpoint, saved, resuming = base_checkpoint(args)
-    raw = not (DatasetPaths.of(args.data).meta.exists() or DatasetPaths.of(args.data).bin.exists())
+def sft_data(args: argparse.Namespace, checkpoint: Path, saved: dict[str, Any]) -> tuple[Path, bool]:
+    """(the packed training prefix, whether it was packed here from raw conversations): ``--data`` as given, or
+    raw data packed into its cache with the checkpoint's tokenizer."""
+    paths = DatasetPaths.of(args.data)
+    raw = not (paths.meta.exists() or paths.bin.exists())
     if raw and not Path(args.data).exists():
-        raise ValueError(
-            f"--data {args.data}: no packed dataset ({DatasetPaths.of(args.data).bin.name}) and no file "
-            "or folder of that name"
-        )
+        raise ValueError(f"--data {args.data}: no packed dataset ({paths.bin.name}) and no file or folder of that name")
     if not raw and (args.template != "chatml" or args.drop_think or args.system):
         raise ValueError(
             f"--template/--drop-think/--system shape the packing, but {args.data} is already packed: "
             "give the raw conversations instead"
         )
-    if raw:
-        tokenizer = data_tokenizer(args, checkpoint, saved)
-        prefix = pack_cached(
-            args.data,
-            tokenizer,
-            template=args.template,
-            drop_think=args.drop_think,
-            system=args.system,
-            val_fraction=args.val_fraction,
-            cache_dir=args.cache_dir,
-            workers=args.pack_workers,
-            progress=args.progress,
-        )
-    else:
-        prefix = DatasetPaths.of(args.data).prefix
+    if not raw:
+        return paths.prefix, False
+    tokenizer = data_tokenizer(args, checkpoint, saved)
+    options = dict(template=args.template, drop_think=args.drop_think, system=args.system)
+    prefix = pack_cached(
+        args.data,
+        tokenizer,
+        **options,
+        val_fraction=args.val_fraction,
+        cache_dir=args.cache_dir,
+        workers=args.pack_workers,
+        progress=args.progress,
+    )
+    return prefix, True
+
+
+def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, dict[str, Any], str]:
+    """Model and training configs, the packed training prefix, the task record and a summary line."""
+    checkpoint, saved, resuming = base_checkpoint(args)
+    prefix, raw = sft_data(args, checkpoint, saved)
     files = open_sft(prefix)
 
     overrides = model_overrides(args.model)

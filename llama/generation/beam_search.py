@@ -79,17 +79,12 @@ def beam_search(
     beam_scores[:, 1:] = NO_BEAM  # the beams start identical: extend only the first
     beam_tokens: list[list[int]] = [[] for _ in range(batch * num_beams)]
     hypotheses = [Hypotheses(num_beams) for _ in range(batch)]
-    prefill_s = decode_s = 0.0
-    decode_steps = 0
+    prefill_s, decode_steps = 0.0, 0
 
     # Invariant: `logits` [batch * num_beams, V] predict the token after `beam_tokens`, whose summed
     # log-probabilities are `beam_scores`; the cache rows are the beams', in the same order.
     for step in range(max_new_tokens):
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        if seen is not None:  # on log-probabilities, as Hugging Face's beam search applies its processors
-            log_probs = penalize_repeats(log_probs, seen, repetition_penalty)
-        if step < min_new_tokens:
-            log_probs = hold_back(log_probs, stop_ids)
+        log_probs = _log_probs(logits, seen, repetition_penalty, stop_ids if step < min_new_tokens else None)
         candidates = _candidates(log_probs, beam_scores, n_candidates)
         last = step + 1 == max_new_tokens
         keep_rows, keep_tokens, keep_scores = _select(
@@ -113,13 +108,24 @@ def beam_search(
         ).logits[:, -1]
         decode_steps += 1
     decode_s = clock.lap()
-    return _result(
-        hypotheses,
-        stop,
-        stream,
+    prefill_rate, decode_rate = (
         per_second(int(mask.sum()), prefill_s),
-        per_second(decode_steps * batch * num_beams, decode_s),
+        per_second(decode_steps * len(beam_tokens), decode_s),
     )
+    return _result(hypotheses, stop, stream, prefill_rate, decode_rate)
+
+
+def _log_probs(
+    logits: torch.Tensor, seen: torch.Tensor | None, repetition_penalty: float, held_back: torch.Tensor | None
+) -> torch.Tensor:
+    """Log-probabilities of the next token, repeats penalised (on log-probabilities, as Hugging Face's beam search
+    applies its processors) and the ``held_back`` ids (stop tokens before ``min_new_tokens``) excluded."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    if seen is not None:
+        log_probs = penalize_repeats(log_probs, seen, repetition_penalty)
+    if held_back is not None:
+        log_probs = hold_back(log_probs, held_back)
+    return log_probs
 
 
 def _candidates(log_probs: torch.Tensor, beam_scores: torch.Tensor, n: int) -> tuple[list, list, list]:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.format import DatasetPaths
+from engine.format import DatasetPaths, PackedFiles
 
 from ..model import Llama, LlamaConfig, ModelOptions
 from ..precision import DTYPES, resolve_precision
@@ -198,65 +198,35 @@ def setup(
         ckpt.remove_temporaries(out_dir)
     resume_from = resolve_resume(cfg.resume, out_dir)
     precision, seq_len = _prepare(model_config, cfg, runtime)
-
-    # ---- data: this rank's part of the training stream, fixed validation batches
-    dataset_args = dict(
-        seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size, tokenizer_sha256=tokenizer_sha256
-    )
-    train_data = dataset_factory(train_path, validation=False, **dataset_args)
+    # data: this rank's part of the training stream, fixed validation batches
+    dataset_args = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size)
+    train_data = dataset_factory(train_path, validation=False, tokenizer_sha256=tokenizer_sha256, **dataset_args)
     init_from, init_config = resolve_init(cfg.init) if cfg.init and resume_from is None else (None, {})
-    if init_from is not None:  # before the vocabulary check: a tokenizer mismatch is the likelier story
-        check_init(init_from, init_config, model_config, train_data.files)
-    if train_data.files.vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"{train_path} holds ids up to {train_data.files.vocab_size - 1}, more than the model's "
-            f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary"
-        )
+    _check_fits(model_config, train_data.files, train_path, init_from, init_config)
     if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
         val_path = DatasetPaths.of(train_path).val().prefix
-    val_batches = (
-        load_val_batches(dataset_factory(Path(val_path), validation=True, **dataset_args), cfg)
-        if val_path and cfg.eval_every
-        else []
-    )
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
-
-    # ---- model, optimizer, loss scaler
+    val_batches = []
+    if val_path and cfg.eval_every:
+        val_data = dataset_factory(Path(val_path), validation=True, tokenizer_sha256=tokenizer_sha256, **dataset_args)
+        val_batches = load_val_batches(val_data, cfg)
+    # model, optimizer, loss scaler
     sharded = cfg.parallel == "fsdp" and runtime.distributed
     model = _build_model(model_config, cfg.model_options(), runtime, init_from, init_config, transforms, sharded)
-    device = runtime.device
-    optimizer = torch.optim.AdamW(
-        model.configure_optimizer_groups(cfg.weight_decay),
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps,
-        fused=device.type == "cuda" or None,
-    )
-    compiled = torch.compile(model) if cfg.compile else model
-    train_model = compiled
-    if runtime.distributed and not sharded:
-        train_model = nn.parallel.DistributedDataParallel(
-            compiled, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    optimizer = _optimizer(model, cfg, runtime.device)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
     tokenizer_ref = {key: train_data.files.meta.get("tokenizer", {}).get(key) for key in ("path", "sha256")}
-    record = {
-        "tokenizer": tokenizer_ref,
-        "data": {"train": str(train_path), "val": str(val_path) if val_path else None},
-        "init": str(init_from) if init_from else None,
-        "task": task,
-        "objective": objective.name,
-    }
+    data_ref = {"train": str(train_path), "val": str(val_path) if val_path else None}
+    record = {"tokenizer": tokenizer_ref, "data": data_ref, "init": str(init_from) if init_from else None}
     run = Run(
         cfg=cfg,
         model_config=model_config,
         runtime=runtime,
         objective=objective,
         model=model,
-        train_model=train_model,
-        eval_model=compiled,
+        **_callables(model, cfg, runtime, sharded),
         optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        autocast=torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"),
+        scaler=torch.amp.GradScaler(runtime.device.type, enabled=precision == "fp16"),
+        autocast=torch.autocast(runtime.device.type, AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32"),
         params=[p for group in optimizer.param_groups for p in group["params"]],
         train_data=train_data,
         val_batches=val_batches,
@@ -265,21 +235,55 @@ def setup(
         tokens_per_step=tokens_per_step,
         total_steps=cfg.total_steps(tokens_per_step),
         sharded=sharded,
-        record=record,
+        record={**record, "task": task, "objective": objective.name},
         init_from=init_from,
         resumed_from=resume_from,
     )
+    return run, _resume(run, resume_from)
 
-    # ---- resume: weights, optimizer, scaler, data position, objective, counters (the RNG comes back last)
-    rng = None
-    if resume_from is not None:
-        rng = restore(run, resume_from)
-        if runtime.is_main:
-            log.warning(
-                "RESUMING from %s: step %d, %s tokens seen; continuing to step %d",
-                resume_from,
-                run.state.step,
-                f"{run.state.tokens:,}",
-                run.total_steps,
-            )
-    return run, rng
+
+def _check_fits(
+    model_config: LlamaConfig, files: PackedFiles, train_path: Path, init_from: Path | None, init_config: dict
+) -> None:
+    """--init's checkpoint fits this run (first: a tokenizer mismatch is the likelier story), the data the model."""
+    if init_from is not None:
+        check_init(init_from, init_config, model_config, files)
+    if files.vocab_size > model_config.vocab_size:
+        raise ValueError(
+            f"{train_path} holds ids up to {files.vocab_size - 1}, more than the model's "
+            f"vocab_size {model_config.vocab_size}: build the model with the tokenizer's vocabulary"
+        )
+
+
+def _optimizer(model: Llama, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters (fused on CUDA), weight decay on matrices only."""
+    groups = model.configure_optimizer_groups(cfg.weight_decay)
+    betas, fused = (cfg.beta1, cfg.beta2), device.type == "cuda" or None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)
+
+
+def _callables(model: Llama, cfg: TrainConfig, runtime: Runtime, sharded: bool) -> dict[str, nn.Module]:
+    """What a training step calls (compiled and/or DDP-wrapped) and what validation calls (never DDP-wrapped)."""
+    compiled = torch.compile(model) if cfg.compile else model
+    train_model = compiled
+    if runtime.distributed and not sharded:
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
+    return {"train_model": train_model, "eval_model": compiled}
+
+
+def _resume(run: Run, resume_from: Path | None) -> Any:
+    """Weights, optimizer, scaler, data position, objective and counters from ``resume_from``; its RNG state, to
+    set right before the loop (None for a fresh run)."""
+    if resume_from is None:
+        return None
+    rng = restore(run, resume_from)
+    if run.runtime.is_main:
+        log.warning(
+            "RESUMING from %s: step %d, %s tokens seen; continuing to step %d",
+            resume_from,
+            run.state.step,
+            f"{run.state.tokens:,}",
+            run.total_steps,
+        )
+    return rng
