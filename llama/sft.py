@@ -109,6 +109,38 @@ def open_sft(prefix: str | os.PathLike[str]) -> PackedFiles:
 # ---------------------------------------------------------------- command line
 
 
+def _add_raw_data_arguments(group: argparse._ArgumentGroup) -> None:
+    """How raw conversations are written and packed (packed data ignores these)."""
+    group.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default="chatml",
+        help="raw data: 'chatml' keeps replies as given; 'think' writes each reply as "
+        "<think>reasoning</think> + answer, empty when the data has none (default: chatml)",
+    )
+    group.add_argument(
+        "--drop-think",
+        action="store_true",
+        help="raw data: delete the reasoning (<think>…</think>) that opens a reply before training",
+    )
+    group.add_argument("--system", help="raw data: system prompt for conversations that have none")
+    group.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.02,
+        help="raw data: share of conversations held out for validation (default: 0.02)",
+    )
+    group.add_argument(
+        "--cache-dir", help="raw data: where to keep the packed cache (default: .DATA.zhllm-cache beside it)"
+    )
+    group.add_argument(
+        "--pack-workers",
+        type=int,
+        default=0,
+        help="raw data: tokenizing processes, 0 = one per core, 1 = none (default: 0)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m llama.sft",
@@ -133,34 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         help="the tokenizer to pack raw data with (default: the one the checkpoint names; must be the same vocabulary)",
     )
-    parser.add_argument(
-        "--template",
-        choices=TEMPLATES,
-        default="chatml",
-        help="raw data: 'chatml' keeps replies as given; 'think' writes each reply as "
-        "<think>reasoning</think> + answer, empty when the data has none (default: chatml)",
-    )
-    parser.add_argument(
-        "--drop-think",
-        action="store_true",
-        help="raw data: delete the reasoning (<think>…</think>) that opens a reply before training",
-    )
-    parser.add_argument("--system", help="raw data: system prompt for conversations that have none")
-    parser.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.02,
-        help="raw data: share of conversations held out for validation (default: 0.02)",
-    )
-    parser.add_argument(
-        "--cache-dir", help="raw data: where to keep the packed cache (default: .DATA.zhllm-cache beside it)"
-    )
-    parser.add_argument(
-        "--pack-workers",
-        type=int,
-        default=0,
-        help="raw data: tokenizing processes, 0 = one per core, 1 = none (default: 0)",
-    )
+    _add_raw_data_arguments(parser.add_argument_group("raw conversations (ignored for packed data)"))
     parser.add_argument(
         "--epochs",
         type=float,

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from training_runs import REPO, VOCAB, start_run, wait_until_stalled, write_corpus
+from training_runs import VOCAB, start_run, torchrun_two_ranks, wait_until_stalled, write_corpus
 
 from llama.model import Llama, LlamaConfig
 from llama.training import objectives
@@ -249,27 +246,7 @@ def test_a_head_objective_trains_data_parallel(toy, corpus, tmp_path, parallel):
     script, _ = toy
     worker, out_dir = tmp_path / "worker.py", tmp_path / "out"
     worker.write_text(HEAD_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(worker),
-            str(out_dir),
-            str(corpus),
-            str(script),
-            parallel,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_two_ranks(worker, out_dir, corpus, script, parallel, timeout=300)
     records = read_metrics(out_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[-1]["loss"] < records[0]["loss"]
     assert [r["step"] for r in records if "val_hit_rate" in r] == [2, 4]

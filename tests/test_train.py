@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_runs import EOS, REPO, VOCAB, start_run, wait_until_stalled, write_corpus
+from training_runs import EOS, VOCAB, start_run, torchrun_two_ranks, wait_until_stalled, write_corpus
 
 from llama.model import LlamaConfig, ModelOptions
 from llama.training import objectives
@@ -359,27 +356,7 @@ def torchrun_two_cpu_ranks(tmp_path: Path, corpus: Path, parallel: str) -> tuple
     worker, dump, out_dir = tmp_path / "worker.py", tmp_path / "dump", tmp_path / "out"
     worker.write_text(DISTRIBUTED_WORKER)
     dump.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(worker),
-            str(out_dir),
-            str(corpus),
-            str(dump),
-            parallel,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_two_ranks(worker, out_dir, corpus, dump, parallel, timeout=240)
     return out_dir, [torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 

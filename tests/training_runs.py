@@ -88,6 +88,14 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+def torchrun_two_ranks(worker: Path, *args: str | Path, timeout: float = 300) -> None:
+    """Runs the script ``worker`` on two CPU ranks (``torchrun --standalone``); fails with its stderr if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker), *args]
+    done = subprocess.run(list(map(str, command)), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def start_run(args: list[str], log_path: Path, stall_at: int = -1, script: str = "-") -> subprocess.Popen:
     """A training subprocess (``python -m llama.train ARGS``, or ``script`` ARGS); with ``stall_at`` it writes
     ``log_path.stalled`` after that many steps and waits for ``log_path.go``."""

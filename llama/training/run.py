@@ -8,6 +8,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -198,18 +199,18 @@ def setup(
         ckpt.remove_temporaries(out_dir)
     resume_from = resolve_resume(cfg.resume, out_dir)
     precision, seq_len = _prepare(model_config, cfg, runtime)
-    # data: this rank's part of the training stream, fixed validation batches
-    dataset_args = dict(seq_len=seq_len, cfg=cfg, rank=runtime.rank, world_size=runtime.world_size)
-    train_data = dataset_factory(train_path, validation=False, tokenizer_sha256=tokenizer_sha256, **dataset_args)
+    open_data = partial(
+        dataset_factory,
+        tokenizer_sha256=tokenizer_sha256,
+        seq_len=seq_len,
+        cfg=cfg,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
+    train_data = open_data(train_path, validation=False)
     init_from, init_config = resolve_init(cfg.init) if cfg.init and resume_from is None else (None, {})
     _check_fits(model_config, train_data.files, train_path, init_from, init_config)
-    if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
-        val_path = DatasetPaths.of(train_path).val().prefix
-    val_batches = []
-    if val_path and cfg.eval_every:
-        val_data = dataset_factory(Path(val_path), validation=True, tokenizer_sha256=tokenizer_sha256, **dataset_args)
-        val_batches = load_val_batches(val_data, cfg)
-    # model, optimizer, loss scaler
+    val_path, val_batches = _validation(open_data, train_path, val_path, cfg)
     sharded = cfg.parallel == "fsdp" and runtime.distributed
     model = _build_model(model_config, cfg.model_options(), runtime, init_from, init_config, transforms, sharded)
     optimizer = _optimizer(model, cfg, runtime.device)
@@ -240,6 +241,17 @@ def setup(
         resumed_from=resume_from,
     )
     return run, _resume(run, resume_from)
+
+
+def _validation(
+    open_data: Callable[..., Any], train_path: Path, val_path: str | Path | None, cfg: TrainConfig
+) -> tuple[str | Path | None, list]:
+    """The validation set (``--val``, else the ``.val`` beside the training data) and its fixed batches."""
+    if val_path is None and DatasetPaths.of(train_path).val().bin.exists():
+        val_path = DatasetPaths.of(train_path).val().prefix
+    if not (val_path and cfg.eval_every):
+        return val_path, []
+    return val_path, load_val_batches(open_data(Path(val_path), validation=True), cfg)
 
 
 def _check_fits(
