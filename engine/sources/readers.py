@@ -14,10 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from .base import Record, SourceError, SourceOptions, SourceReport
+from .base import Piece, PieceBuffer, Record, SourceError, SourceOptions, SourceReport
 from .decoding import (
+    TextEncoding,
     compression_of,
     decoded_lines,
+    decoded_pieces,
     detect_encoding,
     format_suffix,
     open_binary,
@@ -215,51 +217,60 @@ def _batch_records(batches: Iterable[Any], source: str, report: SourceReport, ki
 def read_text(
     path: Path, source: str, options: SourceOptions, report: SourceReport, columns: Sequence[str] | None = None
 ) -> Iterator[Record]:
-    """Plain text: blocks separated by blank lines, the whole file, or each non-blank line."""
+    """Plain text: blocks separated by blank lines, the whole file, or each non-blank line.
+
+    Read in bounded chunks; a document longer than ``options.max_document_chars`` comes as several records,
+    cut after a sentence end or a space, and a piece holding undecodable bytes is the one bad record.
+    """
     encoding = detect_encoding(path, options.encoding)
     report.set_encoding(source, encoding.name)
-    if options.text_unit == "file":
-        text, lineno, error = read_whole_text(path, encoding)
-        report.add_record(source)
-        if text is None:
-            report.bad("undecodable", source, lineno, f"{error}; the whole file is one document")
-        else:
-            yield Record({"text": text}, source, 1, "text")
-        return
-
-    def finish(text: str, lineno: int, error: str | None) -> Record | None:
+    buffer = PieceBuffer(options.max_document_chars)
+    for text, lineno, error in _text_pieces(path, encoding, options.text_unit, buffer):
         report.add_record(source)
         if error:
             report.bad("undecodable", source, lineno, error)
-            return None
-        return Record({"text": text}, source, lineno, "text")
+        else:
+            yield Record({"text": text}, source, lineno, "text")
+    if buffer.split_documents:
+        report.counts(source).split += buffer.split_documents
+        logger.info(
+            "%s: split %d over-long document(s) into pieces of at most %s characters",
+            source,
+            buffer.split_documents,
+            f"{options.max_document_chars:,}",
+        )
 
-    by_line = options.text_unit == "line"
-    block: list[str] = []
-    block_start, block_error = 0, None
-    for lineno, line, error in decoded_lines(path, encoding):
-        line = line.rstrip("\r\n")
-        if by_line:
-            record = None if _is_blank(line) else finish(line, lineno, error)
-            if record:
-                yield record
+
+def _text_pieces(path: Path, encoding: TextEncoding, unit: str, buffer: PieceBuffer) -> Iterator[Piece]:
+    """The documents of a text file (``unit``: "block", "file" or "line") as pieces out of ``buffer``."""
+    continuing = False  # the previous piece of text did not end its line
+    if unit == "file":
+        buffer.add("", 1)  # an empty file is still one (empty) document
+    for lineno, text, error, ends_line in decoded_pieces(path, encoding):
+        starts_line, continuing = not continuing, not ends_line
+        if unit == "file":
+            yield from buffer.add(text, lineno, error and f"line {lineno}: {error}")
             continue
-        if _is_blank(line):
-            if block:  # a blank line ends the block
-                record = finish("\n".join(block), block_start, block_error)
-                if record:
-                    yield record
-                block, block_error = [], None
+        if ends_line:
+            text = text.rstrip("\r\n")
+        if starts_line and ends_line and _is_blank(text):  # a blank line ends a block
+            if unit == "block" and not buffer.empty:
+                yield from _ended(buffer)
             continue
-        if not block:
-            block_start = lineno
-        block.append(line)
-        if error and block_error is None:
-            block_error = f"line {lineno}: {error}"
-    if block:
-        record = finish("\n".join(block), block_start, block_error)
-        if record:
-            yield record
+        if unit == "block":
+            if starts_line and not buffer.empty:
+                yield from buffer.add("\n", lineno)
+            error = error and f"line {lineno}: {error}"
+        yield from buffer.add(text, lineno, error)
+        if unit == "line" and ends_line:
+            yield from _ended(buffer)
+    yield from _ended(buffer)
+
+
+def _ended(buffer: PieceBuffer) -> Iterator[Piece]:
+    piece = buffer.end()
+    if piece is not None:
+        yield piece
 
 
 READERS: dict[str, Reader] = {
