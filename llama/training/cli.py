@@ -13,10 +13,10 @@ from typing import Any, Callable, Sequence
 from engine.format import open_packed
 
 from ..model import LlamaConfig
-from .config import OPTION_FIELDS, TrainConfig, check_seq_len
+from .config import OPTION_FIELDS, TrainConfig, check_seq_len, check_values
 from .errors import TrainingError, TrainingInterrupted
 from .loop import train
-from .profiles import Plan, Profile, plan
+from .profiles import Plan, Profile, plan, used_plan
 
 
 def _field_parser(hint: Any) -> tuple[type, bool]:
@@ -104,32 +104,36 @@ def _parse_model_items(items: Sequence[str]) -> dict[str, Any]:
 
 
 def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
-    vocab_size = args.vocab_size or open_packed(args.train).vocab_size
+    vocab_size = open_packed(args.train).vocab_size if args.vocab_size is None else args.vocab_size
     return LlamaConfig.from_preset(args.preset, **{"vocab_size": vocab_size, **model_overrides(args.model)})
 
 
 def choose_seq_len(requested: int | None, profile: Profile, config: LlamaConfig, whose: str) -> int:
     """``--seq-len`` (checked against the model's context), else the profile's default within that context."""
-    return check_seq_len(
-        requested or min(profile.default_seq_len or config.max_seq_len, config.max_seq_len), config, whose
-    )
+    if requested is None:
+        requested = min(profile.default_seq_len or config.max_seq_len, config.max_seq_len)
+    return check_seq_len(requested, config, whose)
 
 
 def planned_values(
     args: argparse.Namespace, profile: Profile, config: LlamaConfig, seq_len: int
 ) -> tuple[dict[str, Any], Plan]:
     """TrainConfig values from the arguments, the profile's memory plan filling precision, micro-batch,
-    accumulation and activation checkpointing where they were not given (shared by every task CLI)."""
-    chosen = plan(dataclasses.replace(profile, precision=args.precision or profile.precision), config, seq_len)
+    accumulation and activation checkpointing where they were not given (shared by every task CLI); the plan
+    returned holds the values used, each one given by hand noted with the profile's own. Out-of-range values given
+    (``--batch-size 0``) are refused here, before anything is planned or written."""
     values = {name: getattr(args, name) for name in (f.name for f in dataclasses.fields(TrainConfig))}
+    values.update(option_overrides(args.model))  # --model kernels=torch, checkpointing=true, dropout=0.1
+    check_values(values)
+    chosen = plan(dataclasses.replace(profile, precision=args.precision or profile.precision), config, seq_len)
     values["seq_len"] = seq_len
     values["precision"] = args.precision or chosen.precision
-    values["batch_size"] = args.batch_size or chosen.micro_batch
-    values["grad_accum"] = args.grad_accum or (chosen.grad_accum if not args.batch_size else 1)
-    if args.activation_checkpointing is None:
+    values["batch_size"] = chosen.micro_batch if args.batch_size is None else args.batch_size
+    if args.grad_accum is None:  # a micro-batch given by hand is the whole step unless --grad-accum says otherwise
+        values["grad_accum"] = chosen.grad_accum if args.batch_size is None else 1
+    if values["activation_checkpointing"] is None:
         values["activation_checkpointing"] = chosen.checkpointing
-    values.update(option_overrides(args.model))  # --model kernels=torch, checkpointing=true, dropout=0.1
-    return values, chosen
+    return values, used_plan(chosen, values, config, profile)
 
 
 def run_training(body: Callable[[], object]) -> int:

@@ -68,6 +68,7 @@ class TrainResult:
     initial_val_loss: float | None = (
         None  # before the first step of a run started from --init (the fine-tune's baseline)
     )
+    skipped_updates: int = 0  # steps whose update was skipped for NaN/inf gradients
     model: nn.Module | None = field(default=None, repr=False)
 
     def summary(self) -> str:
@@ -179,13 +180,15 @@ class _Progress:
     """What the loop carries from step to step besides :class:`TrainState`: for the log and the result."""
 
     start_tokens: int
+    start_step: int
     saved_at: Path | None
     last: StepResult | None = None
     val_loss: float | None = None
     mfu: float | None = None
     initial_val_loss: float | None = None
     first_batch_sha256: str | None = None
-    bad_steps: int = 0
+    bad_steps: int = 0  # in a row: NaN/inf loss or a skipped update (see _is_bad)
+    skipped_updates: int = 0  # in all, for the summary
     window_tokens: int = 0  # since the last log line
     window_seconds: float = 0.0
 
@@ -202,7 +205,7 @@ def _loop(run: Run, rng: Any) -> TrainResult:
     )
     if rng is not None:
         ckpt.set_rng_state(rng)
-    p = _Progress(start_tokens=state.tokens, saved_at=run.resumed_from)
+    p = _Progress(start_tokens=state.tokens, start_step=state.step, saved_at=run.resumed_from)
     run.started = time.perf_counter()
     p.initial_val_loss = _initial_validation(run)
     try:
@@ -221,6 +224,7 @@ def _loop(run: Run, rng: Any) -> TrainResult:
                 state.step, state.tokens = state.step + 1, state.tokens + step_tokens
                 stop_signal = signals.received or (signal.SIGTERM if p.last.signalled else 0)
                 p.bad_steps = _check_finite(run, p.last, p.bad_steps)
+                p.skipped_updates += not math.isfinite(p.last.grad_norm)
                 p.window_tokens += step_tokens
                 p.window_seconds += time.perf_counter() - step_started
 
@@ -271,10 +275,20 @@ def _result(run: Run, p: _Progress) -> TrainResult:
         resumed_from=run.resumed_from,
         first_batch_sha256=p.first_batch_sha256,
         initial_val_loss=p.initial_val_loss,
+        skipped_updates=p.skipped_updates,
         model=run.model,
     )
     if run.runtime.is_main:
         log.info("%s", result.summary())
+        if p.skipped_updates:
+            scaler = " (fp16: the loss scaler skips a few while it finds its scale)" if run.scaler.is_enabled() else ""
+            done = state.step - p.start_step
+            log.warning(
+                "%d of the %d updates of this session were skipped for NaN/inf gradients%s",
+                p.skipped_updates,
+                done,
+                scaler,
+            )
     return result
 
 
@@ -295,8 +309,38 @@ def _log_start(run: Run, flops_per_token: int) -> None:
     )
 
 
+#: fp16: a skipped update counts towards --nan-patience only once the loss scale is down to this; above it an
+#: overflow is the GradScaler searching for its scale (it halves on every skip), not a diverging run.
+SCALE_SEARCH_FLOOR = 1.0
+
+
+def _is_bad(step: StepResult) -> bool:
+    """A step that trained nothing: its loss is NaN/inf, or its gradients were and the update was skipped."""
+    if not math.isfinite(step.loss):
+        return True
+    if math.isfinite(step.grad_norm):
+        return False
+    return step.scale is None or step.scale <= SCALE_SEARCH_FLOOR
+
+
+def _resume_note(run: Run) -> str:
+    latest = ckpt.find_checkpoint(run.out_dir)
+    return f"resume continues from {latest}" if latest else "no earlier checkpoint to resume from"
+
+
+def _divergence_advice(run: Run) -> str:
+    cfg = run.cfg
+    advice = [f"lower --lr (now {cfg.lr:g})"]
+    if not cfg.grad_clip:
+        advice.append("set --grad-clip 1.0 (now 0: no clipping)")
+    if run.precision == "fp16":
+        advice.append("use --precision bf16")
+    return ", ".join(advice[:-1]) + (" or " if len(advice) > 1 else "") + advice[-1]
+
+
 def _check_finite(run: Run, step: StepResult, bad_steps: int) -> int:
-    """Warn of a skipped update; count non-finite losses in a row and stop with a saved state at ``nan_patience``."""
+    """Warn of a skipped update; count steps that trained nothing (NaN/inf loss, or NaN/inf gradients whose update
+    was skipped) in a row and stop with a saved state at ``nan_patience``."""
     if not math.isfinite(step.grad_norm):
         log.log(
             logging.DEBUG if run.scaler.is_enabled() else logging.WARNING,
@@ -304,11 +348,13 @@ def _check_finite(run: Run, step: StepResult, bad_steps: int) -> int:
             run.state.step,
             step.grad_norm,
         )
-    bad_steps = bad_steps + 1 if not math.isfinite(step.loss) else 0
+    bad_steps = bad_steps + 1 if _is_bad(step) else 0
     if run.cfg.nan_patience and bad_steps >= run.cfg.nan_patience:
         path = save(run, f"{ckpt.checkpoint_name(run.state.step)}-nonfinite", update_latest=False)
+        what = "loss was NaN/inf" if not math.isfinite(step.loss) else "gradients were NaN/inf (updates skipped)"
         raise NonFiniteLossError(
-            f"loss was NaN/inf for {bad_steps} steps in a row, the last at step {run.state.step}; state saved in "
-            f"{path} for inspection (resume continues from {ckpt.find_checkpoint(run.out_dir)}): lower --lr or use bf16"
+            f"{what} for {bad_steps} steps in a row, the last at step {run.state.step} (loss {step.loss:.4g}, "
+            f"gradient norm {step.grad_norm:.4g}); the run is diverging: {_divergence_advice(run)}; state saved in "
+            f"{path} for inspection ({_resume_note(run)})"
         )
     return bad_steps

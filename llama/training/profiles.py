@@ -117,13 +117,36 @@ class Plan:
     checkpointing: bool
     precision: str
     estimated_gib: float | None
+    planned: Plan | None = None  # the profile's own plan, when the command line changed some of it
 
     def describe(self, seq_len: int) -> str:
+        """The values this plan uses, each one the command line changed followed by the profile's."""
+        planned = self.planned or self
+
+        def note(used: object, profile: object) -> str:
+            return "" if used == profile else f" (overrides the profile's {profile})"
+
+        on_off = {True: "on", False: "off"}
         memory = f", ~{self.estimated_gib:.1f} GiB estimated" if self.estimated_gib is not None else ""
         return (
-            f"micro-batch {self.micro_batch} x {seq_len} tokens, accumulation {self.grad_accum}, "
-            f"{self.precision}, activation checkpointing {'on' if self.checkpointing else 'off'}{memory}"
+            f"micro-batch {self.micro_batch}{note(self.micro_batch, planned.micro_batch)} x {seq_len} tokens, "
+            f"accumulation {self.grad_accum}{note(self.grad_accum, planned.grad_accum)}, "
+            f"{self.precision}{note(self.precision, planned.precision)}, activation checkpointing "
+            f"{on_off[self.checkpointing]}{note(on_off[self.checkpointing], on_off[planned.checkpointing])}{memory}"
         )
+
+
+def used_plan(planned: Plan, values: dict, config: LlamaConfig, profile: Profile) -> Plan:
+    """The plan of the TrainConfig ``values`` a run will use (``planned`` when it kept the profile's), its memory
+    estimated again for them."""
+    micro, accum = values["batch_size"], values["grad_accum"]
+    checkpointing, precision = bool(values["activation_checkpointing"]), values["precision"]
+    if Plan(micro, accum, checkpointing, precision, planned.estimated_gib) == planned:
+        return planned
+    estimate = None
+    if profile.memory_gib is not None:
+        estimate = estimate_memory_gib(config, micro, values["seq_len"], precision, checkpointing)
+    return Plan(micro, accum, checkpointing, precision, estimate, planned=planned)
 
 
 def plan(profile: Profile, config: LlamaConfig, seq_len: int) -> Plan:

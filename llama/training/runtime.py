@@ -156,6 +156,30 @@ class Runtime:
         return self.rank == 0
 
 
+def parse_device(text: str, local_rank: int = 0) -> torch.device:
+    """``--device`` as a device this machine has (bare ``cuda`` is ``cuda:LOCAL_RANK``), else a one-line error."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {text}: training runs on cpu or cuda (cuda:N) devices only")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {text}: no CUDA GPU is visible to PyTorch (torch.cuda.is_available() is False); "
+            "use --device cpu or install a CUDA build of PyTorch"
+        )
+    index, count = local_rank if device.index is None else device.index, torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(
+            f"--device {text}: cuda:{index} does not exist, PyTorch sees {count} GPU(s) (cuda:0 to cuda:{count - 1}); "
+            "pick one of those or check CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", index)
+
+
 def setup_runtime(device: str | None = None) -> Runtime:
     """Read torchrun's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``; join the process group when there are several ranks.
 
@@ -167,9 +191,7 @@ def setup_runtime(device: str | None = None) -> Runtime:
     if device is None:
         chosen = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     else:
-        chosen = torch.device(device)
-        if chosen.type == "cuda" and chosen.index is None:
-            chosen = torch.device("cuda", local_rank)
+        chosen = parse_device(device, local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     owns = world_size > 1 and not dist.is_initialized()
