@@ -33,7 +33,14 @@ from engine.cli import run_cli, setup_logging
 from engine.tokenizer import Tokenizer
 
 from .generation.generate import generate, stop_token_ids
-from .generation.load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
+from .generation.load import (
+    InferenceInfo,
+    add_checkpoint_arguments,
+    add_runtime_arguments,
+    add_sampling_arguments,
+    load_for_inference,
+)
+from .generation.prompts import require_utf8, tolerant
 from .generation.sampling import SamplingOptions
 from .model import Llama
 
@@ -191,7 +198,7 @@ class ChatSession:
 
     def set_system(self, text: str | None) -> None:
         """A new system prompt (None or "" removes it); the conversation starts over."""
-        self.system = text or None
+        self.system = require_utf8(text, "this system prompt") if text else None
         self.reset()
 
     def _rendered_reply(self, content: str) -> str:
@@ -239,8 +246,11 @@ class ChatSession:
         return ids
 
     def reply(self, user_text: str) -> str:
-        """Answer ``user_text``: stream the reply to ``out``, keep both turns in the history, return what was shown."""
-        prompt = self.prompt_ids(user_text)
+        """Answer ``user_text``: stream the reply to ``out``, keep both turns in the history, return what was shown.
+
+        A message the context cannot hold, or one holding bytes that are not UTF-8, is a ValueError that leaves
+        the conversation as it was."""
+        prompt = self.prompt_ids(require_utf8(user_text, "this message"))
         decoder = IncrementalDecoder(self.tokenizer)
         hide = None if self.options.think else ThinkFilter()
         shown: list[str] = []
@@ -316,25 +326,30 @@ def run_repl(session: ChatSession, stdin: TextIO, notices: TextIO) -> None:
         command, _, argument = text.partition(" ")
         if command in ("/exit", "/quit"):
             break
-        if command == "/reset":
-            session.reset()
-            notices.write("[conversation cleared]\n")
-        elif command == "/system":
-            session.set_system(argument.strip())
-            notices.write(f"[system prompt {'set' if session.system else 'removed'}; conversation cleared]\n")
-        elif command == "/help":
-            notices.write(f"{HELP}\n")
-        elif command.startswith("/") and command[1:].isalpha():
-            notices.write(f"[unknown command {command}] {HELP}\n")
-        else:
-            try:
-                session.reply(text)
-            except ValueError as e:  # a message too long for the context: say so, keep chatting
-                notices.write(f"error: {e}\n")
-            except KeyboardInterrupt:
-                session.out.write("\n")
-                notices.write("[reply interrupted; it is not kept in the history]\n")
+        try:
+            _dispatch(session, command, argument, text, notices)
+        except ValueError as e:  # too long for the context, or not UTF-8: say so, keep the conversation
+            notices.write(f"error: {e} (the conversation is kept)\n")
+        except KeyboardInterrupt:
+            session.out.write("\n")
+            notices.write("[reply interrupted; it is not kept in the history]\n")
         notices.flush()
+
+
+def _dispatch(session: ChatSession, command: str, argument: str, text: str, notices: TextIO) -> None:
+    """Carry out one line of input: a command, or a message to answer."""
+    if command == "/reset":
+        session.reset()
+        notices.write("[conversation cleared]\n")
+    elif command == "/system":
+        session.set_system(argument.strip())
+        notices.write(f"[system prompt {'set' if session.system else 'removed'}; conversation cleared]\n")
+    elif command == "/help":
+        notices.write(f"{HELP}\n")
+    elif command.startswith("/") and command[1:].isalpha():
+        notices.write(f"[unknown command {command}] {HELP}\n")
+    else:
+        session.reply(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,30 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="longest reply in tokens (default: half the model's context, at most 512)",
     )
-    parser.add_argument(
-        "--temperature", type=float, metavar="T", default=0.7, help="sampling temperature (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, metavar="K", default=0, help="sample among the k likeliest tokens; 0 = off (default)"
-    )
-    parser.add_argument(
-        "--top-p", type=float, metavar="P", default=0.9, help="nucleus sampling mass; 1 = off (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--repetition-penalty",
-        type=float,
-        metavar="R",
-        default=1.0,
-        help="> 1 makes tokens already in the conversation less likely; 1 = off (default)",
-    )
-    parser.add_argument(
-        "--num-beams",
-        type=int,
-        metavar="N",
-        default=1,
-        help="beam search with this many beams (deterministic; the reply shows when complete)",
-    )
-    parser.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
+    add_sampling_arguments(parser)
     parser.add_argument(
         "--think",
         action=argparse.BooleanOptionalAction,
@@ -413,10 +405,25 @@ def options_from(args: argparse.Namespace, context: int) -> ChatOptions:
     )
 
 
+def warn_if_not_chat_tuned(info: InferenceInfo, tokenizer: Tokenizer) -> None:
+    """One warning when a checkpoint was trained without conversations (pretraining only): it continues text
+    rather than answering. HF folders say nothing about their training and are trusted."""
+    if info.kind != "checkpoint" or tokenizer.token_to_id(IM_START) is None:
+        return  # no ChatML marker: ChatSession warns about that instead
+    objective = info.saved.get("objective") or (info.task or {}).get("name") or "pretrain"
+    if objective == "pretrain":
+        log.warning(
+            "%s was pretrained, never fine-tuned on conversations: it will continue your text rather than "
+            "answer it; fine-tune it with python -m llama.sft, or use python -m llama.generate for continuations",
+            info.path,
+        )
+
+
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     model, tokenizer, info = load_for_inference(args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels)
+    warn_if_not_chat_tuned(info, tokenizer)
     options = options_from(args, model.config.max_seq_len)
     system = args.system if args.system is not None else info.task.get("system")
     if args.system is None and system:
@@ -427,9 +434,9 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.prompt is not None:
         if not args.prompt.strip():
             raise ValueError("--prompt is empty: give the message to answer")
-        session.reply(args.prompt)
+        session.reply(require_utf8(args.prompt, "--prompt"))
     else:
-        run_repl(session, sys.stdin, sys.stderr)
+        run_repl(session, tolerant(sys.stdin), sys.stderr)
     return 0
 
 

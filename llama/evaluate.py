@@ -15,8 +15,9 @@ or the choices as fields ``"A"``, ``"B"``, … as C-Eval ships them); ``answer``
 Each choice is scored by the summed log-likelihood of its tokens after the question prompt (--prompt-template,
 or the question as a ChatML user turn with --chat); the likeliest is the prediction. Also reported: the
 accuracy when each choice's log-likelihood is divided by its length in characters (which does not favour
-short choices, and does not depend on the tokenizer). Malformed records are skipped and counted by
-reason; more than --max-bad of them fails the run.
+short choices, and does not depend on the tokenizer). Malformed records (not JSON or not UTF-8, no question,
+fewer than two choices, two choices of the same text, an answer that names none) are skipped and counted by
+reason, the first few logged with their line; more than --max-bad of them fails the run.
 
 The result is printed as one line per task and, with --json, written as a JSON summary.
 """
@@ -43,6 +44,7 @@ from engine.format import DatasetError, PackedFiles, open_packed, write_json_ato
 from engine.tokenizer import Tokenizer
 
 from .generation.load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
+from .generation.prompts import invalid_bytes
 from .model import Llama
 
 log = logging.getLogger("llama.evaluate")
@@ -264,6 +266,17 @@ def _choices_of(record: dict[str, Any]) -> list[str]:
     return [str(c) for c in choices]
 
 
+def duplicate_choices(choices: list[str]) -> str:
+    """Which choices are the same text (a question that cannot be scored: its copies tie), or ``""``."""
+    first: dict[str, int] = {}
+    for i, choice in enumerate(choices):
+        text = choice.strip()
+        if text in first:
+            return f"choices {LETTERS[first[text]]} and {LETTERS[i]} are the same text {text[:40]!r}"
+        first[text] = i
+    return ""
+
+
 def read_choice_records(path: str | Path) -> tuple[list[ChoiceRecord], Counter[str]]:
     """The well-formed records of a jsonl file, and the others counted by reason (logged with their line)."""
     records: list[ChoiceRecord] = []
@@ -274,9 +287,12 @@ def read_choice_records(path: str | Path) -> tuple[list[ChoiceRecord], Counter[s
         if bad[reason] <= 3:
             log.warning("%s:%d: skipped (%s): %s", path, lineno, reason, detail)
 
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
+                continue
+            if invalid_bytes(line):
+                skip("not_utf8", lineno, f"{invalid_bytes(line)} byte(s) that are not valid UTF-8")
                 continue
             try:
                 record = json.loads(line)
@@ -294,6 +310,9 @@ def read_choice_records(path: str | Path) -> tuple[list[ChoiceRecord], Counter[s
                 choices = _choices_of(record)
             except (ValueError, KeyError) as e:
                 skip("bad_choices", lineno, str(e))
+                continue
+            if duplicate := duplicate_choices(choices):
+                skip("duplicate_choices", lineno, duplicate)
                 continue
             try:
                 answer = parse_answer(record.get("answer"), len(choices))

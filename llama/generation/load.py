@@ -67,6 +67,36 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """How tokens are picked (temperature, top-k/p, repetition penalty, beams, greedy), as chat and generate take
+    them; :class:`~llama.generation.sampling.SamplingOptions` checks the values."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument(
+        "--temperature", type=float, metavar="T", default=0.7, help="sampling temperature (default: %(default)s)"
+    )
+    group.add_argument(
+        "--top-k", type=int, metavar="K", default=0, help="sample among the k likeliest tokens; 0 = off (default)"
+    )
+    group.add_argument(
+        "--top-p", type=float, metavar="P", default=0.9, help="nucleus sampling mass; 1 = off (default: %(default)s)"
+    )
+    group.add_argument(
+        "--repetition-penalty",
+        type=float,
+        metavar="R",
+        default=1.0,
+        help="> 1 makes tokens already in the text less likely; 1 = off (default)",
+    )
+    group.add_argument(
+        "--num-beams",
+        type=int,
+        metavar="N",
+        default=1,
+        help="beam search with this many beams (deterministic; the text shows when complete)",
+    )
+    group.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
+
+
 class LoadError(ValueError):
     """A model cannot be loaded for inference (one-line message saying what to do)."""
 
