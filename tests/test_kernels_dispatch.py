@@ -15,6 +15,7 @@ OPS = [
     ("apply_rope", lambda: (torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8), *reference.rope_cos_sin(5, 8))),
     ("flash_attention", lambda: (torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))),
     ("fused_linear_cross_entropy", lambda: (torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,)))),
+    ("fused_linear_logprobs", lambda: (torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,)))),
 ]
 
 
@@ -28,6 +29,7 @@ def custom_op_calls(monkeypatch):
         zhkernels.RoPEFunction,
         zhkernels.FlashAttentionFunction,
         zhkernels.FusedLinearCrossEntropyFunction,
+        zhkernels.FusedLinearLogprobsFunction,
     ):
         original = cls.apply
         monkeypatch.setattr(cls, "apply", lambda *a, _o=original, _n=cls.__name__: calls.append(_n) or _o(*a))

@@ -11,6 +11,7 @@ from . import reference
 from .cross_entropy import FusedLinearCrossEntropyFunction, FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
 from .flash_attention import FlashAttention, FlashAttentionFunction, flash_attention
 from .hf_llama import patch_hf_llama
+from .logprobs import FusedLinearLogprobsFunction, fused_linear_logprobs
 from .rms_norm import RMSNorm, RMSNormFunction, rms_norm
 from .rope import RoPEFunction, RotaryEmbedding, apply_rope
 from .swiglu import SwiGLU, SwiGLUFunction, SwiGLUMLP, swiglu
@@ -20,6 +21,7 @@ __all__ = [
     "FlashAttentionFunction",
     "FusedLinearCrossEntropyFunction",
     "FusedLinearCrossEntropyLoss",
+    "FusedLinearLogprobsFunction",
     "RMSNorm",
     "RMSNormFunction",
     "RoPEFunction",
@@ -30,6 +32,7 @@ __all__ = [
     "apply_rope",
     "flash_attention",
     "fused_linear_cross_entropy",
+    "fused_linear_logprobs",
     "patch_hf_llama",
     "reference",
     "rms_norm",

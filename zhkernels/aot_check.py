@@ -446,7 +446,30 @@ def _cross_entropy_cases(arch: int, quick: bool) -> list[Case]:
     return cases
 
 
-CASE_BUILDERS = (_rms_norm_cases, _rope_cases, _swiglu_cases, _flash_attention_cases, _cross_entropy_cases)
+def _logprobs_cases(arch: int, quick: bool) -> list[Case]:
+    ce, lp = _op("cross_entropy"), "logprobs"
+    cases = []
+    for vocab in (35023,) if quick else VOCAB:
+        block, num_warps = ce._kernel_config(vocab)
+        for dt in ("bf16",) if quick else DTYPES:
+            common = dict(logits_ptr=Ptr(dt), targets_ptr=Ptr("i64"), row_stride=ce.padded_vocab(vocab), n_vocab=vocab)
+            flags = dict(ignore_index=-100, inv_t=1.0, BLOCK=block)
+            forward = dict(common, logprobs_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), **flags)
+            backward = dict(common, lse_ptr=Ptr("fp32"), grad_ptr=Ptr("fp32"), **flags)
+            label = f"{dt} V={vocab}"
+            cases.append(Case(lp, "_logprobs_forward_kernel", label, forward, num_warps))
+            cases.append(Case(lp, "_logprobs_backward_kernel", label, backward, num_warps))
+    return cases
+
+
+CASE_BUILDERS = (
+    _rms_norm_cases,
+    _rope_cases,
+    _swiglu_cases,
+    _flash_attention_cases,
+    _cross_entropy_cases,
+    _logprobs_cases,
+)
 
 
 # ---- environment, discovery ---------------------------------------------------------------------------------

@@ -195,3 +195,23 @@ def fused_linear_cross_entropy(
     if reduction == "mean":
         return loss.sum() / counted.sum().clamp(min=1)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``log_softmax(hidden @ weight.T / temperature)`` at each target, logits in float32; 0 where ``ignore_index``.
+
+    ``hidden [..., H]``, ``weight [V, H]``, ``targets [...]`` → ``[...]`` float32 log-probabilities.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1]).float()
+    t = targets.reshape(-1)
+    logits = (h @ weight.float().T) / temperature
+    counted = t != ignore_index
+    safe_t = torch.where(counted, t, torch.zeros_like(t))
+    logprobs = torch.log_softmax(logits, dim=-1).gather(1, safe_t[:, None]).squeeze(1)
+    return torch.where(counted, logprobs, torch.zeros_like(logprobs)).reshape(targets.shape)
