@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from engine.cli import run_cli, setup_logging
-from engine.format import DatasetPaths, PackedFiles, open_packed
+from engine.format import DatasetPaths, PackedFiles, describe_bad_ids, find_bad_ids, open_packed
 
 logger = logging.getLogger("engine.inspect")
 
@@ -39,12 +39,10 @@ class DatasetSummary:
 def verify(files: PackedFiles, chunk: int = 1 << 24) -> list[str]:
     """Deep checks beyond sizes: ids below the vocab size, every document ends with EOS, mask is 0/1."""
     problems: list[str] = []
-    vocab, eos = files.vocab_size, files.meta.get("eos_id")
-    for start in range(0, files.n_tokens, chunk):
-        block = np.asarray(files.tokens[start : start + chunk])
-        if block.size and int(block.max()) >= vocab:
-            problems.append(f"token id {int(block.max())} >= vocab size {vocab} near token {start:,}")
-            break
+    eos = files.meta.get("eos_id")
+    bad = find_bad_ids(files, chunk)
+    if bad is not None:
+        problems.append(describe_bad_ids(files, bad))
     if eos is not None and files.n_docs and not files.meta.get("bare"):
         last = np.asarray(files.tokens[files.offsets[1:] - 1])
         missing = int(np.count_nonzero(last != eos))
@@ -87,7 +85,7 @@ def summarize(files: PackedFiles) -> DatasetSummary:
 
 
 def _decode_sample(files: PackedFiles, tokenizer_path: str | None, n: int, max_tokens: int) -> list[str]:
-    from engine.tokenizer import load_tokenizer
+    from engine.tokenizer import TokenizerError, load_tokenizer
 
     path = tokenizer_path or files.meta.get("tokenizer", {}).get("path")
     if not path:
@@ -101,11 +99,14 @@ def _decode_sample(files: PackedFiles, tokenizer_path: str | None, n: int, max_t
     for doc in picks:
         s, e = int(files.offsets[doc]), int(files.offsets[doc + 1])
         ids = np.asarray(files.tokens[s : min(e, s + max_tokens)]).tolist()
-        text = tokenizer.decode(ids).rstrip("\ufffd")  # the cut may fall inside a byte-fallback character
-        if files.mask is not None:
-            mask = np.asarray(files.mask[s : s + len(ids)])
-            loss = tokenizer.decode([t for t, m in zip(ids, mask) if m])
-            text += f"\n  [loss on]: {loss}"
+        try:
+            text = tokenizer.decode(ids).rstrip("\ufffd")  # the cut may fall inside a byte-fallback character
+            if files.mask is not None:
+                mask = np.asarray(files.mask[s : s + len(ids)])
+                loss = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+                text += f"\n  [loss on]: {loss}"
+        except TokenizerError as error:  # an id beyond the vocabulary: the check line reports it
+            text = f"(cannot decode: {error})"
         out.append(f"doc {doc:,} ({e - s:,} tokens): {text}")
     return out
 
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for target in [paths, paths.val()]:
         if target is not paths and not target.meta.exists():
             continue
-        files = open_packed(target.prefix, dtype=args.dtype, vocab_size=args.vocab_size)
+        files = open_packed(target.prefix, dtype=args.dtype, vocab_size=args.vocab_size, check_ids=False)  # verify
         summary = summarize(files)
         print(format_summary(summary, files.meta))
         for line in _decode_sample(files, args.tokenizer, args.sample, args.max_tokens):

@@ -4,7 +4,8 @@ What is published is built under a temporary sibling name (``.NAME.tmp-PID``), f
 place; replacing an existing folder moves it aside first (``.NAME.old-PID``) and deletes it after. A process
 killed at any moment so leaves the previous version or nothing under ``NAME``, never half of one, and
 :func:`remove_stale_temporaries` (run before every publish, and on a checkpoint folder when a run starts)
-deletes what a dead process left, or puts back a folder a crash had moved aside mid-swap.
+deletes what a dead process left, or puts back a folder a crash had moved aside mid-swap (``engine.pack`` runs
+it on its output folder for the hidden ``.NAME.bin.tmp-PID`` files of a killed pack).
 """
 
 from __future__ import annotations
@@ -54,23 +55,54 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: Path, only: str | None = None, any_pid: bool = False) -> None:
+def _in_use(pid: int, path: Path) -> bool:
+    """Whether the process that named temporary ``path`` may still be writing it: a live one, or this one for a
+    file (another file of the same dataset, e.g. the other split); this process's folders are its own leftovers."""
+    return path.is_file() if pid == os.getpid() else _pid_alive(pid)
+
+
+def _size(path: Path) -> int:
+    """Bytes a file, or every file under a folder, takes."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def remove_stale_temporaries(
+    folder: Path, only: str | None = None, any_pid: bool = False, files: bool = False
+) -> tuple[int, int]:
     """Clean ``folder`` of what dead processes left while publishing (``only``: for that name alone): delete
     ``.NAME.tmp-PID`` folders, and put back a ``.NAME.old-PID`` whose ``NAME`` is missing (a crash between the
-    two renames of a replace). ``any_pid``: also what live processes left (the caller is the only writer)."""
+    two renames of a replace). ``any_pid``: also what live processes left (the caller is the only writer).
+    ``files``: plain files too (the ``.NAME.bin.tmp-PID`` of a killed pack). Returns (paths removed, bytes freed)."""
     if not folder.is_dir():
-        return
-    found = [(m, path) for path in folder.iterdir() if (m := _TEMPORARY.match(path.name)) and path.is_dir()]
+        return 0, 0
+    kinds = (Path.is_dir, Path.is_file) if files else (Path.is_dir,)
+    found = [(m, p) for p in folder.iterdir() if (m := _TEMPORARY.match(p.name)) and any(k(p) for k in kinds)]
+    removed, freed = 0, 0
     for match, path in sorted(found, key=lambda item: item[0]["kind"] != "old"):  # restore before deleting
         pid, final = int(match["pid"]), folder / match["name"]
-        if (only is not None and match["name"] != only) or (pid != os.getpid() and _pid_alive(pid) and not any_pid):
+        if (only is not None and match["name"] != only) or (not any_pid and _in_use(pid, path)):
             continue
         if match["kind"] == "old" and not final.exists():
             log.warning("restoring %s from %s, left by an interrupted replace", final, path)
             os.replace(path, final)
+            continue
+        log.info("removing %s, left by an interrupted write", path)
+        freed += _size(path)
+        removed += 1
+        if path.is_file():
+            path.unlink(missing_ok=True)
         else:
-            log.info("removing %s, left by an interrupted write", path)
             shutil.rmtree(path, ignore_errors=True)
+    if removed:
+        log.warning(
+            "removed %d leftover temporaries (%s bytes freed) in %s: writes never finished",
+            removed,
+            f"{freed:,}",
+            folder,
+        )
+    return removed, freed
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -12,20 +12,23 @@ are installed. Running the same command again resumes from the last checkpoint.
     python -m llama.pretrain --bin data/corpus.bin --profile 3060-6gb --max-memory-gb 6   # rehearse a 6 GB card
     torchrun --nproc_per_node=2 -m llama.pretrain --bin data/corpus.bin               # data-parallel on 2 GPUs
     python -m llama.pretrain --bin data/more.bin --init out/pretrain --out-dir out/more  # continue from its weights
+    python -m llama.pretrain --bin nanogpt/train.bin --dtype uint16 --vocab-size 50304  # a bare .bin, no meta
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 from typing import Sequence
 
 from engine.cli import setup_logging
-from engine.format import DatasetError, open_packed
+from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed
 
 from .model import PRESETS, LlamaConfig
 from .training.cli import add_train_arguments, choose_seq_len, model_overrides, planned_values, run_training
 from .training.config import TrainConfig
+from .training.data import pretrain_dataset
 from .training.loop import train
 from .training.profiles import PROFILES, get_profile
 from .training.resume import resolve_init
@@ -55,7 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="hardware profile that sizes the run to fit (default: auto, from this machine)",
     )
     parser.add_argument(
-        "--vocab-size", type=int, help="model vocabulary (default: the preset's, else the corpus's tokenizer)"
+        "--vocab-size",
+        type=int,
+        help="model vocabulary (default: the preset's, else the corpus's tokenizer); for a bare .bin, also its ids'",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("uint16", "uint32"),
+        help="token type of a bare .bin with no .meta.json (nanoGPT / baby-llama2 style); needs --vocab-size",
     )
     parser.add_argument(
         "--model",
@@ -74,8 +84,10 @@ def model_config(args: argparse.Namespace, corpus_vocab: int, preset: str) -> Ll
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     overrides = model_overrides(args.model)
     preset_vocab = PRESETS[preset].get("vocab_size")
-    vocab = args.vocab_size or preset_vocab or corpus_vocab
-    if preset_vocab and not args.vocab_size and preset_vocab != corpus_vocab:
+    if args.vocab_size is not None and args.vocab_size < 1:
+        raise ValueError(f"--vocab-size must be a whole number >= 1 (the tokenizer's size), got {args.vocab_size}")
+    vocab = next(v for v in (args.vocab_size, preset_vocab, corpus_vocab) if v is not None)  # 0 is a value
+    if preset_vocab and args.vocab_size is None and preset_vocab != corpus_vocab:
         raise ValueError(
             f"preset {preset} has a {preset_vocab:,}-id vocabulary but {args.bin} was packed with a "
             f"{corpus_vocab:,}-id "
@@ -96,12 +108,23 @@ def init_model_config(args: argparse.Namespace) -> LlamaConfig:
     return LlamaConfig.from_saved(saved.get("model"), f"--init {found}", **overrides)
 
 
-def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
-    """Model and training configs from the arguments, the profile filling what was not given."""
+def bare_reading(args: argparse.Namespace) -> dict[str, object]:
+    """How to read --bin: a bare ``.bin`` (no meta, nanoGPT style) as --dtype and --vocab-size say."""
+    bare = not DatasetPaths.of(args.bin).meta.exists()
+    return {"dtype": args.dtype, "vocab_size": args.vocab_size if bare else None}
+
+
+def open_corpus(args: argparse.Namespace) -> PackedFiles:
+    """The training corpus, its ids checked against its vocabulary before anything is written."""
     try:
-        files = open_packed(args.bin)
+        return open_packed(args.bin, **bare_reading(args))
     except (DatasetError, OSError) as e:
         raise ValueError(f"cannot read the corpus {args.bin}: {e}") from None
+
+
+def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, str]:
+    """Model and training configs from the arguments, the profile filling what was not given."""
+    files = open_corpus(args)
     profile = get_profile(args.profile)
     if args.init and not args.preset:  # continue the --init checkpoint's architecture (e.g. a model from --from-hf)
         config, preset = init_model_config(args), f"from {args.init}"
@@ -127,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body() -> None:
         config, cfg, summary = configure(args)
         logger.info("%s", summary)
-        train(config, cfg, args.bin, args.val)  # logs its one-line summary at the end
+        factory = partial(pretrain_dataset, **bare_reading(args))
+        train(config, cfg, args.bin, args.val, dataset_factory=factory)  # logs its one-line summary at the end
 
     return run_training(body)
 

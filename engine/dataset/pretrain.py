@@ -94,7 +94,10 @@ class PretrainDataset(ShardedBatches):
         self.return_doc_ids = return_doc_ids
         self.eos_id = eos_id if eos_id is not None else self.files.meta.get("eos_id")
         if return_doc_ids and self.eos_id is None:
-            raise DatasetError(f"{self.files.paths.bin} has no eos_id in its meta: pass eos_id= to find documents")
+            raise DatasetError(
+                f"{self.files.paths.bin} records no eos_id, so its documents cannot be found: train without "
+                "--doc-masking, or pack the corpus with `python -m engine.prepare` (eos_id= from Python)"
+            )
         self.pin_memory = default_pin_memory() if pin_memory is None else pin_memory
         self._window = np.arange(seq_len + 1, dtype=np.int64)
 

@@ -51,8 +51,12 @@ def pretrain_dataset(
     rank: int,
     world_size: int,
     tokenizer_sha256: str | None,
+    dtype: str | None = None,
+    vocab_size: int | None = None,
 ) -> PretrainDataset:
-    """The default factory: ``--data-mode`` windows for training, seed-0 epoch chunks for validation."""
+    """The default factory: ``--data-mode`` windows for training, seed-0 epoch chunks for validation.
+
+    ``dtype``/``vocab_size``: how to read a bare ``.bin`` with no meta (bind them with ``functools.partial``)."""
     return PretrainDataset(
         path,
         seq_len,
@@ -62,6 +66,8 @@ def pretrain_dataset(
         world_size=world_size,
         return_doc_ids=cfg.doc_masking,
         tokenizer_sha256=tokenizer_sha256,
+        dtype=dtype,
+        vocab_size=vocab_size,
     )
 
 
