@@ -40,7 +40,7 @@ import torch
 from engine.chat_template import render_text
 from engine.cli import run_cli, setup_logging
 from engine.dataset.pretrain import document_positions
-from engine.format import DatasetError, PackedFiles, open_packed, write_json_atomic
+from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed, write_json_atomic
 from engine.tokenizer import Tokenizer
 
 from .generation.load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
@@ -91,6 +91,11 @@ def _open_scored(
     model: Llama, path: str | os.PathLike[str], tokenizer: Tokenizer | None, bin_dtype: str | None
 ) -> PackedFiles:
     """The packed dataset to score, refused in one line when it does not fit ``model`` or ``tokenizer``."""
+    if not bin_dtype and not DatasetPaths.of(path).meta.exists() and Path(path).is_file():
+        raise ValueError(
+            f"{path} has no {DatasetPaths.of(path).meta.name}: pass --bin-dtype (uint16/uint32) to read a bare "
+            ".bin (its ids are checked against the model's vocabulary)"
+        )
     try:
         files = open_packed(
             path,

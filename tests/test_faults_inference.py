@@ -206,3 +206,11 @@ def test_a_choices_file_of_only_duplicates_is_one_line(pretrained, tmp_path, cap
     path.write_text(json.dumps({"question": "选一个", "choices": ["好", "好"], "answer": 0}) + "\n", encoding="utf-8")
     code = evaluate_module.main(["--ckpt", str(pretrained), "--choices", str(path), *CPU])
     assert_one_line_error(code, capsys.readouterr().err, "duplicate_choices")
+
+
+def test_evaluate_on_a_bare_bin_names_its_own_flag(pretrained, tmp_path, capsys):
+    bare = tmp_path / "bare.bin"
+    bare.write_bytes(bytes(2 * 600))  # 600 zero ids: a few windows of the model's 128
+    code = evaluate_module.main(["--ckpt", str(pretrained), "--ppl", str(bare), *CPU])
+    assert_one_line_error(code, capsys.readouterr().err, "--bin-dtype")
+    assert evaluate_module.main(["--ckpt", str(pretrained), "--ppl", str(bare), "--bin-dtype", "uint16", *CPU]) == 0
