@@ -10,11 +10,15 @@ A checkpoint is a folder ``OUT/step_000100/`` holding
 
 It is written under a temporary name and renamed into place, then ``OUT/latest`` (a one-line text
 file naming the folder) is replaced, then folders beyond the last ``keep_last`` are deleted. A crash
-at any moment leaves the previous checkpoint intact.
+at any moment leaves the previous checkpoint intact; a torn folder (a file missing, empty or cut short, from a
+full disk or a copy) is skipped, with a warning, for the newest complete one. A failed write (a full disk) is
+one :class:`CheckpointWriteError` naming the folder and the free space, and leaves nothing behind.
+``model.safetensors`` is byte-identical between identical runs (its header is written in a fixed order).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -22,12 +26,13 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -46,37 +51,92 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, torn, unsafe or does not fit the model (one-line message)."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, no permission); the message names where and what to do."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """Complete ``step_N`` folders of ``out_dir`` as ``(N, path)``, oldest first."""
+def step_folders(out_dir: Path) -> list[tuple[int, Path]]:
+    """Every ``step_N`` folder of ``out_dir``, complete or torn, as ``(N, path)``, oldest first."""
     if not out_dir.is_dir():
         return []
-    found = []
-    for path in out_dir.iterdir():
-        match = STEP_DIR.match(path.name)
-        if match and all((path / name).is_file() for name in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE)):
-            found.append((int(match.group(1)), path))
+    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return sorted(found)
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the folder ``path`` is not a complete checkpoint (a file missing, empty or cut short), or None. Cheap:
+    reads the safetensors header, the zip directory at the end of ``trainer.pt`` and ``config.json``."""
+    for name in (MODEL_FILE, TRAINER_FILE, CONFIG_FILE):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (path / name).stat().st_size == 0:
+            return f"{name} is empty"
+    try:
+        with safe_open(str(path / MODEL_FILE), framework="pt"):
+            pass
+    except Exception as e:  # safetensors raises its own error type
+        return f"{MODEL_FILE} is cut short or corrupt: {_first_line(e)}"
+    if not zipfile.is_zipfile(path / TRAINER_FILE):
+        return f"{TRAINER_FILE} is cut short or corrupt: its zip directory is missing"
+    try:
+        json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{CONFIG_FILE} is cut short or corrupt: {_first_line(e)}"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete ``step_N`` folders of ``out_dir`` as ``(N, path)``, oldest first (torn ones left out)."""
+    return [(step, path) for step, path in step_folders(out_dir) if checkpoint_problem(path) is None]
+
+
 def find_checkpoint(path: str | os.PathLike[str]) -> Path | None:
-    """The checkpoint ``path`` names: itself if it is one, else the one its ``latest`` file names, else its newest."""
+    """The checkpoint ``path`` names: itself if it is one, else the one its ``latest`` file names, else its newest
+    complete one (torn ones are skipped with a warning that names them)."""
     path = Path(path)
     if (path / MODEL_FILE).is_file():
         return path
+    candidates = [folder for _, folder in reversed(step_folders(path))]
     pointer = path / LATEST
     if pointer.is_file():
         target = path / pointer.read_text(encoding="utf-8").strip()
-        if (target / MODEL_FILE).is_file() and (target / TRAINER_FILE).is_file():
-            return target
-        log.warning(
-            "%s names %s, which is missing or incomplete; using the newest complete checkpoint", pointer, target
+        candidates = [target, *(c for c in candidates if c != target)]
+    skipped = []
+    for candidate in candidates:
+        problem = "it is missing" if not candidate.is_dir() else checkpoint_problem(candidate)
+        if problem is None:
+            if skipped:
+                log.warning(
+                    "skipping torn checkpoint(s) %s; using %s, the newest complete one (to choose another: "
+                    "--resume %s)",
+                    "; ".join(skipped),
+                    candidate,
+                    path / "step_N",
+                )
+            return candidate
+        skipped.append(f"{candidate} ({problem})")
+    return None
+
+
+def torn_error(checkpoint: Path, problem: str) -> CheckpointError:
+    """The one-line refusal of a torn checkpoint, naming the newest complete one beside it to resume instead."""
+    others = [path for _, path in list_checkpoints(checkpoint.parent) if path != checkpoint]
+    if others:
+        advice = f"resume from the newest complete one with --resume {others[-1]}, or delete {checkpoint}"
+    else:
+        advice = (
+            f"no complete checkpoint remains in {checkpoint.parent}: delete the torn step folders to start over, or "
+            "train into another --out-dir"
         )
-    existing = list_checkpoints(path)
-    return existing[-1][1] if existing else None
+    return CheckpointError(f"checkpoint {checkpoint} is torn ({problem}): {advice}")
 
 
 def remove_temporaries(out_dir: Path) -> None:
@@ -146,26 +206,89 @@ def save_checkpoint(
 
     ``trainer_state`` must hold only tensors, numbers, strings, None, lists, tuples and dicts (what
     ``weights_only`` loading accepts); ``config`` must be JSON-serialisable; ``tied`` is
-    :func:`tied_parameters` of the model, for states whose tied tensors are separate copies.
+    :func:`tied_parameters` of the model, for states whose tied tensors are separate copies. A failed write
+    raises :class:`CheckpointWriteError` and leaves the earlier checkpoints as they were.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / name
-    with publish.publish_directory(final) as tmp:  # re-saving a step (a resumed run passing it again) replaces it
-        tensors, aliases = unique_tensors(model_state, tied)
-        save_file(
-            {k: v.cpu() for k, v in tensors.items()},
-            str(tmp / MODEL_FILE),
-            metadata={"format": "pt", "aliases": json.dumps(aliases)},
-        )
-        torch.save(trainer_state, tmp / TRAINER_FILE)
-        (tmp / CONFIG_FILE).write_text(
-            json.dumps({"format": FORMAT, **config}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-    if update_latest:
-        publish.write_text_atomic(out_dir / LATEST, name + "\n")
+    tensors, aliases = unique_tensors(model_state, tied)
+    try:
+        with publish.publish_directory(final) as tmp:  # re-saving a step (a resumed run passing it again) replaces it
+            write_model_file(tmp / MODEL_FILE, tensors, aliases)
+            torch.save(trainer_state, tmp / TRAINER_FILE)
+            (tmp / CONFIG_FILE).write_text(
+                json.dumps({"format": FORMAT, **config}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+        if update_latest:
+            publish.write_text_atomic(out_dir / LATEST, name + "\n")
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch's zip writer and safetensors raise their own
+        if isinstance(e, RuntimeError) and "PytorchStreamWriter" not in str(e):
+            raise
+        publish.temporary_sibling(out_dir / LATEST).unlink(missing_ok=True)
+        raise write_error(final, e, _nbytes(tensors) + _nbytes(trainer_state), keep_last) from None
     if keep_last > 0:
         prune_checkpoints(out_dir, keep_last)
     return final
+
+
+def write_model_file(path: Path, tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    """``model.safetensors``, the same bytes for the same tensors: safetensors writes its metadata map in a
+    random order, so the header is rewritten (same length) with the metadata keys sorted."""
+    save_file(
+        {k: v.cpu() for k, v in tensors.items()},
+        str(path),
+        metadata={"aliases": json.dumps(aliases, sort_keys=True), "format": "pt"},
+    )
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:  # always, as it is the same content; the padding is spaces, as safetensors pads
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes of the tensors in a (nested) state."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+#: How a full disk reads in safetensors' (Rust's ``os error 28``, ``StorageFull``) and torch's zip writer's errors.
+DISK_FULL = re.compile(
+    r"os error (28|122)\b|code: (28|122)\b|StorageFull|QuotaExceeded|No space left|quota exceeded|file write failed",
+    re.IGNORECASE,
+)
+
+
+def _human(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def write_error(final: Path, error: BaseException, needed: int, keep_last: int) -> CheckpointWriteError:
+    """The one-line report of a failed checkpoint write: where, why, the space free and needed, what to do."""
+    free = shutil.disk_usage(final.parent).free
+    full = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or bool(DISK_FULL.search(str(error)))
+    reason = "no space left on the disk" if full else _first_line(error)
+    if not full:
+        advice = "check that it is writable"
+    elif keep_last == 1:
+        advice = "free space there (--keep-last is 1 already)"
+    else:
+        now = f"{keep_last}" if keep_last else "0: all kept"
+        advice = f"free space there, or keep fewer checkpoints with --keep-last {max(1, keep_last - 1)} (now {now})"
+    resume = find_checkpoint(final.parent)
+    kept = f"earlier checkpoints are intact (the run resumes from {resume})" if resume else "no earlier checkpoint"
+    return CheckpointWriteError(
+        f"cannot write checkpoint {final}: {reason} ({_human(free)} free on its disk, a checkpoint takes about "
+        f"{_human(needed)}); {advice}; {kept}"
+    )
 
 
 def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
@@ -180,6 +303,8 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     """Read ``trainer.pt`` with ``weights_only=True``; a pickled object of any other kind is refused, not run."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, zipfile.BadZipFile) as e:  # torch reports a torn zip as RuntimeError
+        raise torn_error(path.parent, f"{path.name} is unreadable: {_first_line(e)}") from None
     except pickle.UnpicklingError as e:
         culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         reason = f"it would load the global {culprit.group(1)}" if culprit else str(e).splitlines()[0]
@@ -192,8 +317,8 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
 def read_config(checkpoint: Path) -> dict[str, Any]:
     try:
         config = json.loads((checkpoint / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{checkpoint / CONFIG_FILE} is unreadable ({e}): the checkpoint is torn") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise torn_error(checkpoint, f"{CONFIG_FILE} is unreadable: {_first_line(e)}") from None
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{checkpoint} has format {config.get('format')!r}, this code reads {FORMAT!r}")
     return config
@@ -207,7 +332,7 @@ def read_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
             aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
         state = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own error types for torn files
-        raise CheckpointError(f"{path} is unreadable ({e}): the checkpoint is torn") from None
+        raise torn_error(checkpoint, f"{MODEL_FILE} is unreadable: {_first_line(e)}") from None
     for alias, kept in aliases.items():
         state[alias] = state[kept]
     return state

@@ -87,6 +87,11 @@ class TrainConfig:
         "start from the weights of this checkpoint (a step_N folder or an --out-dir holding one); "
         "optimizer and schedule start fresh; ignored when resuming",
     )
+    allow_config_change: bool = _opt(
+        False,
+        "resume even though a setting exact resume depends on changed (batch size, accumulation, sequence length, "
+        "data, seed, ranks); the change is logged and recorded in the checkpoint's config.json",
+    )
     peak_tflops: float | None = _opt(None, "the GPU's peak TFLOPS for MFU (default: looked up by name)", above=0)
     nan_patience: int = _opt(
         5, "stop after this many non-finite losses or skipped updates in a row (0 = never)", at_least=0

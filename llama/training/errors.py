@@ -11,7 +11,12 @@ class TrainingError(RuntimeError):
 
 
 class NonFiniteLossError(TrainingError):
-    """The loss was NaN/inf for ``nan_patience`` steps in a row."""
+    """``nan_patience`` steps in a row trained nothing: their loss was NaN/inf, or their gradients were and the
+    update was skipped (fp16's loss-scale search excepted)."""
+
+
+class OutDirInUse(TrainingError):
+    """Another live run holds the ``--out-dir`` lock."""
 
 
 class TrainingOOMError(TrainingError):

@@ -10,8 +10,10 @@ clip, step (skipped when the gradients are not finite), evaluate, log, save.
 
 Resume is exact: a run killed at any moment and restarted in the same ``out_dir`` (it resumes on its
 own) continues with bit-identical losses on CPU, because the checkpoint holds the model, the
-optimizer, the grad scaler, the data sampler's position and every RNG. SIGINT/SIGTERM save a
-checkpoint after the current step and stop with :class:`TrainingInterrupted` (exit code 130/143).
+optimizer, the grad scaler, the data sampler's position and every RNG; a resume that changes what a step
+trains on (batch size, accumulation, sequence length, data, seed, ranks) is refused unless
+``allow_config_change``. SIGINT/SIGTERM save a checkpoint after the current step and stop with
+:class:`TrainingInterrupted` (exit code 130/143). One run at a time holds ``out_dir`` (its ``train.lock``).
 
 Under ``torchrun --nproc_per_node=N`` the same call runs data-parallel: each rank reads its own
 shard; rank 0 logs and saves. Also runnable directly for quick runs and tests:
@@ -42,6 +44,7 @@ from .data import DatasetFactory, pretrain_dataset
 from .errors import NonFiniteLossError, TrainingInterrupted
 from .metrics import MetricsLogger, summary_line
 from .objectives import Objective
+from .resume import claim_out_dir
 from .run import ModelTransform, Run, save, setup
 from .runtime import device_peak_tflops, mfu, peak_memory_gib, setup_runtime, teardown_runtime
 from .step import StepResult, evaluate, learning_rate, train_step
@@ -134,19 +137,20 @@ def train(
     cfg.validate()
     runtime = setup_runtime(cfg.device)
     try:
-        run, rng = setup(
-            model_config,
-            cfg,
-            Path(train_path),
-            val_path,
-            tokenizer_sha256,
-            runtime,
-            dataset_factory,
-            task,
-            objective or objectives.Pretrain(),
-            transforms,
-        )
-        return _loop(run, rng)
+        with claim_out_dir(Path(cfg.out_dir), enabled=runtime.is_main):  # one run per folder; rank 0 holds it
+            run, rng = setup(
+                model_config,
+                cfg,
+                Path(train_path),
+                val_path,
+                tokenizer_sha256,
+                runtime,
+                dataset_factory,
+                task,
+                objective or objectives.Pretrain(),
+                transforms,
+            )
+            return _loop(run, rng)
     finally:
         teardown_runtime(runtime)
 

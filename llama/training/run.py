@@ -4,6 +4,7 @@ and the symmetric :func:`save` / :func:`restore` over it."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import time
@@ -25,7 +26,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, check_seq_len
 from .data import BatchSource, DatasetFactory, load_val_batches
 from .objectives import Objective
-from .resume import check_init, check_model_config, resolve_init, resolve_resume
+from .resume import check_init, check_model_config, check_resume_settings, resolve_init, resolve_resume
 from .runtime import Runtime, cap_memory, shard_fsdp
 
 log = logging.getLogger(__name__)
@@ -105,20 +106,12 @@ def save(run: Run, name: str, update_latest: bool = True) -> Path:
             "objective": run.objective.state_dict(),
             "rng": ckpt.rng_state(),
         }
-        config = {
-            "model": dataclasses.asdict(run.model_config),
-            "train": dataclasses.asdict(run.cfg),
-            **run.record,
-            "step": run.state.step,
-            "tokens": run.state.tokens,
-            "world_size": run.runtime.world_size,
-        }
         ckpt.save_checkpoint(
             run.out_dir,
             name,
             model_state,
             state,
-            config,
+            config_record(run),
             keep_last=run.cfg.keep_last,
             update_latest=update_latest,
             tied=ckpt.tied_parameters(run.model),
@@ -129,10 +122,25 @@ def save(run: Run, name: str, update_latest: bool = True) -> Path:
     return path
 
 
+def config_record(run: Run) -> dict[str, Any]:
+    """What a checkpoint's ``config.json`` says of the run (JSON values): model, training settings, data, step."""
+    return {
+        "model": dataclasses.asdict(run.model_config),
+        "train": dataclasses.asdict(run.cfg),
+        **run.record,
+        "step": run.state.step,
+        "tokens": run.state.tokens,
+        "world_size": run.runtime.world_size,
+    }
+
+
 def restore(run: Run, path: Path) -> dict[str, Any]:
-    """Load what :func:`save` wrote into the run (the RNG state is returned, to be set right before the loop)."""
+    """Load what :func:`save` wrote into the run (the RNG state is returned, to be set right before the loop); a
+    change of settings that breaks exact resume is refused unless allowed, and recorded."""
+    saved = ckpt.read_config(path)
+    check_model_config(saved.get("model", {}), run.model_config, path)
+    _record_changes(run, saved, path)
     trainer_state = ckpt.load_trainer_state(path / ckpt.TRAINER_FILE)
-    check_model_config(ckpt.read_config(path).get("model", {}), run.model_config, path)
     ckpt.restore_training_state(run.model, run.optimizer, path, trainer_state["optimizer"], sharded=run.sharded)
     if trainer_state.get("scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(trainer_state["scaler"])
@@ -140,6 +148,21 @@ def restore(run: Run, path: Path) -> dict[str, Any]:
     run.objective.load_state_dict(trainer_state.get("objective") or {})
     run.state = TrainState(int(trainer_state["step"]), int(trainer_state["tokens"]), float(trainer_state["elapsed_s"]))
     return trainer_state["rng"]
+
+
+def _record_changes(run: Run, saved: dict[str, Any], path: Path) -> None:
+    """Check this run's settings against the checkpoint's; log what changed and add it to the run's history."""
+    current = json.loads(json.dumps(config_record(run)))  # JSON values, as the saved side has
+    changed, breaking = check_resume_settings(saved, current, path, run.cfg.allow_config_change)
+    history = list(saved.get("config_changes") or [])
+    if changed:
+        listed = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+        if run.runtime.is_main:
+            exactness = "; resume is no longer exact (--allow-config-change)" if breaking else ""
+            log.warning("resuming %s with changed settings: %s%s", path, listed, exactness)
+        history.append({"step": saved.get("step"), "changed": changed, "breaks_exact_resume": breaking})
+    if history:
+        run.record["config_changes"] = history
 
 
 def _prepare(model_config: LlamaConfig, cfg: TrainConfig, runtime: Runtime) -> tuple[str, int]:
@@ -216,7 +239,12 @@ def setup(
     optimizer = _optimizer(model, cfg, runtime.device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
     tokenizer_ref = {key: train_data.files.meta.get("tokenizer", {}).get(key) for key in ("path", "sha256")}
-    data_ref = {"train": str(train_path), "val": str(val_path) if val_path else None}
+    files = train_data.files
+    data_ref = {
+        "train": str(train_path),
+        "val": str(val_path) if val_path else None,
+        "train_size": f"{files.n_docs:,} documents, {files.n_tokens:,} tokens",
+    }
     record = {"tokenizer": tokenizer_ref, "data": data_ref, "init": str(init_from) if init_from else None}
     run = Run(
         cfg=cfg,
@@ -290,7 +318,17 @@ def _resume(run: Run, resume_from: Path | None) -> Any:
     if resume_from is None:
         return None
     rng = restore(run, resume_from)
-    if run.runtime.is_main:
+    if run.runtime.is_main and run.state.step >= run.total_steps:
+        limit = f"--steps above {run.state.step}" if run.cfg.steps is not None else f"--tokens (now {run.cfg.tokens:,})"
+        log.warning(
+            "%s is at step %d and this run stops at step %d: the run is already complete, nothing to train; to train "
+            "further, raise %s",
+            resume_from,
+            run.state.step,
+            run.total_steps,
+            limit,
+        )
+    elif run.runtime.is_main:
         log.warning(
             "RESUMING from %s: step %d, %s tokens seen; continuing to step %d",
             resume_from,
