@@ -45,7 +45,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,7 +58,7 @@ def _pid_alive(pid: int) -> bool:
 def _in_use(pid: int, path: Path) -> bool:
     """Whether the process that named temporary ``path`` may still be writing it: a live one, or this one for a
     file (another file of the same dataset, e.g. the other split); this process's folders are its own leftovers."""
-    return path.is_file() if pid == os.getpid() else _pid_alive(pid)
+    return path.is_file() if pid == os.getpid() else pid_alive(pid)
 
 
 def _size(path: Path) -> int:

@@ -6,7 +6,6 @@ The command line is :mod:`llama.export`; its help says what each direction write
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -272,11 +271,7 @@ def save_init_checkpoint(
         **(extra or {}),
     }
     with publish_directory(out, overwrite) as tmp:
-        save_file(
-            {k: v.cpu() for k, v in tensors.items()},
-            str(tmp / ckpt.MODEL_FILE),
-            metadata={"format": "pt", "aliases": json.dumps(aliases)},
-        )
+        ckpt.write_model_file(tmp / ckpt.MODEL_FILE, tensors, aliases)  # the same bytes for the same weights
         write_json(tmp / ckpt.CONFIG_FILE, meta)
     return out
 

@@ -91,7 +91,7 @@ def _is_stale(holder: dict[str, Any] | None) -> bool:
     """A lock whose process is dead: only knowable for this host's processes."""
     if holder is None or holder["host"] != socket.gethostname() or not isinstance(holder["pid"], int):
         return False
-    return holder["pid"] != os.getpid() and not publish._pid_alive(holder["pid"])
+    return holder["pid"] != os.getpid() and not publish.pid_alive(holder["pid"])
 
 
 def _in_use_message(lock: Path, holder: dict[str, Any] | None) -> str:
