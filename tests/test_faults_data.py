@@ -242,3 +242,13 @@ def test_the_next_pack_removes_temporaries_of_a_killed_pack_and_says_so(tmp_path
     assert second.val().meta.exists()  # the second split's writer left the first's temporaries of this process
     assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, *published])  # the live one is left
     assert open_packed(folder / "second").n_docs == meta["n_docs"] > 0
+
+
+def test_llama_train_on_a_bare_bin_points_to_llama_pretrain(tmp_path, capsys):
+    from llama.training.cli import run_from_args
+
+    bare = tmp_path / "bare.bin"
+    bare.write_bytes(bytes(2 * 600))
+    code = run_from_args(["--train", str(bare), "--steps", "1", "--out-dir", str(tmp_path / "out")])
+    assert_one_line_error(code, capsys.readouterr().err, "llama.pretrain", "--dtype", "--vocab-size")
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import sys
 import typing
 from typing import Any, Callable, Sequence
 
-from engine.format import open_packed
+from engine.format import DatasetPaths, open_packed
 
 from ..model import LlamaConfig
 from .config import OPTION_FIELDS, TrainConfig, check_seq_len, check_values
@@ -104,6 +104,11 @@ def _parse_model_items(items: Sequence[str]) -> dict[str, Any]:
 
 
 def model_config_from_args(args: argparse.Namespace) -> LlamaConfig:
+    if not DatasetPaths.of(args.train).meta.exists() and DatasetPaths.of(args.train).bin.is_file():
+        raise ValueError(
+            f"{args.train} is a bare .bin with no meta: llama.train reads packed datasets; train it with "
+            "python -m llama.pretrain --bin FILE --dtype uint16 --vocab-size N"
+        )
     vocab_size = open_packed(args.train).vocab_size if args.vocab_size is None else args.vocab_size
     return LlamaConfig.from_preset(args.preset, **{"vocab_size": vocab_size, **model_overrides(args.model)})
 
