@@ -3,6 +3,8 @@
     python -m llama.export --ckpt out/pretrain --out hf/zh-llama            # newest checkpoint of a run
     python -m llama.export --ckpt out/pretrain/step_001000 --out hf/zh-llama --dtype bf16
     python -m llama.export --from-hf hf/some-llama --out out/imported        # then: llama.pretrain --init out/imported
+    python -m llama.export --ckpt out/sft-lora --out hf/zh-llama-chat --merge-lora   # a LoRA run, merged
+    python -m llama.export --ckpt out/sft-lora --out hf/adapter              # its adapters alone, PEFT's layout
 
 The export writes config.json (LlamaForCausalLM), model.safetensors (our parameter names are Hugging
 Face's; a tied lm_head is left out, as save_pretrained does), generation_config.json (greedy, stopping at
@@ -58,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"export: weight precision (default: {DEFAULT_DTYPE}, lossless; bf16 halves the files)",
     )
+    parser.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="export of a LoRA run: one plain model, the adapters merged into their base (default: the adapters "
+        "alone, in PEFT's layout)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -67,14 +75,15 @@ def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     if args.from_hf is not None:
-        if args.tokenizer or args.dtype:
+        if args.tokenizer or args.dtype or args.merge_lora:
             raise ExportError(
-                "--tokenizer and --dtype apply to export (--ckpt); an import keeps the model's own "
+                "--tokenizer, --dtype and --merge-lora apply to export (--ckpt); an import keeps the model's own "
                 "tokenizer reference and float32 weights"
             )
         import_to_checkpoint(args.from_hf, args.out, overwrite=args.overwrite)
     else:
-        export_hf(args.ckpt, args.out, args.tokenizer, args.dtype or DEFAULT_DTYPE, overwrite=args.overwrite)
+        dtype = args.dtype or DEFAULT_DTYPE
+        export_hf(args.ckpt, args.out, args.tokenizer, dtype, overwrite=args.overwrite, merge_lora=args.merge_lora)
     return 0
 
 

@@ -3,9 +3,10 @@
 ``apply_lora(model, LoraConfig(r=16, alpha=32, targets=("all",)))`` replaces each targeted ``nn.Linear`` (``q k v
 o gate up down``; GQA's narrower ``k``/``v`` included) by a :class:`LoraLinear` computing ``W x + (alpha / r) B A
 dropout(x)`` (rsLoRA: ``alpha / sqrt(r)``). The initialisation is PEFT's: ``A`` Kaiming-uniform, ``B`` zero, so the
-adapted model starts exactly equal to the base. Base weights are frozen (and may be cast to the run's half
-precision, ``base_dtype``); the adapters stay fp32. ``merge_lora`` folds ``B A`` into the base weights once (merging
-twice is refused), ``unmerge_lora`` takes it out again, ``strip_lora`` returns plain ``nn.Linear`` layers.
+adapted model starts exactly equal to the base. Base weights are frozen (the adapted layers' may be stored in the
+run's half precision, ``base_dtype``); the adapters stay fp32. ``merge_lora`` folds ``B A`` into the base weights
+once (merging twice is refused), ``unmerge_lora`` takes it out again, ``strip_lora`` returns plain ``nn.Linear``
+layers.
 
 The adapter names are Hugging Face's module names (``model.layers.0.self_attn.q_proj``), so the adapter files of
 :mod:`llama.formats.peft` are PEFT's own layout.
@@ -146,20 +147,19 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, base_dtype: torch.dtype | None = None) -> nn.Module:
-    """Freeze ``model`` and adapt its target layers in place (returns it). ``base_dtype``: cast the frozen base
-    weights to it (fp16/bf16 runs keep no fp32 copy of what they never update)."""
+    """Freeze ``model`` and adapt its target layers in place (returns it). ``base_dtype``: store the adapted layers'
+    frozen weights in it (an fp16/bf16 run's autocast casts them so for every matmul anyway: the same numbers, half
+    the memory); embeddings, norms and the head keep theirs."""
     if any(True for _ in lora_layers(model)):
         raise ValueError("this model already has LoRA adapters; apply LoRA once")
     model.requires_grad_(False)
-    if base_dtype is not None:
-        model.to(dtype=base_dtype)
     suffixes = tuple("." + TARGETS[t] for t in config.targets)
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)]
     if not targets:
         raise ValueError(f"{config.describe()}: the model has no such linear layers")
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, LoraLinear(linear, config))
+        setattr(model.get_submodule(parent_name), child, LoraLinear(linear.to(dtype=base_dtype), config))
     return model
 
 

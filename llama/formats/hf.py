@@ -19,6 +19,7 @@ from engine.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenize
 
 from ..model import Llama, LlamaConfig, ModelOptions
 from ..precision import DTYPES
+from ..training import adapters
 from ..training import checkpoint as ckpt
 from .hf_io import (
     HF_CONFIG,
@@ -34,6 +35,7 @@ from .hf_io import (
     read_llama_config,
     write_json,
 )
+from .peft import save_peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +93,22 @@ def resolve_tokenizer(
     return tokenizer
 
 
-def hf_state_dict(checkpoint: Path, config: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def checkpoint_weights(checkpoint: Path, saved: dict[str, Any], config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's full weights on CPU: its own file, or for a LoRA run its base's with the adapters merged."""
+    if not saved.get("lora"):
+        return ckpt.read_model_state(checkpoint)
+    model = adapters.load_weights(checkpoint, saved, Llama(config, ModelOptions(kernels="torch")))
+    return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+
+
+def hf_state_dict(
+    checkpoint: Path, saved: dict[str, Any], config: LlamaConfig, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """The checkpoint's weights under HF's names, checked against ``config``, cast to ``dtype``, tied lm_head
     dropped."""
     with torch.device("meta"):  # names and shapes only: nothing is allocated or initialised
         expected = {name: tuple(t.shape) for name, t in Llama(config).state_dict().items()}
-    state = ckpt.read_model_state(checkpoint)
+    state = checkpoint_weights(checkpoint, saved, config)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ExportError(
@@ -145,9 +157,12 @@ def export_hf(
     tokenizer_dir: str | os.PathLike[str] | None = None,
     dtype: str = DEFAULT_DTYPE,
     overwrite: bool = False,
+    merge_lora: bool = False,
 ) -> Path:
     """Write ``checkpoint_dir``'s model (a step folder, or a run's ``--out-dir`` for its newest) as a Hugging Face
-    Llama folder ``out_dir`` with its tokenizer; return ``out_dir``. See the module docstring."""
+    Llama folder ``out_dir`` with its tokenizer; return ``out_dir``. A LoRA run's checkpoint is written as its
+    adapters in PEFT's layout, or with ``merge_lora`` as a plain model (base + adapters). See the module
+    docstring."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     checkpoint = ckpt.find_checkpoint(checkpoint_dir)
@@ -171,8 +186,12 @@ def export_hf(
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size:,} ids, more than the model's "
             f"vocab_size {config.vocab_size:,}: it is not the tokenizer this model was trained with"
         )
+    if merge_lora and not saved.get("lora"):
+        raise ExportError(f"{checkpoint} has no LoRA adapters to merge: export it without --merge-lora")
+    if saved.get("lora") and not merge_lora:
+        return export_adapter(checkpoint, saved, config, tokenizer, out, overwrite)
     torch_dtype = DTYPES[dtype]
-    state = hf_state_dict(checkpoint, config, torch_dtype)
+    state = hf_state_dict(checkpoint, saved, config, torch_dtype)
     im_end = tokenizer.token_to_id(IM_END)
     eos_ids = [tokenizer.eos_id] + ([im_end] if im_end is not None and im_end != tokenizer.eos_id else [])
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
@@ -191,6 +210,28 @@ def export_hf(
         dtype,
         f"{config.vocab_size:,}",
         out,
+    )
+    return out
+
+
+def export_adapter(
+    checkpoint: Path, saved: dict[str, Any], config: LlamaConfig, tokenizer: Tokenizer, out: Path, overwrite: bool
+) -> Path:
+    """A LoRA run's adapters as a PEFT adapter folder (with the tokenizer), to load onto its exported base."""
+    model, lora, base = adapters.adapted_model(checkpoint, saved, Llama(config, ModelOptions(kernels="torch")))
+    with publish_directory(out, overwrite) as tmp:
+        save_peft_adapter(model, lora, tmp, base_model=str(base))
+        tokenizer.save_pretrained(tmp)
+    log.info(
+        "wrote the adapters of %s (%s) in PEFT's layout to %s. Their base is %s: export it with `python -m "
+        "llama.export --ckpt %s --out BASE_HF`, then peft.PeftModel.from_pretrained(AutoModelForCausalLM."
+        "from_pretrained(BASE_HF), %r); or write one merged model with --merge-lora",
+        checkpoint,
+        lora.describe(),
+        out,
+        base,
+        base,
+        str(out),
     )
     return out
 

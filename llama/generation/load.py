@@ -26,6 +26,7 @@ from ..formats.hf import import_hf, resolve_tokenizer
 from ..formats.hf_io import HF_CONFIG, not_llama, read_json
 from ..model import KERNEL_CHOICES, Llama, LlamaConfig, ModelOptions
 from ..precision import DTYPES, best_precision
+from ..training import adapters
 from ..training import checkpoint as ckpt
 
 log = logging.getLogger("llama.generation.load")
@@ -227,7 +228,7 @@ def load_for_inference(
         config = _model_config(saved.get("model"), found)
         tok = _tokenizer(saved.get("tokenizer") or {}, tokenizer, found)
         model = Llama(config, ModelOptions(kernels=kernels))  # inference: no checkpointing, no dropout
-        ckpt.load_model_weights(found, model)
+        model = adapters.load_weights(found, saved, model)  # a LoRA run: its base, adapters merged
         info = InferenceInfo(found, "checkpoint", config, saved)
     elif ((hf_dir := found or path) / HF_CONFIG).is_file():  # sharded HF folders have no model.safetensors
         hf = read_json(hf_dir / HF_CONFIG)

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..lora import parse_lora
 from ..model import KERNEL_CHOICES, LlamaConfig, ModelOptions
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -87,6 +88,12 @@ class TrainConfig:
         "start from the weights of this checkpoint (a step_N folder or an --out-dir holding one); "
         "optimizer and schedule start fresh; ignored when resuming",
     )
+    lora: str | None = _opt(
+        None,
+        "train LoRA adapters on a frozen --init model instead of every weight: 'r=16,alpha=32,dropout=0.05,"
+        "targets=all' (targets: all or a '+'-list of q,k,v,o,gate,up,down; rslora=true scales alpha/sqrt(r)); "
+        "checkpoints then hold only the adapters and name the base by path and sha256",
+    )
     allow_config_change: bool = _opt(
         False,
         "resume even though a setting exact resume depends on changed (batch size, accumulation, sequence length, "
@@ -115,6 +122,8 @@ class TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"--min-lr {self.min_lr} is above --lr {self.lr}")
         self.model_options()  # kernels in range
+        if self.lora:
+            parse_lora(self.lora)  # the spec reads; --init is checked where the run starts
 
     def model_options(self) -> ModelOptions:
         """How the model runs in this run: kernels, activation checkpointing, dropout."""

@@ -22,6 +22,7 @@ from engine.format import DatasetPaths, PackedFiles
 
 from ..model import Llama, LlamaConfig, ModelOptions
 from ..precision import DTYPES, resolve_precision
+from . import adapters
 from . import checkpoint as ckpt
 from .config import TrainConfig, check_seq_len
 from .data import BatchSource, DatasetFactory, load_val_batches
@@ -80,6 +81,7 @@ class Run:
     record: dict[str, Any]  # what every checkpoint's config.json says about the run besides the step
     init_from: Path | None = None  # --init's checkpoint (a fresh run only)
     resumed_from: Path | None = None
+    lora: adapters.LoraRun | None = None  # a LoRA run: checkpoints hold the adapters only
     state: TrainState = field(default_factory=TrainState)
     started: float = field(default_factory=time.perf_counter)  # when this process's training began
 
@@ -94,6 +96,9 @@ class Run:
 def save(run: Run, name: str, update_latest: bool = True) -> Path:
     """Checkpoint the run as it is now (every rank calls it; rank 0 writes): the inverse of :func:`restore`."""
     model_state, optimizer_state = ckpt.gather_training_state(run.model, run.optimizer, sharded=run.sharded)
+    tied = ckpt.tied_parameters(run.model)
+    if run.lora is not None:  # the base is named in config.json, not copied
+        model_state, tied = adapters.saved_state(run.model, model_state), {}
     path = run.out_dir / name
     if run.runtime.is_main:
         state = {
@@ -114,7 +119,7 @@ def save(run: Run, name: str, update_latest: bool = True) -> Path:
             config_record(run),
             keep_last=run.cfg.keep_last,
             update_latest=update_latest,
-            tied=ckpt.tied_parameters(run.model),
+            tied=tied,
         )
         log.info("saved checkpoint %s", path)
     if run.runtime.distributed:
@@ -141,7 +146,11 @@ def restore(run: Run, path: Path) -> dict[str, Any]:
     check_model_config(saved.get("model", {}), run.model_config, path)
     _record_changes(run, saved, path)
     trainer_state = ckpt.load_trainer_state(path / ckpt.TRAINER_FILE)
-    ckpt.restore_training_state(run.model, run.optimizer, path, trainer_state["optimizer"], sharded=run.sharded)
+    if run.lora is not None:  # the base weights are already in (setup loaded them); the adapters come from here
+        adapters.load_adapters(path, run.model)
+        run.optimizer.load_state_dict(trainer_state["optimizer"])
+    else:
+        ckpt.restore_training_state(run.model, run.optimizer, path, trainer_state["optimizer"], sharded=run.sharded)
     if trainer_state.get("scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(trainer_state["scaler"])
     run.train_data.load_state_dict(trainer_state["data"])
@@ -194,7 +203,8 @@ def _build_model(
     if init_from is not None:  # weights only: optimizer, schedule and data start fresh
         ckpt.load_model_weights(init_from, model)
         if runtime.is_main:
-            log.info("initialised from %s (step %s)", init_from, init_config.get("step"))
+            step = f" (step {init_config['step']})" if "step" in init_config else ""
+            log.info("initialised from %s%s", init_from, step)
     for transform in transforms:
         model = transform(model)
     if sharded:  # before the optimizer is built: sharding replaces the parameters
@@ -235,7 +245,11 @@ def setup(
     _check_fits(model_config, train_data.files, train_path, init_from, init_config)
     val_path, val_batches = _validation(open_data, train_path, val_path, cfg)
     sharded = cfg.parallel == "fsdp" and runtime.distributed
-    model = _build_model(model_config, cfg.model_options(), runtime, init_from, init_config, transforms, sharded)
+    lora = _plan_lora(cfg, init_from, resume_from, sharded)
+    if lora is not None:  # the adapters go on first, then the task's own transforms
+        transforms = (adapters.lora_transform(lora, AUTOCAST_DTYPES.get(precision), runtime.is_main), *transforms)
+    weights_from = lora.base if lora is not None else init_from  # a resumed LoRA run rebuilds its base first
+    model = _build_model(model_config, cfg.model_options(), runtime, weights_from, init_config, transforms, sharded)
     optimizer = _optimizer(model, cfg, runtime.device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
     tokenizer_ref = {key: train_data.files.meta.get("tokenizer", {}).get(key) for key in ("path", "sha256")}
@@ -246,6 +260,8 @@ def setup(
         "train_size": f"{files.n_docs:,} documents, {files.n_tokens:,} tokens",
     }
     record = {"tokenizer": tokenizer_ref, "data": data_ref, "init": str(init_from) if init_from else None}
+    if lora is not None:
+        record["lora"] = lora.record
     run = Run(
         cfg=cfg,
         model_config=model_config,
@@ -267,8 +283,19 @@ def setup(
         record={**record, "task": task, "objective": objective.name},
         init_from=init_from,
         resumed_from=resume_from,
+        lora=lora,
     )
     return run, _resume(run, resume_from)
+
+
+def _plan_lora(cfg: TrainConfig, init_from: Path | None, resume_from: Path | None, sharded: bool) -> Any:
+    """The run's :class:`~llama.training.adapters.LoraRun` (None without --lora); a resumed LoRA run given --init
+    must name the same base."""
+    resumed = ckpt.read_config(resume_from) if resume_from is not None else None
+    lora = adapters.plan_lora(cfg.lora, init_from, resumed, resume_from, sharded)
+    if lora is not None and resume_from is not None and cfg.init:
+        adapters.check_init_is_base(resolve_init(cfg.init)[0], lora, resume_from)
+    return lora
 
 
 def _validation(
