@@ -5,6 +5,19 @@ Both backends behave the same way: ``encode`` never adds BOS/EOS and never a dum
 the chat markers (``<|im_start|>`` …) written in text become their single ids, while ``<s>``/``</s>``
 written in text stay plain characters (a web page cannot inject an EOS). ``decode(encode(text)) == text``
 for any text but one containing U+2581 "▁", SentencePiece's space marker, which decodes as a space.
+
+A ``tokenizer.json``'s added tokens, and the pieces its ``tokenizer_config.json`` declares as added or special
+tokens (``transformers`` adds those on load), are matched inside text as ``transformers`` matches them, with one
+exception: a special token (unk/bos/eos/pad) that the model vocabulary also holds as a piece stays plain
+characters, as in SentencePiece (``<s>``, ``</s>``, MiniMind's ``<|endoftext|>``), unless it
+is a chat marker of :data:`CHAT_TOKENS` (MiniMind names ``<|im_start|>``/``<|im_end|>`` its BOS/EOS: they stay
+single ids, so its chat data packs). A special token that exists only as an added token (no piece to fall back
+on, as Qwen's ``<|endoftext|>``) is matched, as in ``transformers``. Decoding drops the special tokens that are
+not chat markers; a chat marker decodes as its text in both backends.
+
+A folder holding both ``tokenizer.model`` (loaded, the faster backend) and ``tokenizer.json`` (what
+``transformers`` loads) is checked as a whole: the tokenizer.json must parse and hold the same pieces in the
+same order, else :func:`load_tokenizer` refuses the folder instead of a later export or chat failing.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from .spec import (  # noqa: F401  (re-exported: the names the tokenizer modules
     CHAT_TOKENS,
     CONTROL_TOKENS,
     FACTS,
+    FILE_DIGESTS,
     HF_CONFIG,
     HF_JSON,
     HF_SPECIAL_MAP,
@@ -65,23 +79,23 @@ class _SentencePieceBackend:
 
 
 class _HuggingFaceBackend:
-    """HF ``tokenizers`` from a tokenizer.json; control tokens named in ``controls`` behave as in SentencePiece."""
+    """HF ``tokenizers`` from a tokenizer.json; control tokens named in ``controls`` behave as in SentencePiece
+    (not matched in text when the model vocab holds them, dropped by decode); other added tokens match as in HF."""
 
-    def __init__(self, data: dict[str, Any], controls: Sequence[str]) -> None:
+    def __init__(self, data: dict[str, Any], controls: Sequence[str], declared: Sequence[dict[str, Any]] = ()) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
         self.data = data
-        vocab = data.get("model", {}).get("vocab")
-        in_model = set(vocab) if isinstance(vocab, dict) else set()
+        pieces = _model_pieces(data) or []
+        in_model = set(pieces)
         # A control token that is also a model piece is taken out of the added tokens so that "</s>" typed in a
         # text stays characters, as in SentencePiece; its id still decodes through the model vocab.
-        runtime = dict(
-            data,
-            added_tokens=[
-                t for t in data.get("added_tokens", []) if not (t["content"] in controls and t["content"] in in_model)
-            ],
-        )
-        self.hf = HFTokenizer.from_str(json.dumps(runtime, ensure_ascii=False))
+        added = [t for t in data.get("added_tokens", []) if not (t["content"] in controls and t["content"] in in_model)]
+        # transformers also adds the model pieces its tokenizer_config.json declares (``declared``): match those too.
+        have = {t["content"] for t in data.get("added_tokens", [])} | set(controls)
+        wanted = {t["content"]: t for t in declared if t["content"] in in_model and t["content"] not in have}
+        added += [_added_token(i, wanted[p]) for i, p in enumerate(pieces) if p in wanted]
+        self.hf = HFTokenizer.from_str(json.dumps(dict(data, added_tokens=added), ensure_ascii=False))
         self.control_ids = frozenset(i for t in controls if (i := self.hf.token_to_id(t)) is not None)
 
     def encode(self, text: str) -> list[int]:
@@ -105,6 +119,12 @@ class _HuggingFaceBackend:
 
     def id_to_token(self, i: int) -> str | None:
         return self.hf.id_to_token(i)
+
+
+def _added_token(token_id: int, entry: dict[str, Any]) -> dict[str, Any]:
+    """A tokenizer.json ``added_tokens`` entry for piece ``token_id`` declared as ``entry`` (an AddedToken dict)."""
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    return {"id": token_id, "content": entry["content"], **{k: bool(entry.get(k, v)) for k, v in flags.items()}}
 
 
 class Tokenizer:
@@ -200,15 +220,48 @@ class Tokenizer:
         return f"Tokenizer({str(self.path)!r}, backend={self.backend}, vocab_size={self.vocab_size})"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, fix: str = "re-save the tokenizer") -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e}): re-save the tokenizer") from None
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        raise TokenizerError(f"{path} is not valid JSON ({_one_line(e)}): {fix}") from None
     if not isinstance(data, dict):
-        raise TokenizerError(f"{path} should hold a JSON object")
+        raise TokenizerError(f"{path} should hold a JSON object: {fix}")
     return data
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _model_pieces(data: dict[str, Any]) -> list[str] | None:
+    """The model vocabulary of parsed tokenizer.json ``data`` in id order ("" for an unused id); None if it has none.
+
+    BPE/WordPiece store ``{piece: id}``, Unigram ``[[piece, score], …]``."""
+    model = data.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, list):
+        return [entry[0] if isinstance(entry, list) and entry else "" for entry in vocab]
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) and i >= 0 for i in vocab.values()):
+        return None
+    pieces = [""] * (max(vocab.values(), default=-1) + 1)
+    for piece, i in vocab.items():
+        pieces[i] = piece
+    return pieces
+
+
+def _pieces_by_id(data: dict[str, Any]) -> list[str] | None:
+    """Every piece of tokenizer.json ``data`` in id order, added tokens included (what ``Tokenizer.sha256`` hashes)."""
+    pieces = _model_pieces(data)
+    if pieces is None:
+        return None
+    for token in data.get("added_tokens", []):
+        i, content = token.get("id"), token.get("content")
+        if isinstance(i, int) and i >= 0 and isinstance(content, str):
+            pieces.extend([""] * (i + 1 - len(pieces)))
+            pieces[i] = content
+    return pieces
 
 
 def _token_text(value: Any) -> str | None:
@@ -216,6 +269,20 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _declared_tokens(config: dict[str, Any], specials: dict[str, str | None]) -> list[dict[str, Any]]:
+    """The tokens a tokenizer_config.json declares, which ``transformers`` adds as added tokens on load: its
+    ``added_tokens_decoder``, ``additional_special_tokens`` / ``extra_special_tokens`` and the named specials."""
+    declared: list[Any] = []
+    decoder = config.get("added_tokens_decoder")
+    declared += list(decoder.values()) if isinstance(decoder, dict) else []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        extra = config.get(key)
+        declared += list(extra.values()) if isinstance(extra, dict) else extra if isinstance(extra, list) else []
+    declared += list(specials.values())
+    entries = [value if isinstance(value, dict) else {"content": value} for value in declared]
+    return [entry for entry in entries if isinstance(entry.get("content"), str)]
 
 
 def _sentencepiece_proto(data: bytes, where: Path) -> Any:
@@ -271,9 +338,10 @@ def tokenizer_from_json(
     """A tokenizers-backed Tokenizer from parsed tokenizer.json ``data``."""
     config = config or {}
     model = data.get("model")
-    if not isinstance(model, dict) or "vocab" not in model:
+    pieces = _model_pieces(data)
+    if not isinstance(model, dict) or pieces is None:
         raise TokenizerError(f"{path} is not a Hugging Face tokenizer.json (no model.vocab)")
-    known = set(model["vocab"]) | {t.get("content") for t in data.get("added_tokens", [])}
+    known = set(pieces) | {t.get("content") for t in data.get("added_tokens", [])}
     guesses = {
         "unk": [model.get("unk_token"), "<unk>"],
         "bos": ["<s>", "<|begin_of_text|>", "<bos>"],
@@ -285,19 +353,89 @@ def tokenizer_from_json(
         named = _token_text(config.get(f"{role}_token"))
         options = [named] if named is not None else candidates
         specials[role] = next((t for t in options if t in known), None)
-    controls = [t for t in specials.values() if t is not None]
+    # Chat markers named as specials (MiniMind: bos <|im_start|>, eos <|im_end|>) stay matched in text (module doc).
+    controls = [t for t in specials.values() if t is not None and t not in CHAT_TOKENS]
     try:
-        backend = _HuggingFaceBackend(data, controls)
+        backend = _HuggingFaceBackend(data, controls, _declared_tokens(config, specials))
     except Exception as e:  # tokenizers raises its own Exception type for a malformed file
-        raise TokenizerError(f"{path}: Hugging Face tokenizers cannot load it ({e})") from None
+        raise TokenizerError(f"{path}: Hugging Face tokenizers cannot load it ({_one_line(e)})") from None
     return Tokenizer(path, backend, specials, config.get("chat_template"), config.get("model_max_length"), facts)
+
+
+CONFIG_FIX = "restore it from the tokenizer's source, or delete it (special tokens and chat template then use defaults)"
+FACTS_FIX = "delete it (it only records where the tokenizer came from) or re-save the tokenizer"
+# Folders whose files were found consistent in this process, by (path, size, mtime) of tokenizer.json and .model.
+_consistent_folders: set[tuple[tuple[str, int, int], ...]] = set()
+
+
+def _resave_hint(folder: Path, source: str = SP_MODEL) -> str:
+    """How to rewrite a folder's other files from ``source`` (what load_tokenizer reads once the bad file is gone)."""
+    quoted = repr(str(folder))
+    return (
+        f"delete it and re-save the folder from {source}: "
+        f'python -c "from engine.tokenizer import load_tokenizer as t; t({quoted}).save_pretrained({quoted})"'
+    )
+
+
+def _file_stats(*files: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple((str(f.resolve()), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
+
+
+def check_folder(folder: Path, model_bytes: bytes, proto: Any, facts: dict[str, Any]) -> None:
+    """Refuse a folder whose tokenizer.json (what ``transformers`` loads) does not parse, does not hold the pieces
+    of its tokenizer.model (``model_bytes``, parsed as ``proto``) in the same order, or cannot be loaded.
+
+    A few milliseconds for a folder we saved (its zhllm_tokenizer.json records both files' sha256); another one is
+    parsed and loaded by ``tokenizers`` once per process (about 0.2 s for 64k pieces), then remembered by file
+    size and mtime (packing workers are forked after the main process loaded the tokenizer)."""
+    json_path = folder / HF_JSON
+    if not json_path.is_file():
+        return
+    key = _file_stats(json_path, folder / SP_MODEL)
+    if key in _consistent_folders:
+        return
+    raw = json_path.read_bytes()
+    recorded = facts.get(FILE_DIGESTS)
+    saved_together = (
+        isinstance(recorded, dict)
+        and recorded.get(SP_MODEL) == hashlib.sha256(model_bytes).hexdigest()
+        and recorded.get(HF_JSON) == hashlib.sha256(raw).hexdigest()
+    )
+    if not saved_together:
+        _check_json_matches(json_path, raw, [p.piece for p in proto.pieces], _resave_hint(folder))
+    _consistent_folders.add(key)
+
+
+def _check_json_matches(json_path: Path, raw: bytes, expected: list[str], fix: str) -> None:
+    """Refuse ``raw`` (a tokenizer.json) unless it parses, holds the pieces ``expected`` in order and loads."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise TokenizerError(f"{json_path} is not valid JSON ({_one_line(e)}): {fix}") from None
+    pieces = _pieces_by_id(data) if isinstance(data, dict) else None
+    if pieces is None:
+        raise TokenizerError(f"{json_path} is not a Hugging Face tokenizer.json (no model.vocab): {fix}")
+    if pieces != expected:
+        first = next((i for i, (a, b) in enumerate(zip(pieces, expected)) if a != b), min(len(pieces), len(expected)))
+        raise TokenizerError(
+            f"{json_path} holds another vocabulary than the {SP_MODEL} beside it ({len(pieces):,} vs "
+            f"{len(expected):,} pieces, first difference at id {first}), and transformers would load it: {fix} "
+            f"(or delete the {SP_MODEL} if the tokenizer.json is the right one)"
+        )
+    try:
+        HFTokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+        raise TokenizerError(f"{json_path}: Hugging Face tokenizers cannot load it ({_one_line(e)}): {fix}") from None
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     """Load a tokenizer folder, a SentencePiece ``.model`` or a ``tokenizer.json``.
 
     A folder's tokenizer.model (SentencePiece, the faster backend) is preferred to its tokenizer.json; the
-    folder's tokenizer_config.json names the special tokens and the chat template.
+    folder's tokenizer_config.json names the special tokens and the chat template. A folder is checked as a
+    whole (:func:`check_folder`); a file passed by name is not.
 
     Cheap (tens of milliseconds for a 64k vocabulary): packing workers call it once per process.
     """
@@ -307,22 +445,26 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
             f"{path} does not exist: pass a tokenizer directory (made by `python -m engine.tokenizer train`), "
             "a SentencePiece .model or a tokenizer.json"
         )
-    folder = path if path.is_dir() else path.parent
-    config = _read_json(folder / HF_CONFIG) if (folder / HF_CONFIG).is_file() else {}
-    facts = _read_json(folder / FACTS) if (folder / FACTS).is_file() else {}
-    if path.is_dir():
-        if (path / SP_MODEL).is_file():
-            file = path / SP_MODEL
-        elif (path / HF_JSON).is_file():
-            file = path / HF_JSON
-        else:
-            raise TokenizerError(
-                f"{path} holds neither {SP_MODEL} nor {HF_JSON}: train one with `python -m engine.tokenizer train`"
-            )
-    else:
-        file = path
-        if file.name not in (SP_MODEL, HF_JSON):  # a lone file: its folder's config may describe something else
-            config, facts = {}, {}
+    file = _folder_file(path) if path.is_dir() else path
+    # A lone file of another name: its folder's config may describe something else.
+    folder = file.parent if path.is_dir() or file.name in (SP_MODEL, HF_JSON) else None
+    config = _read_json(folder / HF_CONFIG, CONFIG_FIX) if folder and (folder / HF_CONFIG).is_file() else {}
+    facts = _read_json(folder / FACTS, FACTS_FIX) if folder and (folder / FACTS).is_file() else {}
+    if path.is_dir() and (path / HF_SPECIAL_MAP).is_file():
+        _read_json(path / HF_SPECIAL_MAP, _resave_hint(path, file.name))
     if file.suffix == ".json":
         return tokenizer_from_json(_read_json(file), path, config, facts)
-    return tokenizer_from_proto(_sentencepiece_proto(file.read_bytes(), file), path, config, facts)
+    data = file.read_bytes()
+    proto = _sentencepiece_proto(data, file)
+    if path.is_dir():
+        check_folder(path, data, proto, facts)
+    return tokenizer_from_proto(proto, path, config, facts)
+
+
+def _folder_file(folder: Path) -> Path:
+    for name in (SP_MODEL, HF_JSON):
+        if (folder / name).is_file():
+            return folder / name
+    raise TokenizerError(
+        f"{folder} holds neither {SP_MODEL} nor {HF_JSON}: train one with `python -m engine.tokenizer train`"
+    )

@@ -9,6 +9,7 @@ special tokens (its convention), where SentencePiece and our :class:`Tokenizer` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from engine.chat_template import CHATML_TEMPLATE, IM_END, IM_START
 from engine.publish import publish_directory, temporary_sibling
 
-from .spec import CHAT_TOKENS, FACTS, HF_CONFIG, HF_JSON, HF_SPECIAL_MAP, SP_MODEL, TokenizerError
+from .spec import CHAT_TOKENS, FACTS, FILE_DIGESTS, HF_CONFIG, HF_JSON, HF_SPECIAL_MAP, SP_MODEL, TokenizerError
 
 if TYPE_CHECKING:
     from .core import Tokenizer
@@ -116,13 +117,16 @@ def _file_contents(tok: "Tokenizer") -> dict[str, bytes]:
     files[HF_SPECIAL_MAP] = dump(special_map)
     special_ids = {role: tok.token_to_id(t) if t else None for role, t in tok.special_tokens.items()}
     special_ids.update({t: tok.token_to_id(t) for t in CHAT_TOKENS})
+    own = ("format", "vocab_size", "sha256", "special_ids", FILE_DIGESTS)
     facts = {
         "format": FACTS_FORMAT,
         "vocab_size": tok.vocab_size,
         "sha256": tok.sha256,
         "special_ids": special_ids,
-        **{k: v for k, v in tok.facts.items() if k not in ("format", "vocab_size", "sha256", "special_ids")},
+        **{k: v for k, v in tok.facts.items() if k not in own},
     }
+    if SP_MODEL in files:  # load_tokenizer checks the pair cheaply when both are still these bytes
+        facts[FILE_DIGESTS] = {name: hashlib.sha256(files[name]).hexdigest() for name in (SP_MODEL, HF_JSON)}
     files[FACTS] = dump(facts)
     return files
 

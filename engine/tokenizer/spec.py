@@ -15,6 +15,7 @@ HF_JSON = "tokenizer.json"
 HF_CONFIG = "tokenizer_config.json"
 HF_SPECIAL_MAP = "special_tokens_map.json"
 FACTS = "zhllm_tokenizer.json"
+FILE_DIGESTS = "file_sha256"  # key of FACTS: sha256 of tokenizer.model and tokenizer.json as saved together
 
 UNK_SURFACE = " \u2047 "  # what SentencePiece decodes <unk> to; the HF backend does the same
 
