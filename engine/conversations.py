@@ -5,14 +5,21 @@ Accepted SFT records (the format is recognised from the record's keys):
 - MiniMind / OpenAI: ``{"conversations" or "messages": [{"role": "system"|"user"|"assistant", "content": …}]}``
 - ShareGPT (MedicalGPT): ``{"conversations": [{"from": "system"|"human"|"gpt", "value": …}]}``
   (``from`` may also be ``user``, ``assistant``, ``bot``, ``model``); an optional top-level ``"system"``.
-- alpaca: ``{"instruction", "input" (optional), "output"}`` with optional ``"system"`` and
-  ``"history": [[question, answer], …]`` (earlier turns).
+- alpaca: ``{"instruction", "input", "output"}`` (either of ``instruction``/``input`` may be missing) with optional
+  ``"system"`` and ``"history": [[question, answer], …]`` (earlier turns).
+- one question and answer: ``{"question", "answer"}`` or ``{"prompt", "response"}``, with the same optional
+  ``"instruction"`` (put before the question), ``"system"`` and ``"history"`` as alpaca.
 - seed 000's medical CSV row ``{"department", "title", "ask", "answer"}``: one question and answer
   (see :func:`_medical_question` for how ``title`` and ``ask`` combine).
 
 Accepted DPO records: MiniMind ``{"chosen": [messages…], "rejected": [messages…]}`` (the shared
 leading turns are the prompt), MedicalGPT ``{"conversations": [prompt turns], "chosen": str,
-"rejected": str}``, and ``{"prompt": str, "chosen": str, "rejected": str}``.
+"rejected": str}``, and ``{"prompt": str, "chosen": str, "rejected": str}``. Given as SFT data, a preference pair
+is refused (:class:`PreferencePairError`), or read as its prompt and chosen reply with ``chosen_only``.
+
+Other field names are mapped onto these with ``names`` (``--fields question=q,answer=a``: the record's ``q`` is
+its question); see :func:`parse_field_names`. A record of no known shape raises :class:`UnknownRecordError`,
+naming its keys and ``--fields``.
 
 Every conversation is: an optional system turn, then user/assistant turns alternating, ending with an
 assistant turn (a DPO prompt ends with a user turn). Anything else raises
@@ -50,9 +57,28 @@ SHAREGPT_ROLES = {
 }
 CHAT_ROLES = ("system", "user", "assistant")
 ACCEPTED_SFT = (
-    "conversations/messages (role/content or ShareGPT from/value), "
-    "alpaca (instruction/input/output), medical CSV (title/ask/answer)"
+    "conversations/messages (role/content or ShareGPT from/value), alpaca (instruction/input/output), "
+    "question/answer, prompt/response, medical CSV (title/ask/answer)"
 )
+# One-turn shapes (question key, answer key), tried in this order; alpaca's "instruction" goes before the question.
+ONE_TURN = (("input", "output"), ("question", "answer"), ("prompt", "response"))
+# The record fields the parsers read: what ``--fields NAME=KEY`` may name.
+FIELD_NAMES = (
+    "conversations",
+    "messages",
+    "system",
+    "instruction",
+    "input",
+    "output",
+    "history",
+    "question",
+    "answer",
+    "prompt",
+    "response",
+    "chosen",
+    "rejected",
+)
+FIELDS_ADVICE = "name its fields with --fields question=KEY,answer=KEY"
 ACCEPTED_DPO = (
     "MiniMind (chosen/rejected message lists), MedicalGPT (conversations + chosen/rejected strings), "
     "prompt/chosen/rejected strings"
@@ -62,35 +88,112 @@ EMPTY_ASK = {"", "无"}
 TRAILING_PUNCTUATION = " \t?？。.!！,，"
 
 
+class UnknownRecordError(ChatFormatError):
+    """An SFT record of none of the accepted shapes (the packer counts it as ``unknown_format``)."""
+
+    reason = "unknown_format"
+
+
+class PreferencePairError(ChatFormatError):
+    """A DPO preference pair given as SFT data (the packer counts it as ``preference_pair``)."""
+
+    reason = "preference_pair"
+
+
 # ----------------------------------------------------------------------------------------------
 # Parsing
 # ----------------------------------------------------------------------------------------------
 
 
-def parse_conversation(fields: Mapping[str, Any], *, system: str | None = None) -> list[Message]:
+def parse_field_names(text: str | None) -> dict[str, str]:
+    """``"question=q,answer=a"`` (``--fields``) -> ``{"question": "q", "answer": "a"}``; a one-line error otherwise."""
+    names: dict[str, str] = {}
+    for item in (text or "").split(","):
+        name, sep, key = (part.strip() for part in item.partition("="))
+        if not (sep and name and key):
+            raise ValueError(
+                f"--fields expects NAME=KEY pairs joined by commas (e.g. question=q,answer=a), got {text!r}"
+            )
+        if name not in FIELD_NAMES:
+            raise ValueError(
+                f"--fields: {name!r} is not a field the conversation reader knows; use {', '.join(FIELD_NAMES)}"
+            )
+        if name in names:
+            raise ValueError(f"--fields names {name!r} twice ({names[name]!r} and {key!r}): give it once")
+        names[name] = key
+    return names
+
+
+def rename_fields(fields: Mapping[str, Any], names: Mapping[str, str] | None) -> Mapping[str, Any]:
+    """The record with each mapped key read as its field name (``names = {"question": "q"}``: ``q`` is the question);
+    a mapped key the record lacks leaves that field as the record has it."""
+    if not names or not isinstance(fields, Mapping):
+        return fields
+    present = {name: key for name, key in names.items() if key in fields}
+    renamed = {k: v for k, v in fields.items() if k not in present and k not in present.values()}
+    renamed.update({name: fields[key] for name, key in present.items()})
+    return renamed
+
+
+def parse_conversation(
+    fields: Mapping[str, Any],
+    *,
+    system: str | None = None,
+    names: Mapping[str, str] | None = None,
+    chosen_only: bool = False,
+) -> list[Message]:
     """One SFT record -> checked messages ending with an assistant turn.
 
-    ``system`` is a default system prompt, used only when the record carries none of its own.
+    ``system`` is a default system prompt, used only when the record carries none of its own; ``names`` maps
+    field names onto the record's own keys (:func:`rename_fields`); ``chosen_only`` reads a DPO pair as its
+    prompt and chosen reply (else a pair is refused: it is preference data, not a conversation).
     """
     if not isinstance(fields, Mapping):
         raise ChatFormatError(f"record is a {type(fields).__name__}, expected a JSON object; accepted: {ACCEPTED_SFT}")
-    turns = _turn_list(fields)
-    if turns is not None:
+    original, fields = fields, rename_fields(fields, names)
+    if "chosen" in fields and "rejected" in fields:
+        messages = _chosen_conversation(fields, chosen_only)
+    elif (turns := _turn_list(fields)) is not None:
         messages = _parse_turns(turns, _record_system(fields))
-    elif "instruction" in fields and "output" in fields:
-        messages = _parse_alpaca(fields)
+    elif (shape := _one_turn_shape(fields)) is not None:
+        messages = _parse_one_turn(fields, *shape)
     elif "ask" in fields and "answer" in fields:
         messages = _parse_medical_row(fields)
     else:
-        raise ChatFormatError(f"unknown SFT record format with keys {sorted(fields)}; accepted: {ACCEPTED_SFT}")
+        raise UnknownRecordError(
+            f"unknown SFT record format with keys {sorted(original)}: {FIELDS_ADVICE}; accepted: {ACCEPTED_SFT}"
+        )
     check_conversation(messages, ends_with="assistant")
     return _with_default_system(messages, system)
 
 
-def parse_preference(fields: Mapping[str, Any], *, system: str | None = None) -> tuple[list[Message], str, str]:
-    """One DPO record -> (prompt messages ending with a user turn, chosen reply, rejected reply)."""
+def _chosen_conversation(fields: Mapping[str, Any], chosen_only: bool) -> list[Message]:
+    """A DPO pair as SFT data: its prompt and chosen reply with ``chosen_only``, else refused."""
+    if not chosen_only:
+        raise PreferencePairError(
+            "a DPO preference pair (chosen/rejected replies), not a conversation: "
+            "pass --chosen-only to train on its prompt and chosen reply"
+        )
+    prompt, chosen, _ = parse_preference(fields)
+    return [*prompt, {"role": "assistant", "content": chosen}]
+
+
+def _one_turn_shape(fields: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(question key, answer key) of the first one-turn shape ``fields`` has (alpaca may lack its ``input``)."""
+    for question, answer in ONE_TURN:
+        if answer in fields and (question in fields or (answer == "output" and "instruction" in fields)):
+            return question, answer
+    return None
+
+
+def parse_preference(
+    fields: Mapping[str, Any], *, system: str | None = None, names: Mapping[str, str] | None = None
+) -> tuple[list[Message], str, str]:
+    """One DPO record -> (prompt messages ending with a user turn, chosen reply, rejected reply); ``names`` as in
+    :func:`parse_conversation`."""
     if not isinstance(fields, Mapping):
         raise ChatFormatError(f"record is a {type(fields).__name__}, expected a JSON object; accepted: {ACCEPTED_DPO}")
+    fields = rename_fields(fields, names)
     chosen, rejected = fields.get("chosen"), fields.get("rejected")
     if isinstance(chosen, list) and isinstance(rejected, list):
         prompt, chosen_reply, rejected_reply = _split_minimind_pair(chosen, rejected, _record_system(fields))
@@ -184,23 +287,26 @@ def _parse_turns(turns: Sequence[Any], record_system: str | None) -> list[Messag
     return messages
 
 
-def _parse_alpaca(fields: Mapping[str, Any]) -> list[Message]:
+def _parse_one_turn(fields: Mapping[str, Any], question_key: str, answer_key: str) -> list[Message]:
+    """alpaca (``input``/``output``) or another one-turn shape: the instruction and question joined by a newline,
+    after the ``history`` turns, with the record's ``system``."""
+    label = "alpaca " if answer_key == "output" else ""
     instruction = fields.get("instruction") or ""
-    extra = fields.get("input") or ""
+    extra = fields.get(question_key) or ""
     if not isinstance(instruction, str) or not isinstance(extra, str):
-        raise ChatFormatError("alpaca instruction/input must be text")
+        raise ChatFormatError(f"{label}instruction/{question_key} must be text")
     question = "\n".join(part for part in (instruction, extra) if part.strip())
     messages: list[Message] = []
     history = fields.get("history") or []
     if not isinstance(history, list):
-        raise ChatFormatError(f'alpaca "history" is a {type(history).__name__}, expected [[question, answer], …]')
+        raise ChatFormatError(f'{label}"history" is a {type(history).__name__}, expected [[question, answer], …]')
     for i, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise ChatFormatError(f"alpaca history entry {i} is not a [question, answer] pair")
-        messages.append({"role": "user", "content": _text(pair[0], f"alpaca history {i} question")})
-        messages.append({"role": "assistant", "content": _text(pair[1], f"alpaca history {i} answer")})
-    messages.append({"role": "user", "content": _text(question, "the alpaca instruction/input")})
-    messages.append({"role": "assistant", "content": _text(fields["output"], "the alpaca output")})
+            raise ChatFormatError(f"{label}history entry {i} is not a [question, answer] pair")
+        messages.append({"role": "user", "content": _text(pair[0], f"{label}history {i} question")})
+        messages.append({"role": "assistant", "content": _text(pair[1], f"{label}history {i} answer")})
+    messages.append({"role": "user", "content": _text(question, f"the {label}instruction/{question_key}")})
+    messages.append({"role": "assistant", "content": _text(fields[answer_key], f"the {label}{answer_key}")})
     return _with_system(messages, _record_system(fields))
 
 

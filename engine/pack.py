@@ -53,6 +53,8 @@ class PackConfig:
     overwrite: bool = False
     clean: CleanConfig = field(default_factory=CleanConfig)
     system_prompt: str | None = None
+    field_names: dict[str, str] = field(default_factory=dict)  # chat: --fields NAME=KEY
+    chosen_only: bool = False  # SFT: read DPO pairs as their prompt and chosen reply
     progress: bool = True
 
 
@@ -201,6 +203,8 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
         need_digests=config.clean.dedup or config.val_fraction > 0,
         source_options=corpus.options,
         system_prompt=config.system_prompt,
+        field_names=config.field_names,
+        chosen_only=config.chosen_only,
     )
     writers: dict[str, _SplitWriter] = {}
     stats = CleanStats()
@@ -231,6 +235,8 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
                 f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} M chars/s", refresh=False
             )
         bar.close()
+        if config.kind == "sft":
+            _check_record_shapes(corpus)
         corpus.check()
         if writers["train"].n_tokens == 0:
             raise DatasetError(
@@ -256,6 +262,30 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
         f"; validation: {metas['val']['n_docs']:,} docs, {metas['val']['n_tokens']:,} tokens" if "val" in metas else "",
     )
     return train_meta
+
+
+def _check_record_shapes(corpus: Corpus) -> None:
+    """Refuse SFT data whose records are mostly not conversations, saying what to do about it (the generic check
+    would say "raise --max-bad", which only hides the problem)."""
+    from engine.conversations import ACCEPTED_SFT
+
+    advice = {
+        "preference_pair": "DPO preference pairs are for preference training: pass --chosen-only to train on each "
+        "prompt and its chosen reply, or pack them with `python -m engine.prepare --kind dpo`",
+        "unknown_format": "name the fields that hold the question and the answer with --fields "
+        f"question=KEY,answer=KEY, or give conversations ({ACCEPTED_SFT})",
+    }
+    report = corpus.report
+    top = report.top_bad()
+    too_many = report.total_bad > corpus.options.max_bad * report.total_records
+    if top is None or top[0] not in advice or not (too_many or report.total_bad == report.total_records):
+        return
+    reason, count, example = top
+    where, _, detail = example.partition(f": {reason}: ")
+    raise DatasetError(
+        f"{count:,} of {report.total_records:,} records are not SFT conversations, e.g. {where}: "
+        f"{detail.split(': ', 1)[0]}; {advice[reason]}"
+    )
 
 
 def _route(

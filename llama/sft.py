@@ -2,10 +2,13 @@
 
 ``--data`` is an SFT dataset packed by ``python -m engine.prepare --kind sft`` (its ``.val`` sibling is
 used for validation), or raw conversations (a .jsonl/.json/.csv file or a folder of them: MiniMind,
-ShareGPT, alpaca or medical CSV records), which are packed once with the checkpoint's tokenizer into a
+ShareGPT, alpaca, {"question", "answer"}, {"prompt", "response"} or medical CSV records; other field names
+with ``--fields question=q,answer=a``), which are packed once with the checkpoint's tokenizer into a
 hidden cache beside them (``data/x.jsonl`` → ``data/.x.jsonl.zhllm-cache/<tokenizer sha256[:12]>/sft.*``;
-hidden, so a later scan of ``data/`` never reads it as raw data) and reused while the files, the
-tokenizer and the packing options stay the same. Delete the folder to drop the cache.
+hidden, so a later scan of ``data/`` never reads it as raw data) and reused while the files' contents, the
+tokenizer and the packing options stay the same. Delete the folder to drop the cache. Malformed records are
+skipped and counted; more than ``--max-bad`` of them (default 1%) fail the run. DPO preference pairs are not
+conversations: ``--chosen-only`` trains on each prompt and its chosen reply.
 
 Whole conversations are packed into rows with document masking (no conversation attends to another;
 positions restart per conversation) and the loss counts only assistant replies and their
@@ -24,6 +27,7 @@ direct-answer model from reasoning data). The default ``chatml`` keeps replies e
     python -m llama.sft --data data/sft --init out/pretrain
     python -m llama.sft --data ../shared/data/medicalgpt/medical_sft_1K_format.jsonl --init out/pretrain --epochs 3
     python -m llama.sft --data data/r1_mix.jsonl --init out/pretrain --template think --profile 3060-6gb
+    python -m llama.sft --data data/qa.jsonl --init out/pretrain --fields question=q,answer=a
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.cli import setup_logging
+from engine.conversations import ACCEPTED_SFT, parse_field_names
 from engine.dataset import SFTDataset
 from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed
 from engine.pack_cache import pack_cached
@@ -46,7 +51,7 @@ from .model import LlamaConfig
 from .training import checkpoint as ckpt
 from .training import objectives
 from .training.cli import add_train_arguments, choose_seq_len, model_overrides, planned_values, run_training
-from .training.config import TrainConfig
+from .training.config import TrainConfig, check_values
 from .training.loop import train
 from .training.profiles import PROFILES, get_profile
 from .training.resume import resolve_init, resolve_resume
@@ -63,6 +68,15 @@ SFT_DEFAULTS: dict[str, Any] = {
     "save_every": 500,
     "doc_masking": True,
 }
+#: llama.sft's own numeric flags, checked with TrainConfig's (``check_values``) before anything is packed.
+SFT_RULES: dict[str, dict[str, Any]] = {
+    "epochs": {"above": 0},
+    "val_fraction": {"at_least": 0, "below": 1},
+    "max_bad": {"at_least": 0, "at_most": 1},
+    "pack_workers": {"at_least": 0, "float": False, "help": "(0 = one per core)"},
+}
+#: The flags that shape how raw data is packed: refused for data that is packed already.
+PACKING_FLAGS = ("template", "drop_think", "system", "fields", "chosen_only")
 
 
 # ---------------------------------------------------------------- data
@@ -98,12 +112,25 @@ def open_sft(prefix: str | os.PathLike[str]) -> PackedFiles:
             "`python -m engine.prepare --kind sft` (or give the raw .jsonl)"
         )
     files = open_packed(paths.prefix)
+    if files.kind == "dpo":
+        raise ValueError(dpo_refusal(files))
     if files.kind != "sft":
         raise ValueError(
             f"{paths.prefix} is a {files.kind} dataset, not SFT conversations: pretrain on it with "
             "`python -m llama.pretrain`, or pack conversations with `python -m engine.prepare --kind sft`"
         )
     return files
+
+
+def dpo_refusal(files: PackedFiles) -> str:
+    """What to do with a packed DPO dataset given to SFT: it holds preference pairs, not conversations."""
+    sources = [name for name in (files.meta.get("sources") or {}).get("sources") or {} if Path(name).exists()]
+    raw = " ".join(sources[:2]) + (" …" if len(sources) > 2 else "") if sources else "the raw pairs file"
+    return (
+        f"{files.paths.prefix} is a dpo dataset: preference pairs (a prompt with chosen and rejected replies) for "
+        f"preference training, not SFT conversations; to fine-tune on the chosen replies give --data {raw} "
+        f"--chosen-only, or give conversations ({ACCEPTED_SFT})"
+    )
 
 
 # ---------------------------------------------------------------- command line
@@ -124,6 +151,25 @@ def _add_raw_data_arguments(group: argparse._ArgumentGroup) -> None:
         help="raw data: delete the reasoning (<think>…</think>) that opens a reply before training",
     )
     group.add_argument("--system", help="raw data: system prompt for conversations that have none")
+    group.add_argument(
+        "--fields",
+        metavar="NAME=KEY,…",
+        help="raw data: the record keys that hold the conversation's fields, e.g. question=q,answer=a[,system=sys] "
+        'for records {"q": …, "a": …} (known without it: conversations/messages, instruction/input/output, '
+        "question/answer, prompt/response)",
+    )
+    group.add_argument(
+        "--chosen-only",
+        action="store_true",
+        help="raw data: read DPO preference pairs (chosen/rejected) as conversations: the prompt and the chosen reply",
+    )
+    group.add_argument(
+        "--max-bad",
+        type=float,
+        default=0.01,
+        help="raw data: fail when more than this share of the records is malformed (they are skipped and counted; "
+        "default: 0.01)",
+    )
     group.add_argument(
         "--val-fraction",
         type=float,
@@ -229,46 +275,65 @@ def data_tokenizer(args: argparse.Namespace, checkpoint: Path, saved: dict[str, 
     return tokenizer
 
 
-def sft_data(args: argparse.Namespace, checkpoint: Path, saved: dict[str, Any]) -> tuple[Path, bool]:
+def sft_data(
+    args: argparse.Namespace, checkpoint: Path, saved: dict[str, Any], field_names: dict[str, str]
+) -> tuple[Path, bool]:
     """(the packed training prefix, whether it was packed here from raw conversations): ``--data`` as given, or
     raw data packed into its cache with the checkpoint's tokenizer."""
     paths = DatasetPaths.of(args.data)
     raw = not (paths.meta.exists() or paths.bin.exists())
     if raw and not Path(args.data).exists():
         raise ValueError(f"--data {args.data}: no packed dataset ({paths.bin.name}) and no file or folder of that name")
-    if not raw and (args.template != "chatml" or args.drop_think or args.system):
+    given = [
+        f"--{name.replace('_', '-')}" for name in PACKING_FLAGS if getattr(args, name) not in (None, False, "chatml")
+    ]
+    if not raw and given:
         raise ValueError(
-            f"--template/--drop-think/--system shape the packing, but {args.data} is already packed: "
+            f"{'/'.join(given)} shape the packing, but {args.data} is already packed: "
             "give the raw conversations instead"
         )
     if not raw:
         return paths.prefix, False
     tokenizer = data_tokenizer(args, checkpoint, saved)
-    options = dict(template=args.template, drop_think=args.drop_think, system=args.system)
     prefix = pack_cached(
         args.data,
         tokenizer,
-        **options,
+        template=args.template,
+        drop_think=args.drop_think,
+        system=args.system,
         val_fraction=args.val_fraction,
         cache_dir=args.cache_dir,
         workers=args.pack_workers,
         progress=args.progress,
+        max_bad=args.max_bad,
+        field_names=field_names,
+        chosen_only=args.chosen_only,
     )
     return prefix, True
 
 
+def check_before_packing(values: dict[str, Any]) -> None:
+    """The whole TrainConfig's checks (``--min-lr`` above ``--lr``, both ``--steps`` and ``--tokens``…) before any
+    data is packed; one step stands in for ``--epochs``, which becomes steps only once the rows are counted."""
+    probe = {**values, "steps": values["steps"] if values["steps"] or values["tokens"] else 1}
+    TrainConfig(**probe).validate()
+
+
 def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, dict[str, Any], str]:
     """Model and training configs, the packed training prefix, the task record and a summary line."""
+    check_values(vars(args), extra=SFT_RULES)  # every number first, before anything is read, packed or written
+    field_names = parse_field_names(args.fields) if args.fields else {}
     checkpoint, saved, resuming = base_checkpoint(args)
-    prefix, raw = sft_data(args, checkpoint, saved)
-    files = open_sft(prefix)
-
     overrides = model_overrides(args.model)
     config = LlamaConfig.from_saved(saved.get("model"), str(checkpoint / ckpt.CONFIG_FILE), **overrides)
     profile = get_profile(args.profile)
     seq_len = choose_seq_len(args.seq_len, profile, config, "the model's")
     values, chosen = planned_values(args, profile, config, seq_len)
     values["doc_masking"], values["init"] = True, None if resuming else str(checkpoint)
+    check_before_packing(values)
+    prefix, raw = sft_data(args, checkpoint, saved, field_names)
+    files = open_sft(prefix)
+
     rows = count_rows(prefix, seq_len)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rows_per_step = values["batch_size"] * values["grad_accum"] * world_size
@@ -284,6 +349,8 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
         "drop_think": args.drop_think if raw else None,
         "think_off_prefix": assistant_prefix(args.template, thinking=False) if raw else None,
         "system": args.system,
+        "fields": field_names or None,
+        "chosen_only": args.chosen_only if raw else None,
         "source": str(args.data),
     }
     summary = (

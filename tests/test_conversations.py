@@ -367,7 +367,7 @@ def test_parse_medical_row_title_rules() -> None:
 
 
 BAD_SFT = [
-    ({"text": "预训练文本"}, r"unknown SFT record format with keys \['text'\]; accepted: conversations"),
+    ({"text": "预训练文本"}, r"unknown SFT record format with keys \['text'\]: name its fields with --fields"),
     ([1, 2], "expected a JSON object"),
     ({"conversations": "你好"}, "expected a list of turns"),
     ({"conversations": []}, "no turns"),

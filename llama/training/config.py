@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from ..lora import parse_lora
 from ..model import KERNEL_CHOICES, LlamaConfig, ModelOptions
@@ -148,21 +148,32 @@ def _in_range(value: float, rules: dict[str, float]) -> bool:
     return math.isfinite(value) and lowest <= value <= highest and above < value < below
 
 
-def check_values(values: dict[str, Any]) -> None:
-    """Refuse a TrainConfig value outside its field's range, in one line naming the flag and what is allowed
-    (``None``, "not given", passes; 0 is a value like any other). The one place the numeric rules are applied."""
+def _numeric_rules(extra: dict[str, dict[str, Any]] | None) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    """(name, metadata, is_float) of every TrainConfig field, then of a task's own flags in ``extra``."""
     for f in dataclasses.fields(TrainConfig):
-        rules = {key: f.metadata[key] for key in BOUNDS if key in f.metadata}
-        value = values.get(f.name)
+        yield f.name, dict(f.metadata), "float" in str(f.type)
+    for name, metadata in (extra or {}).items():
+        yield name, metadata, metadata.get("float", True)
+
+
+def check_values(values: dict[str, Any], extra: dict[str, dict[str, Any]] | None = None) -> None:
+    """Refuse a TrainConfig value outside its field's range, in one line naming the flag and what is allowed
+    (``None``, "not given", passes; 0 is a value like any other). The one place the numeric rules are applied.
+
+    ``extra`` adds a task's own numeric flags, by name, with the same metadata as a field's (``above``,
+    ``at_least``…, ``help``; ``float``: False for a whole number), e.g. ``{"epochs": {"above": 0}}``."""
+    for name, metadata, is_float in _numeric_rules(extra):
+        rules = {key: metadata[key] for key in BOUNDS if key in metadata}
+        value = values.get(name)
         if not rules or value is None or isinstance(value, bool):
             continue
-        is_float = "float" in str(f.type)
         if isinstance(value, (int, float)) and (is_float or isinstance(value, int)) and _in_range(value, rules):
             continue
         allowed = " and ".join(f"{BOUNDS[key]} {bound:g}" for key, bound in rules.items())
-        meaning = " " + f.metadata["help"][f.metadata["help"].index("(0 = ") :] if "(0 = " in f.metadata["help"] else ""
+        help_text = metadata.get("help", "")
+        meaning = " " + help_text[help_text.index("(0 = ") :] if "(0 = " in help_text else ""
         kind = "a finite number" if is_float else "a whole number"
-        raise ValueError(f"{flag(f.name)} must be {kind} {allowed}{meaning}, got {value!r}")
+        raise ValueError(f"{flag(name)} must be {kind} {allowed}{meaning}, got {value!r}")
 
 
 def check_seq_len(seq_len: int, config: LlamaConfig, whose: str = "the model's") -> int:
