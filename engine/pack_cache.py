@@ -1,16 +1,15 @@
-"""Raw conversations packed once into a cache beside them, and reused while nothing changed.
+"""Raw conversations (or preference pairs) packed once into a cache beside them, and reused while nothing changed.
 
-``data/x.jsonl`` → ``data/.x.jsonl.zhllm-cache/<tokenizer sha256[:12]>/sft.*`` (hidden, so a later scan of
-``data/`` never reads it as raw data). The cache is reused while every source file keeps its content (sha256,
-read in a streaming pass: about 1 GB/s, so a rewrite that keeps the size and modification time is still seen)
-and the tokenizer and options are the same; otherwise it is packed again, logging why. torchrun ranks wait on
-a lock while the first one packs. Delete the folder to drop the cache.
+``data/x.jsonl`` → ``data/.x.jsonl.zhllm-cache/<tokenizer sha256[:12]>/sft.*`` (``dpo.*`` for pairs; hidden,
+so a later scan of ``data/`` never reads it as raw data). The cache is reused while every source file keeps its
+content (sha256, read in a streaming pass: about 1 GB/s, so a rewrite that keeps the size and modification time is
+still seen) and the tokenizer and options are the same; otherwise it is packed again, logging why. torchrun ranks
+wait on a lock while the first one packs. Delete the folder to drop the cache.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from typing import Iterator
 from engine import __version__ as engine_version
 from engine.format import DatasetPaths, write_json_atomic
 from engine.pack import PackConfig, pack_corpus
+from engine.publish import file_sha256
 from engine.reply_template import TemplatedCorpus
 from engine.sources import Corpus, SourceOptions
 from engine.tokenizer import Tokenizer
@@ -27,7 +27,6 @@ from engine.tokenizer import Tokenizer
 logger = logging.getLogger("engine.pack_cache")
 
 CACHE_SUFFIX = ".zhllm-cache"
-HASH_CHUNK = 1 << 20
 
 
 @contextlib.contextmanager
@@ -44,15 +43,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB chunks (memory stays flat whatever its size)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def source_fingerprint(corpus: Corpus) -> list[list[object]]:
@@ -77,8 +67,10 @@ def pack_cached(
     max_bad: float = 0.01,
     field_names: dict[str, str] | None = None,
     chosen_only: bool = False,
+    kind: str = "sft",
 ) -> Path:
-    """Pack raw conversations into ``cache_dir`` (default: ``.SOURCE.zhllm-cache`` beside it) once; return the prefix.
+    """Pack raw conversations (``kind="sft"``) or preference pairs (``"dpo"``) into ``cache_dir`` (default:
+    ``.SOURCE.zhllm-cache`` beside it) once; return the prefix (``…/sft`` or ``…/dpo``).
 
     The cache is reused while every source file keeps its content, and the tokenizer and the options are the
     same; otherwise it is packed again, logging why. ``max_bad``: the share of bad records (skipped and counted)
@@ -94,6 +86,7 @@ def pack_cached(
         "max_bad": max_bad,
         "fields": sorted([name, key] for name, key in (field_names or {}).items()),
         "chosen_only": chosen_only,
+        "kind": kind,
         "engine_version": engine_version,
     }
     folder = (Path(cache_dir) if cache_dir else cache_folder(source)) / tokenizer.sha256[:12]
@@ -101,7 +94,7 @@ def pack_cached(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"cannot write the packing cache {folder} ({e.strerror}): pass --cache-dir") from None
-    prefix, stamp = folder / "sft", folder / "sft.source.json"
+    prefix, stamp = folder / kind, folder / f"{kind}.source.json"
     with _locked(folder / ".lock"):
         # hashed under the lock: ranks waiting here see the files as the first one packed them
         fingerprint = {"sources": source_fingerprint(corpus), "tokenizer_sha256": tokenizer.sha256, **options}
@@ -121,7 +114,7 @@ def pack_cached(
         stamp.unlink(missing_ok=True)
         config = PackConfig(
             out=str(prefix),
-            kind="sft",
+            kind=kind,
             val_fraction=val_fraction,
             workers=workers,
             system_prompt=system,

@@ -10,6 +10,7 @@ it on its output folder for the hidden ``.NAME.bin.tmp-PID`` files of a killed p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -43,6 +44,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
     fsync(tmp)
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (memory stays flat whatever its size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def pid_alive(pid: int) -> bool:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,24 +41,19 @@ from typing import Any, Sequence
 from engine.cli import setup_logging
 from engine.conversations import ACCEPTED_SFT, parse_field_names
 from engine.dataset import SFTDataset
-from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed
+from engine.format import DatasetPaths, PackedFiles, open_packed
 from engine.pack_cache import pack_cached
 from engine.reply_template import TEMPLATES, assistant_prefix
-from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
 from .model import LlamaConfig
-from .training import checkpoint as ckpt
 from .training import objectives
-from .training.cli import add_train_arguments, choose_seq_len, model_overrides, planned_values, run_training
+from .training.cli import run_training
 from .training.config import TrainConfig, check_values
+from .training.finetune import add_finetune_arguments, count_rows, data_tokenizer, describe, finish_plan, plan_finetune
 from .training.loop import train
-from .training.profiles import PROFILES, get_profile
-from .training.resume import resolve_init, resolve_resume
 
 logger = logging.getLogger("llama.sft")
 
-#: TrainConfig fields the profile decides unless given on the command line (steps: from --epochs).
-PLANNED = ("batch_size", "grad_accum", "precision", "activation_checkpointing", "steps", "seq_len", "warmup_steps")
 SFT_DEFAULTS: dict[str, Any] = {
     "out_dir": "out/sft",
     "lr": 5e-5,
@@ -212,67 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the tokenizer to pack raw data with (default: the one the checkpoint names; must be the same vocabulary)",
     )
     _add_raw_data_arguments(parser.add_argument_group("raw conversations (ignored for packed data)"))
-    parser.add_argument(
-        "--epochs",
-        type=float,
-        default=2.0,
-        help="passes over the training rows, when neither --steps nor --tokens is given (default: 2)",
-    )
-    parser.add_argument(
-        "--profile",
-        default="auto",
-        choices=("auto", *PROFILES),
-        help="hardware profile that sizes the run to fit (default: auto, from this machine)",
-    )
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a runtime model field, value as JSON (e.g. dropout=0.1); the architecture "
-        "must stay the checkpoint's",
-    )
-    defaults = {**SFT_DEFAULTS, **{name: None for name in PLANNED}}
-    add_train_arguments(parser, defaults=defaults, exclude=("data_mode", "doc_masking", "init"))
+    add_finetune_arguments(parser, SFT_DEFAULTS, epochs=2.0)
     return parser
-
-
-def base_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any], bool]:
-    """(checkpoint, its config, resuming?): this run's own latest when resuming, else ``--init``'s."""
-    resume_from = resolve_resume(args.resume, Path(args.out_dir))
-    if resume_from is not None:
-        return resume_from, ckpt.read_config(resume_from), True
-    if not args.init:
-        raise ValueError(
-            f"--init is required: name the checkpoint to fine-tune (e.g. --init out/pretrain); "
-            f"{args.out_dir} holds no run to resume"
-        )
-    found, config = resolve_init(args.init)
-    return found, config, False
-
-
-def data_tokenizer(args: argparse.Namespace, checkpoint: Path, saved: dict[str, Any]) -> Tokenizer:
-    """The tokenizer to pack raw data with: ``--tokenizer`` or the checkpoint's, and always the checkpoint's
-    vocabulary."""
-    reference = saved.get("tokenizer") or {}
-    path = args.tokenizer or reference.get("path")
-    if not path:
-        raise ValueError(
-            f"{checkpoint} names no tokenizer: pass --tokenizer (the one its pretraining data was packed with)"
-        )
-    if not Path(path).exists():
-        raise ValueError(f"{checkpoint} was trained with tokenizer {path}, which is not here: pass --tokenizer")
-    tokenizer = load_tokenizer(path)
-    refusal = tokenizer_mismatch(
-        reference,
-        {"path": path, "sha256": tokenizer.sha256},
-        owner=str(checkpoint),
-        other="the tokenizer given",
-        fix="pass the checkpoint's tokenizer",
-    )
-    if refusal:
-        raise ValueError(refusal)
-    return tokenizer
 
 
 def sft_data(
@@ -312,37 +247,15 @@ def sft_data(
     return prefix, True
 
 
-def check_before_packing(values: dict[str, Any]) -> None:
-    """The whole TrainConfig's checks (``--min-lr`` above ``--lr``, both ``--steps`` and ``--tokens``…) before any
-    data is packed; one step stands in for ``--epochs``, which becomes steps only once the rows are counted."""
-    probe = {**values, "steps": values["steps"] if values["steps"] or values["tokens"] else 1}
-    TrainConfig(**probe).validate()
-
-
 def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, dict[str, Any], str]:
     """Model and training configs, the packed training prefix, the task record and a summary line."""
     check_values(vars(args), extra=SFT_RULES)  # every number first, before anything is read, packed or written
     field_names = parse_field_names(args.fields) if args.fields else {}
-    checkpoint, saved, resuming = base_checkpoint(args)
-    overrides = model_overrides(args.model)
-    config = LlamaConfig.from_saved(saved.get("model"), str(checkpoint / ckpt.CONFIG_FILE), **overrides)
-    profile = get_profile(args.profile)
-    seq_len = choose_seq_len(args.seq_len, profile, config, "the model's")
-    values, chosen = planned_values(args, profile, config, seq_len)
-    values["doc_masking"], values["init"] = True, None if resuming else str(checkpoint)
-    check_before_packing(values)
-    prefix, raw = sft_data(args, checkpoint, saved, field_names)
+    planned = plan_finetune(args)
+    prefix, raw = sft_data(args, planned.checkpoint, planned.saved, field_names)
     files = open_sft(prefix)
-
-    rows = count_rows(prefix, seq_len)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rows_per_step = values["batch_size"] * values["grad_accum"] * world_size
-    if args.steps is None and args.tokens is None:
-        values["steps"] = max(1, math.ceil(args.epochs * rows / rows_per_step))
-    steps = values["steps"] or math.ceil((args.tokens or 0) / (rows_per_step * seq_len))
-    if args.warmup_steps is None:  # 3% of the run, as fine-tunes usually do, at most 100 steps
-        values["warmup_steps"] = min(100, max(1, round(0.03 * steps)))
-    cfg = TrainConfig(**values)
+    rows = count_rows(lambda: SFTDataset(prefix, planned.seq_len, pin_memory=False))
+    cfg, steps, per_step = finish_plan(args, planned, rows)
     task = {
         "name": "sft",
         "template": args.template if raw else None,
@@ -353,28 +266,8 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
         "chosen_only": args.chosen_only if raw else None,
         "source": str(args.data),
     }
-    summary = (
-        f"profile {profile.name}: {'resuming' if resuming else 'fine-tuning'} {checkpoint} "
-        f"({config.dim}d x {config.n_layers} layers, vocab {config.vocab_size:,}) on {prefix} "
-        f"({files.n_docs:,} conversations in {rows:,} rows of {seq_len}); {steps} steps "
-        f"({steps * rows_per_step / rows:.1f} epochs) of micro-batch {cfg.batch_size} x accumulation "
-        f"{cfg.grad_accum}, {cfg.precision}, activation checkpointing "
-        f"{'on' if cfg.activation_checkpointing else 'off'} (profile plan: {chosen.describe(seq_len)})"
-    )
-    return config, cfg, prefix, task, summary
-
-
-def count_rows(prefix: Path, seq_len: int) -> int:
-    """Rows of ``seq_len`` the conversations pack into (its warnings show once, when the loop builds the dataset)."""
-    quiet = logging.getLogger(SFTDataset.__module__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        return SFTDataset(prefix, seq_len, pin_memory=False).n_rows
-    except DatasetError as e:
-        raise ValueError(str(e)) from None
-    finally:
-        quiet.setLevel(level)
+    summary = describe(planned, cfg, prefix, f"{files.n_docs:,} conversations", rows, steps, per_step)
+    return planned.config, cfg, prefix, task, summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

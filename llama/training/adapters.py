@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from engine.publish import file_sha256
+
 from ..lora import (
     LoraConfig,
     adapter_state_dict,
@@ -44,11 +46,14 @@ class LoraRun:
 
 def weights_sha256(checkpoint: Path) -> str:
     """sha256 of a checkpoint's ``model.safetensors`` (streamed)."""
-    digest = hashlib.sha256()
-    with open(checkpoint / ckpt.MODEL_FILE, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(checkpoint / ckpt.MODEL_FILE)
+
+
+def weights_identity(checkpoint: Path, saved: dict[str, Any]) -> str:
+    """A sha256 naming the weights a checkpoint stands for: its weights file's, or for a LoRA run its adapters'
+    together with its base's."""
+    own, lora = weights_sha256(checkpoint), saved.get("lora")
+    return hashlib.sha256(f"{own}:{lora['base']['sha256']}".encode()).hexdigest() if lora else own
 
 
 def lora_record(config: LoraConfig, base: Path) -> dict[str, Any]:

@@ -180,6 +180,15 @@ def parse_device(text: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", index)
 
 
+def choose_device(device: str | None = None) -> torch.device:
+    """The device this process trains on: ``--device`` (checked), else ``cuda:LOCAL_RANK`` when CUDA is there, else
+    the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is not None:
+        return parse_device(device, local_rank)
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def setup_runtime(device: str | None = None) -> Runtime:
     """Read torchrun's ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``; join the process group when there are several ranks.
 
@@ -188,10 +197,7 @@ def setup_runtime(device: str | None = None) -> Runtime:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        chosen = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        chosen = parse_device(device, local_rank)
+    chosen = choose_device(device)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     owns = world_size > 1 and not dist.is_initialized()

@@ -1,0 +1,160 @@
+"""What every task that continues from a checkpoint shares (``llama.sft``, ``llama.dpo``): the checkpoint it starts
+from or resumes, the tokenizer its raw data is packed with, the model and the profile's plan, and ``--epochs`` made
+into steps once the rows are counted."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from engine.format import DatasetError
+from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
+
+from ..model import LlamaConfig
+from . import checkpoint as ckpt
+from .cli import add_train_arguments, choose_seq_len, model_overrides, planned_values
+from .config import TrainConfig
+from .profiles import PROFILES, Plan, Profile, get_profile
+from .resume import resolve_init, resolve_resume
+
+#: TrainConfig fields the profile decides unless given on the command line (steps: from --epochs).
+PLANNED = ("batch_size", "grad_accum", "precision", "activation_checkpointing", "steps", "seq_len", "warmup_steps")
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any], epochs: float) -> None:
+    """``--epochs``, ``--profile``, ``--model`` and every TrainConfig flag (the planned ones left to the profile)."""
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=epochs,
+        help=f"passes over the training rows, when neither --steps nor --tokens is given (default: {epochs:g})",
+    )
+    parser.add_argument(
+        "--profile",
+        default="auto",
+        choices=("auto", *PROFILES),
+        help="hardware profile that sizes the run to fit (default: auto, from this machine)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a runtime model field, value as JSON (e.g. dropout=0.1); the architecture "
+        "must stay the checkpoint's",
+    )
+    add_train_arguments(
+        parser, defaults={**defaults, **{name: None for name in PLANNED}}, exclude=("data_mode", "doc_masking", "init")
+    )
+
+
+def base_checkpoint(args: argparse.Namespace) -> tuple[Path, dict[str, Any], bool]:
+    """(checkpoint, its config, resuming?): this run's own latest when resuming, else ``--init``'s."""
+    resume_from = resolve_resume(args.resume, Path(args.out_dir))
+    if resume_from is not None:
+        return resume_from, ckpt.read_config(resume_from), True
+    if not args.init:
+        raise ValueError(
+            f"--init is required: name the checkpoint to fine-tune (e.g. --init out/pretrain); "
+            f"{args.out_dir} holds no run to resume"
+        )
+    found, config = resolve_init(args.init)
+    return found, config, False
+
+
+def data_tokenizer(args: argparse.Namespace, checkpoint: Path, saved: dict[str, Any]) -> Tokenizer:
+    """The tokenizer to pack raw data with: ``--tokenizer`` or the checkpoint's, and always the checkpoint's
+    vocabulary."""
+    reference = saved.get("tokenizer") or {}
+    path = args.tokenizer or reference.get("path")
+    if not path:
+        raise ValueError(
+            f"{checkpoint} names no tokenizer: pass --tokenizer (the one its pretraining data was packed with)"
+        )
+    if not Path(path).exists():
+        raise ValueError(f"{checkpoint} was trained with tokenizer {path}, which is not here: pass --tokenizer")
+    tokenizer = load_tokenizer(path)
+    refusal = tokenizer_mismatch(
+        reference,
+        {"path": path, "sha256": tokenizer.sha256},
+        owner=str(checkpoint),
+        other="the tokenizer given",
+        fix="pass the checkpoint's tokenizer",
+    )
+    if refusal:
+        raise ValueError(refusal)
+    return tokenizer
+
+
+@dataclass
+class Planned:
+    """The model a fine-tune builds, its profile and sequence length, and the TrainConfig values planned so far."""
+
+    checkpoint: Path
+    saved: dict[str, Any]
+    resuming: bool
+    config: LlamaConfig
+    profile: Profile
+    seq_len: int
+    values: dict[str, Any]
+    chosen: Plan
+
+
+def plan_finetune(args: argparse.Namespace) -> Planned:
+    """The checkpoint (resumed, or ``--init``), its model with ``--model`` overrides, and the profile's plan; the
+    whole TrainConfig checked before any data is packed (one step stands in for ``--epochs`` until rows are
+    counted)."""
+    checkpoint, saved, resuming = base_checkpoint(args)
+    config = LlamaConfig.from_saved(
+        saved.get("model"), str(checkpoint / ckpt.CONFIG_FILE), **model_overrides(args.model)
+    )
+    profile = get_profile(args.profile)
+    seq_len = choose_seq_len(args.seq_len, profile, config, "the model's")
+    values, chosen = planned_values(args, profile, config, seq_len)
+    values["doc_masking"], values["init"] = True, None if resuming else str(checkpoint)
+    probe = {**values, "steps": values["steps"] if values["steps"] or values["tokens"] else 1}
+    TrainConfig(**probe).validate()
+    return Planned(checkpoint, saved, resuming, config, profile, seq_len, values, chosen)
+
+
+def count_rows(open_dataset: Callable[[], Any]) -> int:
+    """Rows a dataset packs into (``open_dataset()``'s ``n_rows``; its warnings show once, when the loop builds it)."""
+    quiet = logging.getLogger("engine.dataset")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return open_dataset().n_rows
+    except DatasetError as e:
+        raise ValueError(str(e)) from None
+    finally:
+        quiet.setLevel(level)
+
+
+def finish_plan(args: argparse.Namespace, planned: Planned, rows: int) -> tuple[TrainConfig, int, int]:
+    """The TrainConfig, ``--epochs`` over ``rows`` made into steps (warmup: 3% of them, at most 100) when neither
+    ``--steps`` nor ``--tokens`` is given; returns it with the steps and rows per step."""
+    values = planned.values
+    rows_per_step = values["batch_size"] * values["grad_accum"] * int(os.environ.get("WORLD_SIZE", "1"))
+    if args.steps is None and args.tokens is None:
+        values["steps"] = max(1, math.ceil(args.epochs * rows / rows_per_step))
+    steps = values["steps"] or math.ceil((args.tokens or 0) / (rows_per_step * planned.seq_len))
+    if args.warmup_steps is None:  # 3% of the run, as fine-tunes usually do, at most 100 steps
+        values["warmup_steps"] = min(100, max(1, round(0.03 * steps)))
+    return TrainConfig(**values), steps, rows_per_step
+
+
+def describe(planned: Planned, cfg: TrainConfig, prefix: Path, what: str, rows: int, steps: int, per_step: int) -> str:
+    """The one line a fine-tune logs before it starts: what it trains, on what, for how long, how."""
+    config, seq_len = planned.config, planned.seq_len
+    return (
+        f"profile {planned.profile.name}: {'resuming' if planned.resuming else 'fine-tuning'} {planned.checkpoint} "
+        f"({config.dim}d x {config.n_layers} layers, vocab {config.vocab_size:,}) on {prefix} "
+        f"({what} in {rows:,} rows of {seq_len}); {steps} steps ({steps * per_step / rows:.1f} epochs) of "
+        f"micro-batch {cfg.batch_size} x accumulation {cfg.grad_accum}, {cfg.precision}, activation checkpointing "
+        f"{'on' if cfg.activation_checkpointing else 'off'} (profile plan: {planned.chosen.describe(seq_len)})"
+    )
