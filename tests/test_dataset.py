@@ -1,4 +1,4 @@
-"""engine.dataset: pretrain windows, SFT rows packed by first-fit decreasing, DPO pairs; resume and sharding."""
+"""engine.dataset: pretrain windows, SFT rows packed by first-fit decreasing, resume, sharding (DPO: its own file)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.dataset import DPODataset, PretrainDataset, SFTDataset
-from engine.dataset.binpack import pack_first_fit_decreasing
+from engine.dataset import PretrainDataset, SFTDataset
+from engine.dataset.binpack import pack_first_fit_decreasing, pack_next_fit
 from engine.format import FORMAT, AtomicOutput, DatasetError, DatasetPaths, token_dtype
 
 EOS, PAD, VOCAB, SHA = 2, 0, 100, "ab" * 32
@@ -288,6 +288,14 @@ def test_first_fit_decreasing_is_near_optimal_on_small_cases():
         pack_first_fit_decreasing(np.array([3, 9]), 8)
 
 
+def test_next_fit_keeps_order_and_opens_a_row_on_each_misfit():
+    assert pack_next_fit(np.array([3, 4, 2, 5, 1, 1]), 6).tolist() == [0, 1, 1, 2, 2, 3]
+    assert pack_next_fit(np.array([6, 6]), 6).tolist() == [0, 1]
+    assert pack_next_fit(np.array([], dtype=np.int64), 6).size == 0
+    with pytest.raises(ValueError, match="length"):
+        pack_next_fit(np.array([3, 9]), 8)
+
+
 # ---------------------------------------------------------------- SFT
 
 CHAT_DOCS = [[10, 11, 12, 13, EOS], [20, 21, 22, EOS], [30, 31, EOS]]
@@ -397,82 +405,7 @@ def test_sft_resume_across_epoch(tmp_path):
     assert_same_batches(take(SFTDataset(prefix, 64, seed=9), 2, 3), take(SFTDataset(prefix, 64, seed=9), 2, 3))
 
 
-# ---------------------------------------------------------------- DPO
-
-PAIRS = [
-    ([60, 61, 62, 63, EOS], [0, 0, 1, 1, 0]),  # pair 0 chosen: prompt 60 61
-    ([60, 61, 64, EOS], [0, 0, 1, 0]),  # pair 0 rejected
-    ([70, 71, 72, 73, 74, 75, EOS], [0, 0, 0, 1, 1, 1, 0]),  # pair 1 chosen: prompt 70 71 72
-    (
-        [70, 71, 72, 76, 77, 78, 79, 80, EOS],
-        [0, 0, 0, 1, 1, 1, 1, 1, 0],
-    ),  # pair 1 rejected: cut at 6 loses targets 79, 80
-]
-
-
-def write_dpo(tmp_path: Path, pairs=PAIRS) -> Path:
-    return write_packed(
-        tmp_path / "prefs",
-        [d for d, _ in pairs],
-        [m for _, m in pairs],
-        kind="dpo",
-        extra_meta={"n_pairs": len(pairs) // 2},
-    )
-
-
-def test_dpo_pairs_token_by_token(tmp_path):
-    ds = DPODataset(write_dpo(tmp_path), 6, tokenizer_sha256=SHA)
-    assert ds.n_truncated == 1 and ds.n_label_tokens_truncated == 2 and ds.n_dropped_no_labels == 0
-    batch = ds.next_batch(2)
-    assert set(batch) == {"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels", "prompt_length"}
-    order = [0 if row[0] == 60 else 1 for row in batch["chosen_input_ids"].tolist()]
-    p0, p1 = order.index(0), order.index(1)
-    assert batch["chosen_input_ids"].shape == (2, 6)
-    assert batch["chosen_input_ids"][p0].tolist() == [60, 61, 62, 63, EOS, PAD]
-    assert batch["chosen_labels"][p0].tolist() == [N, 62, 63, N, N, N]
-    assert batch["rejected_input_ids"][p0].tolist() == [60, 61, 64, EOS, PAD, PAD]
-    assert batch["rejected_labels"][p0].tolist() == [N, 64, N, N, N, N]
-    assert batch["chosen_labels"][p1].tolist() == [N, N, 73, 74, 75, N]
-    assert batch["rejected_input_ids"][p1].tolist() == [70, 71, 72, 76, 77, 78]
-    assert batch["rejected_labels"][p1].tolist() == [N, N, 76, 77, 78, N]
-    assert batch["prompt_length"][[p0, p1]].tolist() == [2, 3]
-    only_first = ds.next_batch(1)  # padded to its own longest side, not to seq_len
-    assert only_first["chosen_input_ids"].shape[1] == (5 if only_first["prompt_length"].item() == 2 else 6)
-
-
-def test_dpo_drops_pairs_without_response_and_refuses_odd_files(tmp_path):
-    long_prompt = ([90, 91, 92, 93, 94, 95, 96, EOS], [0, 0, 0, 0, 0, 0, 1, 0])
-    pairs = PAIRS[:2] + [long_prompt, long_prompt]
-    ds = DPODataset(write_dpo(tmp_path, pairs), 6)
-    assert ds.n_dropped_no_labels == 1 and ds.samples_per_epoch == 1
-    odd = write_packed(tmp_path / "odd", [d for d, _ in PAIRS[:3]], [m for _, m in PAIRS[:3]], kind="dpo")
-    with pytest.raises(DatasetError, match="2 documents per pair"):
-        DPODataset(odd, 6)
-    with pytest.raises(DatasetError, match="not dpo"):
-        DPODataset(write_packed(tmp_path / "chat", CHAT_DOCS, CHAT_MASKS, kind="sft"), 6)
-
-
-def test_dpo_shards_and_resumes(tmp_path):
-    rng = np.random.default_rng(3)
-    pairs = []
-    for k in range(21):
-        prompt = [3 + k] + list(rng.integers(3, VOCAB, size=int(rng.integers(0, 5))))
-        for _ in range(2):
-            answer = list(rng.integers(3, VOCAB, size=int(rng.integers(1, 8))))
-            pairs.append((prompt + answer + [EOS], [0] * len(prompt) + [1] * len(answer) + [0]))
-    prefix = write_dpo(tmp_path, pairs)
-    shards = [DPODataset(prefix, 16, seed=4, rank=r, world_size=2) for r in range(2)]
-    firsts = [t for ds in shards for t in ds.next_batch(10)["chosen_input_ids"][:, 0].tolist()]
-    assert len(set(firsts)) == 20 and set(firsts) <= set(range(3, 24))
-
-    ds = DPODataset(prefix, 16, seed=4)
-    take(ds, 6, 3)
-    state = ds.state_dict()
-    expected = take(ds, 3, 3)
-    assert ds.epoch == 1
-    fresh = DPODataset(prefix, 16, seed=4)
-    fresh.load_state_dict(state)
-    assert_same_batches(take(fresh, 3, 3), expected)
+# ---------------------------------------------------------------- DPO: tests/test_dataset_dpo.py
 
 
 def test_batches_are_pinned_only_with_cuda(corpus):

@@ -25,7 +25,7 @@ class LabelStats:
 
 
 @numba.njit(cache=True)
-def _scan_masks(mask: np.ndarray, offsets: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _scan_masks(mask: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n_docs = offsets.shape[0] - 1
     first = np.empty(n_docs, dtype=np.int64)
     total = np.zeros(n_docs, dtype=np.int64)
@@ -39,14 +39,19 @@ def _scan_masks(mask: np.ndarray, offsets: np.ndarray, keep: int) -> tuple[np.nd
                     first[d] = j
                 if j >= 1:
                     total[d] += 1
-                    if j < keep:
+                    if j < keep[d]:
                         kept[d] += 1
     return first, total, kept
 
 
-def scan_label_stats(mask: np.ndarray, offsets: np.ndarray, keep: int) -> LabelStats:
-    """One pass over the mask file: :class:`LabelStats` for every document, cut at ``keep`` tokens."""
-    first, total, kept = _scan_masks(np.asarray(mask), np.asarray(offsets, dtype=np.int64), int(keep))
+def scan_label_stats(mask: np.ndarray, offsets: np.ndarray, keep: int | np.ndarray) -> LabelStats:
+    """One pass over the mask file: :class:`LabelStats` for every document, cut at ``keep`` tokens.
+
+    ``keep`` is one length for all documents or one per document.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    keep = np.ascontiguousarray(np.broadcast_to(np.asarray(keep, dtype=np.int64), (offsets.shape[0] - 1,)))
+    first, total, kept = _scan_masks(np.asarray(mask), offsets, keep)
     return LabelStats(first, total, kept)
 
 
