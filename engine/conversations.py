@@ -100,6 +100,12 @@ class PreferencePairError(ChatFormatError):
     reason = "preference_pair"
 
 
+class NotAPairError(ChatFormatError):
+    """A DPO record with no chosen/rejected pair, such as an SFT conversation (counted as ``not_a_pair``)."""
+
+    reason = "not_a_pair"
+
+
 # ----------------------------------------------------------------------------------------------
 # Parsing
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +218,7 @@ def parse_preference(
                 "(conversations, messages or prompt)"
             )
     else:
-        raise ChatFormatError(f"unknown DPO record format with keys {sorted(fields)}; accepted: {ACCEPTED_DPO}")
+        raise NotAPairError(f"unknown DPO record format with keys {sorted(fields)}; accepted: {ACCEPTED_DPO}")
     check_conversation(prompt, ends_with="user")
     if chosen_reply == rejected_reply:
         raise ChatFormatError("chosen and rejected replies are identical: the pair teaches nothing")

@@ -235,8 +235,8 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
                 f"{chars / 1e6 / max(time.perf_counter() - started, 1e-9):.1f} M chars/s", refresh=False
             )
         bar.close()
-        if config.kind == "sft":
-            _check_record_shapes(corpus)
+        if config.kind != "pretrain":
+            _check_record_shapes(corpus, config.kind)
         corpus.check()
         if writers["train"].n_tokens == 0:
             raise DatasetError(
@@ -264,12 +264,14 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
     return train_meta
 
 
-def _check_record_shapes(corpus: Corpus) -> None:
-    """Refuse SFT data whose records are mostly not conversations, saying what to do about it (the generic check
-    would say "raise --max-bad", which only hides the problem)."""
-    from engine.conversations import ACCEPTED_SFT
+def _check_record_shapes(corpus: Corpus, kind: str) -> None:
+    """Refuse SFT data whose records are mostly not conversations, or DPO data that is mostly not pairs, saying what
+    to do about it (the generic check would say "raise --max-bad", which only hides the problem)."""
+    from engine.conversations import ACCEPTED_DPO, ACCEPTED_SFT
 
     advice = {
+        "not_a_pair": f"DPO needs a prompt with a chosen and a rejected reply ({ACCEPTED_DPO}); conversations "
+        "without a rejected reply are SFT data: fine-tune on them with `python -m llama.sft`",
         "preference_pair": "DPO preference pairs are for preference training: pass --chosen-only to train on each "
         "prompt and its chosen reply, or pack them with `python -m engine.prepare --kind dpo`",
         "unknown_format": "name the fields that hold the question and the answer with --fields "
@@ -282,9 +284,10 @@ def _check_record_shapes(corpus: Corpus) -> None:
         return
     reason, count, example = top
     where, _, detail = example.partition(f": {reason}: ")
+    what = "DPO preference pairs" if kind == "dpo" else "SFT conversations"
     raise DatasetError(
-        f"{count:,} of {report.total_records:,} records are not SFT conversations, e.g. {where}: "
-        f"{detail.split(': ', 1)[0]}; {advice[reason]}"
+        f"{count:,} of {report.total_records:,} records are not {what}, e.g. {where}: "
+        f"{detail.split(';', 1)[0].split(': ', 1)[0]}; {advice[reason]}"
     )
 
 

@@ -49,7 +49,14 @@ from .model import LlamaConfig
 from .training import objectives
 from .training.cli import run_training
 from .training.config import TrainConfig, check_values
-from .training.finetune import add_finetune_arguments, count_rows, data_tokenizer, describe, finish_plan, plan_finetune
+from .training.finetune import (
+    add_finetune_arguments,
+    data_tokenizer,
+    describe,
+    finish_plan,
+    open_quietly,
+    plan_finetune,
+)
 from .training.loop import train
 
 logger = logging.getLogger("llama.sft")
@@ -254,7 +261,7 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
     planned = plan_finetune(args)
     prefix, raw = sft_data(args, planned.checkpoint, planned.saved, field_names)
     files = open_sft(prefix)
-    rows = count_rows(lambda: SFTDataset(prefix, planned.seq_len, pin_memory=False))
+    rows = open_quietly(lambda: SFTDataset(prefix, planned.seq_len, pin_memory=False)).n_rows
     cfg, steps, per_step = finish_plan(args, planned, rows)
     task = {
         "name": "sft",

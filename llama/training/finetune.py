@@ -122,13 +122,14 @@ def plan_finetune(args: argparse.Namespace) -> Planned:
     return Planned(checkpoint, saved, resuming, config, profile, seq_len, values, chosen)
 
 
-def count_rows(open_dataset: Callable[[], Any]) -> int:
-    """Rows a dataset packs into (``open_dataset()``'s ``n_rows``; its warnings show once, when the loop builds it)."""
+def open_quietly(open_dataset: Callable[[], Any]) -> Any:
+    """``open_dataset()`` with the engine's dataset warnings held back (they show once, when the loop builds it);
+    a dataset error becomes a one-line ValueError."""
     quiet = logging.getLogger("engine.dataset")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return open_dataset().n_rows
+        return open_dataset()
     except DatasetError as e:
         raise ValueError(str(e)) from None
     finally:

@@ -73,6 +73,8 @@ class TrainResult:
     )
     skipped_updates: int = 0  # steps whose update was skipped for NaN/inf gradients
     model: nn.Module | None = field(default=None, repr=False)
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the last validation's, all of them
+    perplexity: bool = True  # the loss is a next-token loss (its exp is a perplexity)
 
     def summary(self) -> str:
         return summary_line(
@@ -84,6 +86,8 @@ class TrainResult:
             val_loss=self.val_loss,
             mfu=self.mfu,
             peak_memory_gib=self.peak_memory_gib,
+            val_extra={k: v for k, v in self.val_metrics.items() if k != "loss"},
+            perplexity=self.perplexity,
         )
 
 
@@ -174,7 +178,7 @@ def _log_record(
     }
     if val is not None:
         record.update({f"val_{name}": value for name, value in val.items()})
-        if "loss" in val:
+        if "loss" in val and getattr(run.objective, "perplexity", True):
             record["val_ppl"] = math.exp(min(val["loss"], 50.0))
     return record
 
@@ -188,6 +192,7 @@ class _Progress:
     saved_at: Path | None
     last: StepResult | None = None
     val_loss: float | None = None
+    val_metrics: dict[str, float] = field(default_factory=dict)
     mfu: float | None = None
     initial_val_loss: float | None = None
     first_batch_sha256: str | None = None
@@ -235,7 +240,7 @@ def _loop(run: Run, rng: Any) -> TrainResult:
                 val, done = None, state.step == run.total_steps
                 if run.val_batches and (state.step % cfg.eval_every == 0 or done):
                     val = evaluate(run)
-                    p.val_loss = val.get("loss", p.val_loss)
+                    p.val_loss, p.val_metrics = val.get("loss", p.val_loss), val
                 if state.step % cfg.log_every == 0 or done or val is not None or stop_signal:
                     tokens_per_s = p.window_tokens / max(p.window_seconds, 1e-9)
                     p.mfu = mfu(flops_per_token, tokens_per_s / run.runtime.world_size, peak)
@@ -257,10 +262,11 @@ def _initial_validation(run: Run) -> float | None:
     """A run from --init first reports the starting weights' validation loss."""
     if run.init_from is None or not run.val_batches:
         return None
-    loss = evaluate(run).get("loss")
-    if run.runtime.is_main and loss is not None:
-        log.info("validation loss before training: %.4f", loss)
-    return loss
+    val = evaluate(run)
+    if run.runtime.is_main and val.get("loss") is not None:
+        others = "".join(f", {name} {value:.4f}" for name, value in val.items() if name != "loss")
+        log.info("validation loss before training: %.4f%s", val["loss"], others)
+    return val.get("loss")
 
 
 def _result(run: Run, p: _Progress) -> TrainResult:
@@ -279,6 +285,8 @@ def _result(run: Run, p: _Progress) -> TrainResult:
         resumed_from=run.resumed_from,
         first_batch_sha256=p.first_batch_sha256,
         initial_val_loss=p.initial_val_loss,
+        val_metrics=dict(p.val_metrics),
+        perplexity=getattr(run.objective, "perplexity", True),
         skipped_updates=p.skipped_updates,
         model=run.model,
     )

@@ -167,8 +167,11 @@ def summary_line(
     val_loss: float | None,
     mfu: float | None,
     peak_memory_gib: float | None,
+    val_extra: dict[str, float] | None = None,
+    perplexity: bool = True,
 ) -> str:
-    """One line that says what the run did: steps, tokens, time, speed, final losses, MFU, peak memory."""
+    """One line that says what the run did: steps, tokens, time, speed, final losses (and the objective's other
+    validation metrics, ``val_extra``), MFU, peak memory; ``perplexity``: the loss is a next-token loss."""
     parts = [
         f"{steps:,} steps, {format_count(tokens)} tokens in {format_duration(seconds)}",
         f"{tokens_per_s:,.0f} tokens/s",
@@ -176,7 +179,9 @@ def summary_line(
     if train_loss is not None:
         parts.append(f"train loss {train_loss:.4f}")
     if val_loss is not None:
-        parts.append(f"val loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
+        ppl = f" (ppl {math.exp(min(val_loss, 50)):.2f})" if perplexity else ""
+        parts.append(f"val loss {val_loss:.4f}{ppl}")
+    parts.extend(f"val {name} {value:.4f}" for name, value in (val_extra or {}).items())
     parts.append(f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a")
     parts.append(f"peak memory {peak_memory_gib:.2f} GiB" if peak_memory_gib is not None else "peak memory n/a")
     return "trained " + ", ".join(parts)

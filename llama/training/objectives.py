@@ -12,7 +12,8 @@ An objective is any object with these members (:class:`Objective` spells them ou
   loop (called in eval mode, under ``torch.no_grad`` and the run's autocast); ``"loss"`` becomes ``val_loss``
   and ``val_ppl`` in the metrics log;
 - ``state_dict()`` / ``load_state_dict(state)``: its own state, saved with every checkpoint and restored on
-  resume (``{}`` when it has none).
+  resume (``{}`` when it has none);
+- optionally ``perplexity = False`` when its loss is not a next-token loss (no ``val_ppl`` is derived from it).
 
 The model can hand its final hidden states and ``lm_head`` weight to a ``head`` instead of computing logits
 (``model(ids, head=fn).head``, inside the forward, so DDP, FSDP and ``torch.compile`` see it): a loss over
