@@ -20,7 +20,7 @@ from llama import sft
 from llama.formats.hf import export_hf
 from llama.formats.hf_io import ExportError
 from llama.generation.load import load_for_inference
-from llama.lora import apply_lora, lora_layers
+from llama.lora import apply_lora, lora_layers, strip_lora
 from llama.model import Llama, LlamaConfig
 from llama.training.adapters import config_of, load_weights, weights_sha256
 from llama.training.checkpoint import MODEL_FILE, CheckpointError, find_checkpoint, read_config
@@ -109,6 +109,30 @@ def lora_out(corpus, base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lora-done") / "lora"
     assert run_from_args(lora_run(corpus, base, out, 2)) == 0
     return out
+
+
+def test_a_lora_run_can_adapt_another_lora_run_merged_and_resume(corpus, base, lora_out, tmp_path):
+    """SFT -> LoRA SFT -> LoRA DPO chains: --init may be a LoRA run (its adapters merged into its base)."""
+    out = tmp_path / "second"
+    assert run_from_args(train_args(corpus, out, 2, "--init", str(lora_out), *LORA)) == 0
+    assert run_from_args(train_args(corpus, out, 3, "--init", str(lora_out), *LORA)) == 0
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]  # resumed at 2, not restarted
+    first, second = find_checkpoint(lora_out), find_checkpoint(out)
+    assert second.name == "step_000003"
+    assert read_config(second)["lora"]["base"]["path"] == str(first.resolve())
+    config = LlamaConfig.from_saved(read_config(base)["model"], "config.json")
+    by_hand = Llama(config)
+    by_hand.load_state_dict(load_file(str(base / MODEL_FILE)), strict=False)
+    for checkpoint in (first, second):  # each run's adapters merged in turn
+        apply_lora(by_hand, config_of(read_config(checkpoint)["lora"]))
+        state = load_file(str(checkpoint / MODEL_FILE))
+        for name, layer in lora_layers(by_hand):
+            layer.lora_A.weight.data.copy_(state[f"{name}.lora_A.weight"])
+            layer.lora_B.weight.data.copy_(state[f"{name}.lora_B.weight"])
+        strip_lora(by_hand)
+    loaded = load_weights(second, read_config(second), Llama(config))
+    for name, tensor in by_hand.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=1e-6)
 
 
 def test_resuming_on_another_base_is_refused_naming_both(corpus, lora_out, tmp_path, capsys):

@@ -169,7 +169,7 @@ def load_weights(checkpoint: Path, saved: dict[str, Any], model: Llama) -> Llama
         ckpt.load_model_weights(checkpoint, model)
         return model
     base = check_base(checkpoint, record)
-    ckpt.load_model_weights(base, model)
+    model = load_weights(base, ckpt.read_config(base), model)  # a base may itself be a LoRA run
     apply_lora(model, config_of(record))
     load_adapters(checkpoint, model)
     return strip_lora(model)
@@ -179,7 +179,7 @@ def adapted_model(checkpoint: Path, saved: dict[str, Any], model: Llama) -> tupl
     """A LoRA checkpoint as base + (unmerged) adapters, for writing the adapters in PEFT's layout."""
     record = saved["lora"]
     base = check_base(checkpoint, record)
-    ckpt.load_model_weights(base, model)
+    model = load_weights(base, ckpt.read_config(base), model)
     config = config_of(record)
     apply_lora(model, config)
     load_adapters(checkpoint, model)

@@ -200,8 +200,8 @@ def _build_model(
 ) -> Llama:
     """The model on its device: --init's weights, then the transforms, then FSDP's sharding."""
     model = Llama(model_config, options).to(runtime.device)
-    if init_from is not None:  # weights only: optimizer, schedule and data start fresh
-        ckpt.load_model_weights(init_from, model)
+    if init_from is not None:  # weights only (a LoRA run's merged): optimizer, schedule and data start fresh
+        model = adapters.load_weights(init_from, init_config, model)
         if runtime.is_main:
             step = f" (step {init_config['step']})" if "step" in init_config else ""
             log.info("initialised from %s%s", init_from, step)
@@ -248,8 +248,11 @@ def setup(
     lora = _plan_lora(cfg, init_from, resume_from, sharded)
     if lora is not None:  # the adapters go on first, then the task's own transforms
         transforms = (adapters.lora_transform(lora, AUTOCAST_DTYPES.get(precision), runtime.is_main), *transforms)
-    weights_from = lora.base if lora is not None else init_from  # a resumed LoRA run rebuilds its base first
-    model = _build_model(model_config, cfg.model_options(), runtime, weights_from, init_config, transforms, sharded)
+    weights_from, weights_config = init_from, init_config
+    if lora is not None and resume_from is not None:  # a resumed LoRA run rebuilds its base first
+        weights_from, weights_config = lora.base, ckpt.read_config(lora.base)
+    options = cfg.model_options()
+    model = _build_model(model_config, options, runtime, weights_from, weights_config, transforms, sharded)
     optimizer = _optimizer(model, cfg, runtime.device)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * seq_len * runtime.world_size
     tokenizer_ref = {key: train_data.files.meta.get("tokenizer", {}).get(key) for key in ("path", "sha256")}
