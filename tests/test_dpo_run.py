@@ -17,7 +17,7 @@ import pytest
 import torch
 from faults import assert_one_line_error
 from safetensors.torch import load_file
-from training_runs import REPO, start_run, wait_until_stalled
+from training_runs import REPO, start_run, torchrun_two_ranks, wait_until_stalled
 
 from llama import dpo, sft
 from llama.training.checkpoint import MODEL_FILE, find_checkpoint
@@ -122,6 +122,19 @@ def test_a_dpo_run_killed_mid_run_resumes_bitwise_identically(sft_model, pairs, 
             assert record[key] == expected[record["step"]][key], (record["step"], key)
     final = [load_file(str(find_checkpoint(tmp_path / r) / MODEL_FILE)) for r in ("reference", "victim")]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+def test_dpo_on_two_ddp_ranks_scores_the_reference_once_and_trains(sft_model, pairs, tmp_path):
+    """torchrun, two CPU ranks: rank 0 scores the reference (the other waits for its file), rows are split, the
+    replicas stay identical (one checkpoint), and the metrics are the ranks' mean."""
+    script = tmp_path / "run_dpo.py"
+    script.write_text("from llama.dpo import main\nraise SystemExit(main())\n", encoding="utf-8")
+    out = tmp_path / "ddp"
+    torchrun_two_ranks(script, *dpo_args(pairs, sft_model, out, 3, "--eval-every", "3", "--seq-len", "256"))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert 0 <= records[-1]["val_accuracy"] <= 1 and records[-1]["tokens"] == 3 * 2 * 4 * 256
+    assert len(list(pairs.parent.glob("pairs.ref-*.npy"))) >= 1
 
 
 def test_sft_data_is_refused_naming_what_dpo_needs(sft_model, shared_data, small_tokenizer, tmp_path, capsys):
