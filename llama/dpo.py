@@ -48,8 +48,11 @@ from .training.cli import run_training
 from .training.config import TrainConfig, check_values
 from .training.dpo import DPO, LOSS_TYPES, DPOSettings
 from .training.finetune import (
+    FINETUNE_RULES,
     Planned,
+    add_data_arguments,
     add_finetune_arguments,
+    add_packing_arguments,
     data_tokenizer,
     describe,
     finish_plan,
@@ -64,14 +67,8 @@ from .training.runtime import choose_device
 logger = logging.getLogger("llama.dpo")
 
 DPO_DEFAULTS: dict[str, Any] = {"out_dir": "out/dpo", "lr": 5e-6, "min_lr": 5e-7, "eval_every": 50, "save_every": 200}
-#: llama.dpo's own numeric flags, checked with TrainConfig's before anything is packed or scored.
-DPO_RULES: dict[str, dict[str, Any]] = {
-    "epochs": {"above": 0},
-    "val_fraction": {"at_least": 0, "below": 1},
-    "max_bad": {"at_least": 0, "at_most": 1},
-    "pack_workers": {"at_least": 0, "float": False, "help": "(0 = one per core)"},
-    "ref_batch_size": {"at_least": 1, "float": False},
-}
+#: llama.dpo's own numeric flags beside the fine-tunes', checked before anything is packed or scored.
+DPO_RULES: dict[str, dict[str, Any]] = {**FINETUNE_RULES, "ref_batch_size": {"at_least": 1, "float": False}}
 
 
 # ---------------------------------------------------------------- data
@@ -240,19 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="packed DPO dataset (data/dpo or data/dpo.bin), or raw preference pairs: a .jsonl/.json file or a "
+    add_data_arguments(
+        parser,
+        data="packed DPO dataset (data/dpo or data/dpo.bin), or raw preference pairs: a .jsonl/.json file or a "
         "folder of them, packed into a cache beside them",
+        val="packed validation pairs",
+        init="the checkpoint to train (usually an SFT run)",
     )
-    parser.add_argument("--val", help="packed validation pairs (default: the .val beside the data, when present)")
-    parser.add_argument(
-        "--init",
-        help="the checkpoint to train (usually an SFT run): an --out-dir or a step_N folder (required unless "
-        "--out-dir already holds this run's checkpoints, which are resumed)",
-    )
-    parser.add_argument("--tokenizer", help="the tokenizer to pack raw pairs with (default: the checkpoint's)")
     _add_dpo_arguments(parser.add_argument_group("DPO"))
     _add_raw_data_arguments(parser.add_argument_group("raw pairs (refused for packed data)"))
     add_finetune_arguments(parser, DPO_DEFAULTS, epochs=1.0)
@@ -289,19 +280,7 @@ def _add_dpo_arguments(group: argparse._ArgumentGroup) -> None:
 
 def _add_raw_data_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--system", help="system prompt for pairs whose prompt has none")
-    group.add_argument(
-        "--max-bad",
-        type=float,
-        default=0.01,
-        help="fail when more than this share of the records is malformed (skipped and counted; default: 0.01)",
-    )
-    group.add_argument(
-        "--val-fraction", type=float, default=0.05, help="share of pairs held out for validation (default: 0.05)"
-    )
-    group.add_argument("--cache-dir", help="where to keep the packed cache (default: .DATA.zhllm-cache beside it)")
-    group.add_argument(
-        "--pack-workers", type=int, default=0, help="tokenizing processes, 0 = one per core (default: 0)"
-    )
+    add_packing_arguments(group, "pairs", val_fraction=0.05)
 
 
 def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, DPO, dict[str, Any], str]:

@@ -50,7 +50,10 @@ from .training import objectives
 from .training.cli import run_training
 from .training.config import TrainConfig, check_values
 from .training.finetune import (
+    FINETUNE_RULES,
+    add_data_arguments,
     add_finetune_arguments,
+    add_packing_arguments,
     data_tokenizer,
     describe,
     finish_plan,
@@ -68,13 +71,6 @@ SFT_DEFAULTS: dict[str, Any] = {
     "eval_every": 100,
     "save_every": 500,
     "doc_masking": True,
-}
-#: llama.sft's own numeric flags, checked with TrainConfig's (``check_values``) before anything is packed.
-SFT_RULES: dict[str, dict[str, Any]] = {
-    "epochs": {"above": 0},
-    "val_fraction": {"at_least": 0, "below": 1},
-    "max_bad": {"at_least": 0, "at_most": 1},
-    "pack_workers": {"at_least": 0, "float": False, "help": "(0 = one per core)"},
 }
 #: The flags that shape how raw data is packed: refused for data that is packed already.
 PACKING_FLAGS = ("template", "drop_think", "system", "fields", "chosen_only")
@@ -164,28 +160,7 @@ def _add_raw_data_arguments(group: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="raw data: read DPO preference pairs (chosen/rejected) as conversations: the prompt and the chosen reply",
     )
-    group.add_argument(
-        "--max-bad",
-        type=float,
-        default=0.01,
-        help="raw data: fail when more than this share of the records is malformed (they are skipped and counted; "
-        "default: 0.01)",
-    )
-    group.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.02,
-        help="raw data: share of conversations held out for validation (default: 0.02)",
-    )
-    group.add_argument(
-        "--cache-dir", help="raw data: where to keep the packed cache (default: .DATA.zhllm-cache beside it)"
-    )
-    group.add_argument(
-        "--pack-workers",
-        type=int,
-        default=0,
-        help="raw data: tokenizing processes, 0 = one per core, 1 = none (default: 0)",
-    )
+    add_packing_arguments(group, "conversations", val_fraction=0.02)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,24 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="packed SFT dataset (data/sft or data/sft.bin), or raw conversations: a .jsonl/.json/.csv "
-        "file or a folder of them, packed into a cache beside them",
+    add_data_arguments(
+        parser,
+        data="packed SFT dataset (data/sft or data/sft.bin), or raw conversations: a .jsonl/.json/.csv file or a "
+        "folder of them, packed into a cache beside them",
+        val="packed validation set",
+        init="the checkpoint to fine-tune (a pretraining run)",
     )
-    parser.add_argument("--val", help="packed validation set (default: the .val beside the data, when present)")
-    parser.add_argument(
-        "--init",
-        default=None,
-        help="the checkpoint to fine-tune: a pretraining --out-dir or a step_N folder (required unless "
-        "--out-dir already holds this run's checkpoints, which are resumed)",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        help="the tokenizer to pack raw data with (default: the one the checkpoint names; must be the same vocabulary)",
-    )
-    _add_raw_data_arguments(parser.add_argument_group("raw conversations (ignored for packed data)"))
+    _add_raw_data_arguments(parser.add_argument_group("raw conversations (refused for packed data)"))
     add_finetune_arguments(parser, SFT_DEFAULTS, epochs=2.0)
     return parser
 
@@ -256,7 +221,7 @@ def sft_data(
 
 def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, dict[str, Any], str]:
     """Model and training configs, the packed training prefix, the task record and a summary line."""
-    check_values(vars(args), extra=SFT_RULES)  # every number first, before anything is read, packed or written
+    check_values(vars(args), extra=FINETUNE_RULES)  # every number first, before anything is read, packed or written
     field_names = parse_field_names(args.fields) if args.fields else {}
     planned = plan_finetune(args)
     prefix, raw = sft_data(args, planned.checkpoint, planned.saved, field_names)

@@ -24,6 +24,55 @@ from .resume import resolve_init, resolve_resume
 
 #: TrainConfig fields the profile decides unless given on the command line (steps: from --epochs).
 PLANNED = ("batch_size", "grad_accum", "precision", "activation_checkpointing", "steps", "seq_len", "warmup_steps")
+#: The fine-tune CLIs' own numeric flags, checked with TrainConfig's (``check_values``) before anything is packed.
+FINETUNE_RULES: dict[str, dict[str, Any]] = {
+    "epochs": {"above": 0},
+    "val_fraction": {"at_least": 0, "below": 1},
+    "max_bad": {"at_least": 0, "at_most": 1},
+    "pack_workers": {"at_least": 0, "float": False, "help": "(0 = one per core)"},
+}
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, data: str, val: str, init: str) -> None:
+    """``--data``, ``--val``, ``--init`` and ``--tokenizer``, each help naming what this task reads."""
+    parser.add_argument("--data", required=True, help=data)
+    parser.add_argument("--val", help=f"{val} (default: the .val beside the data, when present)")
+    parser.add_argument(
+        "--init",
+        help=f"{init}: an --out-dir or a step_N folder (required unless --out-dir already holds this run's "
+        "checkpoints, which are resumed)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="the tokenizer to pack raw data with (default: the one the checkpoint names; must be the same vocabulary)",
+    )
+
+
+def add_packing_arguments(group: argparse._ArgumentGroup, records: str, val_fraction: float) -> None:
+    """How raw ``records`` are packed into the cache: ``--max-bad``, ``--val-fraction``, ``--cache-dir``,
+    ``--pack-workers``."""
+    group.add_argument(
+        "--max-bad",
+        type=float,
+        default=0.01,
+        help="raw data: fail when more than this share of the records is malformed (they are skipped and counted; "
+        "default: 0.01)",
+    )
+    group.add_argument(
+        "--val-fraction",
+        type=float,
+        default=val_fraction,
+        help=f"raw data: share of {records} held out for validation (default: {val_fraction:g})",
+    )
+    group.add_argument(
+        "--cache-dir", help="raw data: where to keep the packed cache (default: .DATA.zhllm-cache beside it)"
+    )
+    group.add_argument(
+        "--pack-workers",
+        type=int,
+        default=0,
+        help="raw data: tokenizing processes, 0 = one per core, 1 = none (default: 0)",
+    )
 
 
 def add_finetune_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any], epochs: float) -> None:
