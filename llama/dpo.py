@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         init="the checkpoint to train (usually an SFT run)",
     )
     _add_dpo_arguments(parser.add_argument_group("DPO"))
-    _add_raw_data_arguments(parser.add_argument_group("raw pairs (refused for packed data)"))
+    _add_raw_data_arguments(parser.add_argument_group("raw pairs: how they are packed"))
     add_finetune_arguments(parser, DPO_DEFAULTS, epochs=1.0)
     return parser
 

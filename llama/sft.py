@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         val="packed validation set",
         init="the checkpoint to fine-tune (a pretraining run)",
     )
-    _add_raw_data_arguments(parser.add_argument_group("raw conversations (refused for packed data)"))
+    _add_raw_data_arguments(parser.add_argument_group("raw conversations: how they are packed"))
     add_finetune_arguments(parser, SFT_DEFAULTS, epochs=2.0)
     return parser
 
