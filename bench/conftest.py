@@ -4,7 +4,8 @@ Run from the repository root: ``pytest bench/ --benchmark-only``. The benchmarks
 ``../shared/data`` and skip with a reason when it is absent (a fresh clone has no ``../shared``).
 Every figure the benchmarks measure is collected by :class:`Recorder`; at the end of the session
 it writes ``bench/.results/pack.json``, ``bench/.results/loader.json``, ``bench/.results/kernels.json``,
-``bench/.results/train.json`` and ``bench/.results/generate.json`` (only the kinds that ran) and prints the
+``bench/.results/train.json``, ``bench/.results/generate.json`` and ``bench/.results/finetune.json`` (only the
+kinds that ran) and prints the
 ratio tables. ``python bench/report.py`` turns those files into ``RESULTS.md``.
 """
 
@@ -27,6 +28,7 @@ if str(BENCH) not in sys.path:  # the helper modules beside this file (pytest's 
     sys.path.insert(0, str(BENCH))
 
 from benchlib import CHATGLM_MODEL, PYTHON, REPO, RESULTS_DIR, SHARED_DATA, TANG, Recorder, read_tang  # noqa: E402
+from finetune_report import finetune_tables, summarize_finetune  # noqa: E402
 from generate_report import generate_tables, summarize_generate  # noqa: E402
 from kernel_report import kernel_tables, summarize_kernels  # noqa: E402
 from report import loader_tables, pack_tables  # noqa: E402
@@ -45,12 +47,13 @@ def recorder() -> Recorder:
         _RECORDER.rows.setdefault("kernels", [])  # bench/test_kernels.py records here
         _RECORDER.rows.setdefault("train", [])  # bench/test_train_step.py records here
         _RECORDER.rows.setdefault("generate", [])  # bench/test_generate_speed.py records here
+        _RECORDER.rows.setdefault("finetune", [])  # bench/test_lora_step.py and bench/test_dpo_step.py record here
     return _RECORDER
 
 
 def _summaries() -> dict[str, dict[str, Any]]:
-    """The recorder's summaries plus the kernel, training-step and generation benchmarks' (which the Recorder does not
-    summarize)."""
+    """The recorder's summaries plus the kernel, training-step, generation and fine-tuning benchmarks' (which the
+    Recorder does not summarize)."""
     summaries = _RECORDER.summaries()
     env = {**_RECORDER.started, "load_average_end": list(os.getloadavg())}
     kernel_rows = _RECORDER.rows.get("kernels")
@@ -62,6 +65,9 @@ def _summaries() -> dict[str, dict[str, Any]]:
     generate_rows = _RECORDER.rows.get("generate")
     if generate_rows:
         summaries["generate"] = {"environment": env, "runs": generate_rows, **summarize_generate(generate_rows)}
+    finetune_rows = _RECORDER.rows.get("finetune")
+    if finetune_rows:
+        summaries["finetune"] = {"environment": env, "runs": finetune_rows, **summarize_finetune(finetune_rows)}
     return summaries
 
 
@@ -94,6 +100,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(train_tables(summaries["train"]))
     if "generate" in summaries:
         terminalreporter.write_line(generate_tables(summaries["generate"]))
+    if "finetune" in summaries:
+        terminalreporter.write_line(finetune_tables(summaries["finetune"]))
     terminalreporter.write_line(f"saved to {RESULTS_DIR}/; render with: python bench/report.py > bench/RESULTS.md")
 
 
@@ -191,6 +199,18 @@ def tokenizers(request: pytest.FixtureRequest) -> Callable[[str], tuple[Path, Pa
         raise KeyError(name)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def finetune_model(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The fine-tuning benchmarks' model (``finetune_setup``): a tokenizer trained on the DPO pairs, a random
+    checkpoint of the device's size and its Hugging Face export, made once per session."""
+    import torch
+    from finetune_setup import DPO_PAIRS, device_size, prepare_model
+
+    if not DPO_PAIRS.is_file():
+        pytest.skip(f"{DPO_PAIRS} is absent")
+    return prepare_model(tmp_path_factory.mktemp("finetune"), device_size(torch.cuda.is_available()))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ OP_TITLES = {
     "swiglu": "SwiGLU (`zhkernels.swiglu`)",
     "flash_attention": "Flash attention (`zhkernels.flash_attention`, causal)",
     "fused_linear_cross_entropy": "Fused linear + cross-entropy (`zhkernels.fused_linear_cross_entropy`)",
+    "fused_linear_logprobs": "Fused linear + log-probs (`zhkernels.fused_linear_logprobs`)",
 }
 OP_ORDER = list(IMPLS)
 IMPL_ORDER = ["ours", "eager", "compile", "liger", "sdpa-flash", "sdpa"]
@@ -30,6 +31,16 @@ TARGET_ATTENTION_HEAD_DIM = 64  # ... at head_dim 64, causal, 512 ≤ T ≤ 2048
 TARGET_ATTENTION_SEQ = (512, 2048)
 TARGET_CE_MEMORY_FRACTION = 0.1  # fused CE: ≤ 1/10 of eager's peak memory and no slower than eager ...
 TARGET_CE_VOCAB, TARGET_CE_TOKENS = 35023, 16384  # ... at vocab 35,023 and 16k tokens
+CHUNKED_OPS = ("fused_linear_cross_entropy", "fused_linear_logprobs")  # the same two targets for fused log-probs
+
+COUNT_METHOD = (
+    "Counted, not measured: one call's GPU peak above its inputs, counted on meta tensors (`test_memory_count`): "
+    "PyTorch's `MemTracker` follows every storage the call allocates; our op runs its real host code on its Triton "
+    "path with the kernel launches stubbed (as `bench/count_memory.py` counts a training step), eager runs its aten "
+    "ops. *eager* = `torch.log_softmax(hidden @ W.T, -1).gather(-1, targets)` in the input dtype. Allocator rounding "
+    "and cuBLAS workspaces are not counted; on a GPU the same calls are also measured (`max_memory_allocated`, the "
+    "op's memory table). MB."
+)
 
 METHOD = (
     "Each cell: median GPU milliseconds per call (batches of up to 20 calls queued behind a GPU sleep and run back "
@@ -164,7 +175,7 @@ def targets_for(op: str, pass_: str, impls: dict[str, dict[str, Any]]) -> list[d
                     None if ratio is None else ratio >= TARGET_ATTENTION_VS_SDPA,
                 )
             )
-    elif op == "fused_linear_cross_entropy":
+    elif op in CHUNKED_OPS:
         if dims.get("vocab") == TARGET_CE_VOCAB and dims.get("tokens", 0) >= TARGET_CE_TOKENS:
             eager = impls.get("eager")
             frac = _ratio(ours, eager, "peak_mb")
@@ -187,9 +198,37 @@ def targets_for(op: str, pass_: str, impls: dict[str, dict[str, Any]]) -> list[d
     return out
 
 
+def count_groups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Counted rows (``kind == "count"``) paired per (op, shape, dtype, pass): ours, eager, and the memory target."""
+    groups: dict[tuple[str, str, str, str], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("kind") == "count":
+            groups.setdefault((r["op"], r["shape"], r["dtype"], r["pass"]), {})[r["impl"]] = r
+    out = []
+    for (op, shape, dtype, pass_), impls in groups.items():
+        ours, eager = impls.get("ours"), impls.get("eager")
+        frac = _ratio(ours, eager, "counted_peak_mb")
+        out.append(
+            {
+                "op": op,
+                "shape": shape,
+                "dtype": dtype,
+                "pass": pass_,
+                "ours_mb": ours["counted_peak_mb"] if ours else None,
+                "eager_mb": eager["counted_peak_mb"] if eager else None,
+                "fraction": frac,
+                "target": f"peak memory ≤ {TARGET_CE_MEMORY_FRACTION:g} × eager's (counted)",
+                "met": None if frac is None else frac <= TARGET_CE_MEMORY_FRACTION,
+            }
+        )
+    return out
+
+
 def summarize_kernels(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Peaks, the measurements in report order, ours-vs-best-other per row group, and every target check."""
-    measured = [r for r in rows if r.get("op") != "peak"]
+    """Peaks, the measurements in report order, ours-vs-best-other per row group, every target check, and the
+    meta-tensor memory counts (apart: counts are not measurements)."""
+    counts = count_groups(rows)
+    measured = [r for r in rows if r.get("op") != "peak" and r.get("kind") != "count"]
     order = _order(measured)
     figures = sorted(measured, key=lambda r: _key(order, r))
     comparisons, targets = [], []
@@ -197,7 +236,7 @@ def summarize_kernels(rows: list[dict[str, Any]]) -> dict[str, Any]:
         head = {"op": op, "shape": shape, "dtype": dtype, "pass": pass_}
         comparisons.append({**head, **compare(impls)})
         targets += [{**head, **t} for t in targets_for(op, pass_, impls)]
-    return {"peaks": peaks(rows), "figures": figures, "comparisons": comparisons, "targets": targets}
+    return {"peaks": peaks(rows), "figures": figures, "comparisons": comparisons, "targets": targets, "counts": counts}
 
 
 # ---------------------------------------------------------------- markdown
@@ -294,9 +333,34 @@ def target_counts(targets: list[dict[str, Any]]) -> list[list[str]]:
     ]
 
 
+def count_tables(counts: list[dict[str, Any]]) -> str:
+    """The meta-tensor counts: ours and eager per (op, shape, dtype, pass), their ratio and the memory target."""
+    rows = [
+        [
+            c["op"],
+            c["shape"],
+            c["dtype"],
+            c["pass"],
+            "–" if c["eager_mb"] is None else f"{c['eager_mb']:,.1f}",
+            "–" if c["ours_mb"] is None else f"{c['ours_mb']:,.1f}",
+            "–" if c["fraction"] is None else f"{c['fraction']:.4f}×",
+            f"{c['target']}: {_mark(c['met'])}",
+        ]
+        for c in counts
+    ]
+    header = ["op", "shape", "dtype", "pass", "eager (MB, counted)", "ours (MB, counted)", "ours ÷ eager", "target"]
+    return "\n\n".join(
+        ["#### GPU peak memory counted on meta tensors (no GPU needed)", COUNT_METHOD, _table(header, rows)]
+    )
+
+
 def kernel_tables(summary: dict[str, Any]) -> str:
-    """Markdown for the kernels section: the GPU and its peaks, one table pair per op, then every target."""
+    """Markdown for the kernels section: the GPU and its peaks, one table pair per op, every target, then the counts."""
     summary = summarize_kernels(summary["runs"]) if "runs" in summary else summary
+    counts = summary.get("counts") or []
+    if not summary["figures"] and counts:  # a machine without a GPU: only the counts ran
+        title = "### Fused kernels: GPU memory counted on a machine without a GPU (timings need CUDA)"
+        return "\n\n".join([title, count_tables(counts)])
     ops = sorted({r["op"] for r in summary["figures"]}, key=lambda o: OP_ORDER.index(o) if o in OP_ORDER else 99)
     parts = ["### Fused kernels vs eager, torch.compile, Liger-Kernel and SDPA", _peak_lines(summary["peaks"]), METHOD]
     parts += [op_tables(op, summary) for op in ops]
@@ -310,4 +374,6 @@ def kernel_tables(summary: dict[str, Any]) -> str:
         parts.append(_table(["op", "shape", "dtype", "pass", "target", "measured", "met"], rows))
     else:
         parts.append("(no target could be checked: none of the target shapes ran)")
+    if counts:
+        parts.append(count_tables(counts))
     return "\n\n".join(parts)

@@ -30,6 +30,7 @@ IMPLS: dict[str, tuple[str, ...]] = {
     "swiglu": ("ours", "eager", "compile", "liger"),
     "flash_attention": ("ours", "eager", "compile", "sdpa-flash", "sdpa"),
     "fused_linear_cross_entropy": ("ours", "eager", "compile", "liger"),
+    "fused_linear_logprobs": ("ours", "eager", "compile"),
 }
 
 #: Memory-bound ops are judged in GB/s against the copy bandwidth; the others in TFLOP/s against the matmul peak.
@@ -44,6 +45,8 @@ FORMULAS: dict[str, str] = {
     "flash_attention": "flops: fwd 4·B·Hq·T²·D, halved when causal; bwd 2.5× fwd (fwd+bwd = 3.5× fwd)",
     "fused_linear_cross_entropy": "flops: fwd 2·N·H·V (the logits matmul); fwd+bwd 3× fwd (dhidden and dweight "
     "matmuls)",
+    "fused_linear_logprobs": "flops: fwd 2·N·H·V (the logits matmul); fwd+bwd 3× fwd (dhidden and dweight matmuls; "
+    "ours recomputes the logits in backward, a fourth matmul not counted)",
 }
 
 
@@ -93,7 +96,11 @@ def _ce(label: str, tokens: int, hidden: int, vocab: int) -> KernelShape:
     return KernelShape("fused_linear_cross_entropy", label, {"tokens": tokens, "hidden": hidden, "vocab": vocab})
 
 
-#: What the GPU run measures: 320 cases with the dtypes, passes and implementations (meant to take under ~8 minutes on
+def _logprobs(label: str, tokens: int, hidden: int, vocab: int) -> KernelShape:
+    return KernelShape("fused_linear_logprobs", label, {"tokens": tokens, "hidden": hidden, "vocab": vocab})
+
+
+#: What the GPU run measures: 332 cases with the dtypes, passes and implementations (meant to take under ~8 minutes on
 #: an H100).
 SHAPES: dict[str, list[KernelShape]] = {
     "rms_norm": [
@@ -125,6 +132,7 @@ SHAPES: dict[str, list[KernelShape]] = {
         _ce("seed003 16k-tok h768 v35023", 16384, 768, 35023),
         _ce("16k-tok h896 v65536", 16384, 896, 65536),
     ],
+    "fused_linear_logprobs": [_logprobs("16k-tok h896 v35023", 16384, 896, 35023)],
 }
 
 #: ``ZHLLM_BENCH_CPU_SMOKE=1``: one tiny, odd-sized shape per op, run once on CPU (Triton interpreter) to prove the
@@ -135,6 +143,7 @@ SMOKE_SHAPES: dict[str, list[KernelShape]] = {
     "swiglu": [_swiglu("smoke 6-tok ffn40", 6, 40)],
     "flash_attention": [_attn("smoke 1x20 2/1h d16", 1, 20, 2, 1, 16)],
     "fused_linear_cross_entropy": [_ce("smoke 10-tok h16 v40", 10, 16, 40)],
+    "fused_linear_logprobs": [_logprobs("smoke 10-tok h16 v40", 10, 16, 40)],
 }
 
 
@@ -166,7 +175,7 @@ def flops(op: str, dims: dict[str, Any], pass_: str) -> float | None:
         if dims.get("causal", True):
             fwd /= 2
         return fwd if pass_ == "fwd" else fwd * 3.5
-    if op == "fused_linear_cross_entropy":
+    if op in ("fused_linear_cross_entropy", "fused_linear_logprobs"):
         fwd = 2.0 * dims["tokens"] * dims["hidden"] * dims["vocab"]
         return fwd if pass_ == "fwd" else fwd * 3
     return None

@@ -360,6 +360,17 @@ def _generate_tables(summary: dict[str, Any]) -> str:
     return generate_tables(summary)
 
 
+def _finetune_tables(summary: dict[str, Any]) -> str:
+    """``finetune_report.finetune_tables``, imported only when there are fine-tuning results (it lives beside this
+    file)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from finetune_report import finetune_tables
+
+    return finetune_tables(summary)
+
+
 def render(results_dir: Path) -> str:
     notes = results_dir.parent / "NOTES.md"
     source = f"`{results_dir.name}/*.json`" + (" and `NOTES.md` (the last section)" if notes.is_file() else "")
@@ -376,6 +387,7 @@ def render(results_dir: Path) -> str:
         ("kernels", "Kernels", _kernel_tables),
         ("train", "Training step", _train_tables),
         ("generate", "Generation", _generate_tables),
+        ("finetune", "Fine-tuning steps", _finetune_tables),
     )
     for kind, title, tables in kinds:
         path = results_dir / f"{kind}.json"
@@ -411,7 +423,7 @@ def main() -> int:
         "--results",
         type=Path,
         default=RESULTS_DIR,
-        help="folder of pack.json/loader.json/kernels.json/train.json/generate.json/profile.json",
+        help="folder of pack.json/loader.json/kernels.json/train.json/generate.json/finetune.json/profile.json",
     )
     parser.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
     args = parser.parse_args()

@@ -3,6 +3,7 @@
     pytest bench/test_kernels.py --benchmark-only                       # GPU: every op × shape × dtype × impl × pass
     pytest bench/test_kernels.py --benchmark-only -k "bf16 and not compile"   # a quicker look
     ZHLLM_BENCH_CPU_SMOKE=1 pytest bench/test_kernels.py --benchmark-disable  # CPU: each body once, tiny shapes
+    pytest bench/test_kernels.py --benchmark-only -k count              # CPU or GPU: the meta-tensor memory counts
 
 Shapes, byte and flop counts are in ``kernel_shapes.py``. Every case times batches of up to 20 calls
 run back to back on the GPU, each after a 256 MB write that flushes the L2 cache: the GPU first sleeps
@@ -14,8 +15,10 @@ pytest-benchmark's own columns are whole batches while the recorded figures are 
 matmul peaks that the shares are taken of are measured at the start of the same session. Figures
 go to ``bench/.results/kernels.json`` (``conftest.py``) and ``python bench/report.py`` renders them.
 
-Without CUDA every case skips. ``ZHLLM_BENCH_CPU_SMOKE=1`` instead runs each case once on CPU at a
-tiny shape (our ops through the Triton interpreter, ``torch.compile`` with the ``aot_eager``
+Without CUDA every timed case skips; the memory counts (``test_memory_count``: ``fused_linear_logprobs`` and its
+eager form at the target shape, their GPU peak counted on meta tensors as ``bench/count_memory.py`` counts a step)
+run anywhere and are recorded as counts, never as measurements. ``ZHLLM_BENCH_CPU_SMOKE=1`` instead runs each
+timed case once on CPU at a tiny shape (our ops through the Triton interpreter, ``torch.compile`` with the ``aot_eager``
 backend), checks the forward against ``zhkernels.reference``, and records nothing: it proves the
 benchmark code paths, not any speed.
 """
@@ -61,7 +64,7 @@ NO_GPU = (
     "needs a CUDA GPU; the kernels are proven on CPU by tests/ through the Triton interpreter "
     "(ZHLLM_BENCH_CPU_SMOKE=1 runs each benchmark body once on tiny CPU shapes)"
 )
-pytestmark = pytest.mark.skipif(not ON_GPU and not SMOKE, reason=NO_GPU)
+gpu_only = pytest.mark.skipif(not ON_GPU and not SMOKE, reason=NO_GPU)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-6
@@ -77,6 +80,7 @@ OP_MODULES = {
     "swiglu": "swiglu",
     "flash_attention": "flash_attention",
     "fused_linear_cross_entropy": "cross_entropy",
+    "fused_linear_logprobs": "logprobs",
 }
 
 CASES = [
@@ -149,6 +153,11 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 def eager_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """What training code writes without a fused loss: the full logits, upcast, then cross-entropy."""
     return F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=-100)
+
+
+def eager_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """What DPO code writes without a fused head: the full logits, log-softmax, the targets' entries."""
+    return torch.log_softmax(hidden @ weight.T, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
 def _sdpa_gqa_supported() -> bool:
@@ -281,7 +290,30 @@ def make_case(shape: KernelShape, dtype_name: str, impl: str, needs_grad: bool) 
             [hidden, weight],
             None,
         )
+    if op == "fused_linear_logprobs":
+        return _logprobs_case(d, dtype, impl, needs_grad, reference)
     raise KeyError(op)
+
+
+def _logprobs_case(d: dict[str, Any], dtype: torch.dtype, impl: str, needs_grad: bool, reference: Any) -> Case:
+    """Per-token log-probs ``[N]`` with a fixed output gradient in the output's dtype (fp32 for ours, the input
+    dtype for eager); every target is a real id (eager's gather knows no ignore_index)."""
+    n, h, vocab = d["tokens"], d["hidden"], d["vocab"]
+    hidden = _randn(n, h, dtype=dtype, grad=needs_grad)
+    weight = _randn(vocab, h, dtype=dtype, grad=needs_grad, scale=h**-0.5)
+    targets = torch.randint(0, vocab, (n,), device=DEVICE)
+    fn = {
+        "ours": lambda: ours("fused_linear_logprobs"),
+        "eager": lambda: eager_logprobs,
+        "compile": lambda: compiled(eager_logprobs),
+    }[impl]()
+    out_dtype = torch.float32 if impl == "ours" else dtype
+    return Case(
+        lambda: fn(hidden, weight, targets),
+        lambda: reference.fused_linear_logprobs(hidden.float(), weight.float(), targets),
+        [hidden, weight],
+        [torch.randn(n, device=DEVICE).to(out_dtype)],
+    )
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -511,6 +543,7 @@ def peak_memory_mb(step: Callable[[], Any], leaves: list[torch.Tensor]) -> float
 # ---------------------------------------------------------------- the benchmark
 
 
+@gpu_only
 @pytest.mark.parametrize(("shape", "dtype", "pass_", "impl"), CASES, ids=[case_id(c) for c in CASES])
 def test_kernel(
     benchmark: Any,
@@ -579,3 +612,70 @@ def test_kernel(
             **({"tflops": round(tflops, 1)} if tflops else {}),
         }
     )
+
+
+# ---------------------------------------------------------------- GPU memory counted on meta tensors (any machine)
+
+#: (shape, dtype, pass, impl) whose GPU peak is counted: the fused log-probs and their eager form at the target shape
+COUNT_CASES = [
+    (shape, "bf16", pass_, impl)
+    for shape in SHAPES["fused_linear_logprobs"]
+    for pass_ in PASSES
+    for impl in ("ours", "eager")
+]
+
+
+def counted_peak_mb(shape: KernelShape, dtype_name: str, pass_: str, impl: str) -> float:
+    """One call's GPU peak above its inputs, counted on meta tensors: our op's real host code on its Triton path
+    (launches stubbed, as ``bench/count_memory.py`` counts a step), eager's aten ops as they allocate. MB."""
+    from count_memory import _no_kernel_launches, _RealOpBodies
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from zhkernels import _dispatch
+
+    d, dtype, grad = shape.dims, TORCH_DTYPES[dtype_name], pass_ != "fwd"
+    meta = torch.device("meta")
+    hidden = torch.empty(d["tokens"], d["hidden"], device=meta, dtype=dtype, requires_grad=grad)
+    weight = torch.empty(d["vocab"], d["hidden"], device=meta, dtype=dtype, requires_grad=grad)
+    targets = torch.zeros(d["tokens"], dtype=torch.long, device=meta)
+    fn = ours("fused_linear_logprobs") if impl == "ours" else eager_logprobs
+    output_grad = torch.empty(d["tokens"], device=meta, dtype=torch.float32 if impl == "ours" else dtype)
+    inputs = (hidden, weight, targets, output_grad)
+    tracker = MemTracker()
+    tracker.track_external(*inputs)  # known before the call, so views of them (weight.T) are not new storage
+    with _no_kernel_launches(), _dispatch.meta_as_gpu(None), tracker, _RealOpBodies():
+        out = fn(hidden, weight, targets)
+        if grad:
+            out.backward(output_grad)
+        del out
+    before = sum(t.untyped_storage().nbytes() for t in inputs)  # what max_memory_allocated's baseline holds
+    return (tracker.get_tracker_snapshot("peak")[meta]["Total"] - before) / MB
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "pass_", "impl"), COUNT_CASES, ids=[f"count-{case_id(c)}" for c in COUNT_CASES]
+)
+def test_memory_count(
+    benchmark: Any, recorder: Recorder, shape: KernelShape, dtype: str, pass_: str, impl: str
+) -> None:
+    """The GPU peak of one call counted on meta tensors, on any machine: a count, recorded as one (``kind``)."""
+    benchmark.group = f"memory count (meta tensors) {shape.op} {shape.label} {dtype} {pass_}"
+    counted: list[float] = []
+    benchmark.pedantic(lambda: counted.append(counted_peak_mb(shape, dtype, pass_, impl)), rounds=1, iterations=1)
+    if SMOKE or benchmark.disabled:
+        return
+    import platform
+
+    row = {
+        "op": shape.op,
+        "kind": "count",
+        "impl": impl,
+        "pass": pass_,
+        "dtype": dtype,
+        "shape": shape.label,
+        "dims": dict(shape.dims),
+        "counted_peak_mb": counted[0],
+        "counted_on": f"meta tensors ({platform.machine()}, torch {torch.__version__})",
+    }
+    recorder.add("kernels", row)
+    benchmark.extra_info["counted_peak_mb"] = round(counted[0], 1)
