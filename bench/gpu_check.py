@@ -111,6 +111,23 @@ PLAN = [
         ["kernels.json"],
     ),
     Stage(
+        "finetune-steps",
+        90,
+        [
+            PY,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "bench/test_lora_step.py",
+            "bench/test_dpo_step.py",
+            "--benchmark-only",
+        ],
+        "a LoRA step (ours vs PEFT vs full) and a DPO step (ours vs TRL, when its wheel is in bench/.wheels)",
+        ["finetune.json"],
+    ),
+    Stage(
         "flash-tiles",
         90,
         [PY, "bench/tune_flash.py", "--docs", "--out", str(RESULTS / "flash_tiles.json")],
