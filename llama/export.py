@@ -5,6 +5,7 @@
     python -m llama.export --from-hf hf/some-llama --out out/imported        # then: llama.pretrain --init out/imported
     python -m llama.export --ckpt out/sft-lora --out hf/zh-llama-chat --merge-lora   # a LoRA run, merged
     python -m llama.export --ckpt out/sft-lora --out hf/adapter              # its adapters alone, PEFT's layout
+    python -m llama.export --from-peft their-adapter --base out/sft --out out/their-lora  # a PEFT adapter, ours
 
 The export writes config.json (LlamaForCausalLM), model.safetensors (our parameter names are Hugging
 Face's; a tied lm_head is left out, as save_pretrained does), generation_config.json (greedy, stopping at
@@ -25,7 +26,7 @@ from typing import Sequence
 
 from engine.cli import run_cli, setup_logging
 
-from .formats.hf import DEFAULT_DTYPE, export_hf, import_to_checkpoint
+from .formats.hf import DEFAULT_DTYPE, export_hf, import_peft_adapter, import_to_checkpoint
 from .formats.hf_io import ExportError
 from .precision import DTYPES
 
@@ -43,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source.add_argument(
         "--from-hf", metavar="DIR", help="import: a Hugging Face LlamaForCausalLM folder (config.json + safetensors)"
+    )
+    source.add_argument(
+        "--from-peft",
+        metavar="DIR",
+        help="import: a PEFT LoRA adapter folder trained on the export of --base (written as a LoRA checkpoint)",
+    )
+    parser.add_argument(
+        "--base", metavar="DIR", help="with --from-peft: our checkpoint the adapter's base was exported from"
     )
     parser.add_argument(
         "--out",
@@ -74,12 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.from_hf is not None:
-        if args.tokenizer or args.dtype or args.merge_lora:
-            raise ExportError(
-                "--tokenizer, --dtype and --merge-lora apply to export (--ckpt); an import keeps the model's own "
-                "tokenizer reference and float32 weights"
-            )
+    if args.ckpt is None and (args.tokenizer or args.dtype or args.merge_lora):
+        raise ExportError(
+            "--tokenizer, --dtype and --merge-lora apply to export (--ckpt); an import keeps the model's own "
+            "tokenizer reference and float32 weights"
+        )
+    if (args.base is not None) != (args.from_peft is not None):
+        raise ExportError("--from-peft and --base go together: a PEFT adapter and our checkpoint it was trained on")
+    if args.from_peft is not None:
+        import_peft_adapter(args.from_peft, args.base, args.out, overwrite=args.overwrite)
+    elif args.from_hf is not None:
         import_to_checkpoint(args.from_hf, args.out, overwrite=args.overwrite)
     else:
         dtype = args.dtype or DEFAULT_DTYPE

@@ -283,3 +283,28 @@ def test_merge_lora_on_a_plain_checkpoint_is_one_line(sft_lora, tmp_path):
     with pytest.raises(ExportError, match="has no LoRA adapters to merge: export it without --merge-lora"):
         export_hf(base, tmp_path / "x", merge_lora=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_peft_adapter_trained_elsewhere_is_imported_as_a_lora_run(sft_lora, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base, _ = sft_lora
+    base_hf = export_hf(base, tmp_path / "base-hf", dtype="fp32")
+    spec = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "down_proj"], lora_dropout=0.0)
+    theirs = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(str(base_hf)), spec)
+    torch.manual_seed(7)
+    with torch.no_grad():  # as if trained: B away from zero
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    theirs.save_pretrained(str(tmp_path / "adapter"))
+    args = [sys.executable, "-m", "llama.export", "--from-peft", str(tmp_path / "adapter"), "--base", str(base)]
+    done = subprocess.run([*args, "--out", str(tmp_path / "ours")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_config(find_checkpoint(tmp_path / "ours"))["lora"]["base"]["path"] == str(base.resolve())
+    model, _, _ = load_for_inference(tmp_path / "ours", device="cpu", dtype="fp32", kernels="torch")
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, theirs.eval()(ids).logits, rtol=1e-4, atol=1e-4)
+    refused = subprocess.run(args[:5] + ["--out", str(tmp_path / "x")], cwd=REPO, capture_output=True, text=True)
+    assert_one_line_error(refused.returncode, refused.stderr, "--from-peft and --base go together")

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from engine.chat_template import IM_END
 from engine.tokenizer import Tokenizer, TokenizerError, load_tokenizer, tokenizer_mismatch
 
+from ..lora import adapter_state_dict
 from ..model import Llama, LlamaConfig, ModelOptions
 from ..precision import DTYPES
 from ..training import adapters
@@ -35,7 +36,7 @@ from .hf_io import (
     read_llama_config,
     write_json,
 )
-from .peft import save_peft_adapter
+from .peft import load_peft_adapter, save_peft_adapter
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +302,10 @@ def save_init_checkpoint(
     """Write ``model.safetensors`` + ``config.json`` in :mod:`llama.checkpoint`'s layout (no ``trainer.pt``): weights
     to start a run from, read by ``find_checkpoint``, ``read_config`` and ``load_model_weights``."""
     out = Path(out_dir)
-    tensors, aliases = ckpt.unique_tensors(model.state_dict(), ckpt.tied_parameters(model))
+    if (extra or {}).get("lora"):  # a LoRA checkpoint holds its adapters; its base is named in config.json
+        tensors, aliases = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}, {}
+    else:
+        tensors, aliases = ckpt.unique_tensors(model.state_dict(), ckpt.tied_parameters(model))
     meta = {
         "format": ckpt.FORMAT,
         "kind": "init",
@@ -343,6 +347,35 @@ def import_to_checkpoint(
         out,
         out,
     )
+    return out
+
+
+def import_peft_adapter(
+    adapter_dir: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    overwrite: bool = False,
+) -> Path:
+    """A PEFT LoRA adapter trained elsewhere on the export of our checkpoint ``base_dir``, saved as a LoRA checkpoint
+    of ours in ``out_dir`` (its adapters; the base named by path and sha256), which chat, evaluate, generate, export
+    and ``--init`` take like any LoRA run."""
+    base = ckpt.find_checkpoint(base_dir)
+    if base is None:
+        raise ExportError(f"--base {base_dir}: no checkpoint there (the one whose export the adapter was trained on)")
+    out = Path(out_dir)
+    check_output(out, overwrite)
+    saved = ckpt.read_config(base)
+    config = _model_config(saved.get("model"), base)
+    model = adapters.load_weights(base, saved, Llama(config, ModelOptions(kernels="torch")))
+    lora = load_peft_adapter(model, adapter_dir)
+    extra = {
+        "tokenizer": saved.get("tokenizer"),
+        "task": saved.get("task"),
+        "lora": adapters.lora_record(lora, base),
+        "source": {"peft_adapter": str(Path(adapter_dir).resolve())},
+    }
+    save_init_checkpoint(model, config, out, extra, overwrite)
+    log.info("imported the PEFT adapter %s (%s) on %s to %s", adapter_dir, lora.describe(), base, out)
     return out
 
 
