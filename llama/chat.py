@@ -32,13 +32,14 @@ from engine.chat_template import IM_START, render_text
 from engine.cli import run_cli, setup_logging
 from engine.tokenizer import Tokenizer
 
-from .generation.generate import generate, stop_token_ids
+from .generation.generate import generate, require_think_ids, stop_token_ids
 from .generation.load import (
     InferenceInfo,
     add_checkpoint_arguments,
     add_runtime_arguments,
     add_sampling_arguments,
     load_for_inference,
+    sampling_options,
 )
 from .generation.prompts import require_utf8, tolerant
 from .generation.sampling import SamplingOptions
@@ -142,6 +143,8 @@ class ChatOptions:
     top_k: int = 0
     top_p: float = 0.9
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    max_think_tokens: int | None = None
     num_beams: int = 1
     greedy: bool = False
     think: bool = True
@@ -174,7 +177,13 @@ class ChatSession:
         if options.num_beams < 1:
             raise ValueError(f"--num-beams must be ≥ 1, got {options.num_beams}")
         SamplingOptions(
-            not options.greedy, options.temperature, options.top_k, options.top_p, options.repetition_penalty
+            not options.greedy,
+            options.temperature,
+            options.top_k,
+            options.top_p,
+            options.repetition_penalty,
+            options.no_repeat_ngram_size,
+            options.max_think_tokens,
         )  # refuses a bad option now, not at the first message
         if tokenizer.token_to_id(IM_START) is None:
             log.warning(
@@ -190,6 +199,7 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []  # user and assistant turns, oldest first
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        self.think_ids = require_think_ids(tokenizer, options.max_think_tokens)
         self.turns = 0  # replies generated, for a different sampling seed per turn
 
     def reset(self) -> None:
@@ -278,6 +288,9 @@ class ChatSession:
             top_k=o.top_k,
             top_p=o.top_p,
             repetition_penalty=o.repetition_penalty,
+            no_repeat_ngram_size=o.no_repeat_ngram_size,
+            max_think_tokens=o.max_think_tokens,
+            think_ids=self.think_ids,
             do_sample=sample,
             num_beams=o.num_beams,
             eos_ids=self.stop_ids,
@@ -390,6 +403,7 @@ def options_from(args: argparse.Namespace, context: int) -> ChatOptions:
     """The generation options the command line asks for, with defaults that depend on the model."""
     max_new = args.max_new_tokens if args.max_new_tokens is not None else min(512, context // 2)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    sampling_options(args)  # a value out of range is refused naming its flag
     if args.num_beams > 1 and not args.greedy:
         log.info("--num-beams %d: beam search is deterministic, sampling options are not used", args.num_beams)
     return ChatOptions(
@@ -398,6 +412,8 @@ def options_from(args: argparse.Namespace, context: int) -> ChatOptions:
         top_k=args.top_k,
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        max_think_tokens=args.max_think_tokens,
         num_beams=args.num_beams,
         greedy=args.greedy,
         think=args.think,

@@ -1,8 +1,9 @@
-"""Evaluate a model: perplexity on a packed dataset, and multiple-choice accuracy by log-likelihood.
+"""Evaluate a model: perplexity, multiple-choice accuracy by log-likelihood, and the format and loops of its replies.
 
     python -m llama.evaluate --ckpt out/pretrain --ppl data/corpus.val
     python -m llama.evaluate --ckpt out/pretrain --ppl data/corpus.val --seq-len 256 --batches 50 --json ppl.json
     python -m llama.evaluate --ckpt out/sft --choices ceval_val.jsonl --chat --json ceval.json
+    python -m llama.evaluate --ckpt out/sft-think --generate prompts.jsonl --chat --greedy --json replies.json
 
 Perplexity: the token stream is cut into windows of --seq-len predicted tokens, each window starting where
 the previous one's targets ended (every token but the first is predicted exactly once, with the context
@@ -18,6 +19,16 @@ accuracy when each choice's log-likelihood is divided by its length in character
 short choices, and does not depend on the tokenizer). Malformed records (not JSON or not UTF-8, no question,
 fewer than two choices, two choices of the same text, an answer that names none) are skipped and counted by
 reason, the first few logged with their line; more than --max-bad of them fails the run.
+
+Replies (--generate): every prompt of the file (one per line, or a .jsonl of JSON strings or {"prompt": …})
+is answered, as a ChatML user turn with --chat (after the system prompt the checkpoint was fine-tuned with, if
+any), with the sampling options (seeded by --seed). Reported: the format rate, the share of replies that
+are one <think>…</think> block then a non-empty answer (n/a for a checkpoint not trained with the think template,
+unless --think-format; n/a without --chat); the repetition rate, the share of replies whose text ends in one unit
+of 1-200 characters repeated back to back at least 3 times over at least 32 characters (a model looping on one
+phrase until the limit; see llama.generation.quality); and how many replies hit --max-new-tokens. Each reply,
+with its verdicts, is in the --json summary. Prompt lines that are not UTF-8, not JSON or empty are skipped,
+counted by reason and capped by --max-bad.
 
 The result is printed as one line per task and, with --json, written as a JSON summary.
 """
@@ -43,8 +54,19 @@ from engine.dataset.pretrain import document_positions
 from engine.format import DatasetError, DatasetPaths, PackedFiles, open_packed, write_json_atomic
 from engine.tokenizer import Tokenizer
 
-from .generation.load import add_checkpoint_arguments, add_runtime_arguments, load_for_inference
-from .generation.prompts import invalid_bytes
+from .generate import prompt_text
+from .generation.generate import generate, require_think_ids, stop_token_ids
+from .generation.load import (
+    InferenceInfo,
+    add_checkpoint_arguments,
+    add_runtime_arguments,
+    add_sampling_arguments,
+    load_for_inference,
+    sampling_options,
+)
+from .generation.prompts import invalid_bytes, read_prompts
+from .generation.quality import LoopRule, ReplyQuality, ReplyScore, score_reply
+from .generation.sampling import SamplingOptions
 from .model import Llama
 
 log = logging.getLogger("llama.evaluate")
@@ -52,6 +74,7 @@ log = logging.getLogger("llama.evaluate")
 DEFAULT_PROMPT = "{question}\n答案："
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DEFAULT_MAX_BAD = 0.05
+DEFAULT_REPLY_TOKENS = 256
 
 
 # ---------------------------------------------------------------- perplexity
@@ -411,6 +434,85 @@ def evaluate_choices(
     return result
 
 
+# ---------------------------------------------------------------- replies: format and loops
+
+
+@dataclass
+class ReplySettings:
+    """How --generate makes and judges its replies."""
+
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    num_beams: int = 1
+    max_new_tokens: int = DEFAULT_REPLY_TOKENS
+    batch_size: int = 8
+    chat: bool = False
+    system: str | None = None
+    check_format: bool = False
+    format_note: str = ""  # why the format is not checked
+    seed: int = 0
+    max_bad: float = DEFAULT_MAX_BAD
+    rule: LoopRule = field(default_factory=LoopRule)
+
+
+def format_check(info: InferenceInfo, chat: bool, force: bool) -> tuple[bool, str]:
+    """Whether the think format applies to the replies, and if not, why (the note shown instead of a rate)."""
+    if not force and info.task.get("template") != "think":
+        return False, "not trained with the think template; --think-format checks it anyway"
+    if not chat:
+        log.warning("--generate without --chat continues the prompts as text: the think format is not checked")
+        return False, "prompts continued as text; add --chat"
+    return True, ""
+
+
+def _check_prompt_file(path: str | Path, prompts: int, skipped: Counter[str], max_bad: float) -> None:
+    """Refuse a prompt file with more than ``max_bad`` of its lines malformed, in one line."""
+    total_bad = sum(skipped.values())
+    if total_bad > max_bad * (total_bad + prompts):
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        raise ValueError(
+            f"{path}: {total_bad} of {total_bad + prompts} lines are malformed ({reasons}), more than --max-bad "
+            f"{max_bad:.0%}: fix the file or raise --max-bad"
+        )
+
+
+def evaluate_replies(
+    model: Llama, tokenizer: Tokenizer, path: str | Path, settings: ReplySettings = ReplySettings()
+) -> ReplyQuality:
+    """Answer every prompt of ``path``, --batch-size at a time, and judge each reply (see the module docstring)."""
+    if not 0 <= settings.max_bad <= 1:
+        raise ValueError(f"--max-bad is a share of the lines, in [0, 1]; got {settings.max_bad}")
+    found = read_prompts(path)
+    _check_prompt_file(path, len(found.prompts), found.skipped, settings.max_bad)
+    stops = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    think_ids = require_think_ids(tokenizer, settings.options.max_think_tokens)
+    scores: list[ReplyScore] = []
+    size = settings.batch_size
+    for index, first in enumerate(range(0, len(found.prompts), size)):
+        batch = found.prompts[first : first + size]
+        ids = [tokenizer.encode(prompt_text(p, settings.chat, settings.system)) for _, p in batch]
+        result = generate(
+            model,
+            ids,
+            settings.max_new_tokens,
+            **settings.options.keywords(),
+            think_ids=think_ids,
+            num_beams=settings.num_beams,
+            eos_ids=stops,
+            pad_id=pad_id,
+            seed=settings.seed + index,
+            vocab_limit=tokenizer.vocab_size,
+        )
+        for (line, prompt), seq, done in zip(batch, result.sequences, result.finished):
+            new = seq[:-1] if done else seq
+            reply = ReplyScore(line, prompt, tokenizer.decode(new), done, len(new))
+            scores.append(score_reply(reply, settings.check_format, settings.rule))
+        log.info("replies: %d/%d generated", len(scores), len(found.prompts))
+    if skipped := found.describe_skipped():
+        log.warning("%s of %s: the first of each kind are logged above", skipped, path)
+    return ReplyQuality(str(path), scores, settings.check_format, settings.format_note, dict(found.skipped))
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -428,7 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, metavar="N", help="predicted tokens per window (default: the model's context)"
     )
     task.add_argument(
-        "--batch-size", type=int, metavar="N", default=8, help="windows per forward (default: %(default)s)"
+        "--batch-size",
+        type=int,
+        metavar="N",
+        default=8,
+        help="windows per forward; with --generate, prompts at once (default: %(default)s)",
     )
     task.add_argument(
         "--batches", type=int, metavar="N", help="evaluate this many batches, spread over the file (default: all)"
@@ -454,31 +560,95 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument(
         "--chat",
         action="store_true",
-        help="put the question in a ChatML user turn and score the choices as the reply (chat models)",
+        help="put the question (--generate: the prompt) in a ChatML user turn, the choices or reply as the "
+        "answer (chat models)",
     )
     choice.add_argument(
         "--max-bad",
         type=float,
         metavar="SHARE",
         default=DEFAULT_MAX_BAD,
-        help="fail when more than this share of records is malformed (default: %(default)s)",
+        help="fail when more than this share of records (--generate: prompt lines) is malformed (default: %(default)s)",
     )
+    _add_reply_arguments(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the results here as JSON")
     add_runtime_arguments(parser)
     return parser
 
 
+def _add_reply_arguments(parser: argparse.ArgumentParser) -> None:
+    """--generate and its options; the sampling group is the one chat and generate take."""
+    replies = parser.add_argument_group("replies: format and repetition")
+    replies.add_argument(
+        "--generate", metavar="PROMPTS", help="answer each prompt of this file (a line, or a .jsonl {prompt})"
+    )
+    replies.add_argument(
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help=f"longest reply; one that reaches it is counted as hitting the limit (default: {DEFAULT_REPLY_TOKENS}, "
+        "at most half the model's context)",
+    )
+    replies.add_argument(
+        "--think-format",
+        action="store_true",
+        help="check the <think> format even when the checkpoint does not record the think template (an HF folder)",
+    )
+    replies.add_argument("--seed", type=int, metavar="N", default=0, help="sampling seed (default: %(default)s)")
+    add_sampling_arguments(parser)
+
+
+def _check_reply_arguments(args: argparse.Namespace) -> SamplingOptions:
+    """The sampling options, or a one-line ValueError for a value out of range (before the model is loaded)."""
+    options = sampling_options(args)
+    if args.generate is not None and args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    return options
+
+
+def _reply_settings(
+    args: argparse.Namespace, options: SamplingOptions, model: Llama, info: InferenceInfo
+) -> ReplySettings:
+    """What --generate does, once the model (its context, its training task) is known."""
+    context = model.config.max_seq_len
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else min(DEFAULT_REPLY_TOKENS, context // 2)
+    if max_new >= context:
+        raise ValueError(
+            f"--max-new-tokens {max_new} leaves no room for a prompt in the model's context of {context}: "
+            f"ask for at most {context - 1}"
+        )
+    check, note = format_check(info, args.chat, args.think_format)
+    return ReplySettings(
+        options=options,
+        num_beams=args.num_beams,
+        max_new_tokens=max_new,
+        batch_size=args.batch_size,
+        chat=args.chat,
+        system=info.task.get("system") if args.chat else None,
+        check_format=check,
+        format_note=note,
+        seed=args.seed,
+        max_bad=args.max_bad,
+    )
+
+
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.ppl is None and args.choices is None:
-        raise ValueError("nothing to evaluate: give --ppl DATA (perplexity) and/or --choices FILE.jsonl")
+    if args.ppl is None and args.choices is None and args.generate is None:
+        raise ValueError(
+            "nothing to evaluate: give --ppl DATA (perplexity), --choices FILE.jsonl and/or --generate PROMPTS"
+        )
+    options = _check_reply_arguments(args)
     model, tokenizer, info = load_for_inference(args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels)
     summary: dict[str, Any] = {
         "checkpoint": str(info.path),
         "step": info.saved.get("step"),
         "perplexity": None,
         "choices": None,
+        "generation": None,
     }
     if args.ppl is not None:
         ppl = perplexity(
@@ -500,6 +670,10 @@ def _run(argv: Sequence[str] | None) -> int:
         )
         summary["choices"] = choices.summary()
         print(choices.line(), flush=True)
+    if args.generate is not None:
+        quality = evaluate_replies(model, tokenizer, args.generate, _reply_settings(args, options, model, info))
+        summary["generation"] = quality.summary()
+        print(quality.line(), flush=True)
     if args.json:
         write_json_atomic(Path(args.json), summary)
         log.info("wrote %s", args.json)

@@ -29,8 +29,14 @@ from engine.chat_template import render_text
 from engine.cli import run_cli, setup_logging
 from engine.tokenizer import Tokenizer
 
-from .generation.generate import generate, stop_token_ids
-from .generation.load import add_checkpoint_arguments, add_runtime_arguments, add_sampling_arguments, load_for_inference
+from .generation.generate import generate, require_think_ids, stop_token_ids
+from .generation.load import (
+    add_checkpoint_arguments,
+    add_runtime_arguments,
+    add_sampling_arguments,
+    load_for_inference,
+    sampling_options,
+)
 from .generation.prompts import read_prompts
 from .generation.sampling import SamplingOptions
 from .model import Llama
@@ -66,12 +72,9 @@ def check_arguments(args: argparse.Namespace) -> SamplingOptions:
         raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    if args.num_beams < 1:
-        raise ValueError(f"--num-beams must be ≥ 1, got {args.num_beams}")
     if args.system and not args.chat:
         raise ValueError("--system is used only with --chat: add --chat, or drop --system")
-    sample = not args.greedy and args.num_beams == 1
-    return SamplingOptions(sample, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    return sampling_options(args)
 
 
 def prompt_text(prompt: str, chat: bool, system: str | None) -> str:
@@ -98,6 +101,7 @@ def complete(
     """Generate for ``(line, prompt)`` pairs batch by batch, writing one JSON line each; returns how many."""
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    think_ids = require_think_ids(tokenizer, options.max_think_tokens)
     written = 0
     with tqdm(total=len(prompts), unit="prompt", desc="generate", disable=None) as bar:
         for index, batch in enumerate(batches(prompts, args.batch_size)):
@@ -106,11 +110,8 @@ def complete(
                 model,
                 ids,
                 args.max_new_tokens,
-                temperature=options.temperature,
-                top_k=options.top_k,
-                top_p=options.top_p,
-                repetition_penalty=options.repetition_penalty,
-                do_sample=options.do_sample,
+                **options.keywords(),
+                think_ids=think_ids,
                 num_beams=args.num_beams,
                 eos_ids=stops,
                 pad_id=pad_id,

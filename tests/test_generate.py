@@ -1,5 +1,6 @@
 """llama.generation.generate: the KV cache equals recomputing, padded batches equal prompts alone, greedy/beam/sampling
-rules, stopping, streaming, prompt truncation, and the same tokens as transformers' generate on the same weights.
+rules, stopping, streaming, prompt truncation, the n-gram ban, and the same tokens as transformers' generate on the
+same weights.
 
 Models are tiny (2 layers, GQA 4/2 heads of 16 dims); the one kernels="triton" case runs the real Triton
 kernels in the interpreter without CUDA (tests/conftest.py).
@@ -348,3 +349,49 @@ def test_cache_follows_autocast_dtype():
         out = generate(model, [[3, 4, 5]], 4).sequences[0]
     assert len(out) == 4
     assert KVCache.for_model(model, 1, 16).k.dtype == torch.float32
+
+
+# 5. the n-gram ban ------------------------------------------------------------------------------------------------
+
+
+def repeated_ngrams(prompt: list[int], new: list[int], n: int) -> list[tuple[int, ...]]:
+    """The n-grams that end on a new token and occurred earlier in ``prompt + new``."""
+    text = prompt + new
+    grams = [tuple(text[i : i + n]) for i in range(len(text) - n + 1)]
+    first_new = max(0, len(prompt) - n + 1)  # the first n-gram that ends on a new token
+    return [g for i, g in enumerate(grams) if i >= first_new and g in grams[:i]]
+
+
+def test_no_repeat_ngram_tokens_equal_transformers() -> None:
+    """Greedy, sampling-free beams and the ban on a batch (no padding: transformers' ban would read its pads)."""
+    model = build(seed=2)
+    prompts = [[4, 5, 6, 7, 4, 5], [30, 31, 2, 9, 14, 1]]
+    stop = VOCAB - 1  # transformers' config would otherwise stop at its default EOS, 2
+    free = generate(model, prompts, 24, eos_ids=(stop,)).sequences
+    for n in (1, 2, 3):
+        ours = generate(model, prompts, 24, no_repeat_ngram_size=n, eos_ids=(stop,))
+        theirs = hf_generate(model, prompts, 24, do_sample=False, no_repeat_ngram_size=n, eos_token_id=stop)
+        assert ours.sequences == theirs, n
+        assert ours.sequences != free, f"n={n} must change this model's greedy tokens for the test to mean anything"
+        for prompt, seq in zip(prompts, ours.sequences):
+            assert not repeated_ngrams(prompt, seq, n), "no new token completes an n-gram seen before"
+    beam = dict(do_sample=False, num_beams=3, early_stopping=True, length_penalty=1.0)
+    changed = 0
+    for prompt in prompts:
+        ours = generate(model, [prompt], 16, num_beams=3, no_repeat_ngram_size=2, eos_ids=(stop,))
+        assert ours.sequences == hf_generate(model, [prompt], 16, no_repeat_ngram_size=2, eos_token_id=stop, **beam)
+        changed += ours.sequences != generate(model, [prompt], 16, num_beams=3, eos_ids=(stop,)).sequences
+    assert changed, "the ban must change some beam search's tokens for the test to mean anything"
+
+
+def test_no_repeat_ngram_leaves_padding_out_and_keeps_rows_apart() -> None:
+    model = build(seed=2)
+    prompts = [[4, 5, 6], [30, 31, 2, 9, 14, 1, 8, 8]]
+    batched = generate(model, prompts, 20, no_repeat_ngram_size=2)
+    alone = [generate(model, [p], 20, no_repeat_ngram_size=2).sequences[0] for p in prompts]
+    assert batched.sequences == alone
+    sampled = generate(model, prompts, 20, do_sample=True, seed=4, no_repeat_ngram_size=2, temperature=2.0)
+    for prompt, seq in zip(prompts, sampled.sequences):
+        assert not repeated_ngrams(prompt, seq, 2)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size must be ≥ 0"):
+        generate(model, prompts, 2, no_repeat_ngram_size=-1)

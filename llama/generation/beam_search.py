@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import Llama
+from .constraints import SequenceRules, ThinkBudget
 from .kv_cache import KVCache
 from .sampling import (
     GenerationResult,
@@ -57,6 +58,8 @@ def beam_search(
     *,
     length_penalty: float = 1.0,
     repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    think: ThinkBudget | None = None,
     eos_ids: Sequence[int] = (),
     min_new_tokens: int = 0,
     pad_id: int = 0,
@@ -65,7 +68,9 @@ def beam_search(
     """Beam search over prompts that already fit the context (see :func:`llama.generation.generate.generate`).
 
     The prompts are prefilled once and their cache rows repeated for the beams. ``stream`` receives each
-    prompt's chosen tokens at the end (a beam's tokens are not final before then).
+    prompt's chosen tokens at the end (a beam's tokens are not final before then). ``no_repeat_ngram_size`` and
+    ``think`` are applied to each beam's log-probabilities (:mod:`llama.generation.constraints`), as Hugging Face
+    applies its processors in beam search.
     """
     device = next(model.parameters()).device
     batch = len(prompts)
@@ -74,6 +79,7 @@ def beam_search(
     n_candidates = max(2, 1 + len(stop)) * num_beams
     clock = Stopwatch(device)
     cache, logits, mask, seen = _prefill(model, prompts, max_new_tokens, num_beams, pad_id, repetition_penalty)
+    rules = _beam_rules(prompts, mask, max_new_tokens, num_beams, pad_id, no_repeat_ngram_size, think)
     lengths = mask.sum(dim=1).repeat_interleave(num_beams)
     beam_scores = torch.zeros(batch, num_beams, device=device)
     beam_scores[:, 1:] = NO_BEAM  # the beams start identical: extend only the first
@@ -85,6 +91,7 @@ def beam_search(
     # log-probabilities are `beam_scores`; the cache rows are the beams', in the same order.
     for step in range(max_new_tokens):
         log_probs = _log_probs(logits, seen, repetition_penalty, stop_ids if step < min_new_tokens else None)
+        log_probs = rules.apply(log_probs) if rules.active else log_probs
         candidates = _candidates(log_probs, beam_scores, n_candidates)
         last = step + 1 == max_new_tokens
         keep_rows, keep_tokens, keep_scores = _select(
@@ -102,6 +109,9 @@ def beam_search(
         if seen is not None:
             seen = seen[index]
             seen[torch.arange(len(keep_rows), device=device), token_ids] = True
+        if rules.active:
+            rules.reorder(index)
+            rules.append(token_ids)
         beam_scores = torch.tensor(keep_scores, device=device).view(batch, num_beams)
         logits = model(
             token_ids[:, None], position_ids=(lengths + step)[:, None], cache=cache, logits_to_keep=1
@@ -176,6 +186,21 @@ def _prefill(
     rows = torch.arange(batch, device=device).repeat_interleave(num_beams)
     cache.reorder(rows)
     return cache, logits[rows], mask, None if seen is None else seen[rows]
+
+
+def _beam_rules(
+    prompts: list[list[int]],
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    num_beams: int,
+    pad_id: int,
+    no_repeat_ngram_size: int,
+    think: ThinkBudget | None,
+) -> SequenceRules:
+    """The look-back rules' state for every beam (row ``b * num_beams + k``), from the prompts as prefilled."""
+    ids, _ = left_pad(prompts, pad_id, mask.device)
+    rows = torch.arange(len(prompts), device=mask.device).repeat_interleave(num_beams)
+    return SequenceRules(ids[rows], mask[rows], max_new_tokens, no_repeat_ngram_size, think)
 
 
 def _select(

@@ -1,4 +1,4 @@
-"""Generate with a KV cache: greedy, sampling (temperature, top-k, top-p), repetition penalty, beam search.
+"""Generate with a KV cache: greedy, sampling, beam search; repetition penalty, n-gram ban, think-token budget.
 
 ``generate(model, prompts, max_new_tokens, ...)`` takes token ids, ``generate_text(model, tokenizer, texts, ...)``
 takes strings and stops at EOS or ``<|im_end|>``. One prefill forward writes every prompt's keys and values
@@ -10,6 +10,7 @@ the model's own attention op, flash attention on the Triton path (prefill and de
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from engine.chat_template import IM_END
 
 from ..model import Llama
 from .beam_search import beam_search
+from .constraints import THINK_CLOSE, THINK_OPEN, SequenceRules, ThinkBudget
 from .kv_cache import KVCache
 from .sampling import (
     GenerationResult,
@@ -50,6 +52,9 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
+    max_think_tokens: int | None = None,
+    think_ids: tuple[int, int] | None = None,
     do_sample: bool = False,
     num_beams: int = 1,
     length_penalty: float = 1.0,
@@ -69,12 +74,22 @@ def generate(
     and finished rows; any id works, it is never attended to. A prompt longer than ``max_seq_len -
     max_new_tokens`` is cut from the left, with one warning. ``seed`` makes sampling reproducible.
     ``vocab_limit`` forbids ids at or above it (a model whose vocabulary is padded past its tokenizer's).
+
+    ``no_repeat_ngram_size=N`` bans any token that would complete an N-gram the row already holds, prompt included
+    (Hugging Face's rule). ``max_think_tokens=K`` forces ``</think>`` once K tokens were generated inside an open
+    ``<think>`` block (the prompt may end inside one); ``think_ids`` are the ids of ``(<think>, </think>)``
+    (:func:`think_token_ids`). See :mod:`llama.generation.constraints`.
     """
-    options = SamplingOptions(do_sample, temperature, top_k, top_p, repetition_penalty)
+    options = SamplingOptions(
+        do_sample, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size, max_think_tokens
+    )
     if num_beams < 1:
         raise ValueError(f"generate: num_beams must be ≥ 1, got {num_beams}")
     if num_beams > 1 and do_sample:
         raise ValueError("generate: beam search here is deterministic; use do_sample=False with num_beams > 1")
+    if max_think_tokens is not None and think_ids is None:
+        raise ValueError("generate: max_think_tokens needs think_ids=(<think> id, </think> id); see think_token_ids")
+    budget = None if max_think_tokens is None else ThinkBudget(*think_ids, max_think_tokens)
     prompts = fit_prompts(prompts, max_new_tokens, model.config.max_seq_len)
     was_training, base = model.training, model
     model.eval()
@@ -89,12 +104,15 @@ def generate(
                 num_beams,
                 length_penalty=length_penalty,
                 repetition_penalty=repetition_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+                think=budget,
                 eos_ids=eos_ids,
                 min_new_tokens=min_new_tokens,
                 pad_id=pad_id,
                 stream=stream,
             )
-        return _sample(model, prompts, max_new_tokens, options, eos_ids, min_new_tokens, pad_id, stream, seed)
+        stopping = _Stopping(tuple(eos_ids), min_new_tokens, pad_id)
+        return _sample(model, prompts, max_new_tokens, options, budget, stopping, stream, seed)
     finally:
         base.train(was_training)
 
@@ -114,19 +132,28 @@ class _VocabLimited:
         return self.model.parameters()
 
 
+@dataclass(frozen=True)
+class _Stopping:
+    """What ends a row (``eos_ids``, not before ``min_new_tokens``) and what finished rows are fed."""
+
+    eos_ids: tuple[int, ...]
+    min_new_tokens: int
+    pad_id: int
+
+
 def _sample(
     model: Llama,
     prompts: list[list[int]],
     max_new_tokens: int,
     options: SamplingOptions,
-    eos_ids: Sequence[int],
-    min_new_tokens: int,
-    pad_id: int,
+    think: ThinkBudget | None,
+    stopping: _Stopping,
     stream: StreamCallback | None,
     seed: int,
 ) -> GenerationResult:
     """Greedy or sampled decoding of every row at once; finished rows ride along on ``pad_id`` until all stop."""
     device = next(model.parameters()).device
+    pad_id = stopping.pad_id
     ids, mask = left_pad(prompts, pad_id, device)
     batch, prompt_len = ids.shape
     lengths = mask.sum(dim=1)
@@ -135,8 +162,9 @@ def _sample(
         cache.mask_padding(mask)
     penalize = options.repetition_penalty != 1.0
     seen = tokens_seen(ids, mask, model.config.vocab_size) if penalize else None
+    rules = SequenceRules(ids, mask, max_new_tokens, options.no_repeat_ngram_size, think)
     generator = torch.Generator(device=device).manual_seed(seed) if options.do_sample else None
-    stop = set(eos_ids)
+    stop = set(stopping.eos_ids)
     stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)
     finished = [False] * batch
@@ -148,7 +176,8 @@ def _sample(
     logits = model(ids, position_ids=prompt_positions(mask), cache=cache, logits_to_keep=1).logits[:, -1]
     # Invariant: `logits` predict step `step` for every row; finished rows are fed pad_id and their output ignored.
     for step in range(max_new_tokens):
-        logits = logits.float() if step >= min_new_tokens else hold_back(logits.float(), stop_ids)
+        logits = logits.float() if step >= stopping.min_new_tokens else hold_back(logits.float(), stop_ids)
+        logits = rules.apply(logits) if rules.active else logits
         token = next_tokens(logits, seen, options, generator).masked_fill(finished_mask, pad_id)
         chosen = token.tolist()
         if step == 0:
@@ -166,6 +195,7 @@ def _sample(
         finished_mask |= torch.isin(token, stop_ids)
         if seen is not None:
             seen[rows, token] = True
+        rules.append(token)
         positions = (lengths + step)[:, None]
         logits = model(token[:, None], position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
     decode_s = clock.lap()
@@ -180,16 +210,39 @@ def stop_token_ids(tokenizer: "Tokenizer") -> tuple[int, ...]:
     return (tokenizer.eos_id,) if im_end is None or im_end == tokenizer.eos_id else (tokenizer.eos_id, im_end)
 
 
+def think_token_ids(tokenizer: "Tokenizer") -> tuple[int, int] | None:
+    """The ids of ``(<think>, </think>)`` in ``tokenizer``, or None when it lacks either (no reasoning markers)."""
+    open_id, close_id = tokenizer.token_to_id(THINK_OPEN), tokenizer.token_to_id(THINK_CLOSE)
+    return None if open_id is None or close_id is None else (open_id, close_id)
+
+
+def require_think_ids(tokenizer: "Tokenizer", max_think_tokens: int | None) -> tuple[int, int] | None:
+    """:func:`think_token_ids` when a think budget is asked for (a one-line ValueError when the tokenizer has none),
+    else None."""
+    if max_think_tokens is None:
+        return None
+    ids = think_token_ids(tokenizer)
+    if ids is None:
+        raise ValueError(
+            f"--max-think-tokens needs {THINK_OPEN} and {THINK_CLOSE} tokens, and tokenizer "
+            f"{getattr(tokenizer, 'path', '')} lacks them: drop --max-think-tokens"
+        )
+    return ids
+
+
 def generate_text(
     model: Llama, tokenizer: "Tokenizer", prompts: list[str], max_new_tokens: int = 128, **options: Any
 ) -> GenerationResult:
     """:func:`generate` on texts: encodes them, stops at EOS or ``<|im_end|>``, fills ``texts`` with the replies.
 
-    ``options`` are :func:`generate`'s keywords (``eos_ids`` and ``pad_id`` default to the tokenizer's).
+    ``options`` are :func:`generate`'s keywords (``eos_ids``, ``pad_id`` and ``think_ids`` default to the
+    tokenizer's).
     """
     eos_ids = tuple(options.pop("eos_ids", stop_token_ids(tokenizer)))
     pad_id = options.pop("pad_id", tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id)
     options.setdefault("vocab_limit", getattr(tokenizer, "vocab_size", None))  # ids past it could not be decoded
+    if options.get("think_ids") is None:
+        options["think_ids"] = require_think_ids(tokenizer, options.get("max_think_tokens"))
     ids = [tokenizer.encode(text) for text in prompts]
     result = generate(model, ids, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, **options)
     result.texts = [tokenizer.decode(seq[:-1] if done else seq) for seq, done in zip(result.sequences, result.finished)]

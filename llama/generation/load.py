@@ -28,6 +28,7 @@ from ..model import KERNEL_CHOICES, Llama, LlamaConfig, ModelOptions
 from ..precision import DTYPES, best_precision
 from ..training import adapters
 from ..training import checkpoint as ckpt
+from .sampling import SamplingOptions
 
 log = logging.getLogger("llama.generation.load")
 
@@ -69,8 +70,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """How tokens are picked (temperature, top-k/p, repetition penalty, beams, greedy), as chat and generate take
-    them; :class:`~llama.generation.sampling.SamplingOptions` checks the values."""
+    """How tokens are picked (temperature, top-k/p, repetition penalty, beams, greedy, n-gram ban, think budget), as
+    chat, generate and evaluate take them; :func:`sampling_options` checks the values."""
     group = parser.add_argument_group("sampling")
     group.add_argument(
         "--temperature", type=float, metavar="T", default=0.7, help="sampling temperature (default: %(default)s)"
@@ -96,6 +97,41 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         help="beam search with this many beams (deterministic; the text shows when complete)",
     )
     group.add_argument("--greedy", action="store_true", help="always take the likeliest token (no sampling)")
+    group.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        metavar="N",
+        default=0,
+        help="never repeat an N-token sequence already in the text, prompt included (as transformers); 0 = off "
+        "(default)",
+    )
+    group.add_argument(
+        "--max-think-tokens",
+        type=int,
+        metavar="K",
+        help="reasoning models: close a <think> block with </think> once it holds K generated tokens, then "
+        "let the answer follow (default: no budget)",
+    )
+
+
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The options :func:`add_sampling_arguments` read (sampling unless --greedy or beams), or a one-line
+    ValueError for a value out of range."""
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be ≥ 1, got {args.num_beams}")
+    if args.no_repeat_ngram_size < 0:
+        raise ValueError(f"--no-repeat-ngram-size must be ≥ 0 (0 = off), got {args.no_repeat_ngram_size}")
+    if args.max_think_tokens is not None and args.max_think_tokens < 1:
+        raise ValueError(f"--max-think-tokens must be ≥ 1 (leave it out for no budget), got {args.max_think_tokens}")
+    return SamplingOptions(
+        not args.greedy and args.num_beams == 1,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.repetition_penalty,
+        args.no_repeat_ngram_size,
+        args.max_think_tokens,
+    )
 
 
 class LoadError(ValueError):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -43,6 +44,8 @@ class SamplingOptions:
     top_k: int = 0  # sampling only; 0 = off
     top_p: float = 1.0  # sampling only; 1.0 = off
     repetition_penalty: float = 1.0  # greedy, sampling and beams; 1.0 = off
+    no_repeat_ngram_size: int = 0  # greedy, sampling and beams; 0 = off
+    max_think_tokens: int | None = None  # greedy, sampling and beams; None = no budget
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -53,6 +56,14 @@ class SamplingOptions:
             raise ValueError(f"generate: top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"generate: repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"generate: no_repeat_ngram_size must be ≥ 0 (0 = off), got {self.no_repeat_ngram_size}")
+        if self.max_think_tokens is not None and self.max_think_tokens < 1:
+            raise ValueError(f"generate: max_think_tokens must be ≥ 1 (None = no budget), got {self.max_think_tokens}")
+
+    def keywords(self) -> dict[str, Any]:
+        """These options as :func:`llama.generation.generate.generate`'s keyword arguments."""
+        return asdict(self)
 
 
 def fit_prompts(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int) -> list[list[int]]:
