@@ -17,6 +17,14 @@ leading turns are the prompt), MedicalGPT ``{"conversations": [prompt turns], "c
 "rejected": str}``, and ``{"prompt": str, "chosen": str, "rejected": str}``. Given as SFT data, a preference pair
 is refused (:class:`PreferencePairError`), or read as its prompt and chosen reply with ``chosen_only``.
 
+Reasoning (OpenAI style): an assistant turn may carry ``"reasoning_content"`` beside its ``content`` (``value`` in
+ShareGPT turns), and a one-turn record a top-level ``"reasoning_content"`` for its answer; it is kept in the message
+under that key (``None``, ``""`` or whitespace is no reasoning). ``engine.reply_template``'s ``think`` template writes
+it into the reply's ``<think>`` block; ChatML encoding leaves it out, and the packer counts every reply whose
+reasoning was left out that way. A reply that has it and also opens its content with a ``<think>…</think>`` block
+holds two reasonings: it is refused (:class:`TwoReasoningsError`, whether or not they agree), as is
+``reasoning_content`` on a user or system turn.
+
 Other field names are mapped onto these with ``names`` (``--fields question=q,answer=a``: the record's ``q`` is
 its question); see :func:`parse_field_names`. A record of no known shape raises :class:`UnknownRecordError`,
 naming its keys and ``--fields``.
@@ -37,6 +45,7 @@ fresh token, which is also what the model sees at inference after the generation
 
 from __future__ import annotations
 
+import re
 import weakref
 from typing import Any, Mapping, Sequence
 
@@ -45,6 +54,11 @@ import numpy as np
 from engine.chat_template import IM_END, IM_START, ChatFormatError, render_segments
 
 Message = dict[str, str]
+
+#: An assistant message's reasoning (OpenAI's ``reasoning_content``): the text of the reply's ``<think>`` block.
+REASONING = "reasoning_content"
+#: A ``<think>…</think>`` block opening a reply: the reply's reasoning, written in its content.
+LEADING_THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)
 
 SHAREGPT_ROLES = {
     "system": "system",
@@ -77,6 +91,7 @@ FIELD_NAMES = (
     "response",
     "chosen",
     "rejected",
+    REASONING,
 )
 FIELDS_ADVICE = "name its fields with --fields question=KEY,answer=KEY"
 ACCEPTED_DPO = (
@@ -98,6 +113,13 @@ class PreferencePairError(ChatFormatError):
     """A DPO preference pair given as SFT data (the packer counts it as ``preference_pair``)."""
 
     reason = "preference_pair"
+
+
+class TwoReasoningsError(ChatFormatError):
+    """A reply with a ``reasoning_content`` and a ``<think>…</think>`` block opening its content (counted as
+    ``two_reasonings``): which one is the reasoning is not ours to guess."""
+
+    reason = "two_reasonings"
 
 
 class NotAPairError(ChatFormatError):
@@ -160,6 +182,8 @@ def parse_conversation(
     if "chosen" in fields and "rejected" in fields:
         messages = _chosen_conversation(fields, chosen_only)
     elif (turns := _turn_list(fields)) is not None:
+        if isinstance(fields.get(REASONING), str) and fields[REASONING].strip():
+            raise ChatFormatError(f"a conversation's {REASONING} belongs on its assistant turns, not on the record")
         messages = _parse_turns(turns, _record_system(fields))
     elif (shape := _one_turn_shape(fields)) is not None:
         messages = _parse_one_turn(fields, *shape)
@@ -287,7 +311,7 @@ def _parse_turns(turns: Sequence[Any], record_system: str | None) -> list[Messag
             raise ChatFormatError(f"turn {i} has keys {sorted(turn)}; expected role/content or from/value")
         if role == "system" and (content is None or (isinstance(content, str) and not content.strip())):
             continue  # an empty system prompt is no system prompt
-        messages.append({"role": role, "content": _text(content, f"turn {i} ({role})")})
+        messages.append(_message(role, content, turn.get(REASONING), f"turn {i} ({role})"))
     if not any(m["role"] == "system" for m in messages):
         messages = _with_system(messages, record_system)
     return messages
@@ -312,8 +336,8 @@ def _parse_one_turn(fields: Mapping[str, Any], question_key: str, answer_key: st
         messages.append({"role": "user", "content": _text(pair[0], f"{label}history {i} question")})
         messages.append({"role": "assistant", "content": _text(pair[1], f"{label}history {i} answer")})
     messages.append({"role": "user", "content": _text(question, f"the {label}instruction/{question_key}")})
-    messages.append({"role": "assistant", "content": _text(fields[answer_key], f"the {label}{answer_key}")})
-    return _with_system(messages, _record_system(fields))
+    answer = _message("assistant", fields[answer_key], fields.get(REASONING), f"the {label}{answer_key}")
+    return _with_system([*messages, answer], _record_system(fields))
 
 
 def _parse_medical_row(fields: Mapping[str, Any]) -> list[Message]:
@@ -375,6 +399,28 @@ def _with_default_system(messages: list[Message], system: str | None) -> list[Me
     if messages and messages[0]["role"] == "system":
         return messages
     return _with_system(messages, system)
+
+
+def _message(role: str, content: Any, reasoning: Any, what: str) -> Message:
+    """A checked message; an assistant's non-empty ``reasoning`` is kept under :data:`REASONING`."""
+    message = {"role": role, "content": _text(content, what)}
+    if reasoning is None or (isinstance(reasoning, str) and not reasoning.strip()):
+        return message
+    if not isinstance(reasoning, str):
+        raise ChatFormatError(f"{what} has a {REASONING} that is {type(reasoning).__name__}, not text")
+    if role != "assistant":
+        raise ChatFormatError(f"{what} has a {REASONING}: only an assistant reply carries reasoning")
+    if LEADING_THINK.match(message["content"]):
+        raise TwoReasoningsError(
+            f"{what} has a {REASONING} and also opens with a <think>…</think> block: keep the reasoning in one of them"
+        )
+    message[REASONING] = reasoning
+    return message
+
+
+def count_reasoning(messages: Sequence[Mapping[str, str]]) -> int:
+    """How many of ``messages`` carry a reasoning (:data:`REASONING`): what ChatML encoding leaves out."""
+    return sum(1 for message in messages if message.get(REASONING))
 
 
 def _text(value: Any, what: str) -> str:

@@ -209,7 +209,7 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
     writers: dict[str, _SplitWriter] = {}
     stats = CleanStats()
     seen: set[bytes] | None = set() if config.clean.dedup else None  # 16-byte content digests
-    chars = 0
+    chars = left_out = 0  # left_out: replies whose reasoning_content ChatML left out
     started = time.perf_counter()
     try:
         for name, paths in splits.items():
@@ -222,7 +222,7 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
         ):
             if result.report is not None:
                 corpus.report.merge(result.report)
-            chars += result.chars
+            chars, left_out = chars + result.chars, left_out + result.reasoning_left_out
             for reason, count in result.dropped.items():
                 stats.dropped[reason] += count
             for reason, source, lineno, detail in result.bad:
@@ -245,6 +245,8 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
             )
         seconds = time.perf_counter() - started
         base_meta = _meta(config, tokenizer, dtype, corpus, stats, seconds, chars)
+        if with_mask:
+            base_meta["reasoning_left_out"] = left_out
         metas = {name: writer.commit({**base_meta, "split": name}) for name, writer in writers.items()}
     except BaseException:
         for writer in writers.values():
@@ -261,7 +263,18 @@ def pack_corpus(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig) -> dic
         chars / 1e6 / max(seconds, 1e-9),
         f"; validation: {metas['val']['n_docs']:,} docs, {metas['val']['n_tokens']:,} tokens" if "val" in metas else "",
     )
+    if left_out:
+        logger.warning("%s", reasoning_left_out_message(left_out))
     return train_meta
+
+
+def reasoning_left_out_message(count: int) -> str:
+    """What to say of ``count`` replies whose ``reasoning_content`` was packed without it (ChatML has no place for
+    it)."""
+    return (
+        f"{count:,} replies' reasoning_content was left out (ChatML trains on the content only): to train on the "
+        "reasoning, give the raw data to `python -m llama.sft --template think`"
+    )
 
 
 def _check_record_shapes(corpus: Corpus, kind: str) -> None:

@@ -14,11 +14,11 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from engine import __version__ as engine_version
 from engine.format import DatasetPaths, write_json_atomic
-from engine.pack import PackConfig, pack_corpus
+from engine.pack import PackConfig, pack_corpus, reasoning_left_out_message
 from engine.publish import file_sha256
 from engine.reply_template import TemplatedCorpus
 from engine.sources import Corpus, SourceOptions
@@ -59,6 +59,7 @@ def pack_cached(
     *,
     template: str = "chatml",
     drop_think: bool = False,
+    no_think_share: float = 0.0,
     system: str | None = None,
     val_fraction: float = 0.02,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -74,13 +75,15 @@ def pack_cached(
 
     The cache is reused while every source file keeps its content, and the tokenizer and the options are the
     same; otherwise it is packed again, logging why. ``max_bad``: the share of bad records (skipped and counted)
-    above which packing fails; ``field_names`` and ``chosen_only``: how records are read (engine.conversations).
+    above which packing fails; ``field_names`` and ``chosen_only``: how records are read (engine.conversations);
+    ``template``, ``drop_think`` and ``no_think_share``: how replies are written (engine.reply_template).
     """
     source = Path(source)
     corpus = Corpus([str(source)], SourceOptions(max_bad=max_bad))
     options = {
         "template": template,
         "drop_think": drop_think,
+        "no_think_share": no_think_share,
         "system": system,
         "val_fraction": val_fraction,
         "max_bad": max_bad,
@@ -105,11 +108,7 @@ def pack_cached(
         if previous == fingerprint and DatasetPaths.of(prefix).meta.is_file():
             logger.info("using %s, packed before from %s (unchanged%s)", prefix, source, _skipped(prefix))
             return prefix
-        changed = (
-            "no cache yet"
-            if previous is None
-            else "changed: " + ", ".join(key for key in fingerprint if previous.get(key) != fingerprint[key])
-        )
+        changed = "no cache yet" if previous is None else _changes(previous, fingerprint)
         logger.info("packing %s into %s (%s)", source, prefix, changed)
         stamp.unlink(missing_ok=True)
         config = PackConfig(
@@ -122,12 +121,23 @@ def pack_cached(
             chosen_only=chosen_only,
             progress=progress,
         )
-        _pack(corpus, tokenizer, config, template, drop_think)
+        _pack(corpus, tokenizer, config, template, drop_think, no_think_share)
         write_json_atomic(stamp, fingerprint)
     return prefix
 
 
-def _pack(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig, template: str, drop_think: bool) -> None:
+def _changes(previous: dict[str, Any], fingerprint: dict[str, Any]) -> str:
+    """``changed: template, sources``: what differs from the cache's stamp (an option an older stamp lacks, too)."""
+    changed = [key for key in fingerprint if key in previous and previous[key] != fingerprint[key]]
+    unrecorded = [key for key in fingerprint if key not in previous]
+    if unrecorded:
+        changed.append(f"packed before {', '.join(unrecorded)} existed")
+    return "changed: " + ", ".join(changed)
+
+
+def _pack(
+    corpus: Corpus, tokenizer: Tokenizer, config: PackConfig, template: str, drop_think: bool, no_think_share: float
+) -> None:
     """Pack ``corpus`` into ``config.out`` (and its ``.val``), replacing whatever was there."""
     train, val = DatasetPaths.of(config.out), DatasetPaths.of(config.out).val()
     for path in (*train.all(), *val.all()):
@@ -135,10 +145,14 @@ def _pack(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig, template: st
     reader = (
         corpus
         if template == "chatml" and not drop_think
-        else TemplatedCorpus(corpus, template, drop_think, names=config.field_names, chosen_only=config.chosen_only)
+        else TemplatedCorpus(
+            corpus, template, drop_think, config.field_names, config.chosen_only, no_think_share=no_think_share
+        )
     )
     pack_corpus(reader, tokenizer, config)  # type: ignore[arg-type]  # TemplatedCorpus duck-types Corpus
     corpus.report.log_summary()
+    if isinstance(reader, TemplatedCorpus):
+        reader.log_summary()
     if val.meta.is_file() and json.loads(val.meta.read_text(encoding="utf-8")).get("n_docs") == 0:
         logger.warning(
             "no conversation fell into the validation split (--val-fraction %s): training without one",
@@ -149,15 +163,16 @@ def _pack(corpus: Corpus, tokenizer: Tokenizer, config: PackConfig, template: st
 
 
 def _skipped(prefix: Path) -> str:
-    """``; 5 records skipped when packed (bad:bad_json 5)``, from the cache's meta, or "" when none were."""
+    """``; 5 records skipped when packed (bad:bad_json 5)``, from the cache's meta, or "" when none were; and how
+    many replies' reasoning_content was left out."""
     try:
-        dropped = json.loads(DatasetPaths.of(prefix).meta.read_text(encoding="utf-8")).get("dropped") or {}
+        meta = json.loads(DatasetPaths.of(prefix).meta.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return ""
-    if not dropped:
-        return ""
+    dropped, left_out = meta.get("dropped") or {}, meta.get("reasoning_left_out") or 0
     reasons = ", ".join(f"{reason} {count:,}" for reason, count in dropped.items())
-    return f"; {sum(dropped.values()):,} records were skipped when it was packed: {reasons}"
+    skipped = f"; {sum(dropped.values()):,} records were skipped when it was packed: {reasons}" if dropped else ""
+    return skipped + (f"; {reasoning_left_out_message(left_out)}" if left_out else "")
 
 
 def cache_folder(source: str | os.PathLike[str]) -> Path:

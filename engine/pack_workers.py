@@ -61,6 +61,7 @@ class EncodedBatch:
     bad: list[tuple[str, str, int, str]] = field(default_factory=list)
     report: SourceReport | None = None
     parsed: dict[str, int] = field(default_factory=dict)  # SFT/DPO: records that became documents, per source
+    reasoning_left_out: int = 0  # SFT/DPO: replies whose reasoning_content ChatML encoding left out
 
 
 _config: WorkerConfig | None = None
@@ -138,7 +139,13 @@ def _encode_pretrain(records: list[RawRecord]) -> EncodedBatch:
 
 
 def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
-    from engine.conversations import encode_conversation, encode_preference, parse_conversation, parse_preference
+    from engine.conversations import (
+        count_reasoning,
+        encode_conversation,
+        encode_preference,
+        parse_conversation,
+        parse_preference,
+    )
 
     assert _tokenizer is not None and _config is not None
     docs: list[list[int]] = []
@@ -147,7 +154,7 @@ def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
     doc_chars: list[int] = []
     bad: list[tuple[str, str, int, str]] = []
     parsed: dict[str, int] = {}
-    chars = 0
+    chars = left_out = 0
     for fields, source, lineno in records:
         try:
             if _config.kind == "sft":
@@ -156,10 +163,12 @@ def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
                 )
                 encoded = [encode_conversation(_tokenizer, messages)]
                 key = repr([(m["role"], m["content"]) for m in messages])
+                left_out += count_reasoning(messages)
             else:
                 prompt, chosen, rejected = parse_preference(fields, names=_config.field_names)
                 encoded = list(encode_preference(_tokenizer, prompt, chosen, rejected))
                 key = repr(([(m["role"], m["content"]) for m in prompt], chosen, rejected))
+                left_out += count_reasoning(prompt)
         except ChatFormatError as e:
             bad.append((getattr(e, "reason", "bad_conversation"), source, lineno, str(e)))
             continue
@@ -173,8 +182,9 @@ def _encode_chat(records: list[RawRecord]) -> EncodedBatch:
             doc_chars.append(len(key) // len(encoded))
     tokens, lengths = _to_array(docs, None)  # encode_conversation already ends each document with EOS
     mask = np.concatenate(masks) if masks else np.zeros(0, np.uint8)
+    doc_sizes = np.asarray(doc_chars, dtype=np.int64)
     return EncodedBatch(
-        tokens, lengths, digests, mask, chars, np.asarray(doc_chars, dtype=np.int64), {}, bad, parsed=parsed
+        tokens, lengths, digests, mask, chars, doc_sizes, {}, bad, parsed=parsed, reasoning_left_out=left_out
     )
 
 

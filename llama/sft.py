@@ -21,12 +21,21 @@ Reasoning SFT (seed 001's format): ``--template think`` renders every assistant 
 ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``, taking the reasoning from a leading ``<think>…</think>``
 in the data, and giving replies without one an empty block. A model trained so answers directly when
 the generation prompt is followed by the empty block (``engine.reply_template.assistant_prefix``):
-thinking is switched off at inference. ``--drop-think`` deletes the data's reasoning instead (a
-direct-answer model from reasoning data). The default ``chatml`` keeps replies exactly as given.
+thinking is switched off at inference. OpenAI-style replies ``{"role": "assistant", "content": answer,
+"reasoning_content": reasoning}`` (also in ShareGPT turns, and top-level in one-turn records) fill the block too; a
+reply with both a reasoning_content and a leading ``<think>`` block is refused as a bad record. ``--no-think-share P``
+empties the block of a share P of the conversations (the same ones in every run: chosen by a hash of their text), so
+the model also learns to answer directly after the empty block. ``--drop-think`` deletes the data's reasoning
+instead (a direct-answer model from reasoning data). The default ``chatml`` keeps replies exactly as given (a
+reasoning_content is left out, counted and logged). ``--think-tag-weight W`` counts the loss on the ``<think>``,
+``</think>`` (and ``<answer>``, ``</answer>`` where they are single tokens) targets W times (MiniMind uses 10: small
+models otherwise skip the format) and logs their own loss as ``tag_loss``.
 
     python -m llama.sft --data data/sft --init out/pretrain
     python -m llama.sft --data ../shared/data/medicalgpt/medical_sft_1K_format.jsonl --init out/pretrain --epochs 3
     python -m llama.sft --data data/r1_mix.jsonl --init out/pretrain --template think --profile 3060-6gb
+    python -m llama.sft --data data/r1_mix.jsonl --init out/pretrain --template think --think-tag-weight 10 \
+        --no-think-share 0.2
     python -m llama.sft --data data/qa.jsonl --init out/pretrain --fields question=q,answer=a
 """
 
@@ -43,7 +52,8 @@ from engine.conversations import ACCEPTED_SFT, parse_field_names
 from engine.dataset import SFTDataset
 from engine.format import DatasetPaths, PackedFiles, open_packed
 from engine.pack_cache import pack_cached
-from engine.reply_template import TEMPLATES, assistant_prefix
+from engine.reply_template import TEMPLATES, assistant_prefix, think_tag_ids
+from engine.tokenizer import Tokenizer
 
 from .model import LlamaConfig
 from .training import objectives
@@ -73,7 +83,15 @@ SFT_DEFAULTS: dict[str, Any] = {
     "doc_masking": True,
 }
 #: The flags that shape how raw data is packed: refused for data that is packed already.
-PACKING_FLAGS = ("template", "drop_think", "system", "fields", "chosen_only")
+PACKING_FLAGS = ("template", "drop_think", "no_think_share", "system", "fields", "chosen_only")
+#: SFT's own numeric flags, checked with the fine-tune ones before anything is packed.
+SFT_RULES: dict[str, dict[str, Any]] = {
+    **FINETUNE_RULES,
+    "think_tag_weight": {"above": 0},
+    "no_think_share": {"at_least": 0, "at_most": 1},
+}
+#: The tags --think-tag-weight needs as single tokens (<answer>/</answer> are weighted too when they are).
+REQUIRED_TAGS = ("<think>", "</think>")
 
 
 # ---------------------------------------------------------------- data
@@ -139,13 +157,22 @@ def _add_raw_data_arguments(group: argparse._ArgumentGroup) -> None:
         "--template",
         choices=TEMPLATES,
         default="chatml",
-        help="raw data: 'chatml' keeps replies as given; 'think' writes each reply as "
-        "<think>reasoning</think> + answer, empty when the data has none (default: chatml)",
+        help="raw data: 'chatml' keeps replies' content as given (a reasoning_content is left out, counted); 'think' "
+        "writes each reply as <think>reasoning</think> + answer, the reasoning from a leading <think> block or the "
+        "reply's reasoning_content, empty when the data has none (default: chatml)",
     )
     group.add_argument(
         "--drop-think",
         action="store_true",
-        help="raw data: delete the reasoning (<think>…</think>) that opens a reply before training",
+        help="raw data: delete the reasoning (<think>…</think> or reasoning_content) of every reply before training",
+    )
+    group.add_argument(
+        "--no-think-share",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="raw data, --template think: train this share of the conversations (0..1, the same ones in every run) "
+        "with an empty think block, so thinking can be switched off at inference (default: 0)",
     )
     group.add_argument("--system", help="raw data: system prompt for conversations that have none")
     group.add_argument(
@@ -178,15 +205,50 @@ def build_parser() -> argparse.ArgumentParser:
         init="the checkpoint to fine-tune (a pretraining run)",
     )
     _add_raw_data_arguments(parser.add_argument_group("raw conversations: how they are packed"))
+    parser.add_argument_group("reasoning SFT: the loss").add_argument(
+        "--think-tag-weight",
+        type=float,
+        default=1.0,
+        metavar="W",
+        help="count the loss on <think>, </think> (and <answer>, </answer> when single tokens) targets W times, "
+        "logging their own loss as tag_loss; MiniMind uses 10 (default: 1, plain loss)",
+    )
     add_finetune_arguments(parser, SFT_DEFAULTS, epochs=2.0)
     return parser
 
 
+def check_reasoning_flags(args: argparse.Namespace) -> None:
+    """Refuse --no-think-share where it means nothing, in one line (before anything is read or packed)."""
+    if args.no_think_share and args.template != "think":
+        raise ValueError("--no-think-share empties think blocks: use it with --template think")
+    if args.no_think_share and args.drop_think:
+        raise ValueError("--drop-think empties every think block already: give it or --no-think-share, not both")
+
+
+def weighted_tags(args: argparse.Namespace, tokenizer: Tokenizer | None) -> dict[str, int]:
+    """The tag tokens the objective weights (W != 1) or reports ``tag_loss`` of (``--template think``), by id."""
+    if tokenizer is None:
+        return {}
+    tags = think_tag_ids(tokenizer)
+    missing = [tag for tag in REQUIRED_TAGS if tag not in tags]
+    if missing and args.think_tag_weight != 1:
+        raise ValueError(
+            f"--think-tag-weight weights the {'/'.join(REQUIRED_TAGS)} tokens, but tokenizer {tokenizer.path} has no "
+            f"single token for {' '.join(missing)}: use one trained or trimmed by `python -m engine.tokenizer` (it "
+            "adds them), or leave --think-tag-weight at 1"
+        )
+    return {} if missing else tags
+
+
 def sft_data(
-    args: argparse.Namespace, checkpoint: Path, saved: dict[str, Any], field_names: dict[str, str]
+    args: argparse.Namespace,
+    checkpoint: Path,
+    saved: dict[str, Any],
+    field_names: dict[str, str],
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[Path, bool]:
     """(the packed training prefix, whether it was packed here from raw conversations): ``--data`` as given, or
-    raw data packed into its cache with the checkpoint's tokenizer."""
+    raw data packed into its cache with ``tokenizer`` (default: the checkpoint's)."""
     paths = DatasetPaths.of(args.data)
     raw = not (paths.meta.exists() or paths.bin.exists())
     if raw and not Path(args.data).exists():
@@ -201,12 +263,12 @@ def sft_data(
         )
     if not raw:
         return paths.prefix, False
-    tokenizer = data_tokenizer(args, checkpoint, saved)
     prefix = pack_cached(
         args.data,
-        tokenizer,
+        tokenizer or data_tokenizer(args, checkpoint, saved),
         template=args.template,
         drop_think=args.drop_think,
+        no_think_share=args.no_think_share,
         system=args.system,
         val_fraction=args.val_fraction,
         cache_dir=args.cache_dir,
@@ -219,12 +281,17 @@ def sft_data(
     return prefix, True
 
 
-def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, dict[str, Any], str]:
-    """Model and training configs, the packed training prefix, the task record and a summary line."""
-    check_values(vars(args), extra=FINETUNE_RULES)  # every number first, before anything is read, packed or written
+def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path, objectives.SFT, dict[str, Any], str]:
+    """Model and training configs, the packed training prefix, the objective, the task record and a summary line."""
+    check_values(vars(args), extra=SFT_RULES)  # every number first, before anything is read, packed or written
+    check_reasoning_flags(args)
     field_names = parse_field_names(args.fields) if args.fields else {}
     planned = plan_finetune(args)
-    prefix, raw = sft_data(args, planned.checkpoint, planned.saved, field_names)
+    reasoning = args.think_tag_weight != 1 or args.template == "think"
+    tokenizer = data_tokenizer(args, planned.checkpoint, planned.saved) if reasoning else None
+    tags = weighted_tags(args, tokenizer)
+    objective = objectives.SFT(tag_ids=sorted(tags.values()), tag_weight=args.think_tag_weight)
+    prefix, raw = sft_data(args, planned.checkpoint, planned.saved, field_names, tokenizer)
     files = open_sft(prefix)
     rows = open_quietly(lambda: SFTDataset(prefix, planned.seq_len, pin_memory=False)).n_rows
     cfg, steps, per_step = finish_plan(args, planned, rows)
@@ -236,10 +303,15 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
         "system": args.system,
         "fields": field_names or None,
         "chosen_only": args.chosen_only if raw else None,
+        "no_think_share": args.no_think_share if raw else None,
+        "think_tag_weight": args.think_tag_weight,
+        "think_tags": sorted(tags) or None,
         "source": str(args.data),
     }
     summary = describe(planned, cfg, prefix, f"{files.n_docs:,} conversations", rows, steps, per_step)
-    return planned.config, cfg, prefix, task, summary
+    if args.think_tag_weight != 1:
+        summary += f"; the loss on {' '.join(tags)} targets counts x{args.think_tag_weight:g} (tag_loss: theirs)"
+    return planned.config, cfg, prefix, objective, task, summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,9 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> None:
-        config, cfg, prefix, task, summary = configure(args)
+        config, cfg, prefix, objective, task, summary = configure(args)
         logger.info("%s", summary)
-        train(config, cfg, prefix, args.val, dataset_factory=sft_dataset, task=task, objective=objectives.SFT())
+        train(config, cfg, prefix, args.val, dataset_factory=sft_dataset, task=task, objective=objective)
 
     return run_training(body)
 

@@ -143,6 +143,10 @@ def _refuse_only_torn(out_dir: Path) -> None:
 EXACT_RESUME = ("batch_size", "grad_accum", "seq_len", "data_mode", "doc_masking", "seed")
 #: What else a change of breaks exact resume (besides the fields above, by flag).
 EXACT_RESUME_OTHER = ("ranks", "training data", "tokenizer", "objective")
+#: Settings a task records in config.json's ``task`` (None: not set), compared on resume like TrainConfig fields, by
+#: flag: a loss weight is like --lr (a change is logged and recorded); those in EXACT_RESUME_TASK rewrite the data.
+TASK_SETTINGS = ("think_tag_weight", "no_think_share", "beta", "loss_type", "label_smoothing", "sft_weight")
+EXACT_RESUME_TASK = ("no_think_share",)
 #: TrainConfig fields about running, not training: a resumed run changes them without a word (--steps extends it).
 RUN_ONLY = (
     "steps",
@@ -168,7 +172,7 @@ RUN_ONLY = (
 
 def resume_settings(config: dict[str, Any]) -> dict[str, Any]:
     """How a checkpoint's ``config.json`` (or this run's, same layout) trains: the TrainConfig fields by flag (the
-    effective sequence length), the ranks, the data, the tokenizer and the objective."""
+    effective sequence length), the ranks, the data, the tokenizer, the objective and the task's settings."""
     train = dict(config.get("train") or {})
     train["seq_len"] = train.get("seq_len") or (config.get("model") or {}).get("max_seq_len")
     settings = {flag(key): value for key, value in train.items() if key not in RUN_ONLY}
@@ -176,6 +180,8 @@ def resume_settings(config: dict[str, Any]) -> dict[str, Any]:
     settings["training data"] = (config.get("data") or {}).get("train_size")
     settings["tokenizer"] = (config.get("tokenizer") or {}).get("sha256")
     settings["objective"] = config.get("objective")
+    task = config.get("task") or {}
+    settings.update({flag(key): task[key] for key in TASK_SETTINGS if task.get(key) is not None})
     return settings
 
 
@@ -186,7 +192,8 @@ def check_resume_settings(
     exact resume; refuse those, in one line naming each, unless ``allow`` (``--allow-config-change``)."""
     old, new = resume_settings(saved), resume_settings(current)
     changed = {key: [old[key], new[key]] for key in old if old[key] is not None and key in new and old[key] != new[key]}
-    breaking = [key for key in changed if key in EXACT_RESUME_OTHER or key in map(flag, EXACT_RESUME)]
+    exact = {*EXACT_RESUME_OTHER, *map(flag, (*EXACT_RESUME, *EXACT_RESUME_TASK))}
+    breaking = [key for key in changed if key in exact]
     if breaking and not allow:
         listed = ", ".join(f"{key} {changed[key][0]} -> {changed[key][1]}" for key in breaking)
         raise ckpt.CheckpointError(
