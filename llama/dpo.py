@@ -145,6 +145,11 @@ def validation_prefix(args: argparse.Namespace, prefix: Path, cfg: TrainConfig) 
 def reference_checkpoint(args: argparse.Namespace, planned: Planned) -> tuple[Path, dict[str, Any]]:
     """The reference: a resumed run's own record, else ``--ref-ckpt``, else the ``--init`` checkpoint."""
     recorded = (planned.saved.get("task") or {}).get("reference") if planned.resuming else None
+    if recorded and args.ref_ckpt and resolve_init(args.ref_ckpt)[0].resolve() != Path(recorded["path"]):
+        raise ValueError(
+            f"{planned.checkpoint} was trained against the reference {recorded['path']}, not --ref-ckpt "
+            f"{args.ref_ckpt}: resume with the reference it was trained against, or use another --out-dir"
+        )
     if recorded:
         found, saved = resolve_init(recorded["path"])
         if adapters.weights_identity(found, saved) != recorded["sha256"]:

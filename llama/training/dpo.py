@@ -30,7 +30,7 @@ from torch import nn
 import zhkernels
 from zhkernels import reference
 
-from .objectives import IGNORE_INDEX, Metrics
+from .objectives import IGNORE_INDEX, Metrics, uses_triton
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "sigmoid_norm")
 #: The metrics a DPO step and a validation report, besides the loss.
@@ -63,7 +63,7 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """``(log-probs, reply tokens)``, both fp32 ``[pairs, 2]`` (chosen, rejected): each sequence's summed
     log-probability of its reply under ``model``, from one forward over the packed rows."""
     labels, seq_ids = batch["labels"], batch["seq_ids"]
-    head = _TokenLogps(labels, fused=_uses_triton(model, batch["input_ids"]))
+    head = _TokenLogps(labels, fused=uses_triton(model, batch["input_ids"]))
     token_logps = model(
         batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"], head=head
     ).head
@@ -86,13 +86,6 @@ class _TokenLogps:
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         logprobs = zhkernels.fused_linear_logprobs if self.fused else reference.fused_linear_logprobs
         return logprobs(hidden, weight, self.labels, ignore_index=IGNORE_INDEX)
-
-
-def _uses_triton(model: nn.Module, input_ids: torch.Tensor) -> bool:
-    """Whether the Llama inside ``model`` (maybe DDP-wrapped or compiled) runs the Triton kernels on this input."""
-    while not hasattr(model, "uses_triton"):
-        model = getattr(model, "module", None) or model._orig_mod  # DDP's, then torch.compile's wrapper
-    return model.uses_triton(input_ids)
 
 
 def preference_losses(
