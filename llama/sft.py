@@ -151,7 +151,7 @@ def dpo_refusal(files: PackedFiles) -> str:
 # ---------------------------------------------------------------- command line
 
 
-def _add_raw_data_arguments(group: argparse._ArgumentGroup) -> None:
+def add_raw_data_arguments(group: argparse._ArgumentGroup) -> None:
     """How raw conversations are written and packed (packed data ignores these)."""
     group.add_argument(
         "--template",
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         val="packed validation set",
         init="the checkpoint to fine-tune (a pretraining run)",
     )
-    _add_raw_data_arguments(parser.add_argument_group("raw conversations: how they are packed"))
+    add_raw_data_arguments(parser.add_argument_group("raw conversations: how they are packed"))
     parser.add_argument_group("reasoning SFT: the loss").add_argument(
         "--think-tag-weight",
         type=float,

@@ -8,6 +8,8 @@ passes are tested against those gradients.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -215,3 +217,58 @@ def fused_linear_logprobs(
     safe_t = torch.where(counted, t, torch.zeros_like(t))
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, safe_t[:, None]).squeeze(1)
     return torch.where(counted, logprobs, torch.zeros_like(logprobs)).reshape(targets.shape)
+
+
+DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+def token_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward", beta: float = 0.5
+) -> torch.Tensor:
+    """Per-row divergence between the softmaxes of ``teacher_logits`` (t) and ``student_logits`` (s), ``[N, V]``
+    float32 → ``[N]``: ``forward`` KL(t‖s), ``reverse`` KL(s‖t), ``jsd`` β·KL(t‖m) + (1−β)·KL(s‖m) with the
+    mixture m = β·t + (1−β)·s (TRL's GKD ``generalized_jsd_loss`` convention for 0 < β < 1)."""
+    s, t = torch.log_softmax(student_logits, dim=-1), torch.log_softmax(teacher_logits, dim=-1)
+    if kind == "forward":
+        return (t.exp() * (t - s)).sum(-1)
+    if kind == "reverse":
+        return (s.exp() * (s - t)).sum(-1)
+    if kind == "jsd":
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log1p(-beta)]), dim=0)
+        return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+    raise ValueError(f"kind must be one of {', '.join(DIVERGENCES)}, got {kind!r}")
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    kind: str = "forward",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Knowledge distillation ``(loss, ce, divergence)``, fp32 0-d: ``loss = (1−α)·ce + α·divergence``.
+
+    ``student_hidden [..., Hs]`` with ``student_weight [V, Hs]``, ``teacher_hidden [..., Ht]`` with
+    ``teacher_weight [V, Ht]`` (the two models share the vocabulary, nothing else), ``labels [...]``. Logits are
+    float32; ``ce`` is the student's cross-entropy against ``labels`` at temperature 1; ``divergence`` is
+    T²·:func:`token_divergence` of the temperature-T softmaxes (Hinton's scaling, so its gradient keeps its size
+    as T changes). Both are means over the counted tokens (labels != ``ignore_index``; 0 when there are none).
+    """
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).float()
+    t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).float()
+    flat = labels.reshape(-1)
+    counted = flat != ignore_index
+    s_logits, t_logits = s_hidden @ student_weight.float().T, t_hidden @ teacher_weight.float().T
+    safe = torch.where(counted, flat, torch.zeros_like(flat))
+    ce = torch.logsumexp(s_logits, -1) - s_logits.gather(1, safe[:, None]).squeeze(1)
+    div = token_divergence(s_logits / temperature, t_logits / temperature, kind, beta) * temperature**2
+    n = counted.sum().clamp(min=1)
+    ce = torch.where(counted, ce, torch.zeros_like(ce)).sum() / n
+    div = torch.where(counted, div, torch.zeros_like(div)).sum() / n
+    return (1 - alpha) * ce + alpha * div, ce, div

@@ -1,0 +1,181 @@
+"""Knowledge distillation as an objective of the one loop: a student learns a teacher's next-token distributions.
+
+With the student's and the teacher's logits s and t (float32) over the counted tokens (SFT: the assistant
+tokens), temperature T and weight α::
+
+    loss = (1 − α)·CE(s, labels) + α·T²·D(t, s; T)
+
+D is ``forward`` KL(teacher‖student) (default), ``reverse`` KL(student‖teacher) or ``jsd``, the generalised
+Jensen-Shannon divergence β·KL(t‖m) + (1−β)·KL(s‖m), m = β·t + (1−β)·s (TRL's GKD convention); its plain-PyTorch
+spec is :func:`zhkernels.reference.distill_loss`. Teacher and student share the tokenizer and nothing else.
+
+:func:`chunked_distill_loss` computes it without ever holding ``[tokens, vocab]`` logits for all tokens: the
+counted tokens go through in chunks, each chunk's logits of both models made, reduced and dropped, and
+recomputed in the backward pass (``torch.utils.checkpoint``). The teacher runs without gradients, in the run's
+precision (the loop's autocast), and its hidden states alone leave its forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from zhkernels.reference import DIVERGENCES, token_divergence
+
+from .objectives import IGNORE_INDEX, Metrics
+
+#: Rows of fp32 logits one chunk may hold per model (64 MiB at most for either at vocabularies ≥ 16,384).
+CHUNK_LOGITS = 2**24
+MAX_CHUNK_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """α (the divergence's share of the loss), the temperature T, the divergence and JSD's β."""
+
+    alpha: float = 0.5
+    temperature: float = 2.0
+    divergence: str = "forward"
+    jsd_beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"--divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"--alpha must be in [0, 1] (the divergence's share of the loss), got {self.alpha}")
+        if not (self.temperature > 0 and self.temperature < float("inf")):
+            raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
+        if not 0 < self.jsd_beta < 1:
+            raise ValueError(
+                f"--jsd-beta must be in (0, 1) (0 and 1 are --divergence forward/reverse), got {self.jsd_beta}"
+            )
+
+    @property
+    def metric(self) -> str:
+        """What the divergence is reported as: ``kl`` (forward, reverse) or ``jsd``."""
+        return "jsd" if self.divergence == "jsd" else "kl"
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk: as many as keep one model's fp32 chunk logits within :data:`CHUNK_LOGITS` values."""
+    return max(1, min(MAX_CHUNK_TOKENS, CHUNK_LOGITS // max(1, vocab_size)))
+
+
+def _chunk_sums(
+    s_hidden: torch.Tensor,
+    s_weight: torch.Tensor,
+    t_hidden: torch.Tensor,
+    t_weight: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    kind: str,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and T²-scaled divergence of one chunk of counted tokens, logits in float32 (autocast off)."""
+    with torch.autocast(s_hidden.device.type, enabled=False):
+        s_logits = s_hidden.float() @ s_weight.float().T
+        t_logits = t_hidden.float() @ t_weight.float().T
+        ce = torch.logsumexp(s_logits, -1) - s_logits.gather(1, labels[:, None]).squeeze(1)
+        div = token_divergence(s_logits / temperature, t_logits / temperature, kind, beta)
+        return ce.sum(), div.sum() * temperature**2
+
+
+def chunked_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor,
+    settings: DistillSettings,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`zhkernels.reference.distill_loss` in chunks of counted tokens, ``(loss, ce, divergence)`` fp32 0-d;
+    each chunk is checkpointed, so backward recomputes its logits instead of keeping them. The teacher's inputs
+    carry no gradient."""
+    flat = labels.reshape(-1)
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # the counted tokens (one host sync per micro-batch)
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)
+    t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, rows)
+    targets, t_weight = flat.index_select(0, rows), teacher_weight.detach()
+    step = chunk_size or chunk_tokens(student_weight.shape[0])
+    ce = div = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    for start in range(0, rows.numel(), step):
+        part = slice(start, start + step)
+        args = (s_hidden[part], student_weight, t_hidden[part], t_weight, targets[part])
+        extra = (settings.temperature, settings.divergence, settings.jsd_beta)
+        ce_sum, div_sum = checkpoint(_chunk_sums, *args, *extra, use_reentrant=False)
+        ce, div = ce + ce_sum, div + div_sum
+    n = max(1, rows.numel())
+    ce, div = ce / n, div / n
+    return (1 - settings.alpha) * ce + settings.alpha * div, ce, div
+
+
+class Teacher:
+    """The teacher: a frozen model in eval mode, moved to the batch's device on first use, whose final hidden
+    states and ``lm_head`` weight the loss reads (without gradients)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model.requires_grad_(False).eval()
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = batch["input_ids"].device
+        if self.model.lm_head.weight.device != device:
+            self.model.to(device)
+        with torch.no_grad():
+            hidden = self.model.hidden_states(
+                batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids")
+            )
+        return hidden, self.model.lm_head.weight
+
+
+class _DistillHead:
+    """The student's head: the chunked distillation loss of its hidden states and ``lm_head`` weight against the
+    teacher's, ``(loss, ce, divergence)``."""
+
+    def __init__(self, teacher: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, settings: DistillSettings):
+        self.teacher, self.labels, self.settings = teacher, labels, settings
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t_hidden, t_weight = self.teacher
+        return chunked_distill_loss(hidden, weight, t_hidden, t_weight, self.labels, self.settings)
+
+
+class Distill:
+    """The distillation objective over SFT batches (the loss counts the labels that are not -100). Stateless."""
+
+    name = "distill"
+
+    def __init__(self, settings: DistillSettings, teacher: Teacher) -> None:
+        self.settings, self.teacher = settings, teacher
+        self.perplexity = settings.alpha == 0  # α = 0 is the plain next-token loss: its exp is a perplexity
+
+    def terms(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, ce, divergence)`` of one batch: the teacher's forward, then the student's with the loss head."""
+        head = _DistillHead(self.teacher(batch), batch["labels"], self.settings)
+        return model(
+            batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"), head=head
+        ).head
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        loss, ce, div = self.terms(model, batch)
+        return loss, {"ce": ce.detach(), self.settings.metric: div.detach()}
+
+    def tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["input_ids"].numel()
+
+    def validate(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Metrics:
+        results = [self.terms(model, batch) for batch in batches]
+        names = ("loss", "ce", self.settings.metric)
+        return {name: torch.stack([r[i].float() for r in results]).mean() for i, name in enumerate(names)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
