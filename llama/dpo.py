@@ -60,6 +60,7 @@ from .training.finetune import (
     plan_finetune,
 )
 from .training.loop import train
+from .training.objectives import place_frozen
 from .training.resume import resolve_init
 from .training.run import AUTOCAST_DTYPES
 from .training.runtime import choose_device
@@ -193,7 +194,8 @@ def reference_tables(
     datasets = [open_quietly(lambda p=p: DPODataset(p, cfg.seq_len, pin_memory=False)) for p in sets]
     missing = [i for i, path in enumerate(paths) if ref.load_table(path, datasets[i].stored_pair_count) is None]
     if missing and int(os.environ.get("RANK", "0")) == 0:
-        model = load_reference(checkpoint, saved, cfg.kernels).to(device)
+        dtype = AUTOCAST_DTYPES.get(precision)  # the run's precision, as an online reference runs
+        model = place_frozen(load_reference(checkpoint, saved, cfg.kernels), device, dtype)
         autocast = torch.autocast(device.type, AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
         for i in missing:
             logger.info(

@@ -163,3 +163,19 @@ def test_the_objective_starts_at_ln2_against_its_own_precomputed_reference_and_l
         loss.backward()
         optimizer.step()
     assert loss.item() < 0.3 and metrics["accuracy"].item() == 1.0 and metrics["margin"].item() > 0
+
+
+def test_a_frozen_reference_runs_in_the_autocast_precision_on_the_batch_device():
+    """--ref online's copy (and a distillation teacher) is cast once to the run's half precision: half the memory."""
+    from llama.training.reference import OnlineReference
+
+    model, copy = tiny_model(), tiny_model()
+    pairs = [([3, 4, 5, 6, 7], [3, 4, 9, 9], 2)]
+    batch = packed_batch(pairs, seq_len=12)
+    reference = OnlineReference(copy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = reference(model, batch, validation=False)
+        with torch.no_grad():
+            expected = sequence_logps(model.to(torch.bfloat16), batch)[0]
+    assert next(copy.parameters()).dtype == torch.bfloat16 and not any(p.requires_grad for p in copy.parameters())
+    torch.testing.assert_close(logps, expected)

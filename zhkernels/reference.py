@@ -212,7 +212,7 @@ def fused_linear_logprobs(
     """
     h = hidden.reshape(-1, hidden.shape[-1]).float()
     t = targets.reshape(-1)
-    logits = (h @ weight.float().T) / temperature
+    logits = (h @ weight.float().T).float() / temperature  # float32 even when autocast ran the matmul in 16 bits
     counted = t != ignore_index
     safe_t = torch.where(counted, t, torch.zeros_like(t))
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, safe_t[:, None]).squeeze(1)

@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from zhkernels.reference import DIVERGENCES, token_divergence
 
-from .objectives import IGNORE_INDEX, Metrics
+from .objectives import IGNORE_INDEX, Metrics, place_frozen
 
 #: Rows of fp32 logits one chunk may hold per model (64 MiB at most for either at vocabularies ≥ 16,384).
 CHUNK_LOGITS = 2**24
@@ -115,16 +115,14 @@ def chunked_distill_loss(
 
 
 class Teacher:
-    """The teacher: a frozen model in eval mode, moved to the batch's device on first use, whose final hidden
-    states and ``lm_head`` weight the loss reads (without gradients)."""
+    """The teacher: a frozen model in eval mode, moved to the batch's device (in the run's precision) on first use,
+    whose final hidden states and ``lm_head`` weight the loss reads (without gradients)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model.requires_grad_(False).eval()
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        device = batch["input_ids"].device
-        if self.model.lm_head.weight.device != device:
-            self.model.to(device)
+        place_frozen(self.model, batch["input_ids"].device)  # the run's precision (the loop's autocast)
         with torch.no_grad():
             hidden = self.model.hidden_states(
                 batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids")

@@ -171,6 +171,18 @@ class _SummedCrossEntropy:
         return per_token.sum(), torch.where(self.tag_labels != IGNORE_INDEX, per_token, 0.0).sum()
 
 
+def place_frozen(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen model an objective runs beside the trained one (DPO's reference, a distillation teacher) on
+    ``device``, its weights in ``dtype`` (default: the autocast dtype active there, the run's fp16/bf16: half the
+    memory of fp32 copies, the matmuls autocast would run anyway); moved and cast once."""
+    if dtype is None and torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    weight = next(model.parameters())
+    if weight.device != device or (dtype is not None and weight.dtype != dtype):
+        model.to(device=device, dtype=dtype or weight.dtype)
+    return model
+
+
 def uses_triton(model: nn.Module, input_ids: torch.Tensor) -> bool:
     """Whether the Llama inside ``model`` (maybe DDP-wrapped or compiled) runs the Triton kernels on this input."""
     while not hasattr(model, "uses_triton"):

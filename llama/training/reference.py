@@ -29,6 +29,7 @@ from engine.publish import file_sha256, fsync, temporary_sibling
 
 from ..lora import adapters_disabled, lora_layers
 from .dpo import sequence_logps
+from .objectives import place_frozen
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,8 @@ class OnlineReference:
 
     def __call__(self, policy: nn.Module, batch: dict[str, torch.Tensor], validation: bool) -> torch.Tensor:
         with torch.no_grad():
-            if self.model is not None:
-                return sequence_logps(self.model, batch)[0]
+            if self.model is not None:  # on the batch's device, in the run's precision, from the first call on
+                return sequence_logps(place_frozen(self.model, batch["input_ids"].device), batch)[0]
             if not any(True for _ in lora_layers(policy)):
                 raise ValueError("an adapters-off reference needs a LoRA run (--lora)")
             with adapters_disabled(policy):
