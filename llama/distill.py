@@ -33,7 +33,6 @@ from engine.tokenizer import tokenizer_mismatch
 from .dpo import load_reference
 from .model import LlamaConfig
 from .sft import add_raw_data_arguments, check_reasoning_flags, sft_data, sft_dataset
-from .training import adapters
 from .training.cli import run_training
 from .training.config import TrainConfig, check_values
 from .training.distill import DIVERGENCES, Distill, DistillSettings, Teacher
@@ -42,10 +41,12 @@ from .training.finetune import (
     Planned,
     add_data_arguments,
     add_finetune_arguments,
+    companion_record,
     describe,
     finish_plan,
     open_quietly,
     plan_finetune,
+    recorded_companion,
 )
 from .training.loop import train
 from .training.resume import resolve_init
@@ -83,23 +84,12 @@ def open_conversations(prefix: str | os.PathLike[str]) -> PackedFiles:
 
 def teacher_checkpoint(args: argparse.Namespace, planned: Planned) -> tuple[Path, dict[str, Any]]:
     """The teacher: a resumed run's own record (``--teacher`` must agree), else ``--teacher``."""
-    recorded = (planned.saved.get("task") or {}).get("teacher") if planned.resuming else None
-    if not recorded:
-        if not args.teacher:
-            raise ValueError("--teacher is required: name the checkpoint to distil from (e.g. --teacher out/sft-big)")
-        return resolve_init(args.teacher)
-    if args.teacher and resolve_init(args.teacher)[0].resolve() != Path(recorded["path"]):
-        raise ValueError(
-            f"{planned.checkpoint} was distilled from the teacher {recorded['path']}, not --teacher {args.teacher}: "
-            "resume with the teacher it was trained against, or use another --out-dir"
-        )
-    found, saved = resolve_init(recorded["path"])
-    if adapters.weights_identity(found, saved) != recorded["sha256"]:
-        raise ValueError(
-            f"{planned.checkpoint} was distilled from the teacher {recorded['path']}, whose weights changed since: "
-            "put the original back, or start a new run in another --out-dir"
-        )
-    return found, saved
+    recorded = recorded_companion(planned, "teacher", args.teacher, "--teacher", "was distilled from the teacher")
+    if recorded:
+        return recorded
+    if not args.teacher:
+        raise ValueError("--teacher is required: name the checkpoint to distil from (e.g. --teacher out/sft-big)")
+    return resolve_init(args.teacher)
 
 
 def check_teacher(checkpoint: Path, saved: dict[str, Any], planned: Planned) -> None:
@@ -119,11 +109,6 @@ def check_teacher(checkpoint: Path, saved: dict[str, Any], planned: Planned) -> 
             f"the teacher {checkpoint} has a vocabulary of {vocab:,} ids, the student {planned.checkpoint} "
             f"{planned.config.vocab_size:,}: distil between models of one tokenizer and vocabulary"
         )
-
-
-def teacher_record(checkpoint: Path, saved: dict[str, Any]) -> dict[str, Any]:
-    """What the run records of its teacher: the path and the weights' sha256 (checked again on resume)."""
-    return {"path": str(checkpoint.resolve()), "sha256": adapters.weights_identity(checkpoint, saved)}
 
 
 # ---------------------------------------------------------------- command line
@@ -175,7 +160,7 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Path,
     files = open_conversations(prefix)
     rows = open_quietly(lambda: SFTDataset(prefix, planned.seq_len, pin_memory=False)).n_rows
     cfg, steps, per_step = finish_plan(args, planned, rows)
-    teacher, record = Teacher(load_reference(checkpoint, saved, cfg.kernels)), teacher_record(checkpoint, saved)
+    teacher, record = Teacher(load_reference(checkpoint, saved, cfg.kernels)), companion_record(checkpoint, saved)
     inherited = planned.saved.get("task") or {}  # the student's chat settings, for chat and evaluate
     task = {
         **{key: inherited.get(key) for key in ("template", "think_off_prefix", "system") if inherited.get(key)},

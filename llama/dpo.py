@@ -53,11 +53,13 @@ from .training.finetune import (
     add_data_arguments,
     add_finetune_arguments,
     add_packing_arguments,
+    companion_record,
     data_tokenizer,
     describe,
     finish_plan,
     open_quietly,
     plan_finetune,
+    recorded_companion,
 )
 from .training.loop import train
 from .training.objectives import place_frozen
@@ -144,21 +146,12 @@ def validation_prefix(args: argparse.Namespace, prefix: Path, cfg: TrainConfig) 
 
 
 def reference_checkpoint(args: argparse.Namespace, planned: Planned) -> tuple[Path, dict[str, Any]]:
-    """The reference: a resumed run's own record, else ``--ref-ckpt``, else the ``--init`` checkpoint."""
-    recorded = (planned.saved.get("task") or {}).get("reference") if planned.resuming else None
-    if recorded and args.ref_ckpt and resolve_init(args.ref_ckpt)[0].resolve() != Path(recorded["path"]):
-        raise ValueError(
-            f"{planned.checkpoint} was trained against the reference {recorded['path']}, not --ref-ckpt "
-            f"{args.ref_ckpt}: resume with the reference it was trained against, or use another --out-dir"
-        )
+    """The reference: a resumed run's own record (``--ref-ckpt`` must agree), else ``--ref-ckpt``, else ``--init``."""
+    recorded = recorded_companion(
+        planned, "reference", args.ref_ckpt, "--ref-ckpt", "was trained against the reference"
+    )
     if recorded:
-        found, saved = resolve_init(recorded["path"])
-        if adapters.weights_identity(found, saved) != recorded["sha256"]:
-            raise ValueError(
-                f"{planned.checkpoint} was trained against the reference {recorded['path']}, whose weights changed "
-                "since: put the original back, or start a new run in another --out-dir"
-            )
-        return found, saved
+        return recorded
     if args.ref_ckpt:
         return resolve_init(args.ref_ckpt)
     return planned.checkpoint, planned.saved
@@ -218,11 +211,7 @@ def build_reference(args: argparse.Namespace, planned: Planned, cfg: TrainConfig
     """The objective's reference log-probs and what the run records of the reference."""
     checkpoint, saved = reference_checkpoint(args, planned)
     check_reference_tokenizer(checkpoint, saved, files)
-    record = {
-        "path": str(checkpoint.resolve()),
-        "sha256": adapters.weights_identity(checkpoint, saved),
-        "mode": args.ref,
-    }
+    record = {**companion_record(checkpoint, saved), "mode": args.ref}
     if args.ref == "online":
         if cfg.lora:  # the same weights with the adapters off: no second model
             if checkpoint != planned.checkpoint and not planned.resuming:

@@ -13,22 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from faults import assert_one_line_error
-from safetensors.torch import load_file
-from training_runs import start_run, wait_until_stalled
+from training_runs import assert_resumed_identically, start_run, wait_until_stalled
 
 from engine.dataset import SFTDataset
 from engine.format import DatasetPaths
 from llama import distill, sft
 from llama.dpo import load_reference
 from llama.model import Llama, LlamaConfig
-from llama.training.checkpoint import (
-    MODEL_FILE,
-    checkpoint_name,
-    find_checkpoint,
-    read_config,
-    save_checkpoint,
-    tied_parameters,
-)
+from llama.training.checkpoint import checkpoint_name, find_checkpoint, read_config, save_checkpoint, tied_parameters
 from llama.training.distill import Distill, DistillSettings, Teacher, chunked_distill_loss
 from llama.training.metrics import read_metrics
 from llama.training.objectives import lm_loss
@@ -282,14 +274,7 @@ def test_a_distill_run_killed_mid_run_resumes_bitwise_identically_against_its_te
     resumed = start_run(victim_args, tmp_path / "resumed.log", script=str(script))
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
     assert "RESUMING from" in (tmp_path / "resumed.log").read_text()
-    expected = {r["step"]: r for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")}
-    after = read_metrics(tmp_path / "victim" / "metrics.jsonl")
-    assert [r["step"] for r in after] == list(range(1, steps + 1))
-    for record in after:
-        for key in ("loss", "grad_norm", "ce", "kl"):
-            assert record[key] == expected[record["step"]][key], (record["step"], key)
-    final = [load_file(str(find_checkpoint(tmp_path / r) / MODEL_FILE)) for r in ("reference", "victim")]
-    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert_resumed_identically(tmp_path / "reference", tmp_path / "victim", steps, ("loss", "grad_norm", "ce", "kl"))
     other = distill_args(models, tmp_path / "victim", steps + 2, *extra)
     other[other.index("--teacher") + 1] = str(models["student"])
     code = distill.main(other)

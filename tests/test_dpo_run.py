@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from faults import assert_one_line_error
 from safetensors.torch import load_file
-from training_runs import REPO, start_run, torchrun_two_ranks, wait_until_stalled
+from training_runs import REPO, assert_resumed_identically, start_run, torchrun_two_ranks, wait_until_stalled
 
 from llama import dpo, sft
 from llama.training.checkpoint import MODEL_FILE, find_checkpoint
@@ -114,14 +113,9 @@ def test_a_dpo_run_killed_mid_run_resumes_bitwise_identically(sft_model, pairs, 
     resumed = start_run(victim_args, tmp_path / "resumed.log", script=str(script))
     assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
     assert "RESUMING from" in (tmp_path / "resumed.log").read_text()
-    expected = {r["step"]: r for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")}
-    after = read_metrics(tmp_path / "victim" / "metrics.jsonl")
-    assert [r["step"] for r in after] == list(range(1, steps + 1))
-    for record in after:
-        for key in ("loss", "grad_norm", "accuracy", "margin"):
-            assert record[key] == expected[record["step"]][key], (record["step"], key)
-    final = [load_file(str(find_checkpoint(tmp_path / r) / MODEL_FILE)) for r in ("reference", "victim")]
-    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert_resumed_identically(
+        tmp_path / "reference", tmp_path / "victim", steps, ("loss", "grad_norm", "accuracy", "margin")
+    )
 
 
 def test_dpo_on_two_ddp_ranks_scores_the_reference_once_and_trains(sft_model, pairs, tmp_path):

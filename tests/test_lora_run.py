@@ -14,7 +14,7 @@ import pytest
 import torch
 from faults import assert_one_line_error
 from safetensors.torch import load_file, save_file
-from training_runs import REPO, start_run, wait_until_stalled, write_corpus
+from training_runs import REPO, assert_resumed_identically, start_run, wait_until_stalled, write_corpus
 
 from llama import sft
 from llama.formats.hf import export_hf
@@ -94,14 +94,9 @@ def test_a_lora_run_killed_at_a_random_step_resumes_bitwise_identically(corpus, 
     assert resumed.wait(timeout=180) == 0, (tmp_path / "resumed.log").read_text()[-2000:]
     assert reference.wait(timeout=180) == 0, (tmp_path / "reference.log").read_text()[-2000:]
     assert "RESUMING from" in (tmp_path / "resumed.log").read_text()
-    expected = {r["step"]: r for r in read_metrics(tmp_path / "reference" / "metrics.jsonl")}
-    after = read_metrics(tmp_path / "victim" / "metrics.jsonl")
-    assert [r["step"] for r in after] == list(range(1, steps + 1))
-    for record in after:
-        for key in ("loss", "grad_norm", "lr", "tokens"):
-            assert record[key] == expected[record["step"]][key], (record["step"], key)
-    final = [load_file(str(find_checkpoint(tmp_path / run) / MODEL_FILE)) for run in ("reference", "victim")]
-    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert_resumed_identically(
+        tmp_path / "reference", tmp_path / "victim", steps, ("loss", "grad_norm", "lr", "tokens")
+    )
 
 
 @pytest.fixture(scope="module")

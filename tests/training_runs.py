@@ -133,3 +133,22 @@ def wait_until_stalled(log_path: Path, proc: subprocess.Popen, timeout: float = 
         assert time.monotonic() < deadline, f"the run did not stall within {timeout:.0f} s"
         time.sleep(0.01)
     return int(marker.read_text())
+
+
+def assert_resumed_identically(reference: Path, victim: Path, steps: int, keys: tuple[str, ...]) -> None:
+    """A run killed and resumed (``victim``) logged every step 1..``steps`` once, each ``keys`` figure equal to the
+    uninterrupted ``reference`` run's, and ended with the same weights, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llama.training.checkpoint import MODEL_FILE, find_checkpoint
+    from llama.training.metrics import read_metrics
+
+    expected = {r["step"]: r for r in read_metrics(reference / "metrics.jsonl")}
+    after = read_metrics(victim / "metrics.jsonl")
+    assert [r["step"] for r in after] == list(range(1, steps + 1))
+    for record in after:
+        for key in keys:
+            assert record[key] == expected[record["step"]][key], (record["step"], key)
+    final = [load_file(str(find_checkpoint(run) / MODEL_FILE)) for run in (reference, victim)]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])

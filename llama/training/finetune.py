@@ -16,6 +16,7 @@ from engine.format import DatasetError
 from engine.tokenizer import Tokenizer, load_tokenizer, tokenizer_mismatch
 
 from ..model import LlamaConfig
+from . import adapters
 from . import checkpoint as ckpt
 from .cli import add_train_arguments, choose_seq_len, model_overrides, planned_values
 from .config import TrainConfig
@@ -208,3 +209,32 @@ def describe(planned: Planned, cfg: TrainConfig, prefix: Path, what: str, rows: 
         f"micro-batch {cfg.batch_size} x accumulation {cfg.grad_accum}, {cfg.precision}, activation checkpointing "
         f"{'on' if cfg.activation_checkpointing else 'off'} (profile plan: {planned.chosen.describe(seq_len)})"
     )
+
+
+def companion_record(checkpoint: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """What a run records of a second model it trains against (DPO's reference, a distillation teacher): the path
+    and the weights' sha256, checked again on resume by :func:`recorded_companion`."""
+    return {"path": str(checkpoint.resolve()), "sha256": adapters.weights_identity(checkpoint, saved)}
+
+
+def recorded_companion(
+    planned: Planned, key: str, given: str | None, flag: str, relation: str
+) -> tuple[Path, dict[str, Any]] | None:
+    """A resumed run's recorded ``task[key]`` checkpoint (``--flag`` ``given`` must name it), refused in one line when
+    its weights changed since; None for a fresh run or one that recorded none. ``relation`` reads "was distilled
+    from the teacher" / "was trained against the reference" in the errors."""
+    recorded = (planned.saved.get("task") or {}).get(key) if planned.resuming else None
+    if not recorded:
+        return None
+    if given and resolve_init(given)[0].resolve() != Path(recorded["path"]):
+        raise ValueError(
+            f"{planned.checkpoint} {relation} {recorded['path']}, not {flag} {given}: resume with the one it was "
+            "trained against, or use another --out-dir"
+        )
+    found, saved = resolve_init(recorded["path"])
+    if adapters.weights_identity(found, saved) != recorded["sha256"]:
+        raise ValueError(
+            f"{planned.checkpoint} {relation} {recorded['path']}, whose weights changed since: put the original back, "
+            "or start a new run in another --out-dir"
+        )
+    return found, saved
