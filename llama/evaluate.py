@@ -464,17 +464,6 @@ def format_check(info: InferenceInfo, chat: bool, force: bool) -> tuple[bool, st
     return True, ""
 
 
-def _check_prompt_file(path: str | Path, prompts: int, skipped: Counter[str], max_bad: float) -> None:
-    """Refuse a prompt file with more than ``max_bad`` of its lines malformed, in one line."""
-    total_bad = sum(skipped.values())
-    if total_bad > max_bad * (total_bad + prompts):
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
-        raise ValueError(
-            f"{path}: {total_bad} of {total_bad + prompts} lines are malformed ({reasons}), more than --max-bad "
-            f"{max_bad:.0%}: fix the file or raise --max-bad"
-        )
-
-
 def evaluate_replies(
     model: Llama, tokenizer: Tokenizer, path: str | Path, settings: ReplySettings = ReplySettings()
 ) -> ReplyQuality:
@@ -482,7 +471,7 @@ def evaluate_replies(
     if not 0 <= settings.max_bad <= 1:
         raise ValueError(f"--max-bad is a share of the lines, in [0, 1]; got {settings.max_bad}")
     found = read_prompts(path)
-    _check_prompt_file(path, len(found.prompts), found.skipped, settings.max_bad)
+    found.check(len(found.prompts), settings.max_bad)
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     think_ids = require_think_ids(tokenizer, settings.options.max_think_tokens)

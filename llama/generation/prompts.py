@@ -46,16 +46,28 @@ def tolerant(stream: TextIO) -> TextIO:
 
 @dataclass
 class PromptFile:
-    """The prompts of a file, each with its line number, and the lines skipped, counted by reason."""
+    """The prompts of a file, each with its line number, the record each came from (a ``.jsonl`` line's object, with
+    fields such as GRPO's ``answer``; ``{"prompt": text}`` otherwise), and the lines skipped, counted by reason."""
 
     path: str
     prompts: list[tuple[int, str]] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
 
     def skip(self, reason: str, lineno: int, detail: str) -> None:
         self.skipped[reason] += 1
         if self.skipped[reason] <= EXAMPLES_PER_REASON:
             log.warning("%s:%d: skipped (%s): %s", self.path, lineno, reason, detail)
+
+    def check(self, kept: int, max_bad: float) -> None:
+        """Refuse the file in one line when more than ``max_bad`` of its lines were skipped (``kept`` were used)."""
+        total_bad = sum(self.skipped.values())
+        if total_bad > max_bad * (total_bad + kept):
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+            raise ValueError(
+                f"{self.path}: {total_bad} of {total_bad + kept} lines are malformed ({reasons}), more than --max-bad "
+                f"{max_bad:.0%}: fix the file or raise --max-bad"
+            )
 
     def describe_skipped(self) -> str:
         """``"3 line(s) skipped (not_utf8: 2, not_json: 1)"``, or ``""`` when none was."""
@@ -64,17 +76,18 @@ class PromptFile:
         return f"{total} line(s) skipped ({reasons})" if total else ""
 
 
-def _prompt_of(line: str, jsonl: bool) -> str:
-    """The prompt a line holds: the line itself, or a JSON line's ``"prompt"`` (or ``"text"``) string."""
+def _prompt_of(line: str, jsonl: bool) -> tuple[str, dict]:
+    """The prompt a line holds and its record: the line itself, or a JSON line's ``"prompt"`` (or ``"text"``)
+    string and its object."""
     if not jsonl:
-        return line
+        return line, {"prompt": line}
     record = json.loads(line)
     if isinstance(record, str):
-        return record
+        return record, {"prompt": record}
     text = record.get("prompt", record.get("text")) if isinstance(record, dict) else None
     if not isinstance(text, str):
         raise ValueError('expected a JSON string or an object with a "prompt" text')
-    return text
+    return text, record
 
 
 def read_prompts(path: str | os.PathLike[str]) -> PromptFile:
@@ -97,7 +110,7 @@ def read_prompts(path: str | os.PathLike[str]) -> PromptFile:
                 found.skip("not_utf8", lineno, f"{invalid_bytes(line)} byte(s) that are not valid UTF-8")
                 continue
             try:
-                prompt = _prompt_of(line, jsonl)
+                prompt, record = _prompt_of(line, jsonl)
             except ValueError as e:  # json.JSONDecodeError is one
                 found.skip("not_json", lineno, str(e))
                 continue
@@ -108,6 +121,7 @@ def read_prompts(path: str | os.PathLike[str]) -> PromptFile:
                 found.skip("not_utf8", lineno, "a surrogate escape that is not a character")
                 continue
             found.prompts.append((lineno, prompt))
+            found.records.append(record)
     if not found.prompts:
         skipped = found.describe_skipped()
         raise ValueError(

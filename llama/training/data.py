@@ -14,7 +14,10 @@ from .config import TrainConfig
 
 
 class BatchSource(Protocol):
-    """What the loop needs of a dataset (``engine.dataset``'s all qualify): batches, a resumable position, its files."""
+    """What the loop needs of a dataset (``engine.dataset``'s all qualify): batches, a resumable position, its files.
+
+    A source that samples from the model being trained (GRPO's :class:`~llama.training.rollouts.RolloutSource`)
+    also has ``bind(run)``, which setup calls once the run's model exists."""
 
     files: PackedFiles
     samples_per_epoch: int

@@ -63,7 +63,7 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """``(log-probs, reply tokens)``, both fp32 ``[pairs, 2]`` (chosen, rejected): each sequence's summed
     log-probability of its reply under ``model``, from one forward over the packed rows."""
     labels, seq_ids = batch["labels"], batch["seq_ids"]
-    head = _TokenLogps(labels, fused=uses_triton(model, batch["input_ids"]))
+    head = TokenLogps(labels, fused=uses_triton(model, batch["input_ids"]))
     token_logps = model(
         batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"], head=head
     ).head
@@ -76,16 +76,17 @@ def sequence_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     return logps.view(-1, 2), counts.view(-1, 2)
 
 
-class _TokenLogps:
-    """The model's head: every position's log-prob of its label (0 where the label is -100), ``[B, T]`` fp32;
-    ``fused``: the Triton kernel (the model runs its kernels), else its plain-PyTorch definition."""
+class TokenLogps:
+    """The model's head: every position's log-prob of its label (0 where the label is -100), ``[B, T]`` fp32, of
+    the softmax at ``temperature``; ``fused``: the Triton kernel (the model runs its kernels), else its
+    plain-PyTorch definition."""
 
-    def __init__(self, labels: torch.Tensor, fused: bool) -> None:
-        self.labels, self.fused = labels, fused
+    def __init__(self, labels: torch.Tensor, fused: bool, temperature: float = 1.0) -> None:
+        self.labels, self.fused, self.temperature = labels, fused, temperature
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         logprobs = zhkernels.fused_linear_logprobs if self.fused else reference.fused_linear_logprobs
-        return logprobs(hidden, weight, self.labels, ignore_index=IGNORE_INDEX)
+        return logprobs(hidden, weight, self.labels, ignore_index=IGNORE_INDEX, temperature=self.temperature)
 
 
 def preference_losses(

@@ -160,7 +160,7 @@ def train(
 
 
 def _log_record(
-    run: Run, step: StepResult, lr: float, tokens_per_s: float, mfu_now: float | None, val: dict[str, float] | None
+    run: Run, step: StepResult, lr: float, timing: dict[str, float], mfu_now: float | None, val: dict[str, float] | None
 ) -> dict[str, Any]:
     """One metrics-log line: the step's figures, the objective's metrics and, after an evaluation, its metrics."""
     record = {
@@ -169,7 +169,7 @@ def _log_record(
         "loss": step.loss,
         "lr": lr,
         "grad_norm": step.grad_norm,
-        "tokens_per_s": tokens_per_s,
+        **timing,
         "mfu": mfu_now,
         "scale": step.scale,
         "peak_memory_gib": peak_memory_gib(run.runtime.device),
@@ -200,6 +200,17 @@ class _Progress:
     skipped_updates: int = 0  # in all, for the summary
     window_tokens: int = 0  # since the last log line
     window_seconds: float = 0.0
+    window_data_seconds: float = 0.0  # of which spent getting the batches (GRPO: sampling the rollouts)
+
+    def timing(self) -> dict[str, float]:
+        """The log window's throughput: ``tokens_per_s`` over the whole steps, ``update_tokens_per_s`` over their
+        forward/backward/update only, and ``data_share``, the share of the time spent getting batches."""
+        seconds, data = max(self.window_seconds, 1e-9), self.window_data_seconds
+        return {
+            "tokens_per_s": self.window_tokens / seconds,
+            "update_tokens_per_s": self.window_tokens / max(seconds - data, 1e-9),
+            "data_share": data / seconds,
+        }
 
 
 def _loop(run: Run, rng: Any) -> TrainResult:
@@ -225,6 +236,7 @@ def _loop(run: Run, rng: Any) -> TrainResult:
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 batches = [run.train_data.next_batch(cfg.batch_size) for _ in range(cfg.grad_accum)]
+                p.window_data_seconds += time.perf_counter() - step_started
                 p.first_batch_sha256 = (
                     p.first_batch_sha256 or hashlib.sha256(batches[0]["input_ids"].numpy().tobytes()).hexdigest()
                 )
@@ -242,10 +254,10 @@ def _loop(run: Run, rng: Any) -> TrainResult:
                     val = evaluate(run)
                     p.val_loss, p.val_metrics = val.get("loss", p.val_loss), val
                 if state.step % cfg.log_every == 0 or done or val is not None or stop_signal:
-                    tokens_per_s = p.window_tokens / max(p.window_seconds, 1e-9)
-                    p.mfu = mfu(flops_per_token, tokens_per_s / run.runtime.world_size, peak)
-                    metrics.log(_log_record(run, p.last, lr, tokens_per_s, p.mfu, val))
-                    p.window_tokens, p.window_seconds = 0, 0.0
+                    timing = p.timing()
+                    p.mfu = mfu(flops_per_token, timing["tokens_per_s"] / run.runtime.world_size, peak)
+                    metrics.log(_log_record(run, p.last, lr, timing, p.mfu, val))
+                    p.window_tokens, p.window_seconds, p.window_data_seconds = 0, 0.0, 0.0
                 metrics.advance()
                 if (cfg.save_every and state.step % cfg.save_every == 0) or done or stop_signal:
                     p.saved_at = save(run, ckpt.checkpoint_name(state.step))
@@ -263,9 +275,12 @@ def _initial_validation(run: Run) -> float | None:
     if run.init_from is None or not run.val_batches:
         return None
     val = evaluate(run)
-    if run.runtime.is_main and val.get("loss") is not None:
-        others = "".join(f", {name} {value:.4f}" for name, value in val.items() if name != "loss")
-        log.info("validation loss before training: %.4f%s", val["loss"], others)
+    if run.runtime.is_main:
+        others = ", ".join(f"{name} {value:.4f}" for name, value in val.items() if name != "loss")
+        if val.get("loss") is not None:
+            log.info("validation loss before training: %.4f%s", val["loss"], f", {others}" if others else "")
+        else:  # an objective without a loss to validate (GRPO: the greedy replies' rewards)
+            log.info("validation before training: %s", others)
     return val.get("loss")
 
 

@@ -2,9 +2,11 @@
 (when matplotlib is installed) and one summary line.
 
 ``metrics.jsonl`` holds one JSON object per logged step: ``step``, ``tokens``, ``loss``, ``lr``,
-``grad_norm``, ``tokens_per_s`` (all ranks), ``mfu`` (null without a known peak), ``scale`` (fp16 only),
-``peak_memory_gib`` (CUDA only), ``val_loss``/``val_ppl`` when measured at that step, and ``time``
-(training seconds, across resumes).
+``grad_norm``, ``tokens_per_s`` (all ranks, whole steps), ``update_tokens_per_s`` (forward, backward and update
+only), ``data_share`` (the share of the time spent getting batches: GRPO's sampling), ``mfu`` (null without a known
+peak), ``scale`` (fp16 only), ``peak_memory_gib`` (CUDA only), the objective's metrics (DPO's ``accuracy``, GRPO's
+``reward``…), ``val_*`` when measured at that step, and ``time`` (training seconds, across resumes). TensorBoard
+gets them all (the objective's under ``task/``).
 Losses are written with full float precision (``repr``), so two runs compare exactly; a non-finite
 value is written as ``NaN``/``Infinity`` (Python's ``json`` reads them back).
 """
@@ -33,7 +35,10 @@ TB_SCALARS = {
     "scale": "amp/scale",
     "val_loss": "val/loss",
     "val_ppl": "val/ppl",
+    "update_tokens_per_s": "perf/update_tokens_per_s",
+    "data_share": "perf/data_share",
 }
+UNPLOTTED = ("step", "tokens", "time")  # the x axes
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -83,9 +88,10 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for key, tag in TB_SCALARS.items():
-                if record.get(key) is not None:
-                    self._tb.add_scalar(tag, record[key], global_step=record["step"])
+            for key, value in record.items():
+                tag = TB_SCALARS.get(key) or (None if key in UNPLOTTED else f"task/{key}")
+                if tag is not None and isinstance(value, (int, float)) and value is not None:
+                    self._tb.add_scalar(tag, value, global_step=record["step"])
         shown = {
             "loss": f"{record['loss']:.4f}",
             "lr": f"{record['lr']:.2e}",
@@ -95,6 +101,8 @@ class MetricsLogger:
             shown["mfu"] = f"{100 * record['mfu']:.1f}%"
         if record.get("peak_memory_gib") is not None:
             shown["mem"] = f"{record['peak_memory_gib']:.1f}G"
+        if record.get("reward") is not None:
+            shown["reward"] = f"{record['reward']:.3f}"
         if record.get("val_loss") is not None:
             shown["val"] = f"{record['val_loss']:.4f}"
         self._bar.set_postfix(shown, refresh=False)

@@ -288,6 +288,8 @@ def setup(
         resumed_from=resume_from,
         lora=lora,
     )
+    if hasattr(train_data, "bind"):  # a source that samples from the model being trained (GRPO's rollouts)
+        train_data.bind(run)
     return run, _resume(run, resume_from)
 
 
