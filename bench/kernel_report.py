@@ -39,7 +39,8 @@ COUNT_METHOD = (
     "path with the kernel launches stubbed (as `bench/count_memory.py` counts a training step), eager runs its aten "
     "ops. *eager* = `torch.log_softmax(hidden @ W.T, -1).gather(-1, targets)` in the input dtype. Allocator rounding "
     "and cuBLAS workspaces are not counted; on a GPU the same calls are also measured (`max_memory_allocated`, the "
-    "op's memory table). MB."
+    "op's memory table). The distillation rows (`bench/test_distill_step.py`) compare `zhkernels.fused_distill_loss` "
+    "with eager `zhkernels.reference.distill_loss`, which builds both models' full logits. MB."
 )
 
 METHOD = (

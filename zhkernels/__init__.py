@@ -9,6 +9,7 @@ traces through them.
 
 from . import reference
 from .cross_entropy import FusedLinearCrossEntropyFunction, FusedLinearCrossEntropyLoss, fused_linear_cross_entropy
+from .distill import FusedDistillLossFunction, fused_distill_loss
 from .flash_attention import FlashAttention, FlashAttentionFunction, flash_attention
 from .hf_llama import patch_hf_llama
 from .logprobs import FusedLinearLogprobsFunction, fused_linear_logprobs
@@ -19,6 +20,7 @@ from .swiglu import SwiGLU, SwiGLUFunction, SwiGLUMLP, swiglu
 __all__ = [
     "FlashAttention",
     "FlashAttentionFunction",
+    "FusedDistillLossFunction",
     "FusedLinearCrossEntropyFunction",
     "FusedLinearCrossEntropyLoss",
     "FusedLinearLogprobsFunction",
@@ -31,6 +33,7 @@ __all__ = [
     "SwiGLUMLP",
     "apply_rope",
     "flash_attention",
+    "fused_distill_loss",
     "fused_linear_cross_entropy",
     "fused_linear_logprobs",
     "patch_hf_llama",

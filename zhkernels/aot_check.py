@@ -462,6 +462,35 @@ def _logprobs_cases(arch: int, quick: bool) -> list[Case]:
     return cases
 
 
+def _distill_cases(arch: int, quick: bool) -> list[Case]:
+    kd = _op("distill")
+    pad = _op("cross_entropy").padded_vocab
+    cases = []
+    for vocab in (35023,) if quick else VOCAB:
+        block, num_warps = kd._kernel_config(vocab)
+        for dt in ("bf16",) if quick else DTYPES:
+            for kind in ("forward", "jsd") if quick else tuple(kd.KINDS):
+                common = dict(s_ptr=Ptr(dt), t_ptr=Ptr(dt), labels_ptr=Ptr("i64"), row_stride=pad(vocab), n_vocab=vocab)
+                jsd = dict(beta=0.5, log_beta=-0.69, log_1m_beta=-0.69, KIND=kd.KINDS[kind], BLOCK=block)
+                forward = dict(
+                    common,
+                    ce_ptr=Ptr("fp32"),
+                    div_ptr=Ptr("fp32"),
+                    stats_ptr=Ptr("fp32"),
+                    ignore_index=-100,
+                    inv_t=0.5,
+                    t_sq=4.0,
+                    **jsd,
+                )
+                backward = dict(
+                    common, stats_ptr=Ptr("fp32"), coef_ptr=Ptr("fp32"), ignore_index=-100, inv_t=0.5, **jsd
+                )
+                label = f"{dt} V={vocab} {kind}"
+                cases.append(Case("distill", "_distill_forward_kernel", label, forward, num_warps))
+                cases.append(Case("distill", "_distill_backward_kernel", label, backward, num_warps))
+    return cases
+
+
 CASE_BUILDERS = (
     _rms_norm_cases,
     _rope_cases,
@@ -469,6 +498,7 @@ CASE_BUILDERS = (
     _flash_attention_cases,
     _cross_entropy_cases,
     _logprobs_cases,
+    _distill_cases,
 )
 
 
