@@ -13,6 +13,18 @@ spec is :func:`zhkernels.reference.distill_loss`. Teacher and student share the 
 counted tokens go through in chunks, each chunk's logits of both models made, reduced and dropped, and
 recomputed in the backward pass (``torch.utils.checkpoint``). The teacher runs without gradients, in the run's
 precision (the loop's autocast), and its hidden states alone leave its forward.
+
+From a teacher cache (``--teacher-top-k K``, :mod:`llama.training.teacher_cache`) the teacher is not run: each counted
+token brings the teacher's K largest log-probs at temperature T and their ids, and D is the forward KL over those K
+ids (:func:`topk_forward_kl`, the usual way to distil from sparse teacher logits)::
+
+    p̂_k = exp(ℓ_k) / Σ_j exp(ℓ_j)                (the teacher's top-K probabilities, renormalised to sum to 1)
+    D   = Σ_k p̂_k · (log p̂_k − log q(id_k))      (q = softmax(s / T) over the student's whole vocabulary)
+
+With K = the vocabulary this is the forward KL exactly; with a smaller K it ignores the teacher's tail and the
+student's mass outside the K ids (q is not renormalised, so pushing mass onto the K ids lowers D).
+:func:`chunked_topk_distill_loss` computes it in chunks, like :func:`chunked_distill_loss`. Reverse KL and JSD need
+the teacher's whole distribution and are refused with a cache.
 """
 
 from __future__ import annotations
@@ -31,6 +43,12 @@ from .objectives import IGNORE_INDEX, Metrics, place_frozen
 #: Rows of fp32 logits one chunk may hold per model (64 MiB at most for either at vocabularies ≥ 16,384).
 CHUNK_LOGITS = 2**24
 MAX_CHUNK_TOKENS = 4096
+#: The batch keys of a teacher cache's rows: ``[counted tokens, K]`` ids (int32) and log-probs (fp16).
+TOPK_IDS, TOPK_LOGPROBS = "teacher_topk_ids", "teacher_topk_logprobs"
+TOPK_DIVERGENCE_REFUSAL = (
+    "--divergence {} needs the teacher's whole distribution, which --teacher-top-k keeps only the top K of: use "
+    "--divergence forward with --teacher-top-k, or drop --teacher-top-k to run the teacher during training"
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,89 @@ def chunked_distill_loss(
     return (1 - settings.alpha) * ce + settings.alpha * div, ce, div
 
 
+def topk_forward_kl(
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Per-token forward KL from the teacher's top-K (the spec): ``student_logits [N, V]`` (the student's, before
+    the temperature), ``teacher_ids [N, K]`` and ``teacher_logprobs [N, K]`` (the teacher's log-softmax at
+    temperature T at those ids) → ``[N]`` float32 ``Σ_k p̂_k (log p̂_k − log q_{id_k})``, p̂ the K probabilities
+    renormalised, q the student's softmax at temperature T over the whole vocabulary (see the module doc)."""
+    log_q = torch.log_softmax(student_logits.float() / temperature, -1).gather(1, teacher_ids.long())
+    log_p = torch.log_softmax(teacher_logprobs.float(), -1)  # ℓ − logsumexp(ℓ): renormalised over the K ids
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def topk_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distillation from the teacher's top-K, plain PyTorch (whole logits): ``(loss, ce, kl)`` fp32 0-d, ``loss =
+    (1−α)·ce + α·T²·kl``, means over the counted tokens (labels != -100). ``teacher_ids``/``teacher_logprobs`` are
+    ``[counted tokens, K]``, one row per counted token in row-major order of ``labels``."""
+    flat = labels.reshape(-1)
+    counted = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+    s_logits = student_hidden.reshape(-1, student_hidden.shape[-1]).float()[counted] @ student_weight.float().T
+    ce = torch.logsumexp(s_logits, -1) - s_logits.gather(1, flat[counted][:, None]).squeeze(1)
+    kl = topk_forward_kl(s_logits, teacher_ids, teacher_logprobs, temperature) * temperature**2
+    n = max(1, counted.numel())
+    ce, kl = ce.sum() / n, kl.sum() / n
+    return (1 - alpha) * ce + alpha * kl, ce, kl
+
+
+def _topk_chunk_sums(
+    s_hidden: torch.Tensor,
+    s_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and T²-scaled top-K forward KL of one chunk of counted tokens, logits in float32 (autocast off)."""
+    with torch.autocast(s_hidden.device.type, enabled=False):
+        s_logits = s_hidden.float() @ s_weight.float().T
+        ce = torch.logsumexp(s_logits, -1) - s_logits.gather(1, labels[:, None]).squeeze(1)
+        kl = topk_forward_kl(s_logits, teacher_ids, teacher_logprobs, temperature)
+        return ce.sum(), kl.sum() * temperature**2
+
+
+def chunked_topk_distill_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor,
+    settings: DistillSettings,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`topk_distill_loss` in checkpointed chunks of counted tokens (never whole logits), ``(loss, ce, kl)``."""
+    flat = labels.reshape(-1)
+    rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # the counted tokens (one host sync per micro-batch)
+    if teacher_ids.shape[0] != rows.numel():
+        raise ValueError(
+            f"the batch carries the teacher's top-K of {teacher_ids.shape[0]} tokens but counts {rows.numel()}: the "
+            "teacher cache does not belong to this data; delete it to compute it again"
+        )
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, rows)
+    targets = flat.index_select(0, rows)
+    step = chunk_size or chunk_tokens(student_weight.shape[0])
+    ce = kl = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+    for start in range(0, rows.numel(), step):
+        part = slice(start, start + step)
+        args = (s_hidden[part], student_weight, teacher_ids[part], teacher_logprobs[part], targets[part])
+        ce_sum, kl_sum = checkpoint(_topk_chunk_sums, *args, settings.temperature, use_reentrant=False)
+        ce, kl = ce + ce_sum, kl + kl_sum
+    n = max(1, rows.numel())
+    ce, kl = ce / n, kl / n
+    return (1 - settings.alpha) * ce + settings.alpha * kl, ce, kl
+
+
 class Teacher:
     """The teacher: a frozen model in eval mode, moved to the batch's device (in the run's precision) on first use,
     whose final hidden states and ``lm_head`` weight the loss reads (without gradients)."""
@@ -142,20 +243,40 @@ class _DistillHead:
         return chunked_distill_loss(hidden, weight, t_hidden, t_weight, self.labels, self.settings)
 
 
+class _TopKHead:
+    """The student's head against a teacher cache: the chunked top-K distillation loss of its hidden states and
+    ``lm_head`` weight, the teacher's top-K of the batch's counted tokens taken from the batch."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], settings: DistillSettings) -> None:
+        self.batch, self.settings = batch, settings
+
+    def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, logprobs = self.batch[TOPK_IDS], self.batch[TOPK_LOGPROBS]
+        return chunked_topk_distill_loss(hidden, weight, ids, logprobs, self.batch["labels"], self.settings)
+
+
 class Distill:
-    """The distillation objective over SFT batches (the loss counts the labels that are not -100). Stateless."""
+    """The distillation objective (the loss counts the labels that are not -100: SFT's assistant tokens, every token
+    of a pretraining corpus). With ``teacher=None`` the teacher's top-K comes in the batches (a teacher cache, see
+    :mod:`llama.training.teacher_cache`) and only forward KL is possible. Stateless."""
 
     name = "distill"
 
-    def __init__(self, settings: DistillSettings, teacher: Teacher) -> None:
+    def __init__(self, settings: DistillSettings, teacher: Teacher | None) -> None:
+        if teacher is None and settings.divergence != "forward":
+            raise ValueError(TOPK_DIVERGENCE_REFUSAL.format(settings.divergence))
         self.settings, self.teacher = settings, teacher
         self.perplexity = settings.alpha == 0  # α = 0 is the plain next-token loss: its exp is a perplexity
 
     def terms(
         self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, ce, divergence)`` of one batch: the teacher's forward, then the student's with the loss head."""
-        head = _DistillHead(self.teacher(batch), batch["labels"], self.settings)
+        """``(loss, ce, divergence)`` of one batch: the teacher's forward (or its cached top-K), then the student's
+        with the loss head."""
+        if self.teacher is None:
+            head: _DistillHead | _TopKHead = _TopKHead(batch, self.settings)
+        else:
+            head = _DistillHead(self.teacher(batch), batch["labels"], self.settings)
         return model(
             batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"), head=head
         ).head
