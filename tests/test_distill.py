@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from faults import assert_one_line_error
+from kernel_checks import requires_triton
 from training_runs import assert_resumed_identically, start_run, wait_until_stalled
 
 from engine.dataset import SFTDataset
 from engine.format import DatasetPaths
 from llama import distill, sft
 from llama.dpo import load_reference
-from llama.model import Llama, LlamaConfig
+from llama.model import Llama, LlamaConfig, ModelOptions
 from llama.training.checkpoint import checkpoint_name, find_checkpoint, read_config, save_checkpoint, tied_parameters
 from llama.training.distill import Distill, DistillSettings, Teacher, chunked_distill_loss
 from llama.training.metrics import read_metrics
@@ -279,3 +280,27 @@ def test_a_distill_run_killed_mid_run_resumes_bitwise_identically_against_its_te
     other[other.index("--teacher") + 1] = str(models["student"])
     code = distill.main(other)
     assert_one_line_error(code, capsys.readouterr().err, "was distilled from the teacher", "not --teacher")
+
+
+@requires_triton
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_student_running_its_triton_kernels_gets_the_fused_loss_with_the_same_values_and_gradients(kind):
+    """The objective picks zhkernels.fused_distill_loss when the student runs its kernels (the interpreter on CPU):
+    same loss, metrics and gradients as the chunked torch path."""
+    batch, results = _batch(), []
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        student = Llama(
+            LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, max_seq_len=64),
+            ModelOptions(kernels=kernels),
+        )
+        objective = Distill(DistillSettings(alpha=0.4, temperature=1.5, divergence=kind), Teacher(_tiny(96, 1)))
+        loss, metrics = objective.loss(student, batch)
+        loss.backward()
+        results.append((loss.detach(), metrics, student.lm_head.weight.grad.clone()))
+    (eager_loss, eager_metrics, eager_grad), (fused_loss, fused_metrics, fused_grad) = results
+    torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    for name in eager_metrics:
+        torch.testing.assert_close(fused_metrics[name], eager_metrics[name], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-3, atol=1e-5)

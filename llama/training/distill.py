@@ -9,10 +9,12 @@ D is ``forward`` KL(teacher‖student) (default), ``reverse`` KL(student‖teach
 Jensen-Shannon divergence β·KL(t‖m) + (1−β)·KL(s‖m), m = β·t + (1−β)·s (TRL's GKD convention); its plain-PyTorch
 spec is :func:`zhkernels.reference.distill_loss`. Teacher and student share the tokenizer and nothing else.
 
-:func:`chunked_distill_loss` computes it without ever holding ``[tokens, vocab]`` logits for all tokens: the
-counted tokens go through in chunks, each chunk's logits of both models made, reduced and dropped, and
-recomputed in the backward pass (``torch.utils.checkpoint``). The teacher runs without gradients, in the run's
-precision (the loop's autocast), and its hidden states alone leave its forward.
+Neither way holds ``[tokens, vocab]`` logits for all tokens. When the student runs its Triton kernels (CUDA) the
+loss is :func:`zhkernels.fused_distill_loss`: chunks of tokens whose two logit blocks one Triton kernel per row
+reduces, and whose student-logit gradient it writes in place in the backward pass (no host sync). Otherwise
+:func:`chunked_distill_loss`: the counted tokens go through in chunks, each chunk's logits of both models made,
+reduced and dropped, and recomputed in the backward pass (``torch.utils.checkpoint``). The teacher runs without
+gradients, in the run's precision (the loop's autocast), and its hidden states alone leave its forward.
 
 From a teacher cache (``--teacher-top-k K``, :mod:`llama.training.teacher_cache`) the teacher is not run: each counted
 token brings the teacher's K largest log-probs at temperature T and their ids, and D is the forward KL over those K
@@ -36,9 +38,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import zhkernels
 from zhkernels.reference import DIVERGENCES, token_divergence
 
-from .objectives import IGNORE_INDEX, Metrics, place_frozen
+from .objectives import IGNORE_INDEX, Metrics, place_frozen, uses_triton
 
 #: Rows of fp32 logits one chunk may hold per model (64 MiB at most for either at vocabularies ≥ 16,384).
 CHUNK_LOGITS = 2**24
@@ -232,15 +235,32 @@ class Teacher:
 
 
 class _DistillHead:
-    """The student's head: the chunked distillation loss of its hidden states and ``lm_head`` weight against the
-    teacher's, ``(loss, ce, divergence)``."""
+    """The student's head: the distillation loss of its hidden states and ``lm_head`` weight against the teacher's,
+    ``(loss, ce, divergence)``; ``fused`` (the model runs its kernels): :func:`zhkernels.fused_distill_loss` (no host
+    sync, one Triton kernel per row), else :func:`chunked_distill_loss`."""
 
-    def __init__(self, teacher: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, settings: DistillSettings):
-        self.teacher, self.labels, self.settings = teacher, labels, settings
+    def __init__(
+        self, teacher: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, settings: DistillSettings, fused: bool
+    ) -> None:
+        self.teacher, self.labels, self.settings, self.fused = teacher, labels, settings, fused
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t_hidden, t_weight = self.teacher
-        return chunked_distill_loss(hidden, weight, t_hidden, t_weight, self.labels, self.settings)
+        if not self.fused:
+            return chunked_distill_loss(hidden, weight, t_hidden, t_weight, self.labels, self.settings)
+        s = self.settings
+        return zhkernels.fused_distill_loss(
+            hidden,
+            weight,
+            t_hidden,
+            t_weight,
+            self.labels,
+            alpha=s.alpha,
+            temperature=s.temperature,
+            kind=s.divergence,
+            beta=s.jsd_beta,
+            ignore_index=IGNORE_INDEX,
+        )
 
 
 class _TopKHead:
@@ -276,7 +296,8 @@ class Distill:
         if self.teacher is None:
             head: _DistillHead | _TopKHead = _TopKHead(batch, self.settings)
         else:
-            head = _DistillHead(self.teacher(batch), batch["labels"], self.settings)
+            fused = uses_triton(model, batch["input_ids"])
+            head = _DistillHead(self.teacher(batch), batch["labels"], self.settings, fused)
         return model(
             batch["input_ids"], position_ids=batch.get("position_ids"), doc_ids=batch.get("doc_ids"), head=head
         ).head
