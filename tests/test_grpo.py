@@ -208,6 +208,16 @@ def test_a_grpo_run_killed_mid_run_resumes_bitwise_identically(toy, tmp_path):
     assert records[0]["kl"] == 0.0 and records[1]["gen_s"] == 0.0  # the 2nd update reuses the 1st rollout
 
 
+def test_a_resume_with_another_group_size_is_refused_and_another_epsilon_recorded(toy, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert grpo.main(grpo_args(toy, out, 1)) == 0
+    code = grpo.main(grpo_args(toy, out, 2, "--group-size", "4"))
+    assert_one_line_error(code, capsys.readouterr().err, "--group-size 8 -> 4", "would not continue it exactly")
+    assert grpo.main(grpo_args(toy, out, 2, "--epsilon", "0.1")) == 0
+    changes = read_config(find_checkpoint(out))["config_changes"]
+    assert changes[0]["changed"] == {"--epsilon": [0.2, 0.1], "--epsilon-high": [0.2, 0.1]}
+
+
 def test_under_lora_the_reference_is_the_model_with_its_adapters_off(toy, tmp_path):
     out = tmp_path / "lora"
     assert grpo.main(grpo_args(toy, out, 2, "--lora", "r=4,alpha=8", "--beta", "0.1", "--lr", "1e-2")) == 0

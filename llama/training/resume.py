@@ -145,8 +145,12 @@ EXACT_RESUME = ("batch_size", "grad_accum", "seq_len", "data_mode", "doc_masking
 EXACT_RESUME_OTHER = ("ranks", "training data", "tokenizer", "objective")
 #: Settings a task records in config.json's ``task`` (None: not set), compared on resume like TrainConfig fields, by
 #: flag: a loss weight is like --lr (a change is logged and recorded); those in EXACT_RESUME_TASK rewrite the data.
-TASK_SETTINGS = ("think_tag_weight", "no_think_share", "beta", "loss_type", "label_smoothing", "sft_weight")
-EXACT_RESUME_TASK = ("no_think_share",)
+TASK_SETTINGS = (
+    *("think_tag_weight", "no_think_share", "beta", "loss_type", "label_smoothing", "sft_weight"),  # SFT, DPO
+    *("alpha", "temperature", "divergence", "jsd_beta"),  # distillation (and GRPO's sampling temperature)
+    *("group_size", "max_new_tokens", "top_p", "top_k", "epsilon", "epsilon_high", "iterations", "rewards"),  # GRPO
+)
+EXACT_RESUME_TASK = ("no_think_share", "group_size", "max_new_tokens", "iterations")
 #: TrainConfig fields about running, not training: a resumed run changes them without a word (--steps extends it).
 RUN_ONLY = (
     "steps",
