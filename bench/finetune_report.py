@@ -1,7 +1,9 @@
-"""Turn the fine-tuning benchmark rows (``bench/.results/finetune.json``) into markdown: the LoRA step and the DPO step.
+"""Turn the fine-tuning benchmark rows (``bench/.results/finetune.json``) into markdown: the LoRA step, the DPO step
+and the GRPO step (generation, update, a short run end to end).
 
-Rows come from ``bench/test_lora_step.py`` and ``bench/test_dpo_step.py``; this module only sorts them and takes
-ratios, so the terminal summary and ``RESULTS.md`` (``bench/report.py``) print the same numbers.
+Rows come from ``bench/test_lora_step.py``, ``bench/test_dpo_step.py`` and ``bench/test_grpo_step.py``; this module
+only sorts them and takes ratios, so the terminal summary and ``RESULTS.md`` (``bench/report.py``) print the same
+numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ NAMES = {
     "ours": "ours (`llama.training.dpo.DPO`, cached reference, packed rows)",
     "trl": "TRL `DPOTrainer` (default: reference model in memory)",
     "trl-precompute": "TRL `DPOTrainer`, `precompute_ref_log_probs=True`",
+}
+GRPO_ORDER = ["ours", "trl"]
+GRPO_CASES = ["grpo-generate", "grpo-update", "grpo-train"]
+GRPO_NAMES = {
+    ("grpo-generate", "ours"): "generation: ours (`Replies`: batched KV-cache `generate` + reward)",
+    ("grpo-generate", "trl"): "generation: TRL (`GRPOTrainer._generate_single_turn`: `model.generate`)",
+    ("grpo-update", "ours"): "update: ours (`GRPO.loss`, backward, AdamW)",
+    ("grpo-update", "trl"): "update: TRL (`GRPOTrainer.compute_loss`, backward, its AdamW)",
+    ("grpo-train", "ours"): "ours: `python -m llama.grpo`",
+    ("grpo-train", "trl"): "TRL: `GRPOTrainer.train()`",
 }
 
 MEMORY_METHOD = (
@@ -60,6 +72,38 @@ DPO_METHOD = (
     "Positions = the tensor positions the policy forward runs (ours rows × seq_len, TRL 2 × pairs × the longest "
     "sequence). tokens/s = tokens ÷ the median step time; the reference forward of *trl* is not counted as tokens. "
     "*ours × this* = ours' tokens/s ÷ the row's (above 1: ours is faster)."
+)
+
+GRPO_METHOD = (
+    "One GRPO step split in two, then a short run end to end, on the same prompts (the first single-turn prompts of "
+    "`medicalgpt/dpo_zh_500.jsonl` whose chat rendering fits 64 tokens; ours and TRL's tokenization checked equal), "
+    "the same reward (`length:N:N:N` of `llama.rewards`, N = max new tokens, one function on both sides) and the same "
+    'objective: β = 0, ε = 0.2, token-level normalisation (ours `--loss-type token`, TRL `loss_type="dapo"`), '
+    "advantages standardised per group, one update per rollout. *Generation*: P × G completions sampled at "
+    "temperature 1 (no top-p/top-k), stopping at `</s>` or `<|im_end|>`; ours is `Replies.__call__` (what "
+    "`RolloutSource` calls: the batched KV-cache `generate`, decoding and the reward) under the run's autocast, TRL's "
+    "is `GRPOTrainer._generate_single_turn` (its non-vLLM path: left-padding, `model.generate` with the trainer's "
+    "`generation_config`, masking after EOS; a private method, as TRL's public API generates only inside "
+    "`training_step`), without decoding and scoring (microseconds here). tokens = completion tokens sampled per call "
+    "(stop token included), averaged over the calls; positions = P × G × max new tokens. *Update*: one optimizer step "
+    "on one rollout that each side sampled with its own code before timing (ours `RolloutSource.next_batch`, TRL "
+    "`_prepare_inputs`): zero the gradients, the loss's forward, backward, AdamW, no clipping; TRL's forward also "
+    "computes every completion token's entropy for its metrics. The first loss is checked on each side against "
+    "−Σ A·(completion tokens) ÷ all completion tokens (ρ = 1). tokens = non-pad tokens forwarded (prompt + "
+    "completion); positions = the tensor positions the forward runs. ms = median per call (`benchmark.pedantic` "
+    "batches; wall clock on CPU, CUDA events on a GPU); tokens/s = tokens ÷ that median; *ours × this* = ours' "
+    "tokens/s ÷ the row's (above 1: ours is faster). fp32 on CPU, bf16 on CUDA (TRL's `bf16` and "
+    "`gradient_checkpointing` defaults set to match ours)."
+)
+
+GRPO_TRAIN_METHOD = (
+    "End to end: the same steps (one rollout of P × G and one update each) in a fresh process per side: ours "
+    "`python -m llama.grpo` (`--batch-size P·G --grad-accum 1`, no validation; it writes its final checkpoint, a loss "
+    "plot and TensorBoard events), TRL `GRPOTrainer(...).train()` with `max_steps` (saves nothing); both clip the "
+    "gradient norm at 1. *loop s* = the training loop's own seconds (ours: `time` of the last metrics line; TRL: "
+    "`train_runtime`), *process s* = the whole process (imports, model loading, saving); peak RSS = the process "
+    "tree's, sampled by `bench/peak_rss.py` (MB, imports included); *ours × this* = the row's loop seconds ÷ ours' "
+    "(above 1: ours is faster)."
 )
 
 TRL_NOT_COUNTED = (
@@ -106,9 +150,43 @@ def dpo_ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
+def _grpo_sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The GRPO rows by stage (generation, update, end to end), ours before TRL within each."""
+    return [r for case in GRPO_CASES for r in _sorted(rows, case, GRPO_ORDER)]
+
+
+def grpo_ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Ours ÷ TRL for each GRPO stage: speed (tokens/s; end to end, TRL's seconds ÷ ours) and memory."""
+
+    def pair(case: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        chosen = [r for r in rows if r.get("case") == case]
+        return _get(chosen, "ours"), _get(chosen, "trl")
+
+    out: dict[str, float | None] = {}
+    for case, stage in (("grpo-generate", "generate"), ("grpo-update", "update")):
+        ours, trl = pair(case)
+        out[f"{stage}_tokens_per_s"] = _ratio(ours.get("tokens_per_s"), trl.get("tokens_per_s"))
+        out[f"{stage}_tracked_memory"] = _ratio(ours.get("tracked_mb"), trl.get("tracked_mb"))
+        out[f"{stage}_cuda_memory"] = _ratio(ours.get("cuda_peak_mb"), trl.get("cuda_peak_mb"))
+    ours, trl = pair("grpo-train")
+    out["train_loop_speed"] = _ratio(trl.get("loop_s"), ours.get("loop_s"))
+    out["train_process_speed"] = _ratio(trl.get("wall_s"), ours.get("wall_s"))
+    out["train_peak_rss"] = _ratio(ours.get("peak_rss_mb"), trl.get("peak_rss_mb"))
+    out["train_cuda_memory"] = _ratio(ours.get("cuda_peak_mb"), trl.get("cuda_peak_mb"))
+    return out
+
+
 def summarize_finetune(rows: list[dict[str, Any]]) -> dict[str, Any]:
     lora, dpo = _sorted(rows, "lora-step", LORA_ORDER), _sorted(rows, "dpo-step", DPO_ORDER)
-    return {"lora": lora, "lora_ratios": lora_ratios(lora), "dpo": dpo, "dpo_ratios": dpo_ratios(dpo)}
+    grpo = _grpo_sorted(rows)
+    return {
+        "lora": lora,
+        "lora_ratios": lora_ratios(lora),
+        "dpo": dpo,
+        "dpo_ratios": dpo_ratios(dpo),
+        "grpo": grpo,
+        "grpo_ratios": grpo_ratios(grpo),
+    }
 
 
 # ---------------------------------------------------------------- markdown
@@ -221,14 +299,102 @@ def _dpo_section(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def grpo_step_table(rows: list[dict[str, Any]]) -> str:
+    """Generation and update rows: one line per stage and side."""
+    steps = [r for r in rows if r["case"] in ("grpo-generate", "grpo-update")]
+    body = []
+    for r in steps:
+        ours = _get([x for x in steps if x["case"] == r["case"]], "ours")
+        ratio = (
+            "1.00×" if r["impl"] == "ours" else _fmt(_ratio(ours.get("tokens_per_s"), r["tokens_per_s"]), ".2f", "×")
+        )
+        body.append(
+            [
+                GRPO_NAMES.get((r["case"], r["impl"]), f"{r['case']} {r['impl']}"),
+                str(r["rows"]),
+                f"{r['tokens']:,.0f}",
+                f"{r['positions']:,}",
+                f"{r['ms']:.1f}",
+                f"{r['ms_min']:.1f}–{r['ms_max']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                ratio,
+                _fmt(r.get("first_loss"), ".2e"),
+                _fmt(r.get("tracked_mb"), ",.1f") + (f" ({r['tracked_device']})" if r.get("tracked_mb") else ""),
+                _fmt(r.get("cuda_peak_mb"), ",.1f"),
+            ]
+        )
+    header = ["stage and implementation", "sequences", "tokens/call", "positions/call", "ms/call", "min–max"]
+    header += ["tokens/s", "ours × this (tokens/s)", "first loss", "tracked peak (MiB)", "CUDA peak, measured (MiB)"]
+    return _table(header, body)
+
+
+def grpo_train_table(rows: list[dict[str, Any]]) -> str:
+    """End-to-end rows: the loop's and the process's seconds, peak memory."""
+    runs = [r for r in rows if r["case"] == "grpo-train"]
+    ours = _get(runs, "ours")
+    body = [
+        [
+            GRPO_NAMES.get((r["case"], r["impl"]), r["impl"]),
+            str(r["steps"]),
+            f"{r['loop_s']:.2f}",
+            f"{r['s_per_step']:.2f}",
+            f"{r['wall_s']:.1f}",
+            "1.00×" if r["impl"] == "ours" else _fmt(_ratio(r["loop_s"], ours.get("loop_s")), ".2f", "×"),
+            f"{r['peak_rss_mb']:,.0f}",
+            _fmt(r.get("cuda_peak_mb"), ",.1f"),
+        ]
+        for r in runs
+    ]
+    header = ["implementation", "steps", "loop s", "s/step", "process s", "ours × this (loop speed)"]
+    return _table(header + ["peak RSS (MB)", "CUDA peak, measured (MiB)"], body)
+
+
+def _grpo_section(summary: dict[str, Any]) -> list[str]:
+    rows, q = summary["grpo"], summary.get("grpo_ratios") or grpo_ratios(summary["grpo"])
+    r = rows[0]
+    lines = [
+        f"#### GRPO step: {r['size']}, vocab {r['vocab']:,}, {r['prompts']} prompts × {r['group']} completions of up "
+        f"to {r['max_new_tokens']} tokens",
+        _device_line(rows),
+    ]
+    if any(x["case"] != "grpo-train" for x in rows):
+        lines += [GRPO_METHOD, grpo_step_table(rows)]
+    if any(x["case"] == "grpo-train" for x in rows):
+        lines += [GRPO_TRAIN_METHOD, grpo_train_table(rows)]
+    said = [
+        f"generation tokens/s {q['generate_tokens_per_s']:.2f}×" if q.get("generate_tokens_per_s") else "",
+        f"update tokens/s {q['update_tokens_per_s']:.2f}×" if q.get("update_tokens_per_s") else "",
+        f"update tracked peak {q['update_tracked_memory']:.2f}×" if q.get("update_tracked_memory") else "",
+        f"generation tracked peak {q['generate_tracked_memory']:.2f}×" if q.get("generate_tracked_memory") else "",
+        f"update CUDA peak {q['update_cuda_memory']:.2f}×" if q.get("update_cuda_memory") else "",
+        f"generation CUDA peak {q['generate_cuda_memory']:.2f}×" if q.get("generate_cuda_memory") else "",
+        f"end-to-end loop speed {q['train_loop_speed']:.2f}×" if q.get("train_loop_speed") else "",
+        f"process speed {q['train_process_speed']:.2f}×" if q.get("train_process_speed") else "",
+        f"peak RSS {q['train_peak_rss']:.2f}×" if q.get("train_peak_rss") else "",
+        f"end-to-end CUDA peak {q['train_cuda_memory']:.2f}×" if q.get("train_cuda_memory") else "",
+    ]
+    if any(said):
+        lines.append(
+            "Ratios from this run, ours ÷ TRL (speeds above 1: ours faster; memory below 1: ours smaller): "
+            + "; ".join(s for s in said if s)
+            + "."
+        )
+    return lines
+
+
 def finetune_tables(summary: dict[str, Any]) -> str:
-    """Markdown for the fine-tuning section: the LoRA step table and the DPO step table, each with its method."""
+    """Markdown for the fine-tuning section: the LoRA step, the DPO step and (when measured) the GRPO step tables,
+    each with its method."""
     summary = summarize_finetune(summary["runs"]) if "runs" in summary else summary
-    parts = ["### Fine-tuning steps: LoRA (ours vs PEFT) and DPO (ours vs TRL)"]
+    grpo = summary.get("grpo") or []
+    title = "### Fine-tuning steps: LoRA (ours vs PEFT) and DPO (ours vs TRL)"
+    parts = [title + (", GRPO (ours vs TRL)" if grpo else "")]
     if summary["lora"]:
         parts += _lora_section(summary)
     if summary["dpo"]:
         parts += _dpo_section(summary)
-    if not summary["lora"] and not summary["dpo"]:
+    if grpo:
+        parts += _grpo_section(summary)
+    if not summary["lora"] and not summary["dpo"] and not grpo:
         parts.append("(no fine-tuning step was measured)")
     return "\n\n".join(parts)

@@ -306,7 +306,14 @@ def tracked_peak(step: Callable[[], Any], modules: list[torch.nn.Module], optimi
     tracker.track_external(*modules, *([optimizer] if optimizer is not None else []))
     with tracker:
         step()
-    peak = tracker.get_tracker_snapshot("peak")[torch.device(device)]
+    return device_peak(tracker, device)
+
+
+def device_peak(tracker: Any, device: str) -> dict[str, int]:
+    """A ``MemTracker``'s peak on the device of type ``device``: ``{"total": bytes, kind: bytes, ...}``. Looked up by
+    type: the tracker keys a CUDA storage by its indexed device (``cuda:0``), which ``torch.device("cuda")`` is not."""
+    snapshot = tracker.get_tracker_snapshot("peak")
+    peak = next(v for k, v in snapshot.items() if torch.device(k).type == device)
     by_kind = {str(getattr(k, "value", k)): int(v) for k, v in peak.items() if k != "Total"}
     return {"total": int(peak["Total"]), **by_kind}
 

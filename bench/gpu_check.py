@@ -106,13 +106,16 @@ PLAN = [
     Stage(
         "kernel-bench",
         120,
-        [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_kernels.py", "--benchmark-only"],
-        "each kernel vs eager, torch.compile, SDPA and Liger-Kernel",
+        [
+            *(PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+            *("bench/test_kernels.py", "bench/test_distill_step.py", "--benchmark-only"),
+        ],
+        "each kernel vs eager, torch.compile, SDPA and Liger-Kernel; the fused distillation loss vs eager",
         ["kernels.json"],
     ),
     Stage(
         "finetune-steps",
-        90,
+        120,
         [
             PY,
             "-m",
@@ -122,9 +125,11 @@ PLAN = [
             "no:cacheprovider",
             "bench/test_lora_step.py",
             "bench/test_dpo_step.py",
+            "bench/test_grpo_step.py",
             "--benchmark-only",
         ],
-        "a LoRA step (ours vs PEFT vs full) and a DPO step (ours vs TRL, when its wheel is in bench/.wheels)",
+        "a LoRA step (ours vs PEFT vs full), a DPO step and a GRPO step's sampling and update (ours vs TRL, when its "
+        "wheel is in bench/.wheels)",
         ["finetune.json"],
     ),
     Stage(
