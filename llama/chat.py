@@ -438,7 +438,9 @@ def warn_if_not_chat_tuned(info: InferenceInfo, tokenizer: Tokenizer) -> None:
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    model, tokenizer, info = load_for_inference(args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels)
+    model, tokenizer, info = load_for_inference(
+        args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels, quant=args.quant
+    )
     warn_if_not_chat_tuned(info, tokenizer)
     options = options_from(args, model.config.max_seq_len)
     system = args.system if args.system is not None else info.task.get("system")

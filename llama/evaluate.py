@@ -631,7 +631,9 @@ def _run(argv: Sequence[str] | None) -> int:
             "nothing to evaluate: give --ppl DATA (perplexity), --choices FILE.jsonl and/or --generate PROMPTS"
         )
     options = _check_reply_arguments(args)
-    model, tokenizer, info = load_for_inference(args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels)
+    model, tokenizer, info = load_for_inference(
+        args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels, quant=args.quant
+    )
     summary: dict[str, Any] = {
         "checkpoint": str(info.path),
         "step": info.saved.get("step"),

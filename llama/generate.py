@@ -135,7 +135,9 @@ def _run(argv: Sequence[str] | None) -> int:
     if args.out and Path(args.out).resolve() == Path(args.prompts).resolve():
         raise ValueError(f"--out {args.out} is the --prompts file: it would be overwritten; write elsewhere")
     found = read_prompts(args.prompts)
-    model, tokenizer, _ = load_for_inference(args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels)
+    model, tokenizer, _ = load_for_inference(
+        args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels, quant=args.quant
+    )
     if args.max_new_tokens >= model.config.max_seq_len:
         raise ValueError(
             f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context of "

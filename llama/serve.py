@@ -26,7 +26,6 @@ to 127.0.0.1 (the default) unless the network is yours.
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -84,10 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_takes_quant() -> bool:
-    return "quant" in inspect.signature(load_for_inference).parameters
-
-
 def model_name(args: argparse.Namespace, loaded_from: Path) -> str:
     """``--served-model-name``, or the run's folder name (``out/sft/step_100`` → ``sft``)."""
     if args.served_model_name:
@@ -116,10 +111,8 @@ def _run(argv: Sequence[str] | None) -> int:
     from .serving.app import ServedModel, create_app
     from .serving.batcher import Batcher
 
-    quant = getattr(args, "quant", None)  # --quant comes with add_runtime_arguments
-    extra = {"quant": quant} if quant and _load_takes_quant() else {}
     model, tokenizer, info = load_for_inference(
-        args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels, **extra
+        args.ckpt, args.tokenizer, args.device, args.dtype, args.kernels, quant=args.quant
     )
     served = ServedModel.from_checkpoint(model_name(args, info.path), tokenizer, info, args.max_tokens, args.system)
     batcher = Batcher(model, tokenizer, window_s=args.batch_window_ms / 1000, max_rows=args.max_batch_size)

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from engine.chat_template import IM_END, render_text
-from llama.generation.generate import generate
+from llama.generation.generate import generate, generate_text
 from llama.generation.load import load_for_inference
 from llama.generation.sampling import GenerationResult
 from llama.model import Llama, LlamaConfig
@@ -522,3 +522,14 @@ def test_concurrent_streams_each_end_with_done(server):
     for data in results:
         lines = [line for line in data.decode("utf-8").split("\n\n") if line]
         assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_a_quantised_model_is_served(tiny_ckpt, small_tokenizer):
+    """``--quant`` reaches load_for_inference: an int8 model answers, greedy, as our generate does with it."""
+    model, tokenizer, info = load_for_inference(tiny_ckpt, device="cpu", dtype="fp32", kernels="torch", quant="int8")
+    served = ServedModel.from_checkpoint(MODEL, tokenizer, info, default_max_tokens=16, system=None)
+    with BackgroundServer(create_app(served, Batcher(model, tokenizer, window_s=0.0))) as live:
+        reply = client_of(live).chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8)
+    prompt = render_text(QUESTION, add_generation_prompt=True)
+    expected = generate_text(model, small_tokenizer, [prompt], 8).texts[0]
+    assert reply.choices[0].message.content == expected and reply.usage.completion_tokens >= 1

@@ -4,7 +4,8 @@ Every op has a functional entry point and an ``nn.Module``; CUDA tensors run the
 tensors run the plain-PyTorch definition in :mod:`zhkernels.reference` (or the Triton kernels in Triton's
 interpreter when ``TRITON_INTERPRET=1``). ``patch_hf_llama(model)`` swaps them into a ``transformers``
 Llama. The ops are registered as ``torch.ops.zhllm.*`` custom ops, so ``torch.compile(fullgraph=True)``
-traces through them.
+traces through them. ``int8_matmul`` / ``int4_matmul`` (with ``quantize_int8`` / ``quantize_int4``) are
+weight-only quantised matmuls for inference (:mod:`zhkernels.quant`).
 """
 
 from . import reference
@@ -13,6 +14,7 @@ from .distill import FusedDistillLossFunction, fused_distill_loss
 from .flash_attention import FlashAttention, FlashAttentionFunction, flash_attention
 from .hf_llama import patch_hf_llama
 from .logprobs import FusedLinearLogprobsFunction, fused_linear_logprobs
+from .quant import int4_matmul, int8_matmul, quantize_int4, quantize_int8
 from .rms_norm import RMSNorm, RMSNormFunction, rms_norm
 from .rope import RoPEFunction, RotaryEmbedding, apply_rope
 from .swiglu import SwiGLU, SwiGLUFunction, SwiGLUMLP, swiglu
@@ -36,7 +38,11 @@ __all__ = [
     "fused_distill_loss",
     "fused_linear_cross_entropy",
     "fused_linear_logprobs",
+    "int4_matmul",
+    "int8_matmul",
     "patch_hf_llama",
+    "quantize_int4",
+    "quantize_int8",
     "reference",
     "rms_norm",
     "swiglu",

@@ -491,6 +491,45 @@ def _distill_cases(arch: int, quick: bool) -> list[Case]:
     return cases
 
 
+def _quant_cases(arch: int, quick: bool) -> list[Case]:
+    """Weight-only quantised matmuls at decode (M = 1, GEMV) and a small batch (M = 17, tl.dot), fp16/bf16
+    activations (fp32 too in the full set), the presets' projection shapes (K = 1668: padded int4 groups)."""
+    import torch
+
+    qt = _op("quant")
+    shapes = ((896, 1668),) if quick else ((512, 1408), (896, 2560), (1668, 768), (768, 1668), (4096, 4096))  # N, K
+    torch_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    cases = []
+    for n, k in shapes:
+        for dt in ("bf16", "fp16") if quick else DTYPES:
+            for m in (1, 17):
+                config = qt.launch_config(m, "int8", torch_dtypes[dt])
+                num_warps = config.pop("num_warps")
+                common = dict(config, PRECISION=config.get("PRECISION", "ieee"), UPCAST=False)
+                common.pop("BLOCK_K")
+                shape = dict(M=m, N=n, K=k, x_row_stride=k, out_row_stride=n)
+                x = dict(x_ptr=Ptr(dt), out_ptr=Ptr(dt))
+                label = f"{dt} M={m} N={n} K={k}"
+                int8 = dict(common, **shape, **x, w_ptr=Ptr("i8"), s_ptr=Ptr(dt), BLOCK_K=config["BLOCK_K"])
+                cases.append(Case("quant", "_int8_matmul_kernel", label, int8, num_warps))
+                for group in (64,) if quick else qt.GROUP_SIZES:
+                    for zeros in (True,) if quick else (False, True):
+                        int4 = dict(
+                            common,
+                            **shape,
+                            **x,
+                            n_groups=-(-k // group),
+                            w_ptr=Ptr("u8"),
+                            s_ptr=Ptr(dt),
+                            z_ptr=Ptr("u8") if zeros else Ptr(dt),
+                            GROUP=group,
+                            HAS_ZEROS=zeros,
+                        )
+                        what = f"{label} g{group}" + (" asym" if zeros else "")
+                        cases.append(Case("quant", "_int4_matmul_kernel", what, int4, num_warps))
+    return cases
+
+
 CASE_BUILDERS = (
     _rms_norm_cases,
     _rope_cases,
@@ -499,6 +538,7 @@ CASE_BUILDERS = (
     _cross_entropy_cases,
     _logprobs_cases,
     _distill_cases,
+    _quant_cases,
 )
 
 

@@ -272,3 +272,56 @@ def distill_loss(
     ce = torch.where(counted, ce, torch.zeros_like(ce)).sum() / n
     div = torch.where(counted, div, torch.zeros_like(div)).sum() / n
     return (1 - alpha) * ce + alpha * div, ce, div
+
+
+# ---- weight-only quantisation (zhkernels.quant): the storage formats, and dequantise-then-matmul ----------------
+#
+# int8, per output channel, symmetric: ``qweight`` int8 [N, K] in -127..127, ``scales`` [N]; W = qweight * scales.
+# int4, group-wise along K: ``qweight`` uint8 [N, Kp // 2], two 4-bit codes 0..15 a byte (column 2j in the low
+# nibble, 2j+1 in the high one), K padded with zero weights to Kp, a multiple of ``group_size``; ``scales`` [G, N]
+# and, when asymmetric, ``zeros`` uint8 [G, N] (codes 0..15; symmetric means zero point 8), G = Kp / group_size
+# (GPTQ's [groups, N] orientation). W[n, k] = (code[n, k] - zero[k // group_size, n]) * scale[k // group_size, n].
+
+
+def int4_pack(codes: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` codes 0..15 (K even) → ``uint8 [N, K // 2]``: column 2j in the low nibble, 2j+1 in the high one."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def int4_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`int4_pack`: ``uint8 [N, K // 2]`` → ``uint8 [N, K]`` codes 0..15."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``float32 [N, K]``: ``qweight * scales[:, None]``."""
+    return qweight.float() * scales.float()[:, None]
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, in_features: int
+) -> torch.Tensor:
+    """``float32 [N, in_features]``: ``(code - zero) * scale`` per group, the padding columns dropped."""
+    codes = int4_unpack(qweight).float()  # [N, Kp]
+    zero = zeros.float() if zeros is not None else torch.full_like(scales, 8, dtype=torch.float32)
+    per_column = lambda t: t.t().repeat_interleave(group_size, dim=1)  # noqa: E731  [G, N] → [N, Kp]
+    return ((codes - per_column(zero)) * per_column(scales.float()))[:, :in_features]
+
+
+def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` for an int8 weight ``W``: dequantised and multiplied in float32, returned in x's dtype."""
+    return (x.float() @ dequantize_int8(qweight, scales).t()).to(x.dtype)
+
+
+def int4_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> torch.Tensor:
+    """``x @ W.T`` for a group-wise int4 weight ``W``: dequantised and multiplied in float32, returned in x's dtype."""
+    weight = dequantize_int4(qweight, scales, zeros, group_size, in_features)
+    return (x.float() @ weight.t()).to(x.dtype)

@@ -26,6 +26,7 @@ from ..formats.hf import import_hf, resolve_tokenizer
 from ..formats.hf_io import HF_CONFIG, not_llama, read_json
 from ..model import KERNEL_CHOICES, Llama, LlamaConfig, ModelOptions
 from ..precision import DTYPES, best_precision
+from ..quantize import parse_quant, quantize_model
 from ..training import adapters
 from ..training import checkpoint as ckpt
 from .sampling import SamplingOptions
@@ -50,7 +51,7 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--dtype``, ``--kernels`` and ``-v``, as every inference command takes them."""
+    """``--device``, ``--dtype``, ``--kernels``, ``--quant`` and ``-v``, as every inference command takes them."""
     parser.add_argument(
         "--device", metavar="DEVICE", default="auto", help="cpu, cuda or cuda:N (default: CUDA when present)"
     )
@@ -65,6 +66,12 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         choices=KERNEL_CHOICES,
         default="auto",
         help="Triton kernels or plain PyTorch (default: Triton on CUDA)",
+    )
+    parser.add_argument(
+        "--quant",
+        metavar="SCHEME",
+        help="weight-only quantisation of the linear layers at load time, for inference: "
+        "int8, int4-g32, int4-g64, int4-g128 (each int4 also -asym); default: none",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -240,15 +247,24 @@ def load_for_inference(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     kernels: str = "auto",
+    quant: str | None = None,
 ) -> tuple[Llama, Tokenizer, InferenceInfo]:
     """``(model in eval mode on device/dtype, its tokenizer, what was loaded)`` from a checkpoint or an HF folder.
 
     ``ckpt_or_hf_dir``: a ``step_N`` folder, a training ``--out-dir`` (its ``latest``/newest checkpoint), a folder
     written by ``llama.export --from-hf``, or a Hugging Face ``LlamaForCausalLM`` folder. ``tokenizer``: a folder,
-    file or :class:`Tokenizer` replacing the checkpoint's own (same sha256 required).
+    file or :class:`Tokenizer` replacing the checkpoint's own (same sha256 required). ``quant``: a weight-only
+    quantisation scheme of :mod:`llama.quantize` (``"int8"``, ``"int4-g64"``, …) applied after the model is on its
+    device and dtype.
     """
     if kernels not in KERNEL_CHOICES:
         raise LoadError(f"--kernels must be one of {', '.join(KERNEL_CHOICES)}, got {kernels!r}")
+    scheme = None
+    if quant is not None:
+        try:
+            scheme = parse_quant(quant)
+        except ValueError as e:
+            raise LoadError(str(e)) from None
     path = Path(ckpt_or_hf_dir)
     if not path.exists():
         raise LoadError(
@@ -283,5 +299,10 @@ def load_for_inference(
             f"{config.vocab_size:,}: it is not the tokenizer {info.path} was trained with"
         )
     model = model.to(device=torch_device, dtype=torch_dtype).eval()
-    log.info("loaded %s on %s (%s)", info.describe(), torch_device, str(torch_dtype).removeprefix("torch."))
+    if scheme is not None:
+        model = quantize_model(model, scheme)
+    quantised = f", {scheme.name} weights" if scheme is not None else ""
+    log.info(
+        "loaded %s on %s (%s%s)", info.describe(), torch_device, str(torch_dtype).removeprefix("torch."), quantised
+    )
     return model, tok, info
