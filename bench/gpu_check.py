@@ -114,6 +114,13 @@ PLAN = [
         ["kernels.json"],
     ),
     Stage(
+        "quant",
+        120,
+        [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/test_quant.py", "--benchmark-only"],
+        "weight-only int8/int4 against fp32 (the Triton dequantising kernels): perplexity, bytes, decode tokens/s",
+        ["quant.json"],
+    ),
+    Stage(
         "finetune-steps",
         120,
         [
