@@ -2,11 +2,15 @@
 
 Run from the repository root: ``pytest bench/ --benchmark-only``. The benchmarks read
 ``../shared/data`` and skip with a reason when it is absent (a fresh clone has no ``../shared``).
-Every figure the benchmarks measure is collected by :class:`Recorder`; at the end of the session
-it writes ``bench/.results/pack.json``, ``bench/.results/loader.json``, ``bench/.results/kernels.json``,
-``bench/.results/train.json``, ``bench/.results/generate.json`` and ``bench/.results/finetune.json`` (only the
-kinds that ran) and prints the
-ratio tables. ``python bench/report.py`` turns those files into ``RESULTS.md``.
+Every figure the benchmarks measure is collected by :class:`Recorder`, each row stamped with the id of the test
+that recorded it (``"test"``); at the end of the session it writes ``bench/.results/KIND.json`` for each kind that
+recorded rows (pack, loader, kernels, train, generate, finetune, serve, quant) and prints the ratio tables.
+``python bench/report.py`` turns those files into ``RESULTS.md``.
+
+A kind's file is merged, not replaced (``report.merge_runs``): this session's rows replace the previous file's rows
+of the same tests, and the rows of tests that did not record anything this session (another bench file of the same
+kind, a subset chosen with ``-k``, a GPU case skipped on CPU) are kept, with their own date, commit and command
+listed under ``earlier`` in the file and in the report's header. Delete the file to start a kind afresh.
 """
 
 from __future__ import annotations
@@ -31,12 +35,28 @@ from benchlib import CHATGLM_MODEL, PYTHON, REPO, RESULTS_DIR, SHARED_DATA, TANG
 from finetune_report import finetune_tables, summarize_finetune  # noqa: E402
 from generate_report import generate_tables, summarize_generate  # noqa: E402
 from kernel_report import kernel_tables, summarize_kernels  # noqa: E402
-from report import loader_tables, pack_tables  # noqa: E402
+from quant_report import quant_tables, summarize_quant  # noqa: E402
+from report import loader_tables, merge_runs, pack_tables, summarize_loader, summarize_pack  # noqa: E402
+from serve_report import serve_tables, summarize_serve  # noqa: E402
 from train_report import summarize_train, train_tables  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 _RECORDER: Recorder | None = None
+_SUMMARIES: dict[str, dict[str, Any]] | None = None
+
+# kind → (summarize the rows, render the summary as markdown), in the order the terminal prints them
+KINDS: dict[str, tuple[Callable[[list[dict[str, Any]]], dict[str, Any]], Callable[[dict[str, Any]], str]]] = {
+    "pack": (summarize_pack, pack_tables),  # bench/test_pack_throughput.py
+    "loader": (summarize_loader, loader_tables),  # bench/test_loader_throughput.py
+    "kernels": (summarize_kernels, kernel_tables),  # bench/test_kernels.py, bench/test_distill_step.py
+    "train": (summarize_train, train_tables),  # bench/test_train_step.py
+    "generate": (summarize_generate, generate_tables),  # bench/test_generate_speed.py
+    "finetune": (summarize_finetune, finetune_tables),  # bench/test_lora_step.py, test_dpo_step.py, test_grpo_step.py
+    "serve": (summarize_serve, serve_tables),  # bench/test_serve_load.py
+    "quant": (summarize_quant, quant_tables),  # bench/test_quant.py
+}
+TAKES_EARLIER = {"serve", "quant"}  # their summaries flag ratios between rows of different runs
 
 
 @pytest.fixture(scope="session")
@@ -44,30 +64,55 @@ def recorder() -> Recorder:
     global _RECORDER
     if _RECORDER is None:
         _RECORDER = Recorder()
-        _RECORDER.rows.setdefault("kernels", [])  # bench/test_kernels.py records here
-        _RECORDER.rows.setdefault("train", [])  # bench/test_train_step.py records here
-        _RECORDER.rows.setdefault("generate", [])  # bench/test_generate_speed.py records here
-        _RECORDER.rows.setdefault("finetune", [])  # bench/test_lora_step.py and bench/test_dpo_step.py record here
+        for kind in KINDS:
+            _RECORDER.rows.setdefault(kind, [])
     return _RECORDER
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """Stamp every row recorded while ``item`` ran (setup, call, teardown) with its test id: what the merge of a
+    kind's file matches on."""
+    before = {kind: len(rows) for kind, rows in _RECORDER.rows.items()} if _RECORDER is not None else {}
+    try:
+        return (yield)
+    finally:
+        if _RECORDER is not None:
+            for kind, rows in _RECORDER.rows.items():
+                for row in rows[before.get(kind, 0) :]:
+                    row.setdefault("test", item.nodeid)
+
+
+def _previous(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        logger.warning("%s is unreadable (%s): it is replaced by this session's rows only", path, e)
+        return None
+
+
 def _summaries() -> dict[str, dict[str, Any]]:
-    """The recorder's summaries plus the kernel, training-step, generation and fine-tuning benchmarks' (which the
-    Recorder does not summarize)."""
-    summaries = _RECORDER.summaries()
+    """Per kind that recorded rows this session: the environment, the rows merged with the kind's previous file
+    (``report.merge_runs``) and their summary. Computed once (the file is written, then the terminal prints it)."""
+    global _SUMMARIES
+    if _SUMMARIES is not None:
+        return _SUMMARIES
     env = {**_RECORDER.started, "load_average_end": list(os.getloadavg())}
-    kernel_rows = _RECORDER.rows.get("kernels")
-    if kernel_rows:
-        summaries["kernels"] = {"environment": env, "runs": kernel_rows, **summarize_kernels(kernel_rows)}
-    train_rows = _RECORDER.rows.get("train")
-    if train_rows:
-        summaries["train"] = {"environment": env, "runs": train_rows, **summarize_train(train_rows)}
-    generate_rows = _RECORDER.rows.get("generate")
-    if generate_rows:
-        summaries["generate"] = {"environment": env, "runs": generate_rows, **summarize_generate(generate_rows)}
-    finetune_rows = _RECORDER.rows.get("finetune")
-    if finetune_rows:
-        summaries["finetune"] = {"environment": env, "runs": finetune_rows, **summarize_finetune(finetune_rows)}
+    summaries: dict[str, dict[str, Any]] = {}
+    for kind, rows in _RECORDER.rows.items():
+        if not rows:
+            continue
+        runs, earlier = merge_runs(_previous(RESULTS_DIR / f"{kind}.json"), rows)
+        summarize = KINDS[kind][0] if kind in KINDS else (lambda runs: {})
+        summaries[kind] = {
+            "environment": env,
+            **({"earlier": earlier} if earlier else {}),
+            "runs": runs,
+            **(summarize(runs, earlier) if kind in TAKES_EARLIER else summarize(runs)),
+        }
+    _SUMMARIES = summaries
     return summaries
 
 
@@ -90,18 +135,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not summaries:
         return
     terminalreporter.section("zhllm benchmark ratios")
-    if "pack" in summaries:
-        terminalreporter.write_line(pack_tables(summaries["pack"]))
-    if "loader" in summaries:
-        terminalreporter.write_line(loader_tables(summaries["loader"]))
-    if "kernels" in summaries:
-        terminalreporter.write_line(kernel_tables(summaries["kernels"]))
-    if "train" in summaries:
-        terminalreporter.write_line(train_tables(summaries["train"]))
-    if "generate" in summaries:
-        terminalreporter.write_line(generate_tables(summaries["generate"]))
-    if "finetune" in summaries:
-        terminalreporter.write_line(finetune_tables(summaries["finetune"]))
+    for kind, summary in summaries.items():
+        if kind in KINDS:
+            terminalreporter.write_line(KINDS[kind][1](summary) + "\n")
+        for entry in summary.get("earlier", []):
+            terminalreporter.write_line(
+                f"{kind}.json keeps the rows of {len(entry['tests'])} test(s) from the run of "
+                f"{entry['environment'].get('date', '?')}: {', '.join(entry['tests'])}"
+            )
     terminalreporter.write_line(f"saved to {RESULTS_DIR}/; render with: python bench/report.py > bench/RESULTS.md")
 
 

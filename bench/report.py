@@ -329,6 +329,71 @@ def environment_lines(env: dict[str, Any]) -> str:
     )
 
 
+# ---------------------------------------------------------------- merging a session's rows into a kind's file
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """What produced a row: its test id (``bench/conftest.py`` stamps it), or, for a row written before rows carried
+    one, its ``case``."""
+    return row.get("test") or f"case {row.get('case')} (no test id recorded)"
+
+
+def run_of(row: dict[str, Any], earlier: list[dict[str, Any]] | None) -> int:
+    """Which run measured ``row``: 0 for the run that wrote the file, i for its ``earlier`` entry i − 1."""
+    label = row_label(row)
+    return next((i + 1 for i, entry in enumerate(earlier or []) if label in entry.get("tests", [])), 0)
+
+
+def merge_runs(previous: dict[str, Any] | None, rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list]:
+    """One kind's rows for its results file: this session's ``rows`` plus the previous file's rows that no test of
+    this session re-measured, and where those kept rows came from.
+
+    A previous row is replaced when a row of this session has the same ``test`` id (a row without one, written
+    before rows carried it, when a row of this session has the same ``case``); every other previous row is kept, so
+    running one bench file leaves the rows of the kind's other files in place. A test that ran but recorded nothing
+    (skipped, failed) replaces nothing. A previous file without ``environment`` and ``runs`` (another format) is
+    ignored. Returns ``(runs, earlier)``: ``earlier`` lists ``{"environment": …, "tests": [labels]}`` for the kept
+    rows, one entry per session they were measured in (carried over from the previous file's own ``earlier``).
+    """
+    if not previous or not isinstance(previous.get("runs"), list) or not isinstance(previous.get("environment"), dict):
+        return list(rows), []
+    tests = {r["test"] for r in rows if r.get("test")}
+    cases = {r.get("case") for r in rows}
+
+    def replaced(old: dict[str, Any]) -> bool:
+        return old["test"] in tests if old.get("test") else old.get("case") in cases
+
+    kept = [r for r in previous["runs"] if not replaced(r)]
+    labels = list(dict.fromkeys(row_label(r) for r in kept))
+    earlier, placed = [], set()
+    for entry in previous.get("earlier") or []:
+        mine = [t for t in entry.get("tests", []) if t in labels and t not in placed]
+        if mine:
+            earlier.append({"environment": entry["environment"], "tests": mine})
+            placed.update(mine)
+    own = [t for t in labels if t not in placed]
+    if own:
+        earlier.insert(0, {"environment": previous["environment"], "tests": own})
+    return kept + list(rows), earlier
+
+
+def earlier_lines(earlier: list[dict[str, Any]]) -> str:
+    """Header lines naming the rows kept from earlier sessions, with their date, commit and command."""
+    lines = []
+    for entry in earlier:
+        env = entry["environment"]
+        dirty = [f for f in env.get("uncommitted", []) if not f.startswith("bench/")]
+        tests = ", ".join(f"`{t}`" for t in entry["tests"])
+        lines.append(
+            f"- kept from an earlier run (not re-measured by the run above): {tests} — measured "
+            f"{env.get('date', '?')}, commit `{env.get('commit', '?')}`"
+            f"{' (with uncommitted engine/llama/zhkernels changes)' if dirty else ''}, "
+            f"{env.get('cores', '?')} cores, "
+            f"command `{env.get('command', '?')}`"
+        )
+    return "\n".join(lines)
+
+
 def _kernel_tables(summary: dict[str, Any]) -> str:
     """``kernel_report.kernel_tables``, imported only when there are kernel results (it lives beside this file)."""
     here = str(Path(__file__).resolve().parent)
@@ -371,6 +436,28 @@ def _finetune_tables(summary: dict[str, Any]) -> str:
     return finetune_tables(summary)
 
 
+def _serve_tables(summary: dict[str, Any]) -> str:
+    """``serve_report.serve_tables``, imported only when there are server load-test results (it lives beside this
+    file)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from serve_report import serve_tables
+
+    return serve_tables(summary)
+
+
+def _quant_tables(summary: dict[str, Any]) -> str:
+    """``quant_report.quant_tables``, imported only when there are quantisation results (it lives beside this
+    file)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from quant_report import quant_tables
+
+    return quant_tables(summary)
+
+
 def render(results_dir: Path) -> str:
     notes = results_dir.parent / "NOTES.md"
     source = f"`{results_dir.name}/*.json`" + (" and `NOTES.md` (the last section)" if notes.is_file() else "")
@@ -388,6 +475,8 @@ def render(results_dir: Path) -> str:
         ("train", "Training step", _train_tables),
         ("generate", "Generation", _generate_tables),
         ("finetune", "Fine-tuning steps", _finetune_tables),
+        ("serve", "Serving (OpenAI-compatible server under load)", _serve_tables),
+        ("quant", "Weight-only quantisation", _quant_tables),
     )
     for kind, title, tables in kinds:
         path = results_dir / f"{kind}.json"
@@ -395,7 +484,18 @@ def render(results_dir: Path) -> str:
             continue
         found = True
         data = json.loads(path.read_text(encoding="utf-8"))
-        parts += [f"## {title}", "", environment_lines(data["environment"]), "", tables(data), ""]
+        if "environment" not in data or "runs" not in data:
+            parts += [
+                f"## {title}",
+                "",
+                f"(`{path.name}` is in an older format, without its environment: rerun its bench to record it again)",
+                "",
+            ]
+            continue
+        header = environment_lines(data["environment"])
+        if data.get("earlier"):
+            header += "\n" + earlier_lines(data["earlier"])
+        parts += [f"## {title}", "", header, "", tables(data), ""]
     profile = results_dir / "profile.json"
     if profile.is_file():
         found = True
@@ -423,7 +523,7 @@ def main() -> int:
         "--results",
         type=Path,
         default=RESULTS_DIR,
-        help="folder of pack.json/loader.json/kernels.json/train.json/generate.json/finetune.json/profile.json",
+        help="folder of pack/loader/kernels/train/generate/finetune/serve/quant/profile.json",
     )
     parser.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
     args = parser.parse_args()

@@ -13,28 +13,28 @@ int4-g128 and int4-g64-asym, loaded by ``load_for_inference(..., quant=scheme)``
 - *decode tokens/s*: ``generate`` greedy, batch 1, a 32-token prompt, 64 new tokens, ``GenerationResult``'s
   own decode rate, median of ``ROUNDS`` calls inside ``benchmark.pedantic``.
 
-Ratios are each scheme's figure over fp32's. The table prints at the end and goes to
-``bench/.results/quant.json`` (``bench/report.py`` does not render it yet). The tiny preset (dim 128) is
-launch-bound, not memory-bound, so its tokens/s say little about a bigger model's; the perplexity ratios are the
-point here. On CPU the int8/int4 matmuls are PyTorch's ``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``.
+Ratios are each scheme's figure over fp32's. Rows go to the recorder as kind ``quant``: ``bench/conftest.py`` writes
+them to ``bench/.results/quant.json`` at the end of the session and prints ``bench/quant_report.py``'s table (ratios
+included), which ``bench/report.py`` renders. The tiny preset (dim 128) is launch-bound, not memory-bound, so its
+tokens/s say little about a bigger model's; the perplexity ratios are the point here (for a trained model: the report
+prints fp32's perplexity beside a uniform guess's). On CPU the int8/int4 matmuls are PyTorch's
+``_weight_int8pack_mm`` / ``_weight_int4pack_mm_for_cpu``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
 
 import pytest
 import torch
-from benchlib import REPO, RESULTS_DIR
+from benchlib import REPO, Recorder, versions
 
 SCHEMES = ("fp32", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-asym")
 STEPS = int(os.environ.get("QUANT_BENCH_STEPS", "200"))
 PROMPT_LEN, NEW_TOKENS, ROUNDS = 32, 64, 5
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ROWS: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="module")
@@ -52,39 +52,17 @@ def trained() -> Path:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def table():
-    yield
-    if not ROWS or "fp32" not in ROWS:
-        return
-    base = ROWS["fp32"]
-    lines = [
-        f"weight-only quantisation, tiny preset on {DEVICE} ({torch.get_num_threads()} threads):",
-        f"{'scheme':<14} {'ppl':>8} {'×fp32':>6} {'MB':>7} {'×fp32':>6} {'decode tok/s':>13} {'×fp32':>6}",
-    ]
-    for scheme, r in ROWS.items():
-        r["ppl_ratio"] = r["perplexity"] / base["perplexity"]
-        r["bytes_ratio"] = r["bytes"] / base["bytes"]
-        r["decode_ratio"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        lines.append(
-            f"{scheme:<14} {r['perplexity']:8.2f} {r['ppl_ratio']:6.3f} {r['bytes'] / 1e6:7.2f} "
-            f"{r['bytes_ratio']:6.3f} {r['decode_tokens_per_s']:13.1f} {r['decode_ratio']:6.3f}"
-        )
-    print("\n" + "\n".join(lines))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "quant.json").write_text(json.dumps({"device": DEVICE, "rows": ROWS}, indent=1))
-
-
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_quantised_model(benchmark, trained, scheme):
+def test_quantised_model(benchmark, recorder: Recorder, trained, scheme):
     from llama.evaluate import perplexity
     from llama.generation.generate import generate
     from llama.generation.load import load_for_inference
     from llama.quantize import state_bytes
+    from llama.training import checkpoint as ckpt
 
     quant = None if scheme == "fp32" else scheme
     model, tokenizer, _ = load_for_inference(trained / "pretrain", device=DEVICE, dtype="fp32", quant=quant)
-    ppl = perplexity(model, trained / "corpus.val", tokenizer=tokenizer).perplexity
+    scored = perplexity(model, trained / "corpus.val", tokenizer=tokenizer)
     prompt = tokenizer.encode("中国人民今天的天气这个手机经济发展")[:PROMPT_LEN]
     prompt = (prompt * PROMPT_LEN)[:PROMPT_LEN]
     rates: list[float] = []
@@ -96,10 +74,30 @@ def test_quantised_model(benchmark, trained, scheme):
     generate(model, [prompt], NEW_TOKENS)  # warm-up (the int4 CPU path repacks its weights on the first call)
     benchmark.group = f"quantised decode, tiny, {DEVICE}"
     benchmark.pedantic(decode, rounds=ROUNDS, iterations=1)
-    ROWS[scheme] = {
-        "scheme": scheme,
-        "perplexity": ppl,
-        "bytes": state_bytes(model),
-        "decode_tokens_per_s": statistics.median(rates),
-        "steps": STEPS,
-    }
+    config = model.config
+    recorder.add(
+        "quant",
+        {
+            "scheme": scheme,
+            "perplexity": scored.perplexity,
+            "loss": scored.loss,
+            "eval_tokens": scored.tokens,
+            "eval_windows": scored.windows,
+            "eval_seq_len": scored.seq_len,
+            "bytes": state_bytes(model),
+            "decode_tokens_per_s": statistics.median(rates),
+            "decode_tokens_per_s_min": min(rates),
+            "decode_tokens_per_s_max": max(rates),
+            "rounds": len(rates),
+            "prompt_len": len(prompt),
+            "new_tokens": NEW_TOKENS,
+            "preset": "tiny",
+            "dim": config.dim,
+            "n_layers": config.n_layers,
+            "vocab": config.vocab_size,
+            # the checkpoint's own step: a reused one may have trained longer than QUANT_BENCH_STEPS asks
+            "steps": int(ckpt.read_config(ckpt.find_checkpoint(trained / "pretrain")).get("step", 0)),
+            "threads": torch.get_num_threads(),
+            **versions(DEVICE == "cuda"),
+        },
+    )

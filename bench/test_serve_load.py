@@ -14,9 +14,10 @@ client its own question), once per server setting:
 Every request must be answered (none failed, each with ``usage``). Figures per setting: requests/s over the
 whole run (first request sent → last answer received), p50/p99 latency per request, completion tokens/s, and the
 server's own ``/stats`` (batches, mean and largest requests per batch). The ratios are batched ÷ one-at-a-time.
-Rows go to the recorder as kind ``serve`` and, at the end of the module, to ``bench/.results/serve.json``
-(``bench/report.py`` does not render them yet). The device is the server's default (CUDA when present); on CPU the
-figures say how batching amortises the model's per-step cost, not GPU speed.
+Rows go to the recorder as kind ``serve``: ``bench/conftest.py`` writes them to ``bench/.results/serve.json`` at the
+end of the session and prints ``bench/serve_report.py``'s tables, which ``bench/report.py`` renders. The device is
+the server's default (CUDA when present); on CPU the figures say how batching amortises the model's per-step cost,
+not GPU speed.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from benchlib import PYTHON, REPO, RESULTS_DIR, Recorder, versions
+from benchlib import PYTHON, REPO, Recorder, versions
 
 CLIENTS, REQUESTS_PER_CLIENT, MAX_TOKENS = 32, 3, 16
 SETTINGS = {
@@ -44,7 +45,6 @@ SETTINGS = {
     "one-at-a-time": ["--batch-window-ms", "0", "--max-batch-size", "1"],
 }
 MODEL_SHAPE = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 512}
-RESULTS: dict[str, dict[str, Any]] = {}
 
 
 @pytest.fixture(scope="module")
@@ -167,32 +167,6 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def write_results():
-    yield
-    if not RESULTS:
-        return
-    summary: dict[str, Any] = {"runs": list(RESULTS.values())}
-    if {"batched", "one-at-a-time"} <= RESULTS.keys():
-        on, off = RESULTS["batched"], RESULTS["one-at-a-time"]
-        summary["ratios"] = {
-            "requests_per_s": on["requests_per_s"] / off["requests_per_s"],
-            "p50_latency": on["p50_latency_s"] / off["p50_latency_s"],
-            "p99_latency": on["p99_latency_s"] / off["p99_latency_s"],
-        }
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "serve.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print("\nllama.serve load test (ratios: batched ÷ one-at-a-time)")
-    for row in summary["runs"]:
-        print(
-            f"  {row['setting']:>14}: {row['requests_per_s']:7.2f} req/s  p50 {row['p50_latency_s'] * 1000:7.1f} ms  "
-            f"p99 {row['p99_latency_s'] * 1000:7.1f} ms  {row['completion_tokens_per_s']:8.1f} tok/s  "
-            f"{row['mean_requests_per_batch']:.2f} req/batch (max {row['largest_batch_requests']})"
-        )
-    for name, ratio in summary.get("ratios", {}).items():
-        print(f"  ratio {name}: {ratio:.2f}x")
-
-
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_serve_load(benchmark: Any, recorder: Recorder, served_checkpoint: Path, setting: str) -> None:
     server = ServerProcess(served_checkpoint, SETTINGS[setting])
@@ -218,6 +192,8 @@ def test_serve_load(benchmark: Any, recorder: Recorder, served_checkpoint: Path,
         "max_tokens": MAX_TOKENS,
         "model": MODEL_SHAPE,
         "wall_s": outcome["wall_s"],
+        "failures": len(outcome["failures"]),
+        "completion_tokens": outcome["completion_tokens"],
         "requests_per_s": total / outcome["wall_s"],
         "completion_tokens_per_s": outcome["completion_tokens"] / outcome["wall_s"],
         "p50_latency_s": statistics.median(outcome["latencies"]),
@@ -230,7 +206,6 @@ def test_serve_load(benchmark: Any, recorder: Recorder, served_checkpoint: Path,
     }
     if setting == "one-at-a-time":
         assert stats["largest_batch_requests"] == 1
-    RESULTS[setting] = row
     recorder.rows.setdefault("serve", []).append(row)
 
 
