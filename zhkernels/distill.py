@@ -94,9 +94,13 @@ if HAS_TRITON:
         in_range = (label >= 0) & (label < n_vocab)
         n_read = tl.where(counted, row_stride, 0)  # ignored rows read nothing
         # Pass 1, online log-sum-exps: m is the max read so far, s the sum of exp(x - m) over it.
-        m1, s1 = float("-inf"), 0.0  # student logits (T = 1, the cross-entropy)
-        ma, sa = float("-inf"), 0.0  # student logits / T
-        mb, sb = float("-inf"), 0.0  # teacher logits / T
+        # One name per statement: Triton < 3.4 cannot carry a loop variable first bound in a tuple of constants.
+        m1 = float("-inf")  # student logits (T = 1, the cross-entropy)
+        s1 = 0.0
+        ma = float("-inf")  # student logits / T
+        sa = 0.0
+        mb = float("-inf")  # teacher logits / T
+        sb = 0.0
         for start in range(0, n_read, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             inside = cols < row_stride
