@@ -17,6 +17,20 @@ leading turns are the prompt), MedicalGPT ``{"conversations": [prompt turns], "c
 "rejected": str}``, and ``{"prompt": str, "chosen": str, "rejected": str}``. Given as SFT data, a preference pair
 is refused (:class:`PreferencePairError`), or read as its prompt and chosen reply with ``chosen_only``.
 
+Tool calls, in either common shape, with the record's ``"tools"`` (OpenAI function schemas, or LLaMA-Factory's bare
+``{"name", "description", "parameters"}``; a list or its JSON text):
+
+- ShareGPT (LLaMA-Factory, glaive): a ``function_call`` turn (its value the JSON of ``{"name", "arguments"}`` or a
+  list of them) in the assistant's place, then an ``observation`` turn (the result), then the assistant's reply;
+- OpenAI: an assistant message with ``"tool_calls": [{"id", "type": "function", "function": {"name", "arguments":
+  "<json>"}}]`` (``content`` null, empty or text said before the calls), then ``{"role": "tool", "tool_call_id",
+  "content"}`` turns.
+
+They are checked (a result must answer a call; arguments must be a JSON object) and lowered to plain ChatML by
+:func:`engine.tool_calls.lower_tool_turns`: the tools in the system turn, the calls as ``<tool_call>`` blocks in the
+assistant's (counted) reply, the results as an uncounted user turn. Faults raise ``bad_tools``, ``bad_tool_call`` or
+``bad_tool_turn`` errors (:mod:`engine.tool_calls`), counted as bad records like any other.
+
 Reasoning (OpenAI style): an assistant turn may carry ``"reasoning_content"`` beside its ``content`` (``value`` in
 ShareGPT turns), and a one-turn record a top-level ``"reasoning_content"`` for its answer; it is kept in the message
 under that key (``None``, ``""`` or whitespace is no reasoning). ``engine.reply_template``'s ``think`` template writes
@@ -52,6 +66,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from engine.chat_template import IM_END, IM_START, ChatFormatError, render_segments
+from engine.tool_calls import check_tool_turns, has_tool_turns, lower_tool_turns, normalize_tools, parse_calls
 
 Message = dict[str, str]
 
@@ -69,7 +84,12 @@ SHAREGPT_ROLES = {
     "bot": "assistant",
     "model": "assistant",
 }
+#: ShareGPT senders of tool calls (LLaMA-Factory): a call in the assistant's place, and a tool's result.
+SHAREGPT_TOOL_ROLES = {"function_call": "assistant", "observation": "tool", "tool": "tool"}
 CHAT_ROLES = ("system", "user", "assistant")
+#: Roles a record's turns may have: ChatML's, and tool results (lowered into user turns).
+TURN_ROLES = (*CHAT_ROLES, "tool")
+TOOLS = "tools"
 ACCEPTED_SFT = (
     "conversations/messages (role/content or ShareGPT from/value), alpaca (instruction/input/output), "
     "question/answer, prompt/response, medical CSV (title/ask/answer)"
@@ -92,6 +112,7 @@ FIELD_NAMES = (
     "chosen",
     "rejected",
     REASONING,
+    TOOLS,
 )
 FIELDS_ADVICE = "name its fields with --fields question=KEY,answer=KEY"
 ACCEPTED_DPO = (
@@ -184,7 +205,7 @@ def parse_conversation(
     elif (turns := _turn_list(fields)) is not None:
         if isinstance(fields.get(REASONING), str) and fields[REASONING].strip():
             raise ChatFormatError(f"a conversation's {REASONING} belongs on its assistant turns, not on the record")
-        messages = _parse_turns(turns, _record_system(fields))
+        messages = _parse_turns(turns, _record_system(fields), _record_tools(fields), system)
     elif (shape := _one_turn_shape(fields)) is not None:
         messages = _parse_one_turn(fields, *shape)
     elif "ask" in fields and "answer" in fields:
@@ -226,13 +247,15 @@ def parse_preference(
     fields = rename_fields(fields, names)
     chosen, rejected = fields.get("chosen"), fields.get("rejected")
     if isinstance(chosen, list) and isinstance(rejected, list):
-        prompt, chosen_reply, rejected_reply = _split_minimind_pair(chosen, rejected, _record_system(fields))
+        prompt, chosen_reply, rejected_reply = _split_minimind_pair(
+            chosen, rejected, _record_system(fields), _record_tools(fields), system
+        )
     elif "chosen" in fields and "rejected" in fields:
         chosen_reply = _text(chosen, "the chosen reply")
         rejected_reply = _text(rejected, "the rejected reply")
         turns = _turn_list(fields)
         if turns is not None:
-            prompt = _parse_turns(turns, _record_system(fields))
+            prompt = _parse_turns(turns, _record_system(fields), _record_tools(fields), system)
         elif "prompt" in fields:
             question = {"role": "user", "content": _text(fields["prompt"], "the prompt")}
             prompt = _with_system([question], _record_system(fields))
@@ -290,31 +313,67 @@ def _turn_list(fields: Mapping[str, Any]) -> list[Any] | None:
     return None
 
 
-def _parse_turns(turns: Sequence[Any], record_system: str | None) -> list[Message]:
-    """MiniMind/OpenAI (role/content) or ShareGPT (from/value) turns -> messages."""
+def _parse_turns(
+    turns: Sequence[Any],
+    record_system: str | None,
+    tools: list[dict[str, Any]] | None = None,
+    default_system: str | None = None,
+) -> list[Message]:
+    """MiniMind/OpenAI (role/content) or ShareGPT (from/value) turns -> messages; with ``tools`` or tool turns, checked
+    and lowered to plain ChatML (:func:`~engine.tool_calls.lower_tool_turns`), after ``default_system`` when the
+    record has no system prompt of its own."""
     messages: list[Message] = []
+    said: dict[int, str] = {}  # how each tool result's role was named, for errors
     for i, turn in enumerate(turns):
         if not isinstance(turn, Mapping):
             raise ChatFormatError(
                 f"turn {i} is a {type(turn).__name__}, expected an object with role/content or from/value"
             )
+        calls = None
         if "role" in turn:
             role, content = turn["role"], turn.get("content")
-            if role not in CHAT_ROLES:
-                raise ChatFormatError(f"turn {i} has role {role!r}; accepted: {', '.join(CHAT_ROLES)}")
+            if role not in TURN_ROLES:
+                raise ChatFormatError(f"turn {i} has role {role!r}; accepted: {', '.join(TURN_ROLES)}")
+            if role == "assistant" and turn.get("tool_calls"):
+                calls = parse_calls(turn["tool_calls"], f"turn {i} (assistant) tool_calls")
         elif "from" in turn:
             sender, content = turn["from"], turn.get("value")
-            role = SHAREGPT_ROLES.get(sender) if isinstance(sender, str) else None
+            role = (SHAREGPT_ROLES.get(sender) or SHAREGPT_TOOL_ROLES.get(sender)) if isinstance(sender, str) else None
             if role is None:
-                raise ChatFormatError(f"turn {i} is from {sender!r}; accepted: {', '.join(SHAREGPT_ROLES)}")
+                accepted = ", ".join([*SHAREGPT_ROLES, *SHAREGPT_TOOL_ROLES])
+                raise ChatFormatError(f"turn {i} is from {sender!r}; accepted: {accepted}")
+            if sender == "function_call":
+                calls, content = parse_calls(content, f"turn {i} (function_call)"), None
         else:
             raise ChatFormatError(f"turn {i} has keys {sorted(turn)}; expected role/content or from/value")
         if role == "system" and (content is None or (isinstance(content, str) and not content.strip())):
             continue  # an empty system prompt is no system prompt
-        messages.append(_message(role, content, turn.get(REASONING), f"turn {i} ({role})"))
+        index = len(messages)
+        if calls:
+            text = content if isinstance(content, str) and content.strip() else ""
+            # a reply of calls alone has no text: check the reasoning against a placeholder, then empty it
+            message = _message("assistant", text or "-", turn.get(REASONING), f"turn {i} (assistant)")
+            message.update(content=text, tool_calls=calls)
+        else:
+            message = _message(role, content, turn.get(REASONING), f"turn {i} ({role})")
+        if role == "tool":
+            said[index] = f"is from {turn['from']!r}" if "from" in turn else "has role 'tool'"
+            if isinstance(turn.get("tool_call_id"), str):
+                message["tool_call_id"] = turn["tool_call_id"]
+        messages.append(message)
+    lower = bool(tools) or has_tool_turns(messages)
+    if lower:
+        check_tool_turns(messages, said)  # before a system prompt is added: turn numbers are the record's
     if not any(m["role"] == "system" for m in messages):
         messages = _with_system(messages, record_system)
-    return messages
+    if not lower:
+        return messages
+    return lower_tool_turns(_with_default_system(messages, default_system), tools or [])
+
+
+def _record_tools(fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The record's ``"tools"`` as OpenAI function tools (none when absent or empty)."""
+    return normalize_tools(fields.get(TOOLS))
 
 
 def _parse_one_turn(fields: Mapping[str, Any], question_key: str, answer_key: str) -> list[Message]:
@@ -363,11 +422,15 @@ def _medical_question(title: str, ask: str) -> str:
 
 
 def _split_minimind_pair(
-    chosen: list[Any], rejected: list[Any], record_system: str | None
+    chosen: list[Any],
+    rejected: list[Any],
+    record_system: str | None,
+    tools: list[dict[str, Any]] | None = None,
+    default_system: str | None = None,
 ) -> tuple[list[Message], str, str]:
     """MiniMind DPO: both sides repeat the prompt; only their final assistant turns differ."""
-    chosen_messages = _parse_turns(chosen, record_system)
-    rejected_messages = _parse_turns(rejected, record_system)
+    chosen_messages = _parse_turns(chosen, record_system, tools, default_system)
+    rejected_messages = _parse_turns(rejected, record_system, tools, default_system)
     for side, messages in (("chosen", chosen_messages), ("rejected", rejected_messages)):
         if not messages or messages[-1]["role"] != "assistant":
             raise ChatFormatError(f"the {side} conversation does not end with an assistant reply")

@@ -533,3 +533,177 @@ def test_a_quantised_model_is_served(tiny_ckpt, small_tokenizer):
     prompt = render_text(QUESTION, add_generation_prompt=True)
     expected = generate_text(model, small_tokenizer, [prompt], 8).texts[0]
     assert reply.choices[0].message.content == expected and reply.usage.completion_tokens >= 1
+
+
+# ---------------------------------------------------------------- tool calls (scripted model)
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "查询城市的天气",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL_BLOCK = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>'
+SHANGHAI_BLOCK = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海", "days": 2}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tool_server(tiny_ckpt, small_tokenizer):
+    """A plain checkpoint whose scripted model says ``script["reply"]``; the prompts it saw in ``script["prompts"]``."""
+    script: dict = {"reply": CALL_BLOCK, "prompts": []}
+
+    def fake(model, prompts, max_new_tokens, *, stream=None, **options):
+        run = scripted_generate(small_tokenizer, script["reply"], script["prompts"])
+        return run(model, prompts, max_new_tokens, stream=stream, **options)
+
+    live = serve(tiny_ckpt, fake, context=4096, window_s=0.0, max_rows=4)  # the scripted model needs no room
+    live.script = script
+    yield live
+    live.stop()
+
+
+def ask_tools(server, reply: str, **kwargs):
+    server.script["reply"] = reply
+    request = {"model": MODEL, "messages": QUESTION, "tools": [WEATHER_TOOL], "max_tokens": 512, **kwargs}
+    return client_of(server).chat.completions.create(**request)
+
+
+def test_a_tool_call_is_parsed_and_the_tools_are_in_the_prompt(tool_server, small_tokenizer):
+    from engine.chat_template import render_text
+    from engine.tool_calls import lower_tool_turns
+
+    answer = ask_tools(tool_server, CALL_BLOCK)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "北京"}
+    expected = render_text(lower_tool_turns(QUESTION, [WEATHER_TOOL]), add_generation_prompt=True)
+    assert small_tokenizer.decode(tool_server.script["prompts"][-1]) == expected
+    assert (
+        expected.startswith("<|im_start|>system\n# Tools\n\n")
+        and json.dumps(WEATHER_TOOL, ensure_ascii=False) in expected
+    )
+
+
+def test_text_then_two_calls(tool_server):
+    choice = ask_tools(tool_server, "我查一下。\n" + CALL_BLOCK + "\n" + SHANGHAI_BLOCK).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "我查一下。"
+    calls = choice.message.tool_calls
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "北京"}, {"city": "上海", "days": 2}]
+    assert len({c.id for c in calls}) == 2
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": 北京}}\n</tool_call>',  # not JSON
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}',  # never closed
+        CALL_BLOCK + "\n然后我又说了话",  # text after the calls
+    ],
+)
+def test_a_malformed_call_comes_back_as_content(tool_server, reply):
+    choice = ask_tools(tool_server, reply).choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content == reply and not choice.message.tool_calls
+
+
+def test_tool_choice_none_neither_renders_tools_nor_parses(tool_server, small_tokenizer):
+    choice = ask_tools(tool_server, CALL_BLOCK, tool_choice="none").choices[0]
+    assert choice.message.content == CALL_BLOCK and not choice.message.tool_calls and choice.finish_reason == "stop"
+    assert small_tokenizer.decode(tool_server.script["prompts"][-1]) == render_text(QUESTION, True)
+    assert ask_tools(tool_server, CALL_BLOCK, tool_choice="auto").choices[0].finish_reason == "tool_calls"
+
+
+def test_a_history_with_calls_and_results_is_rendered_as_in_training(tool_server, small_tokenizer):
+    from engine.conversations import parse_conversation
+
+    history = [
+        {"role": "system", "content": "你是助手。"},
+        {"role": "user", "content": "北京和上海的天气？"},
+        {
+            "role": "assistant",
+            "content": "我查一下。",
+            "tool_calls": [
+                {
+                    "id": "call_a",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "北京"}'},
+                },
+                {
+                    "id": "call_b",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"上海"}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_a", "content": "晴"},
+        {"role": "tool", "tool_call_id": "call_b", "content": "雨"},
+    ]
+    answer = ask_tools(tool_server, "北京晴，上海雨。", messages=history)
+    assert answer.choices[0].message.content == "北京晴，上海雨。" and answer.choices[0].finish_reason == "stop"
+    trained = parse_conversation(
+        {"messages": [*history, {"role": "assistant", "content": "北京晴，上海雨。"}], "tools": [WEATHER_TOOL]}
+    )
+    prompt = small_tokenizer.decode(tool_server.script["prompts"][-1])
+    assert prompt == render_text(trained[:-1], add_generation_prompt=True)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海"}}\n</tool_call><|im_end|>' in prompt
+    assert (
+        "<|im_start|>user\n<tool_response>\n晴\n</tool_response>\n<tool_response>\n雨\n</tool_response><|im_end|>\n"
+        in prompt
+    )
+
+
+def test_streamed_tool_calls_come_whole_at_the_end(tool_server):
+    tool_server.script["reply"] = "我查一下。\n" + CALL_BLOCK
+    chunks = list(
+        client_of(tool_server).chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[WEATHER_TOOL], max_tokens=512, stream=True
+        )
+    )
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert content == "我查一下。" and finish == ["tool_calls"]
+    (call,) = calls
+    assert call.index == 0 and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "北京"}
+    # plain text streams as before when the reply holds no call
+    tool_server.script["reply"] = "今天晴。"
+    content, _, finish, _ = stream_chat(client_of(tool_server), model=MODEL, messages=QUESTION, tools=[WEATHER_TOOL])
+    assert (content[0], finish[0]) == ("今天晴。", "stop")
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"tools": [{"type": "function", "function": {"description": "无名"}}]}, "tools"),
+        ({"tools": [{"type": "retrieval"}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        (
+            {
+                "messages": [
+                    *QUESTION,
+                    {
+                        "role": "assistant",
+                        "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{bad"}}],
+                    },
+                    {"role": "tool", "tool_call_id": "c", "content": "r"},
+                ]
+            },
+            "messages.1.tool_calls",
+        ),
+        (
+            {"messages": [*QUESTION, {"role": "assistant", "content": "答"}, {"role": "tool", "content": "r"}]},
+            "messages.2.role",
+        ),
+    ],
+)
+def test_bad_tools_are_400_in_openai_shape(tool_server, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        ask_tools(tool_server, CALL_BLOCK, **kwargs)
+    assert caught.value.status_code == 400 and caught.value.body["param"] == param
+    assert caught.value.body["type"] == "invalid_request_error"

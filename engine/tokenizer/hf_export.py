@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.chat_template import CHATML_TEMPLATE, IM_END, IM_START
+from engine.chat_template import CHATML_TEMPLATE, CHATML_TEMPLATE_V1, IM_END, IM_START
 from engine.publish import publish_directory, temporary_sibling
 
 from .spec import CHAT_TOKENS, FACTS, FILE_DIGESTS, HF_CONFIG, HF_JSON, HF_SPECIAL_MAP, SP_MODEL, TokenizerError
@@ -87,6 +87,8 @@ def hf_configs(tok: "Tokenizer") -> tuple[dict[str, Any], dict[str, Any]]:
     named = {f"{role}_token": token for role, token in tok.special_tokens.items() if token is not None}
     extra = [t for t in CHAT_TOKENS if tok.token_to_id(t) is not None]
     template = tok.chat_template
+    if template == CHATML_TEMPLATE_V1:  # saved before tool calls: the same ChatML, without tools
+        template = CHATML_TEMPLATE
     if template is None and tok.token_to_id(IM_START) is not None and tok.token_to_id(IM_END) is not None:
         template = CHATML_TEMPLATE
     config: dict[str, Any] = {

@@ -5,6 +5,12 @@ Each handler checks the request, renders and tokenizes its prompt, and hands a :
 :class:`~.batcher.Batcher`; it then relays the job's events as chunks, or gathers them into one answer. A client
 that goes away marks its job cancelled: a streamed one when its response is torn down, a non-streamed one when a
 poll of the connection finds it closed; the batcher then ends its rows.
+
+With ``tools`` (and ``tool_choice`` "auto"), each reply is read for ``<tool_call>`` blocks
+(:func:`engine.tool_calls.parse_reply`): when every block is a valid call, the choice answers ``tool_calls`` with
+``finish_reason: "tool_calls"``, else its text as content. Streamed, such a choice's content is held back until it
+ends (a call cannot be told from text before its block closes): its reasoning streams, then its content (if any) and
+its calls come in one chunk each, then its finish reason.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from engine.reply_template import assistant_prefix
 from engine.tokenizer import Tokenizer
+from engine.tool_calls import parse_reply
 
 from ..generation.load import InferenceInfo
 from ..generation.prompts import invalid_bytes
 from . import schemas
 from .batcher import Batcher, Job, Sampling
 from .errors import APIError, error_body, install_error_handlers
-from .templates import chat_prompt
+from .templates import chat_prompt, request_tools
 
 STATIC = Path(__file__).resolve().parent / "static"
 DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
@@ -97,17 +104,19 @@ def create_app(served: ServedModel, batcher: Batcher) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Any:
         _check_model(served, body.model)
+        tools = request_tools(body.tools, body.tool_choice)
         text = chat_prompt(
             body.messages,
             default_system=served.system,
             thinking=body.thinking or not served.reasoning,
             think_off_prefix=served.think_off_prefix,
+            tools=tools,
         )
         prompt = _encode(served, text, "messages")
         max_tokens = _max_tokens(served, [prompt], body.length_limit, "messages")
         n = _choices(body.n, 1, batcher)
         job = Job([prompt] * n, max_tokens, _sampling(body), list(body.stop or []), served.reasoning)
-        return await _answer("chat", job, body, served.name, len(prompt), request, batcher)
+        return await _answer("chat", job, body, served.name, len(prompt), request, batcher, bool(tools))
 
     @app.post("/v1/completions")
     async def completions(body: schemas.CompletionRequest, request: Request) -> Any:
@@ -206,13 +215,18 @@ async def _answer(
     prompt_tokens: int,
     request: Request,
     batcher: Batcher,
+    tools: bool = False,
 ) -> Any:
+    """``tools``: read each reply for tool calls."""
     request_id = schemas.new_id(kind)
     batcher.submit(job)
     if body.stream:
-        events = _stream(kind, job, request_id, model, prompt_tokens, body.include_usage)
+        events = _stream(kind, job, request_id, model, prompt_tokens, body.include_usage, tools)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     choices, completion_tokens = await _gather(job, request)
+    if tools:
+        for choice in choices:
+            choice.update(_read_calls(choice["text"], choice["finish"]))
     return schemas.completion_body(kind, request_id, model, choices, prompt_tokens, completion_tokens)
 
 
@@ -282,17 +296,33 @@ async def _gather(job: Job, request: Request) -> tuple[list[dict[str, Any]], int
     return choices, tokens
 
 
+def _read_calls(text: str, finish: str) -> dict[str, Any]:
+    """A reply's content, calls and finish reason: ``tool_calls`` when it holds valid calls, else as it was."""
+    content, calls = parse_reply(text)
+    if not calls:
+        return {"text": text, "tool_calls": [], "finish": finish}
+    return {"text": content, "tool_calls": calls, "finish": "tool_calls"}
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 async def _stream(
-    kind: schemas.Kind, job: Job, request_id: str, model: str, prompt_tokens: int, include_usage: bool
+    kind: schemas.Kind,
+    job: Job,
+    request_id: str,
+    model: str,
+    prompt_tokens: int,
+    include_usage: bool,
+    tools: bool = False,
 ) -> AsyncIterator[str]:
     """The job's events as server-sent events: ``data: {chunk}`` lines, then ``data: [DONE]``. Leaving early (the
-    client went away: Starlette cancels this generator) cancels the job."""
+    client went away: Starlette cancels this generator) cancels the job. ``tools``: each choice's content is held
+    until it ends, then sent as content and calls (:func:`_read_calls`)."""
     tokens = 0
     done = False
+    held: dict[int, list[str]] = {}
     try:
         if kind == "chat":  # OpenAI's first chunk of each choice names the role
             for choice in range(len(job.prompts)):
@@ -301,10 +331,22 @@ async def _stream(
             event = await job.events.get()
             if event[0] == "text":
                 _, choice, reasoning, content = event
-                yield _sse(schemas.chunk(kind, request_id, model, choice, text=content, reasoning=reasoning))
+                if tools:
+                    held.setdefault(choice, []).append(content)
+                    content = ""
+                if content or reasoning:
+                    yield _sse(schemas.chunk(kind, request_id, model, choice, text=content, reasoning=reasoning))
             elif event[0] == "end":
                 tokens += event[3]
-                yield _sse(schemas.chunk(kind, request_id, model, event[1], finish=event[2]))
+                finish = event[2]
+                if tools:
+                    read = _read_calls("".join(held.pop(event[1], [])), finish)
+                    finish = read["finish"]
+                    if read["text"]:
+                        yield _sse(schemas.chunk(kind, request_id, model, event[1], text=read["text"]))
+                    if read["tool_calls"]:
+                        yield _sse(schemas.chunk(kind, request_id, model, event[1], tool_calls=read["tool_calls"]))
+                yield _sse(schemas.chunk(kind, request_id, model, event[1], finish=finish))
             elif event[0] == "error":
                 yield _sse(error_body(f"generation failed: {event[1]}", "server_error", code="internal_error"))
                 done = True

@@ -8,6 +8,7 @@ are refused rather than silently dropped. Answers are plain dicts built by the `
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -25,11 +26,28 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends JSON text; an object is taken too
+
+
+class ToolCall(BaseModel):
+    """A call an earlier reply made (an assistant message's ``tool_calls``)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
     reasoning_content: str | None = None  # an earlier reply's reasoning: not fed back (as Qwen3 and DeepSeek-R1)
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class StreamOptions(BaseModel):
@@ -96,6 +114,10 @@ class ChatCompletionRequest(SamplingRequest):
     # Alibaba Cloud's API (and Qwen's own examples for it) a top-level enable_thinking
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # function calling: checked by engine.tool_calls (a 400 naming "tools"); tool_choice "auto" or "none" only
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # the model may always make several calls
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> "ChatCompletionRequest":
@@ -179,17 +201,34 @@ def model_card(name: str, context: int, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "zhllm", "max_model_len": context}
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def tool_calls_field(calls: list[dict[str, Any]], streamed: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's ``tool_calls`` of parsed calls ``{"name", "arguments": dict}``: ids ``call_…``, arguments as JSON text;
+    streamed, each with its ``index``."""
+    shaped = []
+    for index, call in enumerate(calls):
+        function = {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}
+        entry: dict[str, Any] = {"index": index} if streamed else {}
+        shaped.append({**entry, "id": new_call_id(), "type": "function", "function": function})
+    return shaped
+
+
 def completion_body(
     kind: Kind, request_id: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
-    """A whole answer. ``choices`` hold ``index``, ``text``, ``reasoning`` (None: no think block or not a reasoning
-    model), ``finish_reason``."""
+    """A whole answer. ``choices`` hold ``index``, ``text`` (None: only calls), ``reasoning`` (None: no think block or
+    not a reasoning model), ``finish`` and optionally ``tool_calls`` (parsed calls)."""
     shaped = []
     for c in choices:
         if kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": c["text"]}
             if c.get("reasoning") is not None:
                 message["reasoning_content"] = c["reasoning"]
+            if c.get("tool_calls"):
+                message["tool_calls"] = tool_calls_field(c["tool_calls"])
             shaped.append({"index": c["index"], "message": message, "logprobs": None, "finish_reason": c["finish"]})
         else:
             shaped.append({"index": c["index"], "text": c["text"], "logprobs": None, "finish_reason": c["finish"]})
@@ -213,14 +252,18 @@ def chunk(
     reasoning: str = "",
     role: bool = False,
     finish: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """One streamed piece of choice ``index``: new text or reasoning, the role (first chunk), or its finish reason."""
+    """One streamed piece of choice ``index``: new text or reasoning, the role (first chunk), parsed tool calls (all
+    at once), or its finish reason."""
     if kind == "chat":
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if text or role:
             delta["content"] = text
         if reasoning:
             delta["reasoning_content"] = reasoning
+        if tool_calls:
+            delta["tool_calls"] = tool_calls_field(tool_calls, streamed=True)
         choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
     else:
         choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
