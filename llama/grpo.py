@@ -224,6 +224,35 @@ def reference_model(args: argparse.Namespace, planned: Planned, kernels: str) ->
     return load_reference(*found, kernels), companion_record(*found)
 
 
+def task_record(
+    args: argparse.Namespace,
+    settings: GRPOSettings,
+    inherited: dict[str, Any],
+    max_new: int,
+    reference: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What the run's checkpoints record of the task: the chat settings it inherits (for chat, evaluate and serve),
+    the rewards, the sampling and the objective's settings (compared on resume), the reference."""
+    return {
+        **{key: inherited.get(key) for key in ("template", "think_off_prefix", "system") if inherited.get(key)},
+        "name": "grpo",
+        "rewards": args.reward,
+        "group_size": settings.group_size,
+        "max_new_tokens": max_new,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "epsilon": settings.epsilon,
+        "epsilon_high": settings.epsilon_high,
+        "beta": settings.beta,
+        "loss_type": settings.loss_type,
+        "scale_rewards": settings.scale_rewards,
+        "iterations": settings.iterations,
+        "reference": reference,
+        "source": str(args.prompts),
+    }
+
+
 def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Any, GRPO, dict[str, Any], str]:
     """Model and training configs, the dataset factory (the rollout source), the objective, the task record, and a
     summary line."""
@@ -258,24 +287,7 @@ def configure(args: argparse.Namespace) -> tuple[LlamaConfig, TrainConfig, Any, 
         val_prompts = load_prompts(args.val_prompts, tokenizer, inherited, planned.seq_len - max_new, args.max_bad)
     source = partial(_rollout_source, prompts=(prompts, val_prompts), files=files, settings=settings, replies=replies)
     source = partial(source, reference=reference)
-    task = {
-        **{key: inherited.get(key) for key in ("template", "think_off_prefix", "system") if inherited.get(key)},
-        "name": "grpo",
-        "rewards": args.reward,
-        "group_size": settings.group_size,
-        "max_new_tokens": max_new,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k,
-        "epsilon": settings.epsilon,
-        "epsilon_high": settings.epsilon_high,
-        "beta": settings.beta,
-        "loss_type": settings.loss_type,
-        "scale_rewards": settings.scale_rewards,
-        "iterations": settings.iterations,
-        "reference": ref_record,
-        "source": str(args.prompts),
-    }
+    task = task_record(args, settings, inherited, max_new, ref_record)
     groups = per_step // settings.group_size
     summary = (
         f"GRPO: {'resuming' if planned.resuming else 'training'} {planned.checkpoint} on {len(prompts):,} prompts of "
