@@ -77,11 +77,17 @@ def hf_layout(name: str, weight: np.ndarray, config: LlamaConfig) -> torch.Tenso
 def gguf_tokenizer(transformers, folder: Path, name: str):
     """transformers' tokenizer for the GGUF, with the file's ``add_space_prefix=False`` applied: its GGUF loader reads
     the flag (``add_prefix_space``) but builds a SentencePiece vocabulary with a prefix-adding Metaspace regardless
-    (transformers 5.x), where llama.cpp honours it. The rest (pieces, scores, types, merges) is theirs unchanged."""
-    from tokenizers import decoders, pre_tokenizers
+    (transformers 5.x), where llama.cpp honours it; and, where the loader adds a BOS although the file's
+    ``add_bos_token`` is False (transformers 5.0), without it. The rest (pieces, scores, types, merges) is theirs
+    unchanged."""
+    from tokenizers import decoders, pre_tokenizers, processors
 
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     backend = tok.backend_tokenizer
+    bos = tok.bos_token_id
+    if bos is not None and tok.encode("a")[:1] == [bos]:  # transformers 5.0's loader adds BOS whatever the file says
+        assert field_value(gguf.GGUFReader(folder / name), "tokenizer.ggml.add_bos_token") is False  # ours says no
+        backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
     if isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace):
         assert tok.add_prefix_space is False  # what the file says
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=False)
