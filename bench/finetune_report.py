@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from report import fmt, markdown_table
+
 LORA_ORDER = ["ours-full", "ours-lora", "peft-lora"]
 DPO_ORDER = ["ours", "trl", "trl-precompute"]
 NAMES = {
@@ -192,16 +194,6 @@ def summarize_finetune(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- markdown
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
-
-
 def _device_line(rows: list[dict[str, Any]]) -> str:
     r = rows[0]
     where = r.get("device") or "?"
@@ -212,8 +204,8 @@ def _device_line(rows: list[dict[str, Any]]) -> str:
 
 
 def _memory_cells(r: dict[str, Any]) -> list[str]:
-    tracked = _fmt(r.get("tracked_mb"), ",.1f") + (f" ({r['tracked_device']})" if r.get("tracked_mb") else "")
-    return [_fmt(r.get("counted_gpu_mb"), ",.1f"), tracked, _fmt(r.get("cuda_peak_mb"), ",.1f")]
+    tracked = fmt(r.get("tracked_mb"), ",.1f") + (f" ({r['tracked_device']})" if r.get("tracked_mb") else "")
+    return [fmt(r.get("counted_gpu_mb"), ",.1f"), tracked, fmt(r.get("cuda_peak_mb"), ",.1f")]
 
 
 MEMORY_HEADER = ["GPU peak, counted (bf16, MiB)", "tracked peak (MiB)", "CUDA peak, measured (MiB)"]
@@ -229,13 +221,13 @@ def lora_table(rows: list[dict[str, Any]]) -> str:
             f"{r['ms']:.1f}",
             f"{r['ms_min']:.1f}–{r['ms_max']:.1f}",
             f"{r['tokens_per_s']:,.0f}",
-            _fmt(_ratio(full.get("ms"), r["ms"]), ".2f", "×"),
+            fmt(_ratio(full.get("ms"), r["ms"]), ".2f", "×"),
             *_memory_cells(r),
         ]
         for r in rows
     ]
     header = ["implementation", "trainable params", "all params", "ms/step", "min–max", "tokens/s", "× ours full"]
-    return _table(header + MEMORY_HEADER, body)
+    return markdown_table(header + MEMORY_HEADER, body)
 
 
 def dpo_table(rows: list[dict[str, Any]]) -> str:
@@ -249,14 +241,14 @@ def dpo_table(rows: list[dict[str, Any]]) -> str:
             f"{r['ms']:.1f}",
             f"{r['ms_min']:.1f}–{r['ms_max']:.1f}",
             f"{r['tokens_per_s']:,.0f}",
-            "1.00×" if r["impl"] == "ours" else _fmt(_ratio(ours.get("tokens_per_s"), r["tokens_per_s"]), ".2f", "×"),
+            "1.00×" if r["impl"] == "ours" else fmt(_ratio(ours.get("tokens_per_s"), r["tokens_per_s"]), ".2f", "×"),
             f"{r['first_loss']:.4f}",
             *_memory_cells(r),
         ]
         for r in rows
     ]
     header = ["implementation", "pairs/step", "tokens/step", "positions/step", "ms/step", "min–max", "tokens/s"]
-    return _table(header + ["ours × this (tokens/s)", "first loss"] + MEMORY_HEADER, body)
+    return markdown_table(header + ["ours × this (tokens/s)", "first loss"] + MEMORY_HEADER, body)
 
 
 def _lora_section(summary: dict[str, Any]) -> list[str]:
@@ -305,9 +297,7 @@ def grpo_step_table(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in steps:
         ours = _get([x for x in steps if x["case"] == r["case"]], "ours")
-        ratio = (
-            "1.00×" if r["impl"] == "ours" else _fmt(_ratio(ours.get("tokens_per_s"), r["tokens_per_s"]), ".2f", "×")
-        )
+        ratio = "1.00×" if r["impl"] == "ours" else fmt(_ratio(ours.get("tokens_per_s"), r["tokens_per_s"]), ".2f", "×")
         body.append(
             [
                 GRPO_NAMES.get((r["case"], r["impl"]), f"{r['case']} {r['impl']}"),
@@ -318,14 +308,14 @@ def grpo_step_table(rows: list[dict[str, Any]]) -> str:
                 f"{r['ms_min']:.1f}–{r['ms_max']:.1f}",
                 f"{r['tokens_per_s']:,.0f}",
                 ratio,
-                _fmt(r.get("first_loss"), ".2e"),
-                _fmt(r.get("tracked_mb"), ",.1f") + (f" ({r['tracked_device']})" if r.get("tracked_mb") else ""),
-                _fmt(r.get("cuda_peak_mb"), ",.1f"),
+                fmt(r.get("first_loss"), ".2e"),
+                fmt(r.get("tracked_mb"), ",.1f") + (f" ({r['tracked_device']})" if r.get("tracked_mb") else ""),
+                fmt(r.get("cuda_peak_mb"), ",.1f"),
             ]
         )
     header = ["stage and implementation", "sequences", "tokens/call", "positions/call", "ms/call", "min–max"]
     header += ["tokens/s", "ours × this (tokens/s)", "first loss", "tracked peak (MiB)", "CUDA peak, measured (MiB)"]
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def grpo_train_table(rows: list[dict[str, Any]]) -> str:
@@ -339,14 +329,14 @@ def grpo_train_table(rows: list[dict[str, Any]]) -> str:
             f"{r['loop_s']:.2f}",
             f"{r['s_per_step']:.2f}",
             f"{r['wall_s']:.1f}",
-            "1.00×" if r["impl"] == "ours" else _fmt(_ratio(r["loop_s"], ours.get("loop_s")), ".2f", "×"),
+            "1.00×" if r["impl"] == "ours" else fmt(_ratio(r["loop_s"], ours.get("loop_s")), ".2f", "×"),
             f"{r['peak_rss_mb']:,.0f}",
-            _fmt(r.get("cuda_peak_mb"), ",.1f"),
+            fmt(r.get("cuda_peak_mb"), ",.1f"),
         ]
         for r in runs
     ]
     header = ["implementation", "steps", "loop s", "s/step", "process s", "ours × this (loop speed)"]
-    return _table(header + ["peak RSS (MB)", "CUDA peak, measured (MiB)"], body)
+    return markdown_table(header + ["peak RSS (MB)", "CUDA peak, measured (MiB)"], body)
 
 
 def _grpo_section(summary: dict[str, Any]) -> list[str]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from report import fmt, markdown_table
+
 IMPL_ORDER = ["triton", "torch", "hf", "hf-static"]
 IMPL_NAMES = {
     "triton": "ours (Triton kernels)",
@@ -130,16 +132,6 @@ def summarize_generate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- markdown
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
-
-
 def _match_cell(r: dict[str, Any], comparison: dict[str, Any]) -> str:
     if r["impl"] == "hf":
         return "(reference)"
@@ -169,12 +161,12 @@ def figure_table(figures: list[dict[str, Any]], comparisons: list[dict[str, Any]
                 IMPL_NAMES.get(r["impl"], r["impl"]),
                 f"{r['prefill_ms']:.2f}",
                 f"{r['prefill_tokens_per_s']:,.0f}",
-                _fmt(r.get("forward_tokens_per_s"), ",.0f"),
+                fmt(r.get("forward_tokens_per_s"), ",.0f"),
                 f"{r['decode_ms_per_step']:.2f}",
-                _fmt(r.get("decode_tokens_per_s"), ",.0f"),
+                fmt(r.get("decode_tokens_per_s"), ",.0f"),
                 own,
-                _fmt(c[f"{r['impl']}_prefill_vs_hf"] if ours else None, ".2f", "×"),
-                _fmt(c[f"{r['impl']}_decode_vs_hf"] if ours else None, ".2f", "×"),
+                fmt(c[f"{r['impl']}_prefill_vs_hf"] if ours else None, ".2f", "×"),
+                fmt(c[f"{r['impl']}_decode_vs_hf"] if ours else None, ".2f", "×"),
                 _match_cell(r, c),
             ]
         )
@@ -195,7 +187,7 @@ def figure_table(figures: list[dict[str, Any]], comparisons: list[dict[str, Any]
         "decode × HF",
         "greedy = HF for",
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def ratio_table(comparisons: list[dict[str, Any]]) -> str:
@@ -214,12 +206,12 @@ def ratio_table(comparisons: list[dict[str, Any]]) -> str:
             c["preset"],
             c["precision"],
             str(c["batch"]),
-            _fmt(c["triton_prefill_vs_hf"], ".2f", "×"),
-            _fmt(c["triton_decode_vs_hf"], ".2f", "×"),
-            _fmt(c["triton_prefill_vs_hf_static"], ".2f", "×"),
-            _fmt(c["triton_decode_vs_hf_static"], ".2f", "×"),
-            _fmt(c["torch_prefill_vs_hf"], ".2f", "×"),
-            _fmt(c["torch_decode_vs_hf"], ".2f", "×"),
+            fmt(c["triton_prefill_vs_hf"], ".2f", "×"),
+            fmt(c["triton_decode_vs_hf"], ".2f", "×"),
+            fmt(c["triton_prefill_vs_hf_static"], ".2f", "×"),
+            fmt(c["triton_decode_vs_hf_static"], ".2f", "×"),
+            fmt(c["torch_prefill_vs_hf"], ".2f", "×"),
+            fmt(c["torch_decode_vs_hf"], ".2f", "×"),
         ]
         for c in ordered
     ]
@@ -234,7 +226,7 @@ def ratio_table(comparisons: list[dict[str, Any]]) -> str:
         "torch ÷ HF prefill",
         "torch ÷ HF decode",
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def cpu_label(cpu: list[dict[str, Any]]) -> str:

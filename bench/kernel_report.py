@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kernel_shapes import FORMULAS, IMPLS, MEMORY_BOUND, PASSES
+from report import markdown_table
 
 OP_TITLES = {
     "rms_norm": "RMSNorm (`zhkernels.rms_norm`)",
@@ -243,12 +244,6 @@ def summarize_kernels(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- markdown
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _cell(r: dict[str, Any] | None) -> str:
     """``ms · throughput · share of peak`` of one measurement."""
     if r is None:
@@ -315,9 +310,9 @@ def op_tables(op: str, summary: dict[str, Any]) -> str:
                 else "; throughput share = TFLOP/s ÷ matmul peak of the dtype"
             )
             + ".",
-            _table(["shape", "dtype", "pass"] + impls + ["ours ÷ best other (speed)", "target"], speed_rows),
+            markdown_table(["shape", "dtype", "pass"] + impls + ["ours ÷ best other (speed)", "target"], speed_rows),
             "Peak memory above the inputs (MB):",
-            _table(["shape", "dtype", "pass"] + impls, memory_rows),
+            markdown_table(["shape", "dtype", "pass"] + impls, memory_rows),
         ]
     )
 
@@ -351,7 +346,7 @@ def count_tables(counts: list[dict[str, Any]]) -> str:
     ]
     header = ["op", "shape", "dtype", "pass", "eager (MB, counted)", "ours (MB, counted)", "ours ÷ eager", "target"]
     return "\n\n".join(
-        ["#### GPU peak memory counted on meta tensors (no GPU needed)", COUNT_METHOD, _table(header, rows)]
+        ["#### GPU peak memory counted on meta tensors (no GPU needed)", COUNT_METHOD, markdown_table(header, rows)]
     )
 
 
@@ -367,12 +362,14 @@ def kernel_tables(summary: dict[str, Any]) -> str:
     parts += [op_tables(op, summary) for op in ops]
     parts.append("#### Kernel targets")
     if summary["targets"]:
-        parts.append(_table(["op", "target", "met", "missed", "not measured"], target_counts(summary["targets"])))
+        parts.append(
+            markdown_table(["op", "target", "met", "missed", "not measured"], target_counts(summary["targets"]))
+        )
         rows = [
             [t["op"], t["shape"], t["dtype"], t["pass"], t["target"], t["measured"], _mark(t["met"])]
             for t in summary["targets"]
         ]
-        parts.append(_table(["op", "shape", "dtype", "pass", "target", "measured", "met"], rows))
+        parts.append(markdown_table(["op", "shape", "dtype", "pass", "target", "measured", "met"], rows))
     else:
         parts.append("(no target could be checked: none of the target shapes ran)")
     if counts:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from report import run_of
+from report import fmt, markdown_table, run_of
 
 SCHEME_ORDER = ["fp32", "int8", "int4-g32", "int4-g64", "int4-g128", "int4-g64-asym"]
 BASELINE = "fp32"
@@ -80,16 +80,6 @@ def summarize_quant(rows: list[dict[str, Any]], earlier: list[dict[str, Any]] | 
 # ---------------------------------------------------------------- markdown
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
-
-
 def _setup_lines(rows: list[dict[str, Any]]) -> list[str]:
     r = rows[0]
     where = r.get("device") or "?"
@@ -99,8 +89,8 @@ def _setup_lines(rows: list[dict[str, Any]]) -> list[str]:
     return [
         f"- device: {where}; {libs}",
         f"- model: `{r.get('preset', '?')}` preset (dim {r.get('dim', '?')}, {r.get('n_layers', '?')} layers, "
-        f"vocab {_fmt(r.get('vocab'), ',')}), trained {_fmt(r.get('steps'), ',')} steps; perplexity over "
-        f"{_fmt(r.get('eval_tokens'), ',')} tokens of `corpus.val` ({_fmt(r.get('eval_windows'), ',')} windows of "
+        f"vocab {fmt(r.get('vocab'), ',')}), trained {fmt(r.get('steps'), ',')} steps; perplexity over "
+        f"{fmt(r.get('eval_tokens'), ',')} tokens of `corpus.val` ({fmt(r.get('eval_windows'), ',')} windows of "
         f"{r.get('eval_seq_len', '?')}); decode: prompt {r.get('prompt_len', '?')} tokens, "
         f"{r.get('new_tokens', '?')} new, {r.get('rounds', '?')} rounds",
     ]
@@ -118,7 +108,7 @@ def trained_line(base: dict[str, Any] | None) -> str:
     )
     return (
         f"{TRAINED_NOTE} This model's fp32 perplexity is **{base['perplexity']:,.1f}** after "
-        f"{_fmt(base.get('steps'), ',')} training steps{uniform}."
+        f"{fmt(base.get('steps'), ',')} training steps{uniform}."
     )
 
 
@@ -130,15 +120,15 @@ def figure_table(figures: list[dict[str, Any]]) -> str:
             [
                 r["scheme"] + (" (baseline)" if r["scheme"] == BASELINE else "") + mark,
                 f"{r['perplexity']:,.2f}",
-                _fmt(r["ppl_ratio"], ".4f", "×" + mark),
-                _fmt(r["loss_delta"], "+.4f", mark),
+                fmt(r["ppl_ratio"], ".4f", "×" + mark),
+                fmt(r["loss_delta"], "+.4f", mark),
                 f"{r['bytes'] / 1e6:.2f}",
-                _fmt(r["bytes_ratio"], ".3f", "×" + mark),
+                fmt(r["bytes_ratio"], ".3f", "×" + mark),
                 f"{r['decode_tokens_per_s']:,.1f}",
                 f"{r['decode_tokens_per_s_min']:,.1f}–{r['decode_tokens_per_s_max']:,.1f}"
                 if r.get("decode_tokens_per_s_min") is not None
                 else "–",
-                _fmt(r["decode_ratio"], ".2f", "×" + mark),
+                fmt(r["decode_ratio"], ".2f", "×" + mark),
             ]
         )
     header = [
@@ -152,7 +142,7 @@ def figure_table(figures: list[dict[str, Any]]) -> str:
         "min–max",
         "decode × fp32",
     ]
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def quant_tables(summary: dict[str, Any]) -> str:

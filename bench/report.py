@@ -11,6 +11,7 @@ print its closing table, so the terminal and RESULTS.md never disagree.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -176,11 +177,13 @@ def summarize_loader(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- markdown
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """``value`` formatted by ``spec`` (and ``suffix``), or an en dash when there is none: every report's cells."""
+    return "–" if value is None else format(value, spec) + suffix
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: every report's tables."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -194,7 +197,7 @@ def _targets_table(targets: list[dict[str, Any]], with_tokenizer: bool) -> str:
         ([t["tokenizer"]] if with_tokenizer else []) + [t["target"], t["measured"], "yes" if t["met"] else "**no**"]
         for t in targets
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def pack_tables(summary: dict[str, Any]) -> str:
@@ -216,8 +219,8 @@ def pack_tables(summary: dict[str, Any]) -> str:
                 f"{f['mb_per_s']:.1f}",
                 f"{f['peak_rss_mb']:.0f}",
                 f"{f['tokens']:,}" if f["tokens"] else "–",
-                _fmt(vs_base, ".2f"),
-                _fmt(None if share is None else share * 100, ".0f") + ("%" if share is not None else ""),
+                fmt(vs_base, ".2f"),
+                fmt(None if share is None else share * 100, ".0f") + ("%" if share is not None else ""),
                 str(f["rounds"]),
             ]
         )
@@ -239,7 +242,7 @@ def pack_tables(summary: dict[str, Any]) -> str:
         [
             "### Tokenize + pack throughput (Tang corpus)",
             PACK_METHOD,
-            _table(header, rows),
+            markdown_table(header, rows),
             "### Targets",
             _targets_table(summary["targets"], with_tokenizer=True),
         ]
@@ -255,7 +258,7 @@ def loader_tables(summary: dict[str, Any]) -> str:
             f"{f['batch_size']} × {f['seq_len']}",
             f"{f['median_us']:.0f}",
             f"{f['tokens_per_s'] / 1e6:.1f}",
-            _fmt(ratio[(f["batch_size"], f["seq_len"])] if f["method"] == "ours" else 1.0, ".1f"),
+            fmt(ratio[(f["batch_size"], f["seq_len"])] if f["method"] == "ours" else 1.0, ".1f"),
         ]
         for f in summary["figures"]
     ]
@@ -263,7 +266,7 @@ def loader_tables(summary: dict[str, Any]) -> str:
     return "\n\n".join(
         [
             "### Loader throughput (random windows, input tokens served)",
-            _table(header, rows),
+            markdown_table(header, rows),
             _targets_table(summary["targets"], with_tokenizer=False),
         ]
     )
@@ -285,8 +288,8 @@ def profile_tables(profile: dict[str, Any]) -> str:
         [
             f"### Where the packer's time goes ({profile['what']})",
             cpu,
-            _table(header, rows),
-            _table(["function", "cumulative s", "own s", "calls"], functions),
+            markdown_table(header, rows),
+            markdown_table(["function", "cumulative s", "own s", "calls"], functions),
         ]
     )
 
@@ -299,7 +302,7 @@ def stage_tables(stages: dict[str, Any], cpu: dict[str, Any]) -> str:
             f"### Stage timings, single process, no profiler ({stages['documents']:,} documents in "
             f"{stages['batches']} batches; "
             "fastest of 3 runs of each stage)",
-            _table(["stage", "seconds"], rows),
+            markdown_table(["stage", "seconds"], rows),
             f"Batches pickled to the workers: {stages['pickled_out_mb']:.1f} MB; results pickled back: "
             f"{stages['pickled_back_mb']:.1f} MB, of which token arrays {stages['result_token_mb']:.1f} MB as "
             f"{stages['result_token_dtype']} (the file stores {stages['final_dtype']}).",
@@ -394,68 +397,24 @@ def earlier_lines(earlier: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _kernel_tables(summary: dict[str, Any]) -> str:
-    """``kernel_report.kernel_tables``, imported only when there are kernel results (it lives beside this file)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from kernel_report import kernel_tables
+def _tables_from(module: str, function: str) -> Any:
+    """``module.function``, a report module beside this file, imported only when its kind of results is rendered."""
 
-    return kernel_tables(summary)
+    def tables(summary: dict[str, Any]) -> str:
+        here = str(Path(__file__).resolve().parent)
+        if here not in sys.path:
+            sys.path.insert(0, here)
+        return getattr(importlib.import_module(module), function)(summary)
 
-
-def _train_tables(summary: dict[str, Any]) -> str:
-    """``train_report.train_tables``, imported only when there are training-step results (it lives beside this file)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from train_report import train_tables
-
-    return train_tables(summary)
+    return tables
 
 
-def _generate_tables(summary: dict[str, Any]) -> str:
-    """``generate_report.generate_tables``, imported only when there are generation results (it lives beside this
-    file)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from generate_report import generate_tables
-
-    return generate_tables(summary)
-
-
-def _finetune_tables(summary: dict[str, Any]) -> str:
-    """``finetune_report.finetune_tables``, imported only when there are fine-tuning results (it lives beside this
-    file)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from finetune_report import finetune_tables
-
-    return finetune_tables(summary)
-
-
-def _serve_tables(summary: dict[str, Any]) -> str:
-    """``serve_report.serve_tables``, imported only when there are server load-test results (it lives beside this
-    file)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from serve_report import serve_tables
-
-    return serve_tables(summary)
-
-
-def _quant_tables(summary: dict[str, Any]) -> str:
-    """``quant_report.quant_tables``, imported only when there are quantisation results (it lives beside this
-    file)."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from quant_report import quant_tables
-
-    return quant_tables(summary)
+_kernel_tables = _tables_from("kernel_report", "kernel_tables")
+_train_tables = _tables_from("train_report", "train_tables")
+_generate_tables = _tables_from("generate_report", "generate_tables")
+_finetune_tables = _tables_from("finetune_report", "finetune_tables")
+_serve_tables = _tables_from("serve_report", "serve_tables")
+_quant_tables = _tables_from("quant_report", "quant_tables")
 
 
 def render(results_dir: Path) -> str:

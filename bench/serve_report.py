@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from report import run_of
+from report import fmt, markdown_table, run_of
 
 SETTING_ORDER = ["batched", "one-at-a-time"]
 BATCHED, BASELINE = "batched", "one-at-a-time"
@@ -74,16 +74,6 @@ def summarize_serve(rows: list[dict[str, Any]], earlier: list[dict[str, Any]] | 
 # ---------------------------------------------------------------- markdown
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
-
-
 def _setup_lines(rows: list[dict[str, Any]]) -> list[str]:
     r = rows[0]
     where = r.get("device") or "?"
@@ -119,8 +109,8 @@ def figure_table(rows: list[dict[str, Any]], ratios: dict[str, float | None]) ->
                 str(r["batches"]),
                 f"{r['mean_requests_per_batch']:.2f}",
                 str(r["largest_batch_requests"]),
-                _fmt(r.get("failures"), "d"),
-                _fmt(ratios["requests_per_s"] if batched else 1.0 if r["setting"] == BASELINE else None, ".2f", "×"),
+                fmt(r.get("failures"), "d"),
+                fmt(ratios["requests_per_s"] if batched else 1.0 if r["setting"] == BASELINE else None, ".2f", "×"),
             ]
         )
     header = [
@@ -138,21 +128,21 @@ def figure_table(rows: list[dict[str, Any]], ratios: dict[str, float | None]) ->
         "failures",
         "requests/s × one-at-a-time",
     ]
-    return _table(header, body)
+    return markdown_table(header, body)
 
 
 def ratio_table(ratios: dict[str, float | None]) -> str:
     rows = [
-        ["requests/s", _fmt(ratios["requests_per_s"], ".2f", "×"), "above 1: batching serves more requests"],
+        ["requests/s", fmt(ratios["requests_per_s"], ".2f", "×"), "above 1: batching serves more requests"],
         [
             "completion tokens/s",
-            _fmt(ratios["completion_tokens_per_s"], ".2f", "×"),
+            fmt(ratios["completion_tokens_per_s"], ".2f", "×"),
             "above 1: batching generates more tokens",
         ],
-        ["p50 latency", _fmt(ratios["p50_latency"], ".2f", "×"), "below 1: batching answers sooner"],
-        ["p99 latency", _fmt(ratios["p99_latency"], ".2f", "×"), "below 1: batching answers sooner"],
+        ["p50 latency", fmt(ratios["p50_latency"], ".2f", "×"), "below 1: batching answers sooner"],
+        ["p99 latency", fmt(ratios["p99_latency"], ".2f", "×"), "below 1: batching answers sooner"],
     ]
-    return _table(["figure", "batched ÷ one-at-a-time", "reading"], rows)
+    return markdown_table(["figure", "batched ÷ one-at-a-time", "reading"], rows)
 
 
 def serve_tables(summary: dict[str, Any]) -> str:

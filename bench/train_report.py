@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from report import fmt, markdown_table
+
 IMPL_ORDER = ["triton", "torch", "hf"]
 IMPL_NAMES = {
     "triton": "ours (Triton kernels)",
@@ -214,16 +216,6 @@ def summarize_train(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- markdown
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if value is None else format(value, spec) + suffix
-
-
 def _mark(met: bool | None) -> str:
     return "–" if met is None else ("met" if met else "**missed**")
 
@@ -262,12 +254,12 @@ def step_table(figures: list[dict[str, Any]], comparisons: list[dict[str, Any]])
                 IMPL_NAMES.get(r["impl"], r["impl"]),
                 f"{r['ms']:.1f}",
                 f"{r['tokens_per_s']:,.0f}",
-                _fmt(None if r.get("mfu_measured") is None else r["mfu_measured"] * 100, ".1f", "%"),
-                _fmt(None if r.get("mfu_table") is None else r["mfu_table"] * 100, ".1f", "%"),
-                _fmt(None if r.get("peak_mb") is None else r["peak_mb"] * MIB / GIB, ".2f"),
-                _fmt(None if r.get("resident_mb") is None else r["resident_mb"] * MIB / GIB, ".2f"),
-                _fmt(c["vs_hf"] if ours else None, ".2f", "×"),
-                _fmt(c["vs_torch"] if ours else None, ".2f", "×"),
+                fmt(None if r.get("mfu_measured") is None else r["mfu_measured"] * 100, ".1f", "%"),
+                fmt(None if r.get("mfu_table") is None else r["mfu_table"] * 100, ".1f", "%"),
+                fmt(None if r.get("peak_mb") is None else r["peak_mb"] * MIB / GIB, ".2f"),
+                fmt(None if r.get("resident_mb") is None else r["resident_mb"] * MIB / GIB, ".2f"),
+                fmt(c["vs_hf"] if ours else None, ".2f", "×"),
+                fmt(c["vs_torch"] if ours else None, ".2f", "×"),
             ]
         )
     header = [
@@ -286,7 +278,7 @@ def step_table(figures: list[dict[str, Any]], comparisons: list[dict[str, Any]])
         "× HF",
         "× torch",
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _attempt(t: dict[str, Any]) -> str:
@@ -304,9 +296,9 @@ def rehearsal_table(rehearsals: list[dict[str, Any]]) -> str:
                 IMPL_NAMES.get(r["impl"], r["impl"]),
                 "on" if r["checkpointing"] else "off",
                 "none" if r.get("largest_batch") is None else f"{r['largest_batch']} × {r['seq']}",
-                _fmt(None if best.get("peak_mb") is None else best["peak_mb"] * MIB / GIB, ".2f"),
-                _fmt(None if best.get("reserved_mb") is None else best["reserved_mb"] * MIB / GIB, ".2f"),
-                _fmt(best.get("tokens_per_s"), ",.0f"),
+                fmt(None if best.get("peak_mb") is None else best["peak_mb"] * MIB / GIB, ".2f"),
+                fmt(None if best.get("reserved_mb") is None else best["reserved_mb"] * MIB / GIB, ".2f"),
+                fmt(best.get("tokens_per_s"), ",.0f"),
                 ", ".join(_attempt(t) for t in r.get("tried", [])),
             ]
         )
@@ -319,7 +311,7 @@ def rehearsal_table(rehearsals: list[dict[str, Any]]) -> str:
         "tokens/s (at the largest)",
         "tried (micro-batch: outcome)",
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def cpu_table(cpu: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> str:
@@ -333,7 +325,7 @@ def cpu_table(cpu: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> s
             IMPL_NAMES.get(r["impl"], r["impl"]),
             f"{r['ms']:.1f}",
             f"{r['tokens_per_s']:,.0f}",
-            _fmt(ratio[_group_key(r)]["torch_vs_hf"] if r["impl"] == "torch" else None, ".2f", "×"),
+            fmt(ratio[_group_key(r)]["torch_vs_hf"] if r["impl"] == "torch" else None, ".2f", "×"),
         ]
         for r in cpu
     ]
@@ -347,7 +339,7 @@ def cpu_table(cpu: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> s
         "tokens/s",
         "ours (torch) × HF",
     ]
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def cpu_label(cpu: list[dict[str, Any]]) -> str:
@@ -359,7 +351,7 @@ def cpu_label(cpu: list[dict[str, Any]]) -> str:
 def target_lines(checks: list[dict[str, Any]]) -> str:
     if not checks:
         return "(no target could be checked: the GPU cases did not run)"
-    return _table(
+    return markdown_table(
         ["case", "target", "measured", "met"],
         [[t["case"], t["target"], t["measured"], _mark(t["met"])] for t in checks],
     )
